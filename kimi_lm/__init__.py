@@ -1,0 +1,22 @@
+"""kimi-lm: run, convert, serve and train Kimi Linear (KDA + MLA hybrid, MoE) and Kimi K2 models in PyTorch.
+
+Public API (everything else is internal and may change):
+
+    model = kimi_lm.load("path/to/Kimi-Linear-48B-A3B-Instruct")   # nn.Module, eval mode
+    logits = model(input_ids)                                       # [B, T] -> [B, T, V]
+    cache = model.make_cache(batch_size=B); model(ids, cache=cache)  # incremental decoding
+"""
+
+import torch
+
+from kimi_lm.errors import CheckpointError
+
+__all__ = ["CheckpointError", "load", "__version__"]
+__version__ = "0.1.0"
+
+
+def load(path, dtype=torch.bfloat16, device="cpu"):
+    """Load a checkpoint directory (config.json + safetensors); see :func:`kimi_lm.checkpoint.load`."""
+    from kimi_lm.checkpoint import load as _load
+
+    return _load(path, dtype=dtype, device=device)

@@ -1,0 +1,71 @@
+"""Inference state, one object per layer, created by ``model.make_cache(batch_size)``.
+
+* ``KDACache``: the short-conv tail (last W−1 pre-activation inputs of q, k, v; model dtype) and the recurrent
+  state [B, H, K, V] (always fp32). Constant size whatever the context length.
+* ``MLACache``: the compressed latent of every past token, [B, T, kv_lora_rank + qk_rope_head_dim] = 576 values
+  per token for the real model, never the expanded per-head keys and values. Storage grows in steps so a decode
+  step writes in place instead of re-copying the whole history.
+
+``nbytes`` counts the bytes that hold state (for the MLA cache: the tokens written so far), which is what the
+memory estimator predicts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_GROW_STEP = 256  # tokens added to an MLA buffer when it is full
+
+
+class KDACache:
+    def __init__(self, batch_size: int, conv_channels: int, conv_width: int, heads: int, k_dim: int, v_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.conv_state = torch.zeros(batch_size, conv_channels, conv_width - 1, dtype=dtype, device=device)
+        self.state = torch.zeros(batch_size, heads, k_dim, v_dim, dtype=torch.float32, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv_state.nbytes + self.state.nbytes
+
+
+class MLACache:
+    def __init__(self, batch_size: int, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.buffer = torch.empty(batch_size, 0, width, dtype=dtype, device=device)
+        self.length = 0
+
+    def append(self, latent: torch.Tensor) -> torch.Tensor:
+        """Store latent [B, T, W]; return every cached latent so far [B, length, W] (a view, no copy)."""
+        B, T, W = latent.shape
+        end = self.length + T
+        if end > self.buffer.shape[1]:
+            capacity = end + _GROW_STEP - end % _GROW_STEP
+            grown = self.buffer.new_empty(B, capacity, W)
+            grown[:, : self.length] = self.buffer[:, : self.length]
+            self.buffer = grown
+        self.buffer[:, self.length : end] = latent
+        self.length = end
+        return self.buffer[:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        b = self.buffer
+        return b.shape[0] * self.length * b.shape[2] * b.element_size()
+
+
+class ModelCache:
+    """Per-layer caches of one batch of sequences, plus how many tokens they have consumed."""
+
+    def __init__(self, layers: list, batch_size: int):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int):
+        return self.layers[i]

@@ -1,0 +1,105 @@
+"""Kimi Delta Attention layer: projections, short conv, gates and gated RMSNorm around the KDA recurrence.
+
+    q, k, v = SiLU(causal depthwise conv₄(W_{q,k,v} x))           # per channel, 4 taps, no bias
+    q, k    = L2-normalise per head;  q *= K^-1/2
+    g       = −exp(A_log) · softplus(f_b(f_a(x)) + dt_bias)         # per head and key channel, fp32
+    β       = sigmoid(b_proj(x))                                    # per head, fp32
+    o       = KDA(q, k, v, g, β)                                    # ops/kda.py (chunked) or one recurrent step
+    out     = o_proj( RMSNorm_head(o) · w · sigmoid(g_b(g_a(x))) )
+
+Parameter names are the official checkpoint's (``q_conv1d``, ``f_a_proj``, ``A_log`` [1,1,H,1], ``dt_bias`` [H·K]).
+The conv, the gates, the recurrence and the gated norm run in fp32 whatever the model dtype.
+
+References: spec ``shared/specs/kimi_linear.md`` §5; fla v0.4.0 ``fla/layers/kda.py``; transformers
+``modeling_kimi_linear.py`` (``KimiLinearDeltaAttention``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_lm.cache import KDACache
+from kimi_lm.config import KimiLinearConfig
+from kimi_lm.ops.kda import kda_chunked, kda_gate, kda_step, l2_normalize
+
+
+class ShortConv(nn.Module):
+    """Holds a depthwise conv's taps under the checkpoint name ``*_conv1d.weight`` [D, 1, W]."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels, 1, width))
+
+
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = H = config.kda_num_heads
+        self.head_dim = K = config.kda_head_dim
+        self.conv_width = W = config.conv_kernel_size
+        D = H * K
+        self.q_proj = nn.Linear(hidden, D, bias=False)
+        self.k_proj = nn.Linear(hidden, D, bias=False)
+        self.v_proj = nn.Linear(hidden, D, bias=False)
+        self.q_conv1d = ShortConv(D, W)
+        self.k_conv1d = ShortConv(D, W)
+        self.v_conv1d = ShortConv(D, W)
+        self.f_a_proj = nn.Linear(hidden, K, bias=False)
+        self.f_b_proj = nn.Linear(K, D, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(1, 1, H, 1))
+        self.dt_bias = nn.Parameter(torch.zeros(D))
+        self.b_proj = nn.Linear(hidden, H, bias=False)
+        self.g_a_proj = nn.Linear(hidden, K, bias=False)
+        self.g_b_proj = nn.Linear(K, D, bias=False)
+        self.o_norm_eps = config.rms_norm_eps
+        self.o_norm = nn.Module()
+        self.o_norm.weight = nn.Parameter(torch.ones(K))
+        self.o_proj = nn.Linear(D, hidden, bias=False)
+
+    def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> KDACache:
+        D = self.num_heads * self.head_dim
+        return KDACache(batch_size, 3 * D, self.conv_width, self.num_heads, self.head_dim, self.head_dim, dtype, device)
+
+    def _short_conv(self, x: torch.Tensor, cache: KDACache | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over q|k|v jointly, in fp32. x [B, T, 3D] -> [B, T, 3D] fp32."""
+        B, T, C = x.shape
+        taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).float()  # [3D, 1, W]
+        x = x.transpose(1, 2)  # [B, 3D, T]
+        if cache is None:
+            history = x.new_zeros(B, C, self.conv_width - 1)
+        else:
+            history = cache.conv_state
+        window = torch.cat([history.to(x.dtype), x], dim=-1)  # [B, 3D, W - 1 + T]
+        if cache is not None:
+            cache.conv_state.copy_(window[..., -(self.conv_width - 1):])
+        if T == 1:  # decode: a dot product per channel is cheaper than a conv call
+            y = (window.float() * taps.squeeze(1)).sum(-1, keepdim=True)
+        else:
+            y = F.conv1d(window.float(), taps, groups=C)
+        return F.silu(y).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: KDACache | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` (conv tail and recurrent state) if given."""
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        qkv = self._short_conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), cache)
+        q, k, v = qkv.view(B, T, 3, H, K).unbind(2)  # each [B, T, H, K] fp32
+        q = l2_normalize(q) * K**-0.5
+        k = l2_normalize(k)
+        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
+        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
+
+        if cache is not None and T == 1:
+            o = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state).unsqueeze(1)
+        else:
+            o, final_state = kda_chunked(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
+            if cache is not None:
+                cache.state.copy_(final_state)
+
+        # Gated RMSNorm per head, fp32 throughout, one cast at the end (as fla's fused kernel).
+        z = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K).float()
+        o = F.rms_norm(o, (K,), eps=self.o_norm_eps) * self.o_norm.weight.float() * torch.sigmoid(z)
+        return self.o_proj(o.to(x.dtype).reshape(B, T, H * K))

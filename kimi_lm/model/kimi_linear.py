@@ -1,0 +1,96 @@
+"""Kimi Linear (Kimi-Linear-48B-A3B): a 3:1 hybrid of Kimi Delta Attention and NoPE MLA layers with an MoE FFN.
+
+    h = embed(ids)                                                  # no positional encoding anywhere
+    for each layer i:  h = h + Mixer_i(RMSNorm(h));  h = h + FFN_i(RMSNorm(h))
+        Mixer_i = KDA if (i + 1) ∈ kda_layers else MLA;   FFN_i = dense SwiGLU if i < first_k_dense_replace else MoE
+    logits = lm_head(RMSNorm(h))
+
+Module and parameter names follow the official checkpoint (``model.layers.N.self_attn.*``,
+``model.layers.N.block_sparse_moe.*``, ``model.layers.0.mlp.*``); the few differences (stacked experts) are in the
+loader's table (``checkpoint.py``).
+
+Notable features: chunked KDA prefill and recurrent decode in fp32; absorbed MLA decode over a 576-wide latent
+cache; grouped expert dispatch; ``make_cache`` returning per-layer state objects that report ``nbytes``.
+
+Reference: spec ``shared/specs/kimi_linear.md`` §3–§6; transformers ``modeling_kimi_linear.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimi_lm.cache import ModelCache
+from kimi_lm.config import KimiLinearConfig
+from kimi_lm.model.kda import KimiDeltaAttention
+from kimi_lm.model.layers import MLP, RMSNorm
+from kimi_lm.model.mla import MultiheadLatentAttention
+from kimi_lm.model.moe import SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.is_kda = config.is_kda_layer(layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = KimiDeltaAttention(config) if self.is_kda else MultiheadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoE(
+                config.hidden_size, config.num_experts, config.num_experts_per_token, config.moe_intermediate_size,
+                config.num_shared_experts, config.num_expert_group, config.topk_group, config.moe_renormalize,
+                config.routed_scaling_factor,
+            )
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cache)
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return h + ffn(self.post_attention_layernorm(h))
+
+
+class KimiLinearModel(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class KimiLinearForCausalLM(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.config = config
+        self.model = KimiLinearModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. With ``cache``, the T tokens continue the cached sequences."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
+        if cache is not None and input_ids.shape[0] != cache.batch_size:
+            raise ValueError(f"input_ids batch {input_ids.shape[0]} does not match the cache's {cache.batch_size}")
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, None if cache is None else cache[i])
+        if cache is not None:
+            cache.offset += input_ids.shape[1]
+        return self.lm_head(self.model.norm(h))
+
+    def make_cache(self, batch_size: int = 1) -> ModelCache:
+        """Fresh per-layer state for ``batch_size`` sequences (KDA state fp32, MLA latents in the model dtype)."""
+        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        layers = [layer.self_attn.make_cache(batch_size, dtype, device) for layer in self.model.layers]
+        return ModelCache(layers, batch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def num_parameters(self) -> int:
+        """Every stored value, parameters and buffers (the router correction bias) alike."""
+        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())

@@ -1,0 +1,119 @@
+"""Multi-head Latent Attention as used by Kimi Linear's full-attention layers (NoPE: no rotary at all).
+
+Naive form (prefill): expand each cached latent through ``kv_b_proj`` into per-head keys and values.
+
+    q = q_proj(x)                     [B, T, H, 128 nope + 64 pe]
+    c, k_pe = kv_a_proj_with_mqa(x)   [B, T, 512], [B, T, 64]     (k_pe is one key part shared by all heads)
+    ĉ = RMSNorm(c)                    (eps 1e-6)
+    k_nope, v = kv_b_proj(ĉ)          [B, T, H, 128] each
+    o = softmax((q_nope·k_nope + q_pe·k_pe) / sqrt(192)) v
+
+Absorbed form (decode): fold the key half of ``kv_b_proj`` into the query and the value half into the output, so
+attention runs directly against the cached 576-wide latent [ĉ | k_pe] and the expanded K/V never exist:
+
+    score = (W_UK,hᵀ q_nope,h) · ĉ_s + q_pe,h · k_pe_s;   o_h = W_UV,h Σ_s softmax(score)_s ĉ_s
+
+The cache holds only [ĉ | k_pe] per token (kv_lora_rank + qk_rope_head_dim values).
+
+References: DeepSeek-V2/V3 papers and ``inference/model.py`` (naive vs absorb); spec ``kimi_linear.md`` §4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_lm.cache import MLACache
+from kimi_lm.config import KimiLinearConfig
+from kimi_lm.model.layers import RMSNorm
+
+# Queries at or below this many tokens use the absorbed form when attending to a cache.
+ABSORB_MAX_QUERY = 16
+
+
+class MultiheadLatentAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = H = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.pe_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.latent_dim = config.kv_lora_rank
+        self.scale = config.qk_head_dim**-0.5
+        self.q_lora_rank = config.q_lora_rank
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, H * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.latent_dim + self.pe_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=False)
+
+    def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
+        return MLACache(batch_size, self.latent_dim + self.pe_dim, dtype, device)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """What the cache stores per token: [ĉ | k_pe], [B, T, kv_lora_rank + qk_rope_head_dim]."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.pe_dim], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
+
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]. With a cache, the T new tokens attend to all cached ones too."""
+        B, T, _ = x.shape
+        q = self._queries(x)
+        latent = self.latent(x)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            latent = cache.append(latent)  # [B, past + T, 576]
+        if cache is not None and T <= ABSORB_MAX_QUERY:
+            o = self.attend_absorbed(q, latent, past)
+        else:
+            o = self.attend_naive(q, latent, past)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    def _causal_mask(self, T: int, S: int, past: int, device) -> torch.Tensor | None:
+        """Boolean [T, S] mask (True = attend): query i sits at absolute position past + i."""
+        if T == 1:
+            return None
+        return torch.arange(S, device=device)[None, :] <= (torch.arange(T, device=device)[:, None] + past)
+
+    def attend_naive(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
+        """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim] via expanded keys and values."""
+        B, T, H, _ = q.shape
+        S = latent.shape[1]
+        c, k_pe = latent.split([self.latent_dim, self.pe_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c).view(B, S, H, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], -1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.pe_dim)], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, D]
+        if past == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._causal_mask(T, S, past, q.device), scale=self.scale)
+        return o.transpose(1, 2)
+
+    def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
+        """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space."""
+        B, T, H, _ = q.shape
+        S = latent.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.latent_dim)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, 128, 512] each
+        q_nope, q_pe = q.split([self.nope_dim, self.pe_dim], dim=-1)
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, H, T, 512]
+        q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, -1)  # [B, H·T, 576]
+        scores = torch.bmm(q_full, latent.transpose(1, 2)).view(B, H, T, S).float() * self.scale
+        mask = self._causal_mask(T, S, past, q.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(latent.dtype).view(B, H * T, S)
+        o_latent = torch.bmm(probs, latent[..., : self.latent_dim]).view(B, H, T, self.latent_dim)
+        return torch.einsum("bhtc,hdc->bthd", o_latent, w_uv)  # [B, T, H, v_dim]

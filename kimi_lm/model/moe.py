@@ -1,0 +1,98 @@
+"""Mixture of experts: sigmoid router with a selection-only correction bias, grouped expert dispatch, shared expert.
+
+Router (DeepSeek-V3 "noaux_tc", spec §6.1), per token in fp32:
+
+    s  = sigmoid(x · W_gateᵀ)
+    s' = s + e_score_correction_bias             # used to *choose* experts only
+    keep the topk_group best groups (group score = sum of its top-2 s'), then the top-k experts by s'
+    w  = s[top-k] (unbiased), renormalised if moe_renormalize, times routed_scaling_factor
+
+Experts are stored stacked ([E, 2I, hidden] gate|up and [E, hidden, I] down; the checkpoint's per-expert
+``w1/w3/w2`` are stacked on load). Dispatch sorts the (token, expert) pairs by expert and runs one matmul pair per
+active expert on its contiguous slice of tokens: no Python loop over tokens.
+
+References: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); transformers ``KimiLinearTopkRouter``; spec §6.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_lm.model.layers import MLP
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
+                 renormalize: bool = True, scaling: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        # Not a gradient-trained weight: aux-loss-free balancing nudges it between steps. Always fp32.
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.renormalize, self.scaling = renormalize, scaling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, groups, E / groups]
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, idx)
+        if self.renormalize and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x), [N, hidden]."""
+        N, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k  # token of each (token, expert) pair, sorted by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = xs[start : start + n]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            start += n
+        weighted = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, weighted)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts plus always-on shared expert(s); module name in checkpoints: ``block_sparse_moe``."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, num_shared: int,
+                 n_group: int = 1, topk_group: int = 1, renormalize: bool = True, scaling: float = 1.0):
+        super().__init__()
+        self.gate = TopkRouter(hidden_size, num_experts, top_k, n_group, topk_group, renormalize, scaling)
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.shared_experts = MLP(hidden_size, intermediate_size * num_shared) if num_shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat)
+        y = self.experts(flat, idx, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)

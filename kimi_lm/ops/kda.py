@@ -1,0 +1,133 @@
+"""Kimi Delta Attention fast paths: chunkwise-parallel prefill (WY/UT form) and a one-token decode step.
+
+Both compute exactly the recurrence of ``kda_naive.kda_recurrent_naive`` (the oracle the tests compare against),
+always in fp32 whatever the model dtype: the decays compound over up to 1M tokens and narrowing them collapses
+decays close to 1 (spec §8.3).
+
+Chunked form (chunk C = 64, Kimi Linear tech report Eqs. 2–9; spec §5.7). Inside a chunk, with G_i the cumulative
+log-decay of positions ≤ i and Γ_i = exp(G_i):
+
+    M_ij  = β_i Σ_d k_i[d] exp(G_i[d] − G_j[d]) k_j[d]       (j < i)
+    A_ij  =     Σ_d q_i[d] exp(G_i[d] − G_j[d]) k_j[d]       (j ≤ i)
+    (I + M) [W | U] = [diag(β)(Γ ⊙ K) | diag(β) V]           (UT transform: one unit-triangular solve)
+    V_new = U − W S;   O = (Q ⊙ Γ) S + A V_new;   S ← diag(Γ_C) S + (exp(G_C − G) ⊙ K)ᵀ V_new
+
+The pairwise decay exp(G_i − G_j) is never formed as exp(G_i)·exp(−G_j) over a whole chunk (exp(−G_j) overflows
+for fast-decaying channels). Sub-blocks of 16 below the diagonal factor it through a reference position r with
+j < r ≤ i, so both factors are ≤ 1; the 16×16 diagonal blocks are computed explicitly. This keeps the
+[C, C, K] tensor that a direct implementation needs down to [C/16, 16, 16, K].
+
+Shapes legend: B batch, T tokens, H heads, K key dim, V value dim, N chunks, C chunk size, M sub-chunks, S sub size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_SIZE = 64
+SUB_CHUNK = 16
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(Σx² + eps) over the last dim (eps inside the sqrt, as fla's kernel, not F.normalize's clamp)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log decay g = −exp(A_log) · softplus(f + dt_bias) in fp32.
+
+    f [B, T, H, K] (any dtype); A_log broadcastable as [H, 1]; dt_bias [H, K]. Returns [B, T, H, K] fp32 (≤ 0).
+    """
+    return -A_log.float().exp() * F.softplus(f.float() + dt_bias.float())
+
+
+def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decay-weighted q·k and k·k inside each chunk.
+
+    q, k, G: [B, H, N, C, K] fp32. Returns (A_qk with j ≤ i, A_kk with j < i), each [B, H, N, C, C].
+    """
+    C = q.shape[-2]
+    M = C // sub
+    dev = q.device
+    Gs, qs, ks = (x.unflatten(-2, (M, sub)) for x in (G, q, k))  # [B, H, N, M, S, K]
+    G_ref = G[..., ::sub, :]  # [B, H, N, M, K]: G at the first position of each sub-chunk
+
+    # Below-diagonal blocks: rows of sub-chunk a against every column j < a·S, through r = a·S.
+    row_decay = (Gs - G_ref.unsqueeze(-2)).exp()  # exp(G_i − G_r) ≤ 1, [B, H, N, M, S, K]
+    col_log = G_ref.unsqueeze(-2) - G.unsqueeze(-3)  # G_r − G_j, [B, H, N, M, C, K]
+    before_ref = torch.arange(C, device=dev)[None, :] < (torch.arange(M, device=dev) * sub)[:, None]  # [M, C]
+    k_col = k.unsqueeze(-3) * col_log.masked_fill(~before_ref[..., None], float("-inf")).exp()
+    k_col_t = k_col.transpose(-1, -2)  # [B, H, N, M, K, C]
+    qk_off = ((qs * row_decay) @ k_col_t).flatten(-3, -2)  # [B, H, N, C, C]
+    kk_off = ((ks * row_decay) @ k_col_t).flatten(-3, -2)
+
+    # Diagonal S×S blocks, explicit pairwise decay (j ≤ i inside the block).
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=dev).tril()
+    pair = (Gs.unsqueeze(-2) - Gs.unsqueeze(-3)).masked_fill(~tri[..., None], float("-inf")).exp()  # [.., S, S, K]
+    k_pair = pair * ks.unsqueeze(-3)
+    qk_diag = (qs.unsqueeze(-2) * k_pair).sum(-1)  # [B, H, N, M, S, S]
+    kk_diag = (ks.unsqueeze(-2) * k_pair).sum(-1).tril(-1)
+    eye_m = torch.eye(M, dtype=q.dtype, device=dev)[:, None, :, None]  # place block a at (a, a)
+    qk = qk_off + (qk_diag.unsqueeze(-2) * eye_m).flatten(-4, -3).flatten(-2, -1)
+    kk = kk_off + (kk_diag.unsqueeze(-2) * eye_m).flatten(-4, -3).flatten(-2, -1)
+    return qk, kk
+
+
+def kda_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel KDA for any T and batch. Differentiable (used for training).
+
+    Shapes as the oracle: q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V].
+    Returns (o [B, T, H, V] fp32, final state [B, H, K, V] fp32).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    # [B, T, H, *] -> [B, H, T + pad, *]; padded tokens have k = v = 0, g = 0, β = 0 so they leave S unchanged.
+    q, k, v, g = (F.pad(x.float().transpose(1, 2), (0, 0, 0, pad)) for x in (q, k, v, g))
+    beta = F.pad(beta.float().transpose(1, 2), (0, pad))
+    N = (T + pad) // C
+    q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, *]
+    beta = beta.unflatten(2, (N, C)).unsqueeze(-1)  # [B, H, N, C, 1]
+
+    G = g.cumsum(-2)
+    A_qk, A_kk = _intra_chunk_scores(q, k, G, min(SUB_CHUNK, C))
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([beta * G.exp() * k, beta * v], dim=-1)  # [B, H, N, C, K + V]
+    WU = torch.linalg.solve_triangular(eye + A_kk * beta, rhs, upper=False, unitriangular=True)
+    W, U = WU.split([K, V], dim=-1)
+    q_decayed = q * G.exp()  # reads the chunk-start state, decayed to position i
+    k_to_end = k * (G[..., -1:, :] - G).exp()  # each key decayed to the chunk end
+    chunk_decay = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    outs = []
+    for n in range(N):  # sequential over chunks only: T / 64 steps
+        v_new = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
+        outs.append(q_decayed[:, :, n] @ S + A_qk[:, :, n] @ v_new)
+        S = S * chunk_decay[:, :, n] + k_to_end[:, :, n].transpose(-1, -2) @ v_new
+    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]  # [B, H, T, V]
+    return o.transpose(1, 2), S
+
+
+def kda_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+) -> torch.Tensor:
+    """One decode token, updating ``state`` [B, H, K, V] fp32 in place.
+
+    q, k, g [B, H, K] fp32; v [B, H, V]; beta [B, H]. Returns o [B, H, V] fp32.
+    """
+    state.mul_(g.exp().unsqueeze(-1))
+    prediction = (k.unsqueeze(-2) @ state).squeeze(-2)  # kᵀS, [B, H, V]
+    delta = beta.unsqueeze(-1) * (v.float() - prediction)
+    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
+    return (q.unsqueeze(-2) @ state).squeeze(-2)

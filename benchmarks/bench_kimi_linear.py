@@ -1,0 +1,137 @@
+"""Prefill and cached-decode speed of kimi-lm vs transformers' CPU path, same weights, same process.
+
+Config: the ``bench`` preset (8 layers 3:1 KDA:MLA, hidden 512, 16 experts top-4, vocab 8192; ~66M parameters,
+~29M active per token). Both models are loaded from one checkpoint directory written by transformers. For each
+dtype: prefill ``--prompt`` tokens, then ``--decode`` single-token steps with the cache. Reports the best of
+``--repeats`` runs and the speed ratio kimi-lm / transformers, plus the max relative logit difference.
+
+Prints a table, then one JSON line.
+
+    python benchmarks/bench_kimi_linear.py [--prompt 1024] [--decode 32] [--dtypes float32,bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import kimi_lm  # noqa: E402
+from checkpoints import build_reference, save_reference  # noqa: E402
+from kimi_lm.config import preset  # noqa: E402
+
+
+def _time(fn, repeats: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def run_ours(model, prompt, steps):
+    def prefill():
+        cache = model.make_cache(batch_size=prompt.shape[0])
+        return model(prompt, cache=cache), cache
+
+    def decode(cache):
+        logits = None
+        for t in range(steps.shape[1]):
+            logits = model(steps[:, t : t + 1], cache=cache)
+        return logits
+
+    return prefill, decode
+
+
+def run_transformers(model, prompt, steps):
+    from transformers import DynamicCache
+
+    def prefill():
+        cache = DynamicCache(config=model.config)
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def decode(cache):
+        logits = None
+        for t in range(steps.shape[1]):
+            logits = model(steps[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+        return logits
+
+    return prefill, decode
+
+
+def measure(make, model, prompt, steps, repeats):
+    prefill, decode = make(model, prompt, steps)
+    t_prefill, (logits, _) = _time(prefill, repeats)
+
+    def prefill_then_decode():
+        _, cache = prefill()
+        t0 = time.perf_counter()
+        out = decode(cache)
+        return time.perf_counter() - t0, out
+
+    t_decode, last = min((prefill_then_decode() for _ in range(repeats)), key=lambda r: r[0])
+    return t_prefill, t_decode, logits, last
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = preset("bench")
+    ref = build_reference(cfg)
+    n_params = sum(p.numel() for p in ref.parameters())
+    tmp = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
+    save_reference(ref, tmp)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=g)
+    steps = torch.randint(0, cfg.vocab_size, (1, args.decode), generator=g)
+
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours = kimi_lm.load(tmp, dtype=dtype)
+        theirs = ref.to(dtype)
+        with torch.inference_mode():
+            o_pre, o_dec, o_logits, o_last = measure(run_ours, ours, prompt, steps, args.repeats)
+            t_pre, t_dec, t_logits, t_last = measure(run_transformers, theirs, prompt, steps, args.repeats)
+        diff = ((o_logits.float() - t_logits.float()).abs().max() / t_logits.float().abs().max()).item()
+        rows.append({
+            "dtype": dtype_name,
+            "prefill_tok_s": args.prompt / o_pre, "prefill_tok_s_transformers": args.prompt / t_pre,
+            "prefill_speedup": t_pre / o_pre,
+            "decode_tok_s": args.decode / o_dec, "decode_tok_s_transformers": args.decode / t_dec,
+            "decode_speedup": t_dec / o_dec,
+            "max_rel_logit_diff": diff,
+        })
+        del ours
+
+    print(f"bench config: {n_params / 1e6:.1f}M parameters, prompt {args.prompt}, decode {args.decode}, "
+          f"{args.threads} threads, best of {args.repeats}")
+    print(f"{'dtype':<9} {'prefill tok/s':>14} {'(tf)':>9} {'ratio':>6}   {'decode tok/s':>12} {'(tf)':>8} {'ratio':>6}"
+          f"   {'max rel Δlogits':>15}")
+    for r in rows:
+        print(f"{r['dtype']:<9} {r['prefill_tok_s']:>14.1f} {r['prefill_tok_s_transformers']:>9.1f} "
+              f"{r['prefill_speedup']:>5.2f}x   {r['decode_tok_s']:>12.1f} {r['decode_tok_s_transformers']:>8.1f} "
+              f"{r['decode_speedup']:>5.2f}x   {r['max_rel_logit_diff']:>15.2e}")
+    print(json.dumps({"benchmark": "kimi_linear_cpu_vs_transformers", "params": n_params, "prompt": args.prompt,
+                      "decode": args.decode, "threads": args.threads, "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

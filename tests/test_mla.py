@@ -1,0 +1,39 @@
+"""Absorbed MLA (attention in the 576-wide latent space) against the naive expanded form."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from kimi_lm.config import preset
+from kimi_lm.model.mla import MultiheadLatentAttention
+
+
+@pytest.fixture
+def mla():
+    torch.manual_seed(0)
+    layer = MultiheadLatentAttention(preset("tiny"))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return layer
+
+
+@pytest.mark.parametrize("T,past", [(1, 0), (1, 30), (7, 0), (5, 40), (16, 9)])
+def test_absorbed_equals_naive(mla, T, past):
+    x = torch.randn(2, past + T, preset("tiny").hidden_size)
+    latent = mla.latent(x)  # [2, past + T, 40]
+    q = mla._queries(x[:, past:])
+    with torch.no_grad():
+        naive = mla.attend_naive(q, latent, past)
+        absorbed = mla.attend_absorbed(q, latent, past)
+    assert rel_err(absorbed, naive) < 1e-5
+
+
+def test_cache_stores_only_the_latent(mla):
+    cfg = preset("tiny")
+    cache = mla.make_cache(batch_size=2, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        mla(torch.randn(2, 9, cfg.hidden_size), cache)
+        mla(torch.randn(2, 1, cfg.hidden_size), cache)
+    assert cache.length == 10
+    assert cache.nbytes == 2 * 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4

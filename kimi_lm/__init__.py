@@ -5,13 +5,15 @@ Public API (everything else is internal and may change):
     model = kimi_lm.load("path/to/Kimi-Linear-48B-A3B-Instruct")   # nn.Module, eval mode
     logits = model(input_ids)                                       # [B, T] -> [B, T, V]
     cache = model.make_cache(batch_size=B); model(ids, cache=cache)  # incremental decoding
+    kimi_lm.estimate(config, quant="bf16", context=[4096], batch=1)  # memory needed, from the config alone
 """
 
 import torch
 
 from kimi_lm.errors import CheckpointError
+from kimi_lm.estimate import estimate
 
-__all__ = ["CheckpointError", "load", "__version__"]
+__all__ = ["CheckpointError", "estimate", "load", "__version__"]
 __version__ = "0.1.0"
 
 

@@ -57,25 +57,31 @@ class StackedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.zeros(num_experts, hidden_size, intermediate_size))
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of expert e on x [n, hidden]."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x), [N, hidden]."""
         N, k = idx.shape
+        if N == 1:  # decode: just the k chosen experts, no sorting
+            out = torch.cat([self.expert(e, x) for e in idx[0].tolist()])  # [k, hidden]
+            return (weights @ out.float()).to(x.dtype)
         flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k  # token of each (token, expert) pair, sorted by expert
+        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        xs = x[token]
+        xs = x[order // k]
         out = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = xs[start : start + n]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
-            start += n
-        weighted = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, weighted)
+            if n:
+                out[start : start + n] = self.expert(e, xs[start : start + n])
+                start += n
+        # back to (token, slot) order with a gather (cheaper than a scatter-add), then a weighted sum over slots
+        # (the weighted sum runs in fp32, as the reference does, whatever the model dtype)
+        out = out[order.argsort()].view(N, k, -1).float()
+        return (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
 
 
 class SparseMoE(nn.Module):

@@ -3,7 +3,7 @@
 * ``KDACache``: the short-conv tail (last W−1 pre-activation inputs of q, k, v; model dtype) and the recurrent
   state [B, H, K, V] (always fp32). Constant size whatever the context length.
 * ``MLACache``: the compressed latent of every past token, [B, T, kv_lora_rank + qk_rope_head_dim] = 576 values
-  per token for the real model, never the expanded per-head keys and values. Storage grows in steps so a decode
+  per token for the real model, never the expanded per-head keys and values. Storage doubles when full so a decode
   step writes in place instead of re-copying the whole history.
 
 ``nbytes`` counts the bytes that hold state (for the MLA cache: the tokens written so far), which is what the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-_GROW_STEP = 256  # tokens added to an MLA buffer when it is full
+_GROW_STEP = 256  # smallest MLA buffer allocation, in tokens; it doubles when full
 
 
 class KDACache:
@@ -38,7 +38,8 @@ class MLACache:
         B, T, W = latent.shape
         end = self.length + T
         if end > self.buffer.shape[1]:
-            capacity = end + _GROW_STEP - end % _GROW_STEP
+            # geometric growth: amortised O(1) copying per token instead of re-copying the history every 256
+            capacity = max(end, 2 * self.buffer.shape[1], _GROW_STEP)
             grown = self.buffer.new_empty(B, capacity, W)
             grown[:, : self.length] = self.buffer[:, : self.length]
             self.buffer = grown

@@ -94,12 +94,16 @@ class MultiheadLatentAttention(nn.Module):
         c, k_pe = latent.split([self.latent_dim, self.pe_dim], dim=-1)
         k_nope, v = self.kv_b_proj(c).view(B, S, H, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], -1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.pe_dim)], dim=-1)
+        # Pad v to the q/k head size: the CPU fused (flash) kernel needs equal sizes; otherwise SDPA falls back to
+        # the math path, which materialises the [T, S] score matrix per head (and is ~2x slower here).
+        pad = self.nope_dim + self.pe_dim - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, D]
         if past == 0:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._causal_mask(T, S, past, q.device), scale=self.scale)
-        return o.transpose(1, 2)
+        return o.transpose(1, 2)[..., : self.v_dim]
 
     def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
         """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space."""

@@ -20,7 +20,8 @@ _GROW_STEP = 256  # smallest MLA buffer allocation, in tokens; it doubles when f
 class KDACache:
     def __init__(self, batch_size: int, conv_channels: int, conv_width: int, heads: int, k_dim: int, v_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.conv_state = torch.zeros(batch_size, conv_channels, conv_width - 1, dtype=dtype, device=device)
+        # [B, W − 1, 3D]: the last W − 1 pre-activation inputs of the q | k | v convs
+        self.conv_state = torch.zeros(batch_size, conv_width - 1, conv_channels, dtype=dtype, device=device)
         self.state = torch.zeros(batch_size, heads, k_dim, v_dim, dtype=torch.float32, device=device)
 
     @property

@@ -13,7 +13,12 @@ Two spellings of the same Kimi Linear config exist in the wild and both are read
 Both are normalised to the official key names; ``to_dict`` writes the official layout back. Keys that would change
 the math but are not implemented raise :class:`CheckpointError` instead of being silently ignored.
 
-Reference: ``shared/specs/kimi_linear.md`` §1 (every field of the official config and what the forward uses).
+``KimiK2Config`` does the same for Kimi K2 / DeepSeek-V3 (``model_type`` ``kimi_k2`` or ``deepseek_v3``): the
+official keys (``rope_scaling``, ``rope_theta``, ``torch_dtype``) and what transformers 5.x writes
+(``rope_parameters``, ``dtype``, ``num_local_experts``). ``load_config`` picks the class from ``model_type``.
+
+References: ``shared/specs/kimi_linear.md`` §1 (every field of the official config and what the forward uses);
+``shared/specs/kimi_k2_and_quantization.md`` §1 (K2 fields), §2.4 (YaRN keys), §4 (``quantization_config``).
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from kimi_lm.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("kimi_linear",)
+K2_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES)
 
 # DeepSeek / transformers-native spellings -> official Kimi Linear key.
 _ALIASES = {
@@ -56,6 +63,7 @@ _UNIMPLEMENTED = {
 class KimiLinearConfig:
     """Kimi Linear hyper-parameters; field names are the official config.json keys."""
 
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("kimi_linear",)
     model_type: str = "kimi_linear"
     vocab_size: int = 163840
     hidden_size: int = 2304
@@ -136,11 +144,7 @@ class KimiLinearConfig:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiLinearConfig":
         """Normalise either config style to official keys and validate it; unknown keys are ignored."""
         d = dict(raw)
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(
-                f"{source}: model_type {model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}"
-            )
+        _check_model_type(cls, d.get("model_type"), source)
         for alias, key in _ALIASES.items():
             if alias in d and key not in d:
                 d[key] = d[alias]
@@ -162,16 +166,7 @@ class KimiLinearConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "KimiLinearConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: config.json not found")
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The official (remote-code) config.json layout."""
@@ -200,6 +195,29 @@ class KimiLinearConfig:
             raise CheckpointError(
                 f"{source}: num_experts_per_token ({self.num_experts_per_token}) > num_experts ({self.num_experts})"
             )
+
+
+def read_config_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config.json not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _check_model_type(cls, model_type, source: str) -> None:
+    if model_type in cls.MODEL_TYPES:
+        return
+    if model_type in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not a {cls.__name__}; read it with load_config()")
+    raise CheckpointError(
+        f"{source}: model_type {model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}"
+    )
 
 
 def _linear_attn_config_from_transformers(d: dict, n_layers: int, source: str) -> dict:

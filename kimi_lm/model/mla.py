@@ -106,18 +106,28 @@ class MultiheadLatentAttention(nn.Module):
         return o.transpose(1, 2)[..., : self.v_dim]
 
     def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
-        """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space."""
+        """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space.
+
+        Every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached columns) and
+        drops the unused part of the result: the bf16 CPU kernels copy any strided operand first, which would cost
+        more than the few extra products.
+        """
         B, T, H, _ = q.shape
         S = latent.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, 128, 512] each
-        q_nope, q_pe = q.split([self.nope_dim, self.pe_dim], dim=-1)
-        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, H, T, 512]
-        q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, -1)  # [B, H·T, 576]
-        scores = torch.bmm(q_full, latent.transpose(1, 2)).view(B, H, T, S).float() * self.scale
+        nope, C = self.nope_dim, self.latent_dim
+        w = self.kv_b_proj.weight.view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
+        q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
+        q_ext = F.pad(q_nope, (0, self.v_dim)).permute(2, 0, 1, 3).reshape(H, B * T, nope + self.v_dim)
+        q_latent = torch.bmm(q_ext, w).view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]
+        q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, C + self.pe_dim)
+        # Per sequence, because each cached row block latent[b] is contiguous while the batch stride of a view into
+        # the growing cache buffer is not (bmm would copy the whole cache first).
+        scores = torch.stack([q_full[b] @ latent[b].T for b in range(B)]).view(B, H, T, S).float() * self.scale
         mask = self._causal_mask(T, S, past, q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).to(latent.dtype).view(B, H * T, S)
-        o_latent = torch.bmm(probs, latent[..., : self.latent_dim]).view(B, H, T, self.latent_dim)
-        return torch.einsum("bhtc,hdc->bthd", o_latent, w_uv)  # [B, T, H, v_dim]
+        o_latent = torch.stack([probs[b] @ latent[b] for b in range(B)])[..., :C]  # Σ_s p_s ĉ_s: [B, H·T, 512]
+        o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
+        o = torch.bmm(o_latent, w.transpose(1, 2))[..., nope:]  # W_UV ô: [H, B·T, v_dim]
+        return o.reshape(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # [B, T, H, v_dim]

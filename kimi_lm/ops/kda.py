@@ -60,17 +60,16 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
     dev = q.device
     Gs, qs, ks = (x.unflatten(-2, (M, sub)) for x in (G, q, k))  # [B, H, N, M, S, K]
     G_ref = G[..., ::sub, :]  # [B, H, N, M, K]: G at the first position of each sub-chunk
-    row_decay = (Gs - G_ref.unsqueeze(-2)).exp()  # exp(G_i − G_r) ≤ 1
-    rows = torch.cat([qs, ks], dim=-2) * row_decay.repeat(1, 1, 1, 1, 2, 1)  # [B, H, N, M, 2S, K]
+    row_decay = (Gs - G_ref.unsqueeze(-2)).exp()  # exp(G_i − G_r) ≤ 1, [B, H, N, M, S, K]
 
     span = (G_ref - Gs[..., -1, :]).amax().item() if G.numel() else 0.0  # largest decay inside a sub-chunk
     explicit_diag = span > _SAFE_SPAN
     col_end = torch.arange(M, device=dev) * sub + (0 if explicit_diag else sub)  # columns j < col_end[a]
     in_cols = torch.arange(C, device=dev)[None, :] < col_end[:, None]  # [M, C]
     col_log = (G_ref.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~in_cols[..., None], float("-inf"))
-    k_col = k.unsqueeze(-3) * col_log.exp()  # [B, H, N, M, C, K]
-    scores = rows @ k_col.transpose(-1, -2)  # [B, H, N, M, 2S, C]
-    qk, kk = (x.flatten(-3, -2) for x in scores.split(sub, dim=-2))  # [B, H, N, C, C] each
+    k_col_t = (k.unsqueeze(-3) * col_log.exp()).transpose(-1, -2)  # [B, H, N, M, K, C]
+    qk = ((qs * row_decay) @ k_col_t).flatten(-3, -2)  # [B, H, N, C, C]
+    kk = ((ks * row_decay) @ k_col_t).flatten(-3, -2)
 
     if explicit_diag:  # add the S×S diagonal blocks with exp(G_i − G_j) formed per pair (j ≤ i)
         tri = torch.ones(sub, sub, dtype=torch.bool, device=dev).tril()
@@ -80,8 +79,7 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
         for_blocks = lambda d: (d.unsqueeze(-2) * eye_m).flatten(-4, -3).flatten(-2, -1)  # noqa: E731
         qk = qk + for_blocks((qs.unsqueeze(-2) * k_pair).sum(-1))
         kk = kk + for_blocks((ks.unsqueeze(-2) * k_pair).sum(-1))
-    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-    return qk.masked_fill(~causal, 0.0), kk.masked_fill(~causal.tril(-1), 0.0)
+    return qk.tril(), kk.tril(-1)
 
 
 def kda_chunked(
@@ -102,22 +100,30 @@ def kda_chunked(
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
-    # [B, T, H, *] -> [B, H, T + pad, *]; padded tokens have k = v = 0, g = 0, β = 0 so they leave S unchanged.
-    q, k, v, g = (F.pad(x.float().transpose(1, 2), (0, 0, 0, pad)) for x in (q, k, v, g))
-    beta = F.pad(beta.float().transpose(1, 2), (0, pad))
     N = (T + pad) // C
-    q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, *]
-    beta = beta.unflatten(2, (N, C)).unsqueeze(-1)  # [B, H, N, C, 1]
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] -> [B, H, N, C, D] fp32. Padded tokens have k = v = 0, g = 0, β = 0: S stays unchanged."""
+        x = x.float()
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4).contiguous()
+
+    q, k, v, g = (to_chunks(x) for x in (q, k, v, g))
+    beta = to_chunks(beta.unsqueeze(-1))  # [B, H, N, C, 1]
 
     G = g.cumsum(-2)
+    decay = G.exp()  # Γ_i: decay from the chunk start to position i
     A_qk, A_kk = _intra_chunk_scores(q, k, G, min(SUB_CHUNK, C))
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([beta * G.exp() * k, beta * v], dim=-1)  # [B, H, N, C, K + V]
-    WU = torch.linalg.solve_triangular(eye + A_kk * beta, rhs, upper=False, unitriangular=True)
-    W, U = WU.split([K, V], dim=-1)
-    q_decayed = q * G.exp()  # reads the chunk-start state, decayed to position i
+    # UT transform: T = (I + diag(β) A_kk)^-1 (unit lower triangular), then W = T diag(β)(Γ ⊙ K), U = T diag(β) V.
+    L = torch.addcmul(eye, A_kk, beta)
+    T_beta = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True) * beta.transpose(-1, -2)
+    W = T_beta @ (decay * k)
+    U = T_beta @ v
+    q_decayed = q * decay  # reads the chunk-start state, decayed to position i
     k_to_end = k * (G[..., -1:, :] - G).exp()  # each key decayed to the chunk end
-    chunk_decay = G[..., -1, :].exp().unsqueeze(-1)  # [B, H, N, K, 1]
+    chunk_decay = decay[..., -1, :].unsqueeze(-1)  # [B, H, N, K, 1]
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     outs = []
@@ -125,8 +131,8 @@ def kda_chunked(
         v_new = U[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
         outs.append(q_decayed[:, :, n] @ S + A_qk[:, :, n] @ v_new)
         S = S * chunk_decay[:, :, n] + k_to_end[:, :, n].transpose(-1, -2) @ v_new
-    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]  # [B, H, T, V]
-    return o.transpose(1, 2), S
+    o = torch.stack(outs, dim=1).transpose(2, 3)  # [B, N, C, H, V]
+    return o.reshape(B, N * C, H, V)[:, :T], S
 
 
 def kda_step(

@@ -28,15 +28,6 @@ from checkpoints import build_reference, save_reference  # noqa: E402
 from kimi_lm.config import preset  # noqa: E402
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run_ours(model, prompt, steps):
     def prefill():
         cache = model.make_cache(batch_size=prompt.shape[0])
@@ -68,18 +59,21 @@ def run_transformers(model, prompt, steps):
     return prefill, decode
 
 
-def measure(make, model, prompt, steps, repeats):
-    prefill, decode = make(model, prompt, steps)
-    t_prefill, (logits, _) = _time(prefill, repeats)
-
-    def prefill_then_decode():
-        _, cache = prefill()
-        t0 = time.perf_counter()
-        out = decode(cache)
-        return time.perf_counter() - t0, out
-
-    t_decode, last = min((prefill_then_decode() for _ in range(repeats)), key=lambda r: r[0])
-    return t_prefill, t_decode, logits, last
+def measure(ours, theirs, prompt, steps, repeats):
+    """Best-of-``repeats`` prefill and decode times for both, interleaved so that load from other processes on a
+    shared machine hits both implementations alike. Returns {name: (t_prefill, t_decode, prefill logits)}."""
+    runners = {"ours": run_ours(ours, prompt, steps), "transformers": run_transformers(theirs, prompt, steps)}
+    best = {name: [float("inf"), float("inf"), None] for name in runners}
+    for _ in range(repeats):
+        for name, (prefill, decode) in runners.items():
+            t0 = time.perf_counter()
+            logits, cache = prefill()
+            t1 = time.perf_counter()
+            decode(cache)
+            t2 = time.perf_counter()
+            b = best[name]
+            b[0], b[1], b[2] = min(b[0], t1 - t0), min(b[1], t2 - t1), logits
+    return best
 
 
 def main(argv=None) -> int:
@@ -107,8 +101,8 @@ def main(argv=None) -> int:
         ours = kimi_lm.load(tmp, dtype=dtype)
         theirs = ref.to(dtype)
         with torch.inference_mode():
-            o_pre, o_dec, o_logits, o_last = measure(run_ours, ours, prompt, steps, args.repeats)
-            t_pre, t_dec, t_logits, t_last = measure(run_transformers, theirs, prompt, steps, args.repeats)
+            best = measure(ours, theirs, prompt, steps, args.repeats)
+        (o_pre, o_dec, o_logits), (t_pre, t_dec, t_logits) = best["ours"], best["transformers"]
         diff = ((o_logits.float() - t_logits.float()).abs().max() / t_logits.float().abs().max()).item()
         rows.append({
             "dtype": dtype_name,

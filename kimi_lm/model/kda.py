@@ -90,7 +90,7 @@ class KimiDeltaAttention(nn.Module):
         q = self._short_conv(self.q_proj(x), self.q_conv1d, tails[0]).view(B, T, H, K)
         k = self._short_conv(self.k_proj(x), self.k_conv1d, tails[1]).view(B, T, H, K)
         v = self._short_conv(self.v_proj(x), self.v_conv1d, tails[2]).view(B, T, H, K)
-        q = l2_normalize(q) * K**-0.5
+        q = l2_normalize(q, scale=K**-0.5)
         k = l2_normalize(k)
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]

@@ -22,6 +22,8 @@ Shapes legend: B batch, T tokens, H heads, K key dim, V value dim, N chunks, C c
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,9 +33,13 @@ SUB_CHUNK = 16
 _SAFE_SPAN = 80.0
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(Σx² + eps) over the last dim (eps inside the sqrt, as fla's kernel, not F.normalize's clamp)."""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6, scale: float = 1.0) -> torch.Tensor:
+    """scale · x / sqrt(Σx² + eps) over the last dim (eps inside the sqrt, as fla's kernel, not F.normalize's clamp).
+
+    Computed as one fused RMSNorm: x / sqrt(Σx² + eps) = rms_norm(x, eps / D) / sqrt(D) for D = x.shape[-1].
+    """
+    D = x.shape[-1]
+    return F.rms_norm(x, (D,), eps=eps / D) * (scale / math.sqrt(D))
 
 
 def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
@@ -64,10 +70,18 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
 
     span = (G_ref - Gs[..., -1, :]).amax().item() if G.numel() else 0.0  # largest decay inside a sub-chunk
     explicit_diag = span > _SAFE_SPAN
-    col_end = torch.arange(M, device=dev) * sub + (0 if explicit_diag else sub)  # columns j < col_end[a]
-    in_cols = torch.arange(C, device=dev)[None, :] < col_end[:, None]  # [M, C]
-    col_log = (G_ref.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~in_cols[..., None], float("-inf"))
-    k_col_t = (k.unsqueeze(-3) * col_log.exp()).transpose(-1, -2)  # [B, H, N, M, K, C]
+    if not explicit_diag:
+        # exp(G_r(a) − G_j) = exp(G_r(a) − G_r(b)) · exp(G_r(b) − G_j) for j in sub-chunk b ≤ a: one [M, M, K] table
+        # of sub-chunk-to-sub-chunk decays (≤ 1) times keys taken relative to their own sub-chunk start (≤ e^span).
+        k_rel = ks * (G_ref.unsqueeze(-2) - Gs).exp()  # [B, H, N, M, S, K]
+        later = torch.ones(M, M, dtype=torch.bool, device=dev).triu(1)[..., None]  # b > a: not a column of row a
+        between = (G_ref.unsqueeze(-2) - G_ref.unsqueeze(-3)).masked_fill(later, float("-inf")).exp()  # [.., M, M, K]
+        k_col = between.unsqueeze(-2) * k_rel.unsqueeze(-4)  # [B, H, N, M, M, S, K]
+        k_col_t = k_col.flatten(-3, -2).transpose(-1, -2)  # [B, H, N, M, K, C]
+    else:  # only the blocks strictly below the diagonal, each factor ≤ 1; the diagonal blocks follow below
+        in_cols = torch.arange(C, device=dev)[None, :] < (torch.arange(M, device=dev) * sub)[:, None]  # [M, C]
+        col_log = (G_ref.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~in_cols[..., None], float("-inf"))
+        k_col_t = (k.unsqueeze(-3) * col_log.exp()).transpose(-1, -2)  # [B, H, N, M, K, C]
     qk = ((qs * row_decay) @ k_col_t).flatten(-3, -2)  # [B, H, N, C, C]
     kk = ((ks * row_decay) @ k_col_t).flatten(-3, -2)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from kimi_lm.cache import KDACache
 from kimi_lm.config import KimiLinearConfig
+from kimi_lm.model.layers import GatedRMSNorm
 from kimi_lm.ops.kda import kda_chunked, kda_gate, kda_step, l2_normalize
 
 
@@ -54,9 +55,7 @@ class KimiDeltaAttention(nn.Module):
         self.b_proj = nn.Linear(hidden, H, bias=False)
         self.g_a_proj = nn.Linear(hidden, K, bias=False)
         self.g_b_proj = nn.Linear(K, D, bias=False)
-        self.o_norm_eps = config.rms_norm_eps
-        self.o_norm = nn.Module()
-        self.o_norm.weight = nn.Parameter(torch.ones(K))
+        self.o_norm = GatedRMSNorm(K, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(D, hidden, bias=False)
 
     def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> KDACache:
@@ -102,7 +101,5 @@ class KimiDeltaAttention(nn.Module):
             if cache is not None:
                 cache.state.copy_(final_state)
 
-        # Gated RMSNorm per head, fp32 throughout, one cast at the end (as fla's fused kernel).
-        z = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K).float()
-        o = F.rms_norm(o, (K,), eps=self.o_norm_eps) * self.o_norm.weight.float() * torch.sigmoid(z)
-        return self.o_proj(o.to(x.dtype).reshape(B, T, H * K))
+        z = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        return self.o_proj(self.o_norm(o, z, x.dtype).reshape(B, T, H * K))

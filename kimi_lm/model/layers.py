@@ -25,6 +25,20 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of the KDA output times sigmoid(gate), all in fp32 with a single cast at the end (the
+    order of fla's fused kernel). One weight [head_dim] shared by every head; input [..., head_dim]."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float() * torch.sigmoid(gate.float())).to(out_dtype)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); no biases."""
 

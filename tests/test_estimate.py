@@ -17,14 +17,14 @@ from kimi_lm.config import KimiLinearConfig, preset
 from kimi_lm.estimate import (GIB, KIB, KIMI_K2_CONFIG, MIB, Tensor, arch_from_kimi_linear, estimate, load_arch, main,
                               make_quant, tensor_bytes, tensors)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"  # the official config files, copied from the checkpoints
 KL_JSON = REFERENCE / "kimi-linear-48b-a3b-instruct.config.json"
 K2_JSON = REFERENCE / "kimi-k2-instruct.config.json"
 
 
 def _kl_source():
-    """The official config file when the shared folder is there, else the preset (checked equal below)."""
-    return str(KL_JSON) if KL_JSON.is_file() else "kimi-linear-48b-a3b"
+    """The official config file (the preset is checked equal to it below)."""
+    return str(KL_JSON)
 
 
 # ---- Kimi Linear 48B: parameters ----------------------------------------------------------------------------------
@@ -106,8 +106,6 @@ def test_affine_skips_tensors_whose_width_does_not_divide_the_group():
 
 # ---- Kimi K2 -------------------------------------------------------------------------------------------------------
 def test_k2_preset_matches_the_reference_config():
-    if not K2_JSON.is_file():
-        pytest.skip("shared/reference not present")
     ref = json.loads(K2_JSON.read_text())
     assert {k: ref.get(k) for k in KIMI_K2_CONFIG} == KIMI_K2_CONFIG
     assert estimate(str(K2_JSON)).total_params == estimate("kimi-k2").total_params
@@ -192,8 +190,6 @@ def test_training_adamw_and_muon():
 
 # ---- config sources ------------------------------------------------------------------------------------------------
 def test_preset_equals_the_official_config():
-    if not KL_JSON.is_file():
-        pytest.skip("shared/reference not present")
     assert load_arch(str(KL_JSON))[0].kda_layers == load_arch("kimi-linear-48b-a3b")[0].kda_layers
     assert estimate(str(KL_JSON), "mxfp4").weights_bytes == estimate("kimi-linear-48b-a3b", "mxfp4").weights_bytes
 

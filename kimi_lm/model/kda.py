@@ -80,15 +80,26 @@ class KimiDeltaAttention(nn.Module):
             y.addcmul_(window[:, i : i + T], taps[i])
         return F.silu(y)
 
+    def _conv_step(self, qkv: torch.Tensor, conv_state: torch.Tensor) -> list[torch.Tensor]:
+        """One-token conv + SiLU: qkv [B, 1, 3D]; conv_state [B, W − 1, 3D] updated in place. Returns q, k, v fp32."""
+        window = torch.cat([conv_state, qkv.to(conv_state.dtype)], dim=1)  # [B, W, 3D]
+        conv_state.copy_(window[:, 1:])
+        taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).squeeze(1).T  # [W, 3D]
+        return F.silu((window.float() * taps.float()).sum(1, keepdim=True)).chunk(3, dim=-1)
+
     def forward(self, x: torch.Tensor, cache: KDACache | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` (conv tail and recurrent state) if given."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         D = H * K
-        tails = [None] * 3 if cache is None else cache.conv_state.split(D, dim=-1)  # q, k, v: [B, W − 1, D] views
-        q = self._short_conv(self.q_proj(x), self.q_conv1d, tails[0]).view(B, T, H, K)
-        k = self._short_conv(self.k_proj(x), self.k_conv1d, tails[1]).view(B, T, H, K)
-        v = self._short_conv(self.v_proj(x), self.v_conv1d, tails[2]).view(B, T, H, K)
+        if cache is not None and T == 1:  # decode: one conv step over q | k | v together (fewer small ops)
+            q, k, v = self._conv_step(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), cache.conv_state)
+        else:
+            tails = [None] * 3 if cache is None else cache.conv_state.split(D, dim=-1)  # q, k, v: [B, W − 1, D]
+            q = self._short_conv(self.q_proj(x), self.q_conv1d, tails[0])
+            k = self._short_conv(self.k_proj(x), self.k_conv1d, tails[1])
+            v = self._short_conv(self.v_proj(x), self.v_conv1d, tails[2])
+        q, k, v = (t.view(B, T, H, K) for t in (q, k, v))
         q = l2_normalize(q, scale=K**-0.5)
         k = l2_normalize(k)
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))

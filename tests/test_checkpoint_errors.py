@@ -80,22 +80,21 @@ def test_inconsistent_layer_lists(ckpt):
         kimi_lm.load(ckpt)
 
 
-def test_missing_tensor(ckpt):
-    name = "model.layers.2.self_attn.kv_b_proj.weight"
-    edit_shard_holding(ckpt, name, lambda t: t.pop(name))
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+def remove_tensor(path, name):
+    """Delete a tensor from its shard and from the index."""
+    _, index = edit_shard_holding(path, name, lambda t: t.pop(name))
     del index["weight_map"][name]
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_missing_tensor(ckpt):
+    remove_tensor(ckpt, "model.layers.2.self_attn.kv_b_proj.weight")
     with pytest.raises(CheckpointError, match=r"1 tensor\(s\) missing.*model\.layers\.2\.self_attn\.kv_b_proj\.weight"):
         kimi_lm.load(ckpt)
 
 
 def test_missing_expert(ckpt):
-    name = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
-    edit_shard_holding(ckpt, name, lambda t: t.pop(name))
-    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
-    del index["weight_map"][name]
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    remove_tensor(ckpt, "model.layers.1.block_sparse_moe.experts.3.w3.weight")
     with pytest.raises(CheckpointError, match=r"missing.*layers\.1\.block_sparse_moe\.experts\.gate_up_proj \(expert 3, up\)"):
         kimi_lm.load(ckpt)
 

@@ -6,14 +6,20 @@ Public API (everything else is internal and may change):
     logits = model(input_ids)                                       # [B, T] -> [B, T, V]
     cache = model.make_cache(batch_size=B); model(ids, cache=cache)  # incremental decoding
     kimi_lm.estimate(config, quant="bf16", context=[4096], batch=1)  # memory needed, from the config alone
+
+    tokenizer = kimi_lm.load_tokenizer(path)                        # tiktoken.model + chat template
+    text = kimi_lm.generate(model, tokenizer, prompt, max_tokens=64, temperature=0.7)
+    for r in kimi_lm.stream_generate(model, tokenizer, prompt): print(r.text, end="")
 """
 
 import torch
 
 from kimi_lm.errors import CheckpointError
 from kimi_lm.estimate import estimate
+from kimi_lm.generate import generate, stream_generate  # the functions: they shadow the module names on purpose
+from kimi_lm.tokenizer import load_tokenizer
 
-__all__ = ["CheckpointError", "estimate", "load", "__version__"]
+__all__ = ["CheckpointError", "estimate", "generate", "load", "load_tokenizer", "stream_generate", "__version__"]
 __version__ = "0.1.0"
 
 
@@ -22,3 +28,4 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     from kimi_lm.checkpoint import load as _load
 
     return _load(path, dtype=dtype, device=device)
+

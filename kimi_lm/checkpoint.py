@@ -1,13 +1,23 @@
 """Checkpoint loading: config.json + safetensors (single file or shards with an index) -> model.
 
-The model is built on the meta device and every tensor is read once, cast if needed and assigned in place, so peak
-memory is about the size of the model (not twice it). Only safetensors are read: nothing is ever unpickled and no
-checkpoint code is executed.
+The model class follows ``model_type`` (Kimi Linear, or Kimi K2 / DeepSeek-V3). It is built on the meta device and
+every tensor is read once, straight from the file into its final memory with plain reads (no memory map, so the page
+cache never counts toward the process and peak memory is about the size of the model, not twice it). Only
+safetensors are read: nothing is ever unpickled and no checkpoint code is executed.
 
 Parameter names equal the checkpoint's names except for the cases in ``NAME_RULES`` (one declarative table):
-per-expert ``w1/w3/w2`` matrices are stacked into ``gate_up_proj`` / ``down_proj`` and a dense layer written by
-transformers under ``block_sparse_moe.*`` is read as ``mlp.*``. Every problem raises ``CheckpointError`` naming the
-file, tensor or key, what was expected and what was found; a partial load is never returned.
+per-expert matrices (Kimi Linear ``w1/w3/w2``, K2 ``gate_proj/up_proj/down_proj``, with their FP8 scales) are
+stacked into ``gate_up_proj`` / ``down_proj`` and a dense layer written by transformers under
+``block_sparse_moe.*`` is read as ``mlp.*``. ``SKIP`` lists what is dropped: ``rotary_emb.inv_freq`` (recomputed from
+config) and multi-token-prediction layers (index ≥ ``num_hidden_layers``).
+
+FP8 block checkpoints (``quantization_config.quant_method`` ``fp8``): a module is quantized iff the checkpoint has a
+``weight_scale_inv`` for it; those modules are swapped for ``kimi_lm.quant.fp8_block`` ones before loading, and their
+fp8 weights are kept as they are. Every problem raises ``CheckpointError`` naming the file, tensor or key, what was
+expected and what was found; a partial load is never returned.
+
+Reference: safetensors format (8-byte little-endian header length, JSON header, raw little-endian data);
+spec ``kimi_k2_and_quantization.md`` §2.6 (K2 tensor names) and §4 (FP8 layout).
 """
 
 from __future__ import annotations
@@ -17,13 +27,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from kimi_lm.config import KimiLinearConfig
+from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
+from kimi_lm.quant.fp8_block import FP8, quantize_modules
 
 # checkpoint name (regex) -> (parameter name template, placement)
 #   placement "copy": whole tensor; "gate"/"up": rows [0, I) / [I, 2I) of stacked expert E; "down": stacked expert E
+#   (a trailing "_scale_inv" group carries an FP8 block scale to the stacked scale tensor, same placement)
 NAME_RULES: list[tuple[re.Pattern, str, str]] = [
     (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight"),
      r"\1.block_sparse_moe.experts.gate_up_proj", "gate"),
@@ -34,16 +45,31 @@ NAME_RULES: list[tuple[re.Pattern, str, str]] = [
     # transformers' save_pretrained renames every `mlp.` to `block_sparse_moe.`, the dense first layer included
     (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.weight"),
      r"\1.mlp.\2.weight", "copy"),
+    # Kimi K2 / DeepSeek-V3 routed experts
+    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight(_scale_inv)?"),
+     r"\1.mlp.experts.gate_up_proj\3", "gate"),
+    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight(_scale_inv)?"),
+     r"\1.mlp.experts.gate_up_proj\3", "up"),
+    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight(_scale_inv)?"),
+     r"\1.mlp.experts.down_proj\3", "down"),
 ]
 # Tensors present in some checkpoints that carry nothing the forward pass needs.
 SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]
-# Kept in fp32 whatever the model dtype: they feed exp() / selection and are tiny (spec §8.3).
-FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Kept in fp32 whatever the model dtype: they feed exp() / selection / dequantization and are tiny (spec §8.3).
+FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "_scale_inv")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors dtype codes
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-def resolve_dtype(dtype, config: KimiLinearConfig) -> torch.dtype:
+def resolve_dtype(dtype, config) -> torch.dtype:
     if dtype is None or dtype == "auto":
         dtype = config.dtype or "bfloat16"
     if isinstance(dtype, str):
@@ -53,6 +79,97 @@ def resolve_dtype(dtype, config: KimiLinearConfig) -> torch.dtype:
     if dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; expected torch.float32, torch.bfloat16 or torch.float16")
     return dtype
+
+
+class SafetensorsFile:
+    """The header of one ``.safetensors`` file, and reads of its tensors into memory the caller owns."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = None
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                nbytes = ST_DTYPES[info["dtype"]].itemsize * _numel(info["shape"]) if info["dtype"] in ST_DTYPES else 0
+                if not 0 <= begin <= end <= size - 8 - n or (info["dtype"] in ST_DTYPES and end - begin != nbytes):
+                    raise ValueError(f"tensor {name!r} has data offsets {[begin, end]} that do not fit its shape and the file")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from None
+        self.header, self.data_start = header, 8 + n
+
+    def __enter__(self) -> "SafetensorsFile":
+        self._fh = open(self.path, "rb", buffering=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+        self._fh = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> str:
+        return self.header[name]["dtype"]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (contiguous, CPU, the file's dtype and shape) with tensor ``name``'s bytes."""
+        begin, end = self.header[name]["data_offsets"]
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._fh.seek(self.data_start + begin)
+        got = 0
+        while got < end - begin:
+            n = self._fh.readinto(buf[got:])
+            if not n:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated ({got} of {end - begin} bytes)")
+            got += n
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype = self.dtype(name)
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which kimi-lm cannot read")
+        return self.read_into(name, torch.empty(self.shape(name), dtype=ST_DTYPES[dtype]))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def write_safetensors(path: Path, entries: dict[str, tuple[torch.dtype, list[int]]], produce, metadata=None) -> int:
+    """Write a safetensors file tensor by tensor: ``entries`` name -> (dtype, shape) fixes the header, then
+    ``produce(name)`` supplies each tensor in turn, so only one is in memory at a time. Returns the data bytes."""
+    header, offset = {}, 0
+    names = sorted(entries)
+    for name in names:
+        dtype, shape = entries[name]
+        nbytes = dtype.itemsize * _numel(shape)
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for name in names:
+            t = produce(name)
+            if t.dtype != entries[name][0] or list(t.shape) != list(entries[name][1]):
+                raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)}, header says {entries[name]}")
+            fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return offset
 
 
 def weight_files(path: Path) -> dict[str, Path]:
@@ -74,12 +191,7 @@ def weight_files(path: Path) -> dict[str, Path]:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are never loaded, convert them to safetensors)" if pickles else ""
         raise CheckpointError(f"{path}: no *.safetensors weights found{hint}")
-    files = {}
-    for shard in shards:
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                files[name] = shard
-    return files
+    return {name: shard for shard in shards for name in SafetensorsFile(shard).keys()}
 
 
 def _target_name(name: str) -> tuple[str, str, int]:
@@ -92,71 +204,104 @@ def _target_name(name: str) -> tuple[str, str, int]:
     return name, "copy", -1
 
 
-def load(path, dtype=torch.bfloat16, device="cpu"):
-    """Load a Kimi Linear checkpoint directory; returns the model in eval mode without gradients."""
+def _skipped(name: str, config) -> bool:
+    if any(p.fullmatch(name) for p in SKIP):
+        return True
+    m = _LAYER.match(name)  # multi-token-prediction layers follow the last decoder layer
+    n, extra = config.num_hidden_layers, config.num_nextn_predict_layers
+    return m is not None and n <= int(m.group(1)) < n + extra
+
+
+def _model_class(config):
+    if isinstance(config, KimiK2Config):
+        from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
+
+        return KimiK2ForCausalLM
     from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 
+    return KimiLinearForCausalLM
+
+
+def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> set[str]:
+    """Names of the modules the checkpoint stores as FP8 blocks: those with a ``*_scale_inv`` tensor."""
+    modules = set()
+    for name, (target, _, _) in targets.items():
+        if not target.endswith("_scale_inv"):
+            continue
+        if getattr(config, "quantization_config", None) is None:
+            raise CheckpointError(
+                f"{files[name]}: tensor {name!r} is an FP8 block scale, but config.json has no quantization_config"
+            )
+        # "x.weight_scale_inv" -> module "x"; stacked experts: "x.experts.gate_up_proj_scale_inv" -> "x.experts"
+        modules.add(target.rsplit(".", 1)[0])
+    return modules
+
+
+def load(path, dtype=torch.bfloat16, device="cpu"):
+    """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the model in eval mode, no grads.
+
+    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
-    config = KimiLinearConfig.from_file(path / "config.json")
+    config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
+    files = weight_files(path)
+    files = {name: file for name, file in files.items() if not _skipped(name, config)}
+    targets = {name: _target_name(name) for name in files}
+    fp8 = _fp8_modules(config, targets, files)
     with torch.device("meta"):
-        model = KimiLinearForCausalLM(config)
+        model = _model_class(config)(config)
+        quantize_modules(model, lambda name, module: name in fp8)
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     loaded: dict[str, torch.Tensor] = {}
     expert_slots: dict[str, set] = {}  # stacked parameter -> {(placement, expert)} filled so far
-    files = weight_files(path)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
 
     for file, names in by_file.items():
-        with safe_open(file, framework="pt", device="cpu") as f:
-            present = set(f.keys())
+        with SafetensorsFile(file) as f:
             for name in names:
-                if any(p.fullmatch(name) for p in SKIP):
-                    continue
-                if name not in present:
+                if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
-                target, placement, expert = _target_name(name)
+                target, placement, expert = targets[name]
                 if target not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} (no such parameter in a {config.model_type} model with this "
                         f"config.json; check num_hidden_layers, layer types and expert counts)"
                     )
                 ref = expected[target]
-                want_dtype = torch.float32 if target.endswith(FP32_SUFFIXES) else dtype
-                sl = f.get_slice(name)
-                shape, file_dtype = list(sl.get_shape()), sl.get_dtype()
+                shape, file_dtype = f.shape(name), f.dtype(name)
                 want_shape = list(ref.shape) if placement == "copy" else _expert_shape(ref, placement)
                 if shape != want_shape:
-                    raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {want_shape}")
-                if file_dtype not in ("F32", "BF16", "F16"):
-                    raise CheckpointError(
-                        f"{file}: tensor {name!r} has dtype {file_dtype}, expected a float type (F32, BF16 or F16)"
-                    )
+                    raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {want_shape}"
+                                          + _scale_hint(target, placement, expected))
+                _check_dtype(file, name, file_dtype, ref.dtype, config)
                 if placement != "copy" and expert >= ref.shape[0]:
                     raise CheckpointError(
                         f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}"
                     )
-                tensor = f.get_tensor(name).to(device=device, dtype=want_dtype)
+                want_dtype = FP8 if ref.dtype == FP8 else torch.float32 if target.endswith(FP32_SUFFIXES) else dtype
                 if placement == "copy":
-                    loaded[target] = tensor
+                    loaded[target] = f.read(name).to(device=device, dtype=want_dtype)
                     continue
                 if target not in loaded:
                     loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
                     expert_slots[target] = set()
-                _place_expert(loaded[target], tensor, placement, expert)
+                dest = _expert_slice(loaded[target], placement, expert)
+                if dest.device.type == "cpu" and ST_DTYPES[file_dtype] == want_dtype:
+                    f.read_into(name, dest)  # straight into the stacked tensor, no temporary
+                else:
+                    dest.copy_(f.read(name))
                 expert_slots[target].add((placement, expert))
-                del tensor
 
     missing = [n for n in expected if n not in loaded]
     for target, slots in expert_slots.items():
         ref = expected[target]
-        parts = ("gate", "up") if target.endswith("gate_up_proj") else ("down",)
+        parts = ("gate", "up") if "gate_up_proj" in target else ("down",)
         want = {(p, e) for p in parts for e in range(ref.shape[0])}
         missing += [f"{target} (expert {e}, {p})" for p, e in sorted(want - slots, key=lambda s: (s[1], s[0]))]
     if missing:
@@ -169,17 +314,44 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     return model
 
 
+def _check_dtype(file: Path, name: str, file_dtype: str, param_dtype: torch.dtype, config) -> None:
+    if param_dtype == FP8:
+        if file_dtype != "F8_E4M3":
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has dtype {file_dtype}, expected F8_E4M3 (the checkpoint has an FP8 block "
+                f"scale for it)"
+            )
+    elif file_dtype == "F8_E4M3":
+        if getattr(config, "quantization_config", None) is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype F8_E4M3, but config.json has no quantization_config")
+        raise CheckpointError(
+            f"{file}: tensor {name!r} has dtype F8_E4M3, but its block scale {name + '_scale_inv'!r} is missing"
+        )
+    elif file_dtype not in ("F32", "BF16", "F16"):
+        raise CheckpointError(f"{file}: tensor {name!r} has dtype {file_dtype}, expected a float type (F32, BF16 or F16)")
+
+
+def _scale_hint(target: str, placement: str, expected: dict) -> str:
+    """For a wrong FP8 scale shape: the weight shape it has to cover."""
+    if not target.endswith("_scale_inv"):
+        return ""
+    weight = target.removesuffix("_scale_inv")  # "x.weight" or stacked "x.experts.gate_up_proj"
+    if weight not in expected:
+        return ""
+    w_shape = list(expected[weight].shape) if placement == "copy" else _expert_shape(expected[weight], placement)
+    return f" = ceil(out/128) x ceil(in/128) for its weight of shape {w_shape}"
+
+
 def _expert_shape(stacked: torch.Tensor, placement: str) -> list[int]:
     if placement == "down":
         return list(stacked.shape[1:])
     return [stacked.shape[1] // 2, stacked.shape[2]]
 
 
-def _place_expert(stacked: torch.Tensor, tensor: torch.Tensor, placement: str, expert: int) -> None:
+def _expert_slice(stacked: torch.Tensor, placement: str, expert: int) -> torch.Tensor:
     half = stacked.shape[1] // 2
     if placement == "gate":
-        stacked[expert, :half] = tensor
-    elif placement == "up":
-        stacked[expert, half:] = tensor
-    else:
-        stacked[expert] = tensor
+        return stacked[expert, :half]
+    if placement == "up":
+        return stacked[expert, half:]
+    return stacked[expert]

@@ -12,6 +12,10 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("kimi_lm.estimate", "memory needed for a model at a quantization and context length"),
+    "convert": ("kimi_lm.convert", "rewrite a checkpoint's weights (--dequantize: FP8 blocks -> bf16)"),
+    "generate": ("kimi_lm.generate", "generate text from a prompt, streamed"),
+    "chat": ("kimi_lm.chat_repl", "chat in the terminal (history, /reset, /exit)"),
+    "cache-prompt": ("kimi_lm.cache_prompt", "prefill a prompt once and save the state for generate"),
 }
 
 

@@ -48,7 +48,6 @@ _ALIASES = {
 
 # Keys of later Kimi models that change the forward pass. Each maps to the value that means "feature off".
 _UNIMPLEMENTED = {
-    "attn_res_block_size": (None, 0),  # Block Attention Residuals (Kimi K3)
     "gate_lower_bound": (None,),  # lower-bounded "safe" KDA gate
     "use_full_rank_gate": (None, False),
     "mla_use_output_gate": (None, False),
@@ -109,6 +108,9 @@ class KimiLinearConfig:
         }
     )
     dtype: str | None = "bfloat16"
+    # Block Attention Residuals (model/attnres.py): Transformer layers per block, K3's unit (0.5 steps allowed);
+    # None / 0 = the plain residual stream
+    attn_res_block_size: float | None = None
 
     # ---- derived sizes -----------------------------------------------------------------------------------------
     @property
@@ -195,6 +197,12 @@ class KimiLinearConfig:
             raise CheckpointError(
                 f"{source}: num_experts_per_token ({self.num_experts_per_token}) > num_experts ({self.num_experts})"
             )
+        S = self.attn_res_block_size
+        if S and (isinstance(S, bool) or not isinstance(S, (int, float)) or S < 0 or 2 * S != int(2 * S)):
+            raise CheckpointError(
+                f"{source}: attn_res_block_size must be a positive number of layers in steps of 0.5 (one sublayer), "
+                f"or null; found {S!r}"
+            )
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -249,6 +257,191 @@ def _first_k_dense_from_mlp_types(mlp_types: list, source: str) -> int:
     return k
 
 
+# transformers-native spellings -> official Kimi K2 / DeepSeek-V3 key.
+_K2_ALIASES = {
+    "num_local_experts": "n_routed_experts",
+    "num_mtp_layers": "num_nextn_predict_layers",
+    "torch_dtype": "dtype",
+}
+# Keys that change the forward pass, with the values implemented here (DeepSeek-V2's softmax / greedy routers are not).
+_K2_IMPLEMENTED = {
+    "topk_method": (None, "noaux_tc"),
+    "scoring_func": (None, "sigmoid"),
+    "hidden_act": (None, "silu"),
+    "attention_bias": (None, False),
+}
+# The one FP8 format the official K2 / DeepSeek-V3 releases use (spec §4).
+FP8_BLOCK_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+@dataclass
+class KimiK2Config:
+    """Kimi K2 / DeepSeek-V3 hyper-parameters; field names are the official config.json keys.
+
+    Defaults are transformers' ``DeepseekV3Config`` defaults: what a ``deepseek_v3`` config.json means when it omits
+    a key (``save_pretrained`` drops some). ``rope_scaling`` is None or a YaRN dict with every key filled in.
+    """
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = K2_MODEL_TYPES
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    num_hidden_layers: int = 61
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    max_position_embeddings: int = 4096
+    # MLA with q-LoRA and interleaved-pair RoPE on the qk_rope_head_dim dims
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_interleave: bool = True
+    # MoE
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_shared_experts: int = 1
+    moe_intermediate_size: int = 2048
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    num_nextn_predict_layers: int = 1  # multi-token-prediction layers stored after the last layer; never loaded
+    quantization_config: dict | None = None
+    dtype: str | None = "bfloat16"
+
+    # ---- derived sizes -----------------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def mla_cache_width(self) -> int:
+        """Values cached per token per layer: latent + rotated shared key part (512 + 64)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    # ---- (de)serialisation -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiK2Config":
+        """Normalise the official or the transformers spelling and validate it; unknown keys are ignored."""
+        d = dict(raw)
+        _check_model_type(cls, d.get("model_type"), source)
+        for alias, key in _K2_ALIASES.items():
+            if alias in d and key not in d:
+                d[key] = d[alias]
+        for key, ok in _K2_IMPLEMENTED.items():
+            if key in d and d[key] not in ok:
+                raise CheckpointError(
+                    f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
+                    f"(supported: {' or '.join(repr(v) for v in ok if v is not None)})"
+                )
+        if d.get("rope_parameters") is not None:  # transformers 5: theta and scaling in one dict
+            rp = dict(d["rope_parameters"])
+            d.setdefault("rope_theta", rp.pop("rope_theta", cls.rope_theta))
+            d.setdefault("rope_scaling", rp)
+        if not d.get("q_lora_rank"):
+            d["q_lora_rank"] = None  # 0 / null: a single q_proj (DeepSeek-V2-Lite style)
+        d["rope_scaling"] = _normalise_rope_scaling(
+            d.get("rope_scaling"), d.get("max_position_embeddings", cls.max_position_embeddings), source
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "KimiK2Config":
+        return cls.from_dict(read_config_json(path), source=str(path))
+
+    def to_dict(self) -> dict:
+        """The official config.json layout (``rope_scaling``, ``torch_dtype``)."""
+        d = dataclasses.asdict(self)
+        d["torch_dtype"] = d.pop("dtype")
+        d["architectures"] = ["DeepseekV3ForCausalLM"]
+        return d
+
+    def validate(self, source: str = "config.json") -> None:
+        E, g = self.n_routed_experts, self.n_group
+        if g < 1 or E % g or not 1 <= self.topk_group <= g or (g > 1 and E // g < 2):
+            raise CheckpointError(
+                f"{source}: n_routed_experts ({E}) must split into n_group ({g}) groups of at least 2 experts and "
+                f"topk_group ({self.topk_group}) must be between 1 and n_group"
+            )
+        if self.num_experts_per_tok > self.topk_group * E // g:
+            raise CheckpointError(
+                f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in the topk_group "
+                f"({self.topk_group}) kept groups ({self.topk_group * E // g})"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise CheckpointError(f"{source}: qk_rope_head_dim must be even (pairs are rotated); found {self.qk_rope_head_dim}")
+        if self.quantization_config is not None:
+            _check_fp8_config(self.quantization_config, source)
+
+
+def _normalise_rope_scaling(rs: dict | None, max_positions: int, source: str) -> dict | None:
+    """None for plain RoPE, else a YaRN dict with every key transformers would fill in (spec §2.4)."""
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise CheckpointError(f"{source}: rope_scaling must be an object or null; found {rs!r}")
+    kind = rs.get("type", rs.get("rope_type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise CheckpointError(f"{source}: rope_scaling.type {kind!r} is not supported (supported: 'yarn', 'default')")
+    out = {k: v for k, v in rs.items() if k not in ("type", "rope_type", "rope_theta")}
+    out["type"] = "yarn"
+    out.setdefault("original_max_position_embeddings", max_positions)
+    if out.get("factor") is None:  # transformers: the context extension itself
+        out["factor"] = max_positions / out["original_max_position_embeddings"]
+    # transformers treats missing *and* falsy betas as the YaRN paper's 32 / 1
+    out["beta_fast"] = out.get("beta_fast") or 32
+    out["beta_slow"] = out.get("beta_slow") or 1
+    return out
+
+
+def _check_fp8_config(q: dict, source: str) -> None:
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method != "fp8":
+        raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not supported (supported: 'fp8')")
+    checks = {"fmt": ("e4m3",), "weight_block_size": ([128, 128],), "activation_scheme": ("dynamic",)}
+    for key, ok in checks.items():
+        value = q.get(key, ok[0])
+        if (list(value) if isinstance(value, (list, tuple)) else value) not in ok:
+            raise CheckpointError(
+                f"{source}: quantization_config.{key} {value!r} is not supported (supported: {ok[0]!r}, the "
+                f"DeepSeek-V3 / Kimi K2 FP8 format)"
+            )
+
+
+def load_config(path: str | Path) -> "KimiLinearConfig | KimiK2Config":
+    """Read a config.json with the config class its ``model_type`` names."""
+    return config_from_dict(read_config_json(path), source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "config.json") -> "KimiLinearConfig | KimiK2Config":
+    if raw.get("model_type") in K2_MODEL_TYPES:
+        return KimiK2Config.from_dict(raw, source)
+    return KimiLinearConfig.from_dict(raw, source)  # raises for unsupported types, listing every supported one
+
+
 def _preset(n_layers: int, full_attn: list[int], **kw) -> KimiLinearConfig:
     lac = {
         "kda_layers": [i for i in range(1, n_layers + 1) if i not in full_attn],
@@ -260,8 +453,10 @@ def _preset(n_layers: int, full_attn: list[int], **kw) -> KimiLinearConfig:
     return KimiLinearConfig(num_hidden_layers=n_layers, linear_attn_config=lac, **kw)
 
 
-def preset(name: str) -> KimiLinearConfig:
-    """Named configurations: the real 48B model, a benchmark size and tiny debug sizes for tests."""
+def preset(name: str) -> "KimiLinearConfig | KimiK2Config":
+    """Named configurations: the real models, a benchmark size and tiny debug sizes for tests."""
+    if name in K2_PRESETS:
+        return _k2_preset(name)
     if name == "kimi-linear-48b-a3b":
         return KimiLinearConfig()
     if name == "bench":  # ~66M parameters, ~29M active: the CPU benchmark config (8 layers, 3:1 KDA:MLA)
@@ -278,7 +473,31 @@ def preset(name: str) -> KimiLinearConfig:
             num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, kda_heads=2, kda_head_dim=16,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32",
         )
-    raise CheckpointError(f"unknown preset {name!r}; known presets: {PRESETS}")
+    raise CheckpointError(f"unknown preset {name!r}; known presets: {PRESETS + K2_PRESETS}")
+
+
+def _k2_preset(name: str) -> KimiK2Config:
+    if name == "kimi-k2-instruct":  # shared/reference/kimi-k2-instruct.config.json (July 2025 release, FP8)
+        return KimiK2Config(
+            model_type="kimi_k2", vocab_size=163840, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
+            bos_token_id=163584, eos_token_id=163585, max_position_embeddings=131072, num_attention_heads=64,
+            num_key_value_heads=64, rope_theta=50000.0,
+            rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                          "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+            n_routed_experts=384, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.827,
+            num_nextn_predict_layers=0, quantization_config=dict(FP8_BLOCK_CONFIG),
+        )
+    # "tiny-k2": 3 layers (dense first), YaRN, q-LoRA, 4 groups of 4 experts with 2 groups kept, partial FP8 blocks
+    return KimiK2Config(
+        vocab_size=256, hidden_size=192, intermediate_size=320, num_hidden_layers=3, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=96, first_k_dense_replace=1, n_group=4,
+        topk_group=2, num_nextn_predict_layers=0, dtype="float32",
+    )
 
 
 PRESETS = ["kimi-linear-48b-a3b", "bench", "tiny"]
+K2_PRESETS = ["kimi-k2-instruct", "tiny-k2"]

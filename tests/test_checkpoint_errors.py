@@ -64,7 +64,7 @@ def test_unknown_model_type_lists_supported(ckpt):
         kimi_lm.load(ckpt)
 
 
-@pytest.mark.parametrize("key,value", [("attn_res_block_size", 4), ("gate_lower_bound", -5.0),
+@pytest.mark.parametrize("key,value", [("use_full_rank_gate", True), ("gate_lower_bound", -5.0),
                                        ("mla_use_nope", False), ("moe_router_activation_func", "softmax")])
 def test_unimplemented_math_keys(ckpt, key, value):
     edit_config(ckpt, **{key: value})

@@ -5,6 +5,10 @@
         Mixer_i = KDA if (i + 1) ∈ kda_layers else MLA;   FFN_i = dense SwiGLU if i < first_k_dense_replace else MoE
     logits = lm_head(RMSNorm(h))
 
+With ``attn_res_block_size`` set (Block Attention Residuals, ``attnres.py``), each sublayer instead reads a softmax
+over depth of the embedding, the completed block sums and the current partial sum, and a last such mix feeds the
+final norm; without it the forward is the plain residual stream above, unchanged.
+
 Module and parameter names follow the official checkpoint (``model.layers.N.self_attn.*``,
 ``model.layers.N.block_sparse_moe.*``, ``model.layers.0.mlp.*``); the few differences (stacked experts) are in the
 loader's table (``checkpoint.py``).
@@ -22,6 +26,7 @@ from torch import nn
 
 from kimi_lm.cache import ModelCache
 from kimi_lm.config import KimiLinearConfig
+from kimi_lm.model.attnres import BlockAttnRes, block_size_in_sublayers, new_depth_attention
 from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
@@ -44,11 +49,23 @@ class DecoderLayer(nn.Module):
             )
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        if config.attn_res_block_size:  # Block AttnRes: one depth-attention op before each sublayer (K3 names)
+            self.self_attention_res_proj, self.self_attention_res_norm = new_depth_attention(
+                config.hidden_size, config.rms_norm_eps)
+            self.mlp_res_proj, self.mlp_res_norm = new_depth_attention(config.hidden_size, config.rms_norm_eps)
+
+    def attention(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+        """The mixer sublayer f(h), pre-norm included."""
+        return self.self_attn(self.input_layernorm(h), cache)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN sublayer f(h), pre-norm included."""
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
+        return ffn(self.post_attention_layernorm(h))
 
     def forward(self, h: torch.Tensor, cache=None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cache)
-        ffn = self.block_sparse_moe if self.is_moe else self.mlp
-        return h + ffn(self.post_attention_layernorm(h))
+        h = h + self.attention(h, cache)
+        return h + self.feed_forward(h)
 
 
 class KimiLinearModel(nn.Module):
@@ -57,6 +74,9 @@ class KimiLinearModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.attn_res_block_size:
+            self.output_attn_res_proj, self.output_attn_res_norm = new_depth_attention(
+                config.hidden_size, config.rms_norm_eps)
 
 
 class KimiLinearForCausalLM(nn.Module):
@@ -75,11 +95,24 @@ class KimiLinearForCausalLM(nn.Module):
         if cache is not None and input_ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids batch {input_ids.shape[0]} does not match the cache's {cache.batch_size}")
         h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, None if cache is None else cache[i])
+        if self.config.attn_res_block_size:
+            h = self._attn_res_layers(h, cache)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                h = layer(h, None if cache is None else cache[i])
         if cache is not None:
             cache.offset += input_ids.shape[1]
         return self.lm_head(self.model.norm(h))
+
+    def _attn_res_layers(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """The decoder stack with Block AttnRes: embedding [B, T, D] -> input of the final norm [B, T, D]."""
+        state = BlockAttnRes(h, block_size_in_sublayers(self.config.attn_res_block_size))
+        for i, layer in enumerate(self.model.layers):
+            x = state.input(layer.self_attention_res_proj, layer.self_attention_res_norm)
+            state.add(layer.attention(x, None if cache is None else cache[i]))
+            x = state.input(layer.mlp_res_proj, layer.mlp_res_norm)
+            state.add(layer.feed_forward(x))
+        return state.output(self.model.output_attn_res_proj, self.model.output_attn_res_norm)
 
     def make_cache(self, batch_size: int = 1) -> ModelCache:
         """Fresh per-layer state for ``batch_size`` sequences (KDA state fp32, MLA latents in the model dtype)."""

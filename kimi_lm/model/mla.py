@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention as used by Kimi Linear's full-attention layers (NoPE: no rotary at all).
+"""Multi-head Latent Attention: Kimi Linear's full-attention layers (NoPE) and DeepSeek-V3 / Kimi K2's (RoPE + YaRN).
 
 Naive form (prefill): expand each cached latent through ``kv_b_proj`` into per-head keys and values.
 
@@ -15,7 +15,12 @@ attention runs directly against the cached 576-wide latent [ĉ | k_pe] and the e
 
 The cache holds only [ĉ | k_pe] per token (kv_lora_rank + qk_rope_head_dim values).
 
-References: DeepSeek-V2/V3 papers and ``inference/model.py`` (naive vs absorb); spec ``kimi_linear.md`` §4.
+With a ``RotaryEmbedding`` (K2 / DeepSeek-V3), q_pe and k_pe are rotated by absolute position before anything else
+and the cache stores the *rotated* k_pe, as DeepSeek does, so cached keys never need re-rotating; the softmax scale
+gains YaRN's mscale² factor. Without one (Kimi Linear) nothing is rotated.
+
+References: DeepSeek-V2/V3 papers and ``inference/model.py`` (naive vs absorb); spec ``kimi_linear.md`` §4;
+``kimi_k2_and_quantization.md`` §2.
 """
 
 from __future__ import annotations
@@ -27,13 +32,15 @@ from torch import nn
 from kimi_lm.cache import MLACache
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.layers import RMSNorm
+from kimi_lm.model.rope import RotaryEmbedding
 
 # Queries at or below this many tokens use the absorbed form when attending to a cache.
 ABSORB_MAX_QUERY = 16
 
 
 class MultiheadLatentAttention(nn.Module):
-    def __init__(self, config: KimiLinearConfig):
+    def __init__(self, config: KimiLinearConfig, rope: RotaryEmbedding | None = None):
+        """``config``: any config with the MLA keys (Kimi Linear or K2); ``rope``: None for NoPE."""
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = H = config.num_attention_heads
@@ -42,6 +49,9 @@ class MultiheadLatentAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.latent_dim = config.kv_lora_rank
         self.scale = config.qk_head_dim**-0.5
+        self.rope = rope
+        if rope is not None:  # YaRN: longer contexts flatten the softmax; m² restores its sharpness
+            self.scale = self.scale * rope.softmax_factor
         self.q_lora_rank = config.q_lora_rank
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, H * config.qk_head_dim, bias=False)
@@ -57,29 +67,41 @@ class MultiheadLatentAttention(nn.Module):
     def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
         return MLACache(batch_size, self.latent_dim + self.pe_dim, dtype, device)
 
-    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+    def _queries(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x [B, T, hidden] for tokens at positions start … start + T − 1 -> q [B, T, H, 192] (q_pe rotated)."""
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
+        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
+        if self.rope is None:
+            return q
+        q_nope, q_pe = q.split([self.nope_dim, self.pe_dim], dim=-1)
+        return torch.cat([q_nope, self.rope(q_pe, start)], dim=-1)
 
-    def latent(self, x: torch.Tensor) -> torch.Tensor:
-        """What the cache stores per token: [ĉ | k_pe], [B, T, kv_lora_rank + qk_rope_head_dim]."""
+    def latent(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """What the cache stores per token: [ĉ | k_pe], [B, T, kv_lora_rank + qk_rope_head_dim] (k_pe rotated)."""
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.pe_dim], dim=-1)
+        if self.rope is not None:
+            k_pe = self.rope(k_pe, start)
         return torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
 
     def forward(self, x: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]. With a cache, the T new tokens attend to all cached ones too."""
         B, T, _ = x.shape
-        q = self._queries(x)
-        latent = self.latent(x)
-        past = 0
+        past = 0 if cache is None else cache.length
+        q = self._queries(x, past)
+        latent = self.latent(x, past)
         if cache is not None:
-            past = cache.length
             latent = cache.append(latent)  # [B, past + T, 576]
         if cache is not None and T <= ABSORB_MAX_QUERY:
             o = self.attend_absorbed(q, latent, past)
         else:
             o = self.attend_naive(q, latent, past)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        # a quantized kv_b_proj (kimi_lm.quant) stores packed values; absorbing it needs the dense matrix, rebuilt
+        # on the fly as DeepSeek's reference does (weight_dequant) rather than kept as a second copy
+        proj = self.kv_b_proj
+        return proj.dense_weight(dtype) if hasattr(proj, "dense_weight") else proj.weight
 
     def _causal_mask(self, T: int, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend): query i sits at absolute position past + i."""
@@ -115,7 +137,7 @@ class MultiheadLatentAttention(nn.Module):
         B, T, H, _ = q.shape
         S = latent.shape[1]
         nope, C = self.nope_dim, self.latent_dim
-        w = self.kv_b_proj.weight.view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
+        w = self._kv_b_weight(latent.dtype).view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
         q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
         q_ext = F.pad(q_nope, (0, self.v_dim)).permute(2, 0, 1, 3).reshape(H, B * T, nope + self.v_dim)
         q_latent = torch.bmm(q_ext, w).view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]

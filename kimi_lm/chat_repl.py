@@ -1,0 +1,99 @@
+"""``kimi-lm chat``: an interactive chat in the terminal, as mlx-lm's ``chat``.
+
+Each turn renders the whole history with the chat template and generates with one :class:`PromptCache` kept across
+turns, so only the new tokens are prefilled (the cache resumes from the last exactly-restorable boundary; the reply
+the model generated is re-tokenised by the template and may differ from the sampled ids, which the cache handles).
+The reply streams as it is generated; tool calls are shown as ``[tool call functions.NAME:IDX {...}]`` lines and kept
+in the history with their canonical ids, never as raw marker text. ``/reset`` clears the history, ``/exit`` (or
+Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kimi_lm.chat import ToolCallParser, count_tool_calls
+from kimi_lm.generate import (Parser, add_model_args, add_sampling_args, load_model_and_tokenizer, print_stats,
+                              run_command, sampling_kwargs, stream_generate)
+from kimi_lm.prompt_cache import PromptCache
+
+HELP = "[kimi-lm chat] type a message; /reset clears the history, /exit quits."
+
+
+def _parser() -> Parser:
+    p = Parser(prog="kimi-lm chat", description="Chat with a Kimi Linear model in the terminal.")
+    add_model_args(p)
+    p.add_argument("--system", help="system message at the start of the conversation")
+    add_sampling_args(p, max_tokens=512)
+    p.add_argument("--verbose", action="store_true", help="print speed and memory after each reply")
+    return p
+
+
+def _reply(model, tokenizer, messages: list[dict], pc: PromptCache, kwargs: dict, verbose: bool) -> dict:
+    """Generate, stream and return the assistant message for the conversation so far."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    parser = ToolCallParser(count_tool_calls(messages), thinking=tokenizer.has_thinking)
+    content, reasoning, calls = "", "", []
+    last = None
+
+    def show(delta) -> None:
+        nonlocal content, reasoning
+        content += delta.content
+        reasoning += delta.reasoning
+        print(delta.reasoning + delta.content, end="", flush=True)
+        for call in delta.tool_calls:
+            calls.append(call)
+            print(f"\n[tool call {call.id} {call.arguments}]" + (f" ({call.error})" if call.error else ""), flush=True)
+
+    for last in stream_generate(model, tokenizer, ids, prompt_cache=pc, **kwargs):
+        show(parser.feed(last.text))
+    show(parser.finish())
+    print()
+    if verbose:
+        print_stats(last, out=sys.stdout)
+    message = {"role": "assistant", "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    good = [c.to_message() for c in calls if c.error is None]
+    if good:
+        message["tool_calls"] = good
+    return message
+
+
+def _main(argv) -> int:
+    args = _parser().parse_args(argv)
+    kwargs = sampling_kwargs(args)
+    model, tokenizer = load_model_and_tokenizer(args)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{args.model}: no chat template "
+                         f"(chat_template.jinja or tokenizer_config.json 'chat_template')")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    pc = PromptCache(model, args.max_kv_size)
+    print(HELP)
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            print()
+            return 0
+        command = line.strip()
+        if command in ("/exit", "/quit", "q"):
+            return 0
+        if command == "/reset":
+            messages = list(start)
+            print("[history cleared]")
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append(_reply(model, tokenizer, messages, pc, kwargs, args.verbose))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kimi-lm chat``: the REPL; bad input: one line on stderr and exit 2."""
+    return run_command("kimi-lm chat", _main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

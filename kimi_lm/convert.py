@@ -1,0 +1,158 @@
+"""``kimi-lm convert``: rewrite a checkpoint's weights in another format, shard by shard.
+
+    kimi-lm convert --dequantize SRC DST [--dtype bfloat16|float16|float32]
+
+``--dequantize`` turns an FP8 block checkpoint (the official DeepSeek-V3 / Kimi K2 release) into plain float weights
+in the same layout: same shard names and tensor names, every ``*.weight_scale_inv`` folded into its weight
+(W = Q · S per 128×128 block, ``quant.fp8_block.dequantize_rows``, equal to the reference ``dequantize``), the
+index's weight map and ``total_size`` updated, ``quantization_config`` dropped from config.json and every other file
+(tokenizer, chat template, remote code) copied. transformers and kimi-lm read the result like any bf16 checkpoint.
+
+Each output shard is streamed tensor by tensor (``checkpoint.write_safetensors``), so memory stays at about one
+tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete: DST is never half-written.
+Other modes (``--quantize``) join the same mutually exclusive group.
+
+Reference: DeepSeek-V3 ``inference/fp8_cast_bf16.py`` (the official FP8 -> bf16 converter); spec §4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kimi_lm.checkpoint import ST_DTYPES, SafetensorsFile, weight_files, write_safetensors
+from kimi_lm.config import load_config
+from kimi_lm.errors import CheckpointError
+from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
+
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
+    """FP8 block checkpoint ``src`` -> float checkpoint ``dst`` (must not exist). Returns a summary dict."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists; choose a new output directory")
+    config = load_config(src / "config.json")
+    if getattr(config, "quantization_config", None) is None:
+        raise CheckpointError(f"{src / 'config.json'}: has no quantization_config; nothing to dequantize")
+    files = weight_files(src)
+    shards: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        shards.setdefault(file, []).append(name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        with contextlib.ExitStack() as stack:
+            opened: dict[Path, SafetensorsFile] = {}
+
+            def shard(path: Path) -> SafetensorsFile:  # each header parsed once; a scale may sit in another shard
+                if path not in opened:
+                    opened[path] = stack.enter_context(SafetensorsFile(path))
+                return opened[path]
+
+            # every header checked before anything is written: a bad scale fails at once, not after hours of writing
+            plans = {file: _plan_shard(shard(file), names, files, shard, dtype) for file, names in sorted(shards.items())}
+            n_fp8 = sum(1 for plan in plans.values() for _, scale in plan.values() if scale is not None)
+            weight_map, total = {}, 0
+            for file, plan in tqdm(plans.items(), desc="dequantize", unit="shard", disable=not progress):
+
+                def produce(name: str, f=shard(file), plan=plan) -> torch.Tensor:
+                    t = f.read(name)
+                    scale = plan[name][1]
+                    return t if scale is None else dequantize_rows(t, shard(files[scale]).read(scale).float(), dtype)
+
+                entries = {name: entry for name, (entry, _) in plan.items()}
+                total += write_safetensors(tmp / file.name, entries, produce, metadata={"format": "pt"})
+                weight_map.update({name: file.name for name in entries})
+        if (src / INDEX).is_file():
+            index = json.loads((src / INDEX).read_text())
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = total
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        raw = json.loads((src / "config.json").read_text())
+        raw.pop("quantization_config", None)
+        dtype_name = str(dtype).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
+            raw[key] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
+            if item.name in ("config.json", INDEX) or item.suffix == ".safetensors":
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(shards), "fp8_weights": n_fp8,
+            "bytes": total}
+
+
+def _plan_shard(f: SafetensorsFile, names: list[str], files: dict[str, Path], shard, dtype: torch.dtype) -> dict:
+    """name -> ((output dtype, shape), FP8 scale tensor name or None) for every tensor one output shard holds."""
+    plan = {}
+    for name in names:
+        if name.endswith("_scale_inv"):
+            if name.removesuffix("_scale_inv") not in files:
+                raise CheckpointError(f"{f.path}: block scale {name!r} has no weight {name.removesuffix('_scale_inv')!r}")
+            continue  # folded into its weight
+        if name not in f.header:
+            raise CheckpointError(f"{f.path}: tensor {name!r} is listed in the index but missing from this file")
+        shape, code = f.shape(name), f.dtype(name)
+        if code not in ST_DTYPES:
+            raise CheckpointError(f"{f.path}: tensor {name!r} has dtype {code}, which kimi-lm cannot read")
+        if code != "F8_E4M3":
+            plan[name] = ((ST_DTYPES[code], shape), None)
+            continue
+        scale = name + "_scale_inv"
+        if scale not in files:
+            raise CheckpointError(f"{f.path}: tensor {name!r} has dtype F8_E4M3, but its block scale {scale!r} is missing")
+        found = shard(files[scale]).shape(scale)
+        want = list(scale_shape(*shape)) if len(shape) == 2 else None
+        if found != want:
+            raise CheckpointError(
+                f"{files[scale]}: tensor {scale!r} has shape {found}, expected {want} = ceil(out/128) x ceil(in/128) "
+                f"for its weight of shape {shape}"
+            )
+        plan[name] = ((dtype, shape), scale)
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kimi-lm convert", description="Rewrite a checkpoint's weights in another format.")
+    p.add_argument("src", help="checkpoint directory to read")
+    p.add_argument("dst", help="output directory (must not exist; written atomically)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dequantize", action="store_true",
+                      help="FP8 128x128 block weights (DeepSeek-V3 / Kimi K2 release) -> plain float weights")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16", help="output dtype for --dequantize")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = dequantize_checkpoint(args.src, args.dst, _DTYPES[args.dtype], progress=not args.quiet)
+    except CheckpointError as exc:
+        print(f"kimi-lm convert: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['dst']}: {summary['shards']} shard(s), {summary['fp8_weights']} FP8 weights dequantized "
+          f"to {summary['dtype']}, {summary['bytes'] / 2**30:.2f} GiB")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Generation on a tiny random checkpoint: greedy = step-by-step argmax of full forwards, chunked prefill, stops,
+sliding-window MLA cache, and the `generate` / `chat` commands end to end."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kimi_lm
+from kimi_lm.cli import main as cli_main
+from kimi_lm.generate import prefill
+from kimi_lm.prompt_cache import RotatingMLACache, make_cache
+from tiny_chat import chat_checkpoint, one_thread  # noqa: F401 (autouse)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return chat_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return kimi_lm.load(ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return kimi_lm.load_tokenizer(ckpt)
+
+
+@pytest.fixture(scope="module")
+def prompt(tok):
+    return tok.apply_chat_template([{"role": "user", "content": "Hello world! Tell me 12345 things."}], tokenize=True)
+
+
+def test_greedy_equals_argmax_of_full_forward_step_by_step(model, tok, prompt):
+    responses = []
+    for r in kimi_lm.stream_generate(model, tok, prompt, max_tokens=12, stop_token_ids=[], prefill_step_size=7,
+                                     logprobs=3):
+        assert torch.is_grad_enabled()  # the generator's no_grad never leaks into the caller between tokens
+        responses.append(r)
+    assert len(responses) == 12 and responses[-1].finish_reason == "length"
+    ids = list(prompt)
+    with torch.no_grad():
+        for r in responses:
+            logits = model(torch.tensor([ids]))[0, -1]
+            assert r.token == int(logits.argmax())
+            assert r.logprob == pytest.approx(float(logits.log_softmax(-1)[r.token]), abs=1e-4)
+            assert r.top_logprobs[0] == (r.token, pytest.approx(r.logprob)) and len(r.top_logprobs) == 3
+            ids.append(r.token)
+    assert "".join(r.text for r in responses) == tok.decode(ids[len(prompt):])
+
+
+def test_repetition_penalty_sees_prompt_and_generated_tokens(model, tok, prompt):
+    kw = dict(repetition_penalty=3.0, repetition_context_size=6)
+    out = [r.token for r in kimi_lm.stream_generate(model, tok, prompt, max_tokens=10, stop_token_ids=[], **kw)]
+    ids = list(prompt)
+    with torch.no_grad():
+        for token in out:  # oracle: full forward, penalise the last 6 ids by hand, argmax
+            logits = model(torch.tensor([ids]))[0, -1]
+            for i in set(ids[-6:]):
+                logits[i] = logits[i] / 3.0 if logits[i] > 0 else logits[i] * 3.0
+            assert token == int(logits.argmax())
+            ids.append(token)
+    assert out != [r.token for r in kimi_lm.stream_generate(model, tok, prompt, max_tokens=10, stop_token_ids=[])]
+
+
+def test_chunked_prefill_gives_the_one_pass_logits(model, prompt):
+    with torch.no_grad():
+        full = model(torch.tensor([prompt]))[0, -1]
+        for step in (1, 5, len(prompt)):
+            assert torch.allclose(prefill(model, model.make_cache(1), prompt, step), full, atol=1e-5, rtol=1e-4)
+
+
+def test_stop_token_ends_generation_and_is_not_emitted(model, tok, prompt):
+    greedy = [r.token for r in kimi_lm.stream_generate(model, tok, prompt, max_tokens=6, stop_token_ids=[])]
+    stop = greedy[3]
+    first = greedy.index(stop)
+    out = list(kimi_lm.stream_generate(model, tok, prompt, max_tokens=6, stop_token_ids=[stop]))
+    assert len(out) == first + 1 and out[-1].finish_reason == "stop" and out[-1].token == stop
+    assert "".join(r.text for r in out) == tok.decode(greedy[:first])
+
+
+def test_stop_string_is_not_emitted_even_across_tokens(model, tok, prompt):
+    deltas = [r.text for r in kimi_lm.stream_generate(model, tok, prompt, max_tokens=20, stop_token_ids=[])]
+    i = next(i for i in range(2, len(deltas) - 1) if len(deltas[i]) >= 2 and len(deltas[i + 1]) >= 2)
+    stop = deltas[i][-2:] + deltas[i + 1][:2]  # spans two tokens
+    full = "".join(deltas)
+    out = list(kimi_lm.stream_generate(model, tok, prompt, max_tokens=20, stop_token_ids=[], stop=[stop]))
+    assert "".join(r.text for r in out) == full[: full.index(stop)] and out[-1].finish_reason == "stop"
+    assert len(out) <= i + 2
+
+
+def test_seeded_sampling_is_reproducible(model, tok, prompt):
+    kw = dict(max_tokens=10, temperature=1.0, top_p=0.9, seed=123, stop_token_ids=[])
+    assert kimi_lm.generate(model, tok, prompt, **kw) == kimi_lm.generate(model, tok, prompt, **kw)
+
+
+def test_ids_past_the_embedding_are_refused(model, tok):
+    n = tok.num_base_tokens
+    assert model.config.vocab_size == n + 256  # like Kimi Linear: the last two special ids have no embedding
+    with pytest.raises(ValueError, match=f"prompt token id {n + 256}"):
+        kimi_lm.generate(model, tok, f"hi<|reserved_token_{n + 256}|>")
+
+
+def test_rotating_mla_cache_keeps_exactly_the_last_n_latents():
+    cache = RotatingMLACache(1, 3, max_size=5, dtype=torch.float32)
+    seen = []
+    for t in [4, 1, 1, 7, 1, 1, 300, 2, 1]:  # includes a chunk longer than the window
+        new = torch.arange(len(seen), len(seen) + t, dtype=torch.float32).view(1, t, 1).expand(1, t, 3)
+        kept = [x[0] for x in seen[-5:]]
+        window = cache.append(new)
+        seen += [(float(v),) for v in range(len(seen), len(seen) + t)]
+        assert window[0, :, 0].tolist() == kept + [float(v) for v in range(len(seen) - t, len(seen))]
+        assert cache.length == min(5, len(seen)) and cache.nbytes == cache.length * 3 * 4
+
+
+def test_max_kv_size_is_exact_below_the_window_and_bounded_above(model, tok, prompt):
+    kw = dict(max_tokens=8, stop_token_ids=[])
+    assert kimi_lm.generate(model, tok, prompt, max_kv_size=len(prompt) + 8, **kw) == kimi_lm.generate(
+        model, tok, prompt, **kw)
+    cache = make_cache(model, 1, max_kv_size=6)
+    with torch.no_grad():
+        prefill(model, cache, prompt, 4)
+    mla = [c for c in cache.layers if isinstance(c, RotatingMLACache)]
+    assert mla and all(c.length == 6 for c in mla)
+
+
+# ---- commands -------------------------------------------------------------------------------------------------------
+def test_generate_command_end_to_end(ckpt):
+    run = subprocess.run([sys.executable, "-m", "kimi_lm.cli", "generate", "--model", str(ckpt), "--prompt", "Hello",
+                          "--max-tokens", "5", "--temp", "0.7", "--seed", "1", "--dtype", "float32"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "Prompt: " in run.stderr and "tokens-per-sec" in run.stderr and "Peak memory:" in run.stderr
+    assert "Generation: " in run.stderr
+
+
+@pytest.mark.slow  # a second interpreter start (~3 s of torch import); the in-process test below covers the logic
+def test_bad_model_path_is_one_line_in_a_real_process(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "kimi_lm.cli", "generate", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "nope" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "/no/such/dir"], "/no/such/dir"),
+    (["--temp", "-1"], "temperature"),
+    (["--max-tokens", "abc"], "--max-tokens"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-kv-size", "0"], "--max-kv-size"),
+    (["--dtype", "int8"], "dtype"),
+    (["--prompt-cache-file", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
+])
+def test_bad_flag_values_are_one_line_and_exit_2(ckpt, capsys, flags, needle):
+    assert cli_main(["generate", "--model", str(ckpt), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kimi-lm generate: error:") and needle in err
+
+
+def test_chat_repl_keeps_history_and_resets(ckpt, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nAnd again\n/reset\nHello there\n/exit\n"))
+    assert cli_main(["chat", "--model", str(ckpt), "--max-tokens", "4", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    replies = [line for line in out.split(">> ")[1:]]
+    assert len(replies) == 5 and "[history cleared]" in replies[2]
+    assert replies[0] == replies[3]  # same first turn after /reset: history was cleared, cache reuse is exact

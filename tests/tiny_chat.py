@@ -1,0 +1,130 @@
+r"""A tiny Kimi checkpoint that can chat: random tiny model + a small BPE ``tiktoken.model`` + tokenizer config + the
+official Kimi Linear chat template, laid out as the real checkpoint directory.
+
+The vocabulary is 256 single bytes plus merges learned from a short corpus. The trainer keeps digit runs whole, so
+merges like "12345" exist that Kimi's ``\p{N}{1,3}`` rule must never let the encoder use. Special ids follow the
+base vocabulary with the real model's offsets (``<|im_end|>`` = base + 2, …); the model's embedding has base + 256
+rows, so — as in Kimi Linear, whose ids 163840/163841 exceed the 163840-row embedding — the last two special ids
+cannot be fed to the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kimi_lm.config import preset
+from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+
+TEMPLATE = Path(__file__).parent / "data" / "kimi-linear-48b-a3b-instruct.chat_template.jinja"
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. the then there these those this that. "
+    "Hello world! hello again, world. 12345 123456 1234567 12345678 2024 3.14159 1000000 "
+    "漢字漢字 你好你好 世界世界 "
+) * 3
+# offsets from the base-vocabulary size, as in Kimi-K2 / Kimi-Linear tokenizer_config.json (spec §7.2)
+SPECIAL_OFFSETS = {
+    0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 6: "<|start_header_id|>",
+    7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>", 11: "<|tool_calls_section_begin|>",
+    12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>", 14: "<|tool_call_argument_begin|>",
+    15: "<|tool_call_end|>", 17: "<|im_middle|>", 254: "[UNK]", 255: "[PAD]",
+}
+_BUILT: dict[str, Path] = {}
+
+
+def train_bpe(corpus: str, merges: int) -> dict[bytes, int]:
+    """Byte-level BPE: ranks 0-255 are the single bytes, then one rank per most-frequent-pair merge."""
+    ranks = {bytes([b]): b for b in range(256)}
+    words = Counter(tuple(bytes([b]) for b in w.encode()) for w in re.findall(r"\d+|\s?[^\s\d]+", corpus))
+    for _ in range(merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return ranks
+
+
+def write_tokenizer(directory: Path, ranks: dict[bytes, int], template: bool = True) -> int:
+    """Write tiktoken.model, tokenizer_config.json (and chat_template.jinja); returns the base-vocabulary size."""
+    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    (directory / "tiktoken.model").write_text("\n".join(lines) + "\n")
+    n = len(ranks)
+    decoder = {str(n + off): {"content": name, "special": not 11 <= off <= 15}  # tool markers are special=false
+               for off, name in SPECIAL_OFFSETS.items()}
+    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]",
+              "unk_token": "[UNK]", "tokenizer_class": "TikTokenTokenizer"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if template:
+        shutil.copy(TEMPLATE, directory / "chat_template.jinja")
+    return n
+
+
+def build_model_dir(directory: Path, vocab_size: int, seed: int) -> Path:
+    """A random tiny Kimi Linear written as transformers 5 lays it out (stacked experts, one safetensors file).
+
+    Built with kimi-lm's own module (no transformers import: these tests check generation against the same model's
+    full forward, not parity, which tests/test_model.py covers). Gates get realistic ranges so KDA state matters.
+    """
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = KimiLinearForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1)))
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    return directory
+
+
+def chat_checkpoint(tmp_path_factory, seed: int = 0) -> Path:
+    """Build (once per test session and seed) the tiny chat checkpoint directory."""
+    key = f"seed{seed}"
+    if key not in _BUILT:
+        ranks = train_bpe(CORPUS, merges=60)
+        directory = build_model_dir(tmp_path_factory.mktemp(f"chat_{key}"), len(ranks) + 256, seed)
+        write_tokenizer(directory, ranks)
+        _BUILT[key] = directory
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared): restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,9 +13,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("kimi_lm.estimate", "memory needed for a model at a quantization and context length"),
     "convert": ("kimi_lm.convert", "rewrite a checkpoint's weights (--dequantize: FP8 blocks -> bf16)"),
+    "verify": ("kimi_lm.verify", "check a checkpoint against SHA256SUMS (--write: create it)"),
     "generate": ("kimi_lm.generate", "generate text from a prompt, streamed"),
     "chat": ("kimi_lm.chat_repl", "chat in the terminal (history, /reset, /exit)"),
     "cache-prompt": ("kimi_lm.cache_prompt", "prefill a prompt once and save the state for generate"),
+    "serve": ("kimi_lm.server", "OpenAI-compatible HTTP server (chat, completions, tools, batching)"),
+    "train": ("kimi_lm.train.train", "pre-train a Kimi Linear model on text (Muon, WSD, Block AttnRes)"),
 }
 
 

@@ -1,0 +1,100 @@
+"""One decode step for many independent sequences: B batch-1 caches of different lengths -> one [B, 1] forward.
+
+Continuous batching (the server's scheduler) keeps one :class:`~kimi_lm.cache.ModelCache` per request, so requests
+can join and leave between steps and keep their own prefix-cache state. To decode them together, a step builds a
+temporary batched cache:
+
+* KDA layers: the conv tails [1, W−1, 3D] and recurrent states [1, H, K, V] are concatenated along the batch; after
+  the forward the updated rows are copied back into each request's cache.
+* MLA layers: each request's cache still appends its own new latent (so its buffer, sliding window and length stay
+  exact); the layer then attends over the rows padded to the longest, [B, S_max, 576], with ``key_mask`` [B, S_max]
+  marking real positions. ``MultiheadLatentAttention.attend_absorbed`` masks the padding, so each row equals the
+  sequence decoded alone (up to float rounding of the batched matmuls).
+
+Only NoPE MLA (Kimi Linear) is batched: a rotary model (K2) takes positions from the cache length, which differs per
+row; :func:`can_batch` says so and the scheduler then steps such models one sequence at a time.
+
+Reference: vLLM / SGLang continuous batching (iteration-level scheduling, Orca, OSDI '22); mlx-lm ``BatchKVCache``
+(left-padded batch caches with per-row offsets).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi_lm.cache import KDACache, ModelCache
+
+
+class BatchedKDACache:
+    """The rows' KDA states stacked along the batch (copies: written back by :meth:`scatter`)."""
+
+    def __init__(self, rows: list[KDACache]):
+        self.rows = rows
+        self.conv_state = torch.cat([r.conv_state for r in rows])  # [B, W − 1, 3D]
+        self.state = torch.cat([r.state for r in rows])  # [B, H, K, V] fp32
+
+    def scatter(self) -> None:
+        for b, r in enumerate(self.rows):
+            r.conv_state.copy_(self.conv_state[b : b + 1])
+            r.state.copy_(self.state[b : b + 1])
+
+
+class BatchedMLACache:
+    """Appends each row's latent to its own cache; exposes the padded history and its validity mask."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+        self.length = max(r.length for r in rows)  # only read as a position offset; NoPE ignores it
+        self.key_mask: torch.Tensor | None = None
+
+    def append(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1, W] -> every row's history, zero-padded at the end: [B, S_max, W]."""
+        histories = [r.append(latent[b : b + 1])[0] for b, r in enumerate(self.rows)]  # [S_b, W] each
+        S = max(h.shape[0] for h in histories)
+        # zeros, not empty: masked scores give probability 0, and 0 × NaN garbage would still be NaN
+        padded = latent.new_zeros(len(histories), S, latent.shape[-1])
+        mask = torch.zeros(len(histories), S, dtype=torch.bool, device=latent.device)
+        for b, h in enumerate(histories):
+            padded[b, : h.shape[0]] = h
+            mask[b, : h.shape[0]] = True
+        self.key_mask = mask
+        return padded
+
+
+class BatchedModelCache(ModelCache):
+    """A :class:`ModelCache` over B batch-1 caches; ``rows`` are the per-sequence caches it stands for."""
+
+    def __init__(self, rows: list[ModelCache]):
+        layers = [BatchedKDACache([r[i] for r in rows]) if isinstance(rows[0][i], KDACache)
+                  else BatchedMLACache([r[i] for r in rows]) for i in range(len(rows[0]))]
+        super().__init__(layers, len(rows))
+        self.rows = rows
+
+    def scatter(self) -> None:
+        """Write the stepped state back into every row's own cache."""
+        for layer in self.layers:
+            if isinstance(layer, BatchedKDACache):
+                layer.scatter()
+        for r in self.rows:
+            r.offset += 1
+
+
+def can_batch(model) -> bool:
+    """Rotary MLA positions come from each cache's length, which a padded batch cannot give per row."""
+    return getattr(model.config, "model_type", None) == "kimi_linear"
+
+
+@torch.no_grad()
+def decode_step(model, caches: list[ModelCache], tokens: list[int]) -> torch.Tensor:
+    """Feed ``tokens[b]`` to sequence ``caches[b]`` for every b in one forward; returns logits [B, V] fp32.
+
+    Each cache advances exactly as ``model(tensor([[tokens[b]]]), cache=caches[b])`` would advance it.
+    """
+    device = model.lm_head.weight.device
+    ids = torch.tensor(tokens, device=device).view(-1, 1)
+    if len(caches) == 1 or not can_batch(model):
+        return torch.cat([model(ids[b : b + 1], cache=c)[:, -1] for b, c in enumerate(caches)]).float()
+    batched = BatchedModelCache(caches)
+    logits = model(ids, cache=batched)[:, -1].float()
+    batched.scatter()
+    return logits

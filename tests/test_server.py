@@ -1,0 +1,323 @@
+"""The OpenAI-compatible server end to end: the real ``openai`` client against uvicorn on a random localhost port,
+serving the tiny chat checkpoint (tests/tiny_chat.py). Greedy outputs are compared with ``kimi_lm.generate``."""
+
+import gc
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from openai import OpenAI
+
+import kimi_lm
+from kimi_lm.cache import ModelCache
+from kimi_lm.chat import count_tool_calls, parse_assistant_message
+from kimi_lm.server import ServerConfig, create_app
+from kimi_lm.server.engine import Engine
+from tiny_chat import chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
+NAME = "tiny-kimi"
+
+
+class Server:
+    """uvicorn on 127.0.0.1 and a free port, in a thread."""
+
+    def __init__(self, app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key="unused") -> OpenAI:
+        return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = chat_checkpoint(tmp_path_factory)
+    model, tok = kimi_lm.load(path, dtype=torch.float32), kimi_lm.load_tokenizer(path)
+    engine = Engine(model, tok, max_batch_size=32)
+    servers = {"main": Server(create_app(engine, ServerConfig(NAME, 4096, default_temperature=0.0))),
+               "key": Server(create_app(engine, ServerConfig(NAME, 4096, api_key="sekret"))),
+               "short": Server(create_app(engine, ServerConfig(NAME, 40)))}
+    yield model, tok, engine, servers
+    for s in servers.values():
+        s.close()
+    engine.close()
+
+
+def reference(model, tok, messages, max_tokens, **kw):
+    """Prompt ids and the greedy reply's content as a single run gives it (tool-call markers parsed out)."""
+    ids = tok.apply_chat_template(messages, tokenize=True)
+    text = kimi_lm.generate(model, tok, ids, max_tokens=max_tokens, temperature=0, **kw)
+    return ids, parse_assistant_message(text, count_tool_calls(messages), tok.has_thinking)["content"]
+
+
+def test_models_and_health(setup):
+    *_, servers = setup
+    assert [m.id for m in servers["main"].client().models.list().data] == [NAME]
+    assert httpx.get(servers["main"].url + "/health").json()["status"] == "ok"
+
+
+def test_chat_non_stream_and_stream_match_generate(setup):
+    model, tok, _, servers = setup
+    client = servers["main"].client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+    ids, expected = reference(model, tok, messages, 12)
+    steps = list(kimi_lm.stream_generate(model, tok, ids, max_tokens=12, temperature=0))
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == steps[-1].finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(steps))
+    assert r.usage.total_tokens == len(ids) + len(steps)
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_content_parts_equal_string_content(setup):
+    *_, servers = setup
+    client = servers["main"].client()
+    a = client.chat.completions.create(model=NAME, max_tokens=6, temperature=0,
+                                       messages=[{"role": "user", "content": "the lazy dog"}])
+    b = client.chat.completions.create(model=NAME, max_tokens=6, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "the lazy dog"}]}])
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_completions_prompt_text_ids_echo_logprobs(setup):
+    model, tok, _, servers = setup
+    client = servers["main"].client()
+    prompt = "The quick brown fox"
+    expected = kimi_lm.generate(model, tok, prompt, max_tokens=8, temperature=0)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=2)
+    assert r.choices[0].text == prompt + expected
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == r.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):  # greedy: the chosen token is the likeliest
+        assert chosen >= max(top.values()) - 1e-6 and chosen <= 0
+    by_ids = client.completions.create(model=NAME, prompt=tok.encode(prompt), max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == expected and by_ids.usage.prompt_tokens == len(tok.encode(prompt))
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_seed_determinism_and_n(setup):
+    *_, servers = setup
+    client = servers["main"].client()
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=1.0)
+    a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=8, **kw).choices[0].message.content
+    assert a == b and a != c
+    two = client.chat.completions.create(seed=7, n=2, **kw).choices
+    assert [ch.index for ch in two] == [0, 1] and two[0].message.content == a  # choice i uses seed + i
+    assert two[1].message.content == c
+
+
+def test_stop_strings(setup):
+    model, tok, _, servers = setup
+    messages = [{"role": "user", "content": "hello world"}]
+    _, full = reference(model, tok, messages, 24)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2
+    r = servers["main"].client().chat.completions.create(model=NAME, messages=messages, max_tokens=24,
+                                                          temperature=0, stop=[stop])
+    assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(setup):
+    *_, servers = setup
+    r = servers["main"].client().chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-6)
+        assert sum(torch.tensor([t.logprob for t in item.top_logprobs]).exp()) <= 1 + 1e-5
+
+
+def test_prefix_reuse_is_exact(setup):
+    """Turn 2 resends turn 1: the state is restored (cached_tokens > 0) and the reply equals a cold run's."""
+    model, tok, _, servers = setup
+    client = servers["main"].client()
+    turn1 = [{"role": "user", "content": "the quick brown fox"}]
+    r1 = client.chat.completions.create(model=NAME, messages=turn1, max_tokens=10, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "and the lazy dog?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=turn2, max_tokens=10, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert r2.choices[0].message.content == reference(model, tok, turn2, 10)[1]
+
+
+def test_32_concurrent_streams_match_single_runs_and_survive_a_disconnect(setup):
+    model, tok, engine, servers = setup
+    prompts = [[{"role": "user", "content": f"hello {i} world {i * 7}"}] for i in range(32)]
+    expected = [reference(model, tok, p, 8)[1] for p in prompts]
+    client = servers["main"].client()
+
+    def run(p):
+        stream = client.chat.completions.create(model=NAME, messages=p, max_tokens=8, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    def disconnect():  # a long stream abandoned after two chunks
+        with httpx.stream("POST", servers["main"].url + "/v1/chat/completions", timeout=30,
+                          json={"model": NAME, "messages": prompts[0], "max_tokens": 2000, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+        return "gone"
+
+    with ThreadPoolExecutor(max_workers=33) as pool:
+        gone = pool.submit(disconnect)
+        results = list(pool.map(run, prompts, timeout=120))
+        assert gone.result(timeout=60) == "gone"
+    assert results == expected
+    deadline = time.time() + 10
+    while engine.num_active and time.time() < deadline:  # the abandoned stream's slot is freed
+        time.sleep(0.05)
+    assert engine.num_active == 0
+    gc.collect()  # no cache outlives its request except those kept, within budget, for prefix reuse
+    live = [o for o in gc.get_objects() if type(o) is ModelCache]
+    assert len(live) == len(engine.pool.entries) and engine.pool.nbytes <= engine.pool.max_bytes
+    assert run(prompts[1]) == expected[1]  # still serving
+
+
+def test_api_key(setup):
+    *_, servers = setup
+    r = httpx.get(servers["key"].url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert servers["key"].client("sekret").models.list().data[0].id == NAME
+
+
+BAD = [  # (body, param, text in the message)
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, "model", "does not exist"),
+    ({"messages": []}, "messages", "at least 1"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "role"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}, "max_tokens", "greater than or equal"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, "temperature", "greater than or equal"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {}}]},
+     "tools[0].function.name", "required"),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters", "object"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", "greater than"),
+]
+
+
+@pytest.mark.parametrize("body,param,text", BAD)
+def test_bad_chat_requests(setup, body, param, text):
+    *_, servers = setup
+    r = httpx.post(servers["main"].url + "/v1/chat/completions", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and text in err["message"], err
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_long_prompt_and_bad_token_ids(setup):
+    *_, servers = setup
+    r = httpx.post(servers["main"].url + "/v1/chat/completions", content=b'{"messages": [',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(servers["short"].url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "hello " * 60}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "messages"
+    r = httpx.post(servers["main"].url + "/v1/completions", json={"prompt": [1, 10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert servers["main"].client().completions.create(model=NAME, prompt="ok", max_tokens=2).choices  # still fine
+
+
+# ---- tool calls: a model that writes a scripted reply ------------------------------------------------------------
+class ScriptedModel(torch.nn.Module):
+    """Wraps the tiny model (its caches advance as usual) but forces reply token k to be ``script[k]``; k is read
+    from each sequence's own MLA cache length, so it works in batched steps too (the batched cache has ``rows``)."""
+
+    def __init__(self, inner, script):
+        super().__init__()
+        self.inner, self.script, self.config, self.lm_head = inner, script, inner.config, inner.lm_head
+        self.mla = next(i for i, layer in enumerate(inner.model.layers) if not layer.is_kda)
+        self.start = {}
+
+    def make_cache(self, batch_size=1):
+        return self.inner.make_cache(batch_size)
+
+    def forward(self, ids, cache):
+        logits = self.inner(ids, cache=cache)
+        rows = getattr(cache, "rows", [cache])
+        forced = torch.full_like(logits[:, -1], -1e4)
+        for b, row in enumerate(rows):
+            length = row.layers[self.mla].length
+            if ids.shape[1] > 1:  # prefill: the reply starts after this prompt
+                self.start[id(row)] = length
+            k = length - self.start.get(id(row), length)
+            forced[b, self.script[min(k, len(self.script) - 1)]] = 1e4
+        logits[:, -1] = forced
+        return logits
+
+
+@pytest.fixture(scope="module")
+def tool_server(setup):
+    model, tok, *_ = setup
+    reply = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
+             '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    engine = Engine(ScriptedModel(model, tok.encode(reply)), tok, prompt_cache_bytes=0)
+    server = Server(create_app(engine, ServerConfig(NAME, 4096)))
+    server.tokenizer = tok
+    yield server
+    server.close()
+    engine.close()
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tool_call_round_trip(tool_server):
+    client = tool_server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, max_tokens=64)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    call = choice.message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "functions.get_weather:0", "get_weather", {"city": "Paris"})
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, max_tokens=64,
+                                                 stream=True))
+    deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.id, d.function.name) for d in deltas] == [(0, "functions.get_weather:0", "get_weather")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+
+    history = messages + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    again = client.chat.completions.create(model=NAME, messages=history, tools=TOOLS, max_tokens=64)
+    # the history (assistant tool_calls with the canonical id, then the tool result) renders as the template does
+    rendered = tool_server.tokenizer.apply_chat_template(history, tools=TOOLS)
+    assert "## Return of functions.get_weather:0\nsunny, 21 C" in rendered
+    assert again.usage.prompt_tokens == len(tool_server.tokenizer.encode(rendered))

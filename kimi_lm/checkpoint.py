@@ -31,6 +31,7 @@ import torch
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
+from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
 
 # checkpoint name (regex) -> (parameter name template, placement)
 #   placement "copy": whole tensor; "gate"/"up": rows [0, I) / [I, 2I) of stacked expert E; "down": stacked expert E
@@ -53,18 +54,37 @@ NAME_RULES: list[tuple[re.Pattern, str, str]] = [
     (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight(_scale_inv)?"),
      r"\1.mlp.experts.down_proj\3", "down"),
 ]
+# Kimi Linear in the MLX layout (mlx-lm ``kimi_linear.sanitize`` output): experts stacked along a leading axis, the
+# MoE block under ``mlp.`` (K2 keeps its own ``mlp.gate`` names, so these apply to Kimi Linear only), convs as MLX
+# Conv1d [D, W, 1], kv_b_proj split per head; each packed weight brings ``.scales`` (and ``.biases`` for affine)
+MLX_KIMI_LINEAR_RULES: list[tuple[re.Pattern, str, str]] = [
+    *[(re.compile(rf"(model\.layers\.\d+)\.mlp\.switch_mlp\.{proj}_proj\.{part}"),
+       rf"\1.block_sparse_moe.experts.{stacked}{suffix}", placement)
+      for proj, stacked, placement in (("gate", "gate_up_proj", "gate_all"), ("up", "gate_up_proj", "up_all"),
+                                       ("down", "down_proj", "copy"))
+      for part, suffix in (("weight", ""), ("scales", "_scales"), ("biases", "_biases"))],
+    (re.compile(r"(model\.layers\.\d+)\.mlp\.(gate\.\w+|shared_experts\..+)"), r"\1.block_sparse_moe.\2", "copy"),
+    (re.compile(r"(model\.layers\.\d+)\.mlp\.e_score_correction_bias"),
+     r"\1.block_sparse_moe.gate.e_score_correction_bias", "copy"),
+    (re.compile(r"(model\.layers\.\d+)\.self_attn\.([qkv])_conv\.conv\.weight"), r"\1.self_attn.\2_conv1d.weight", "conv"),
+    (re.compile(r"(model\.layers\.\d+)\.self_attn\.(embed_q|unembed_out)\.(\w+)"),
+     r"\1.self_attn.kv_b_proj.\2.\3", "copy"),
+]
+# per-expert placements (their regex's group 2 is the expert index)
+_PER_EXPERT = ("gate", "up", "down")
 # Tensors present in some checkpoints that carry nothing the forward pass needs.
 SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Kept in fp32 whatever the model dtype: they feed exp() / selection / dequantization and are tiny (spec §8.3).
 FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "_scale_inv")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KEEP_DTYPES = (FP8, torch.uint32, torch.uint8)  # stored as read: fp8 blocks, MLX packed codes and E8M0 scales
 _DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype codes
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "U32": torch.uint32, "BOOL": torch.bool,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
@@ -194,12 +214,13 @@ def weight_files(path: Path) -> dict[str, Path]:
     return {name: shard for shard in shards for name in SafetensorsFile(shard).keys()}
 
 
-def _target_name(name: str) -> tuple[str, str, int]:
+def _target_name(name: str, config=None) -> tuple[str, str, int]:
     """Checkpoint tensor name -> (parameter name, placement, expert index or -1)."""
-    for pattern, template, placement in NAME_RULES:
+    rules = NAME_RULES if isinstance(config, KimiK2Config) else NAME_RULES + MLX_KIMI_LINEAR_RULES
+    for pattern, template, placement in rules:
         m = pattern.fullmatch(name)
         if m:
-            expert = int(m.group(2)) if placement != "copy" else -1
+            expert = int(m.group(2)) if placement in _PER_EXPERT else -1
             return m.expand(template), placement, expert
     return name, "copy", -1
 
@@ -248,11 +269,14 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
     files = {name: file for name, file in files.items() if not _skipped(name, config)}
-    targets = {name: _target_name(name) for name in files}
+    targets = {name: _target_name(name, config) for name in files}
     fp8 = _fp8_modules(config, targets, files)
     with torch.device("meta"):
         model = _model_class(config)(config)
         quantize_modules(model, lambda name, module: name in fp8)
+        specs = _mlx_specs(path, config, model.state_dict(), targets, files)
+        split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
+        swap_modules(model, specs, split_kvb, dtype=dtype)
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -275,7 +299,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
                     )
                 ref = expected[target]
                 shape, file_dtype = f.shape(name), f.dtype(name)
-                want_shape = list(ref.shape) if placement == "copy" else _expert_shape(ref, placement)
+                want_shape = _file_shape(ref, placement)
                 if shape != want_shape:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {want_shape}"
                                           + _scale_hint(target, placement, expected))
@@ -284,19 +308,25 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
                     raise CheckpointError(
                         f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}"
                     )
-                want_dtype = FP8 if ref.dtype == FP8 else torch.float32 if target.endswith(FP32_SUFFIXES) else dtype
-                if placement == "copy":
-                    loaded[target] = f.read(name).to(device=device, dtype=want_dtype)
+                want_dtype = (ref.dtype if ref.dtype in _KEEP_DTYPES else torch.float32 if target.endswith(FP32_SUFFIXES)
+                              else dtype)
+                if placement in ("copy", "conv"):
+                    t = f.read(name)
+                    t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
+                    loaded[target] = t.to(device=device, dtype=want_dtype)
                     continue
                 if target not in loaded:
                     loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
                     expert_slots[target] = set()
                 dest = _expert_slice(loaded[target], placement, expert)
-                if dest.device.type == "cpu" and ST_DTYPES[file_dtype] == want_dtype:
+                if dest.device.type == "cpu" and ST_DTYPES[file_dtype] == want_dtype and dest.is_contiguous():
                     f.read_into(name, dest)  # straight into the stacked tensor, no temporary
                 else:
                     dest.copy_(f.read(name))
-                expert_slots[target].add((placement, expert))
+                if placement in _PER_EXPERT:
+                    expert_slots[target].add((placement, expert))
+                else:  # MLX: all experts' gate (or up) rows at once
+                    expert_slots[target].update((placement.removesuffix("_all"), e) for e in range(ref.shape[0]))
 
     missing = [n for n in expected if n not in loaded]
     for target, slots in expert_slots.items():
@@ -315,7 +345,14 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
 
 
 def _check_dtype(file: Path, name: str, file_dtype: str, param_dtype: torch.dtype, config) -> None:
-    if param_dtype == FP8:
+    if param_dtype in (torch.uint32, torch.uint8):  # MLX packed codes / E8M0 scales
+        if file_dtype != ST_NAMES[param_dtype]:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {file_dtype}, expected {ST_NAMES[param_dtype]} "
+                                  f"(its module is quantized per config.json's quantization block)")
+    elif file_dtype in ("U32", "U8"):
+        raise CheckpointError(f"{file}: tensor {name!r} has dtype {file_dtype} (packed), but its module is not quantized: "
+                              f"config.json's quantization block names no mode for it and it has no .scales tensor")
+    elif param_dtype == FP8:
         if file_dtype != "F8_E4M3":
             raise CheckpointError(
                 f"{file}: tensor {name!r} has dtype {file_dtype}, expected F8_E4M3 (the checkpoint has an FP8 block "
@@ -342,6 +379,78 @@ def _scale_hint(target: str, placement: str, expected: dict) -> str:
     return f" = ceil(out/128) x ceil(in/128) for its weight of shape {w_shape}"
 
 
+def _file_shape(ref: torch.Tensor, placement: str) -> list[int]:
+    """The shape the checkpoint stores for a placement into parameter ``ref``."""
+    if placement == "copy":
+        return list(ref.shape)
+    if placement == "conv":
+        return [ref.shape[0], ref.shape[2], ref.shape[1]]
+    if placement in ("gate_all", "up_all"):
+        return [ref.shape[0], ref.shape[1] // 2, *ref.shape[2:]]
+    return _expert_shape(ref, placement)
+
+
+def _mlx_quantization(path: Path) -> dict | None:
+    """config.json's MLX ``quantization`` block (mlx-lm also copies it to ``quantization_config``)."""
+    raw = json.loads((path / "config.json").read_text())
+    quant = raw.get("quantization")
+    if quant is None and isinstance(raw.get("quantization_config"), dict) and "bits" in raw["quantization_config"]:
+        quant = raw["quantization_config"]
+    return quant
+
+
+def _mlx_specs(path: Path, config, float_state: dict, targets: dict, files: dict) -> dict:
+    """Packed-weight key (a module, or ``<experts>.gate_up_proj`` / ``.down_proj``) -> QuantSpec, for every MLX
+    ``*.scales`` tensor. As mlx-lm's loader: a module named in config.json's quantization block takes that dict
+    (missing mode = affine); any other takes the bits and group size its packed shapes imply."""
+    scales = [name for name, (target, _, _) in targets.items() if name.endswith(".scales")]
+    if not scales:
+        return {}
+    quant = _mlx_quantization(path)
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{files[scales[0]]}: tensor {scales[0]!r} is an MLX quantization scale, but "
+                              f"{path / 'config.json'} has no 'quantization' block")
+    try:
+        QuantSpec.from_dict(quant, f"{path / 'config.json'}: quantization")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    specs, headers = {}, {}
+    for name in scales:
+        module, target = name.removesuffix(".scales"), targets[name][0]
+        key = target.removesuffix(".scales").removesuffix("_scales")
+        file = files[name]
+        try:
+            if isinstance(quant.get(module), dict):
+                spec = QuantSpec.from_dict(quant[module], f"{path / 'config.json'}: quantization[{module!r}]")
+            else:
+                header = headers.setdefault(file, SafetensorsFile(file).header)
+                if f"{module}.weight" not in files:
+                    raise ValueError(f"packed weight {module + '.weight'!r} is missing")
+                w_header = headers.setdefault(files[f"{module}.weight"], SafetensorsFile(files[f"{module}.weight"]).header)
+                spec = infer_spec(w_header[f"{module}.weight"]["shape"], header[name]["shape"],
+                                  header[name]["dtype"] == "U8", _in_features(key, float_state, config), f"{file}: {name!r}")
+        except ValueError as exc:
+            raise CheckpointError(str(exc) if str(exc).startswith(str(file)) or "config.json" in str(exc)
+                                  else f"{file}: tensor {name!r}: {exc}") from None
+        if specs.get(key, spec) != spec:
+            raise CheckpointError(f"{file}: tensor {name!r} is quantized as {spec}, but the other half of its stacked "
+                                  f"expert weight is {specs[key]}; gate and up must match")
+        specs[key] = spec
+    return specs
+
+
+def _in_features(key: str, float_state: dict, config) -> int:
+    if key.endswith(".kv_b_proj.embed_q"):
+        return config.qk_nope_head_dim
+    if key.endswith(".kv_b_proj.unembed_out"):
+        return config.kv_lora_rank
+    ref = float_state.get(key) if key.endswith(("gate_up_proj", "down_proj")) and key in float_state else None
+    ref = ref if ref is not None else float_state.get(f"{key}.weight")
+    if ref is None:
+        raise ValueError(f"no module {key!r} in a {config.model_type} model with this config.json")
+    return ref.shape[-1]
+
+
 def _expert_shape(stacked: torch.Tensor, placement: str) -> list[int]:
     if placement == "down":
         return list(stacked.shape[1:])
@@ -350,6 +459,8 @@ def _expert_shape(stacked: torch.Tensor, placement: str) -> list[int]:
 
 def _expert_slice(stacked: torch.Tensor, placement: str, expert: int) -> torch.Tensor:
     half = stacked.shape[1] // 2
+    if placement in ("gate_all", "up_all"):  # every expert's gate (or up) rows at once
+        return stacked[:, :half] if placement == "gate_all" else stacked[:, half:]
     if placement == "gate":
         return stacked[expert, :half]
     if placement == "up":

@@ -32,6 +32,7 @@ from kimi_lm.checkpoint import ST_DTYPES, SafetensorsFile, weight_files, write_s
 from kimi_lm.config import load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
+from kimi_lm.verify import SUMS, write_sums
 
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -88,9 +89,10 @@ def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progres
             raw[key] = dtype_name
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
-            if item.name in ("config.json", INDEX) or item.suffix == ".safetensors":
+            if item.name in ("config.json", INDEX, SUMS) or item.suffix == ".safetensors":
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        write_sums(tmp, progress=progress)  # SHA256SUMS: `kimi-lm verify DST` (or sha256sum -c) checks the copy
         tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,9 +33,13 @@ class TopkRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.renormalize, self.scaling = renormalize, scaling
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, overrides only this)."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        scores = self.logits(x).sigmoid()  # [N, E]
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, groups, E / groups]

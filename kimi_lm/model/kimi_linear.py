@@ -106,7 +106,7 @@ class KimiLinearForCausalLM(nn.Module):
 
     def _attn_res_layers(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
         """The decoder stack with Block AttnRes: embedding [B, T, D] -> input of the final norm [B, T, D]."""
-        state = BlockAttnRes(h, block_size_in_sublayers(self.config.attn_res_block_size))
+        state = BlockAttnRes(h, block_size_in_sublayers(self.config.attn_res_block_size), self.config.rms_norm_eps)
         for i, layer in enumerate(self.model.layers):
             x = state.input(layer.self_attention_res_proj, layer.self_attention_res_norm)
             state.add(layer.attention(x, None if cache is None else cache[i]))
@@ -116,13 +116,14 @@ class KimiLinearForCausalLM(nn.Module):
 
     def make_cache(self, batch_size: int = 1) -> ModelCache:
         """Fresh per-layer state for ``batch_size`` sequences (KDA state fp32, MLA latents in the model dtype)."""
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
+        dtype, device = self.dtype, self.model.norm.weight.device
         layers = [layer.self_attn.make_cache(batch_size, dtype, device) for layer in self.model.layers]
         return ModelCache(layers, batch_size)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The compute dtype: read off a norm, which is never quantized (a packed lm_head is uint32)."""
+        return self.model.norm.weight.dtype
 
     def num_parameters(self) -> int:
         """Every stored value, parameters and buffers (the router correction bias) alike."""

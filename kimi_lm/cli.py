@@ -12,7 +12,7 @@ import sys
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("kimi_lm.estimate", "memory needed for a model at a quantization and context length"),
-    "convert": ("kimi_lm.convert", "rewrite a checkpoint's weights (--dequantize: FP8 blocks -> bf16)"),
+    "convert": ("kimi_lm.convert", "rewrite a checkpoint: --quantize (MLX mxfp4/affine), --dequantize (FP8 or MLX -> bf16)"),
     "verify": ("kimi_lm.verify", "check a checkpoint against SHA256SUMS (--write: create it)"),
     "generate": ("kimi_lm.generate", "generate text from a prompt, streamed"),
     "chat": ("kimi_lm.chat_repl", "chat in the terminal (history, /reset, /exit)"),

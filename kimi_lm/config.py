@@ -146,16 +146,7 @@ class KimiLinearConfig:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiLinearConfig":
         """Normalise either config style to official keys and validate it; unknown keys are ignored."""
         d = dict(raw)
-        _check_model_type(cls, d.get("model_type"), source)
-        for alias, key in _ALIASES.items():
-            if alias in d and key not in d:
-                d[key] = d[alias]
-        for key, off_values in _UNIMPLEMENTED.items():
-            if key in d and d[key] not in off_values:
-                raise CheckpointError(
-                    f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
-                    f"(supported: {' or '.join(repr(v) for v in off_values)})"
-                )
+        _normalise_keys(cls, d, _ALIASES, _UNIMPLEMENTED, source)
         n_layers = d.get("num_hidden_layers", cls.num_hidden_layers)
         if "linear_attn_config" not in d or d["linear_attn_config"] is None:
             d["linear_attn_config"] = _linear_attn_config_from_transformers(d, n_layers, source)
@@ -216,6 +207,21 @@ def read_config_json(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return raw
+
+
+def _normalise_keys(cls, d: dict, aliases: dict, implemented: dict, source: str) -> None:
+    """In place: check model_type, copy alias spellings to the official key, and refuse any key whose value
+    changes the math in a way this class does not implement (``implemented``: key -> accepted values)."""
+    _check_model_type(cls, d.get("model_type"), source)
+    for alias, key in aliases.items():
+        if alias in d and key not in d:
+            d[key] = d[alias]
+    for key, ok in implemented.items():
+        if key in d and d[key] not in ok:
+            raise CheckpointError(
+                f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
+                f"(supported: {' or '.join(repr(v) for v in ok if v is not None)})"
+            )
 
 
 def _check_model_type(cls, model_type, source: str) -> None:
@@ -342,16 +348,7 @@ class KimiK2Config:
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiK2Config":
         """Normalise the official or the transformers spelling and validate it; unknown keys are ignored."""
         d = dict(raw)
-        _check_model_type(cls, d.get("model_type"), source)
-        for alias, key in _K2_ALIASES.items():
-            if alias in d and key not in d:
-                d[key] = d[alias]
-        for key, ok in _K2_IMPLEMENTED.items():
-            if key in d and d[key] not in ok:
-                raise CheckpointError(
-                    f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
-                    f"(supported: {' or '.join(repr(v) for v in ok if v is not None)})"
-                )
+        _normalise_keys(cls, d, _K2_ALIASES, _K2_IMPLEMENTED, source)
         if d.get("rope_parameters") is not None:  # transformers 5: theta and scaling in one dict
             rp = dict(d["rope_parameters"])
             d.setdefault("rope_theta", rp.pop("rope_theta", cls.rope_theta))

@@ -10,7 +10,13 @@ index's weight map and ``total_size`` updated, ``quantization_config`` dropped f
 
 Each output shard is streamed tensor by tensor (``checkpoint.write_safetensors``), so memory stays at about one
 tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete: DST is never half-written.
-Other modes (``--quantize``) join the same mutually exclusive group.
+
+    kimi-lm convert --quantize SRC DST --q-mode {affine,mxfp4} [--q-bits N] [--q-group-size G]
+
+``--quantize`` writes an official float Kimi Linear checkpoint in mlx-lm's quantized layout (mlx-lm's own
+``quant_predicate`` policy and config ``quantization`` block; ``quant.mlx_layout``) and prints a report: tensors
+quantized, bits per weight, size, worst relative errors. ``--dequantize`` on such an MLX directory (one whose
+config.json has a ``quantization`` block) goes back to the official float layout.
 
 Reference: DeepSeek-V3 ``inference/fp8_cast_bf16.py`` (the official FP8 -> bf16 converter); spec §4.
 """
@@ -32,6 +38,8 @@ from kimi_lm.checkpoint import ST_DTYPES, SafetensorsFile, weight_files, write_s
 from kimi_lm.config import load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
+from kimi_lm.quant.mlx_layout import dequantize_from_mlx, is_mlx_layout, quantize_to_mlx
+from kimi_lm.quant.packed import MODES, QuantSpec
 from kimi_lm.verify import SUMS, write_sums
 
 INDEX = "model.safetensors.index.json"
@@ -138,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dequantize", action="store_true",
                       help="FP8 128x128 block weights (DeepSeek-V3 / Kimi K2 release) -> plain float weights")
+    mode.add_argument("--quantize", action="store_true",
+                      help="official float Kimi Linear -> mlx-lm's quantized layout (mlx_lm.load reads the output)")
+    p.add_argument("--q-mode", choices=list(MODES), default="affine", help="--quantize format (default affine)")
+    p.add_argument("--q-bits", type=int, default=None, help="--quantize bits (affine 2-8, default 4; mxfp4: 4)")
+    p.add_argument("--q-group-size", type=int, default=None,
+                   help="--quantize group size (affine 32/64/128, default 64; mxfp4: 32)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16", help="output dtype for --dequantize")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -146,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.quantize:
+            return _quantize_main(args)
+        if args.q_bits is not None or args.q_group_size is not None or args.q_mode != "affine":
+            raise CheckpointError("--q-mode, --q-bits and --q-group-size apply to --quantize only")
+        if args.dequantize and is_mlx_layout(Path(args.src)):  # MLX packed layout -> official float layout
+            summary = dequantize_from_mlx(args.src, args.dst, _DTYPES[args.dtype], progress=not args.quiet)
+            print(f"wrote {summary['dst']}: {summary['tensors']} tensors in the official layout, "
+                  f"{summary['packed_weights']} packed weights dequantized to {summary['dtype']}, "
+                  f"{summary['bytes'] / 2**30:.2f} GiB")
+            print(json.dumps(summary))
+            return 0
         summary = dequantize_checkpoint(args.src, args.dst, _DTYPES[args.dtype], progress=not args.quiet)
     except CheckpointError as exc:
         print(f"kimi-lm convert: {exc}", file=sys.stderr)
@@ -153,6 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {summary['dst']}: {summary['shards']} shard(s), {summary['fp8_weights']} FP8 weights dequantized "
           f"to {summary['dtype']}, {summary['bytes'] / 2**30:.2f} GiB")
     print(json.dumps(summary))
+    return 0
+
+
+def _quantize_main(args) -> int:
+    # mlx-lm's defaults per mode (quantize_model's defaults_for_mode)
+    bits = args.q_bits or 4
+    group = args.q_group_size or (32 if args.q_mode == "mxfp4" else 64)
+    try:
+        spec = QuantSpec(args.q_mode, bits, group).checked("kimi-lm convert --quantize")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    s = quantize_to_mlx(args.src, args.dst, spec, progress=not args.quiet)
+    print(f"wrote {s['dst']}: {s['quantized_tensors']} tensors quantized ({s['mode']} {s['bits']}-bit "
+          f"g{s['group_size']}, routers affine 8-bit g64), {s['float_tensors']} kept float; "
+          f"{s['bits_per_weight']:.3f} bits per weight; {s['bytes'] / 2**20:.2f} MiB in {s['shards']} shard(s)")
+    for e in s["worst_relative_errors"]:
+        print(f"  rel. error {e['rel_err']:.4g}  {e['tensor']} ({e['format']})")
+    print(json.dumps(s))
     return 0
 
 

@@ -115,12 +115,25 @@ class SafetensorsFile:
                     raise ValueError(f"header length {n} does not fit a file of {size} bytes")
                 header = json.loads(fh.read(n))
             header.pop("__metadata__", None)
+            spans = []
             for name, info in header.items():
-                begin, end = info["data_offsets"]
-                nbytes = ST_DTYPES[info["dtype"]].itemsize * _numel(info["shape"]) if info["dtype"] in ST_DTYPES else 0
-                if not 0 <= begin <= end <= size - 8 - n or (info["dtype"] in ST_DTYPES and end - begin != nbytes):
+                if info["dtype"] not in ST_DTYPES:
+                    raise ValueError(f"tensor {name!r} has unknown dtype {info['dtype']!r}")
+                begin, end = (int(x) for x in info["data_offsets"])
+                nbytes = ST_DTYPES[info["dtype"]].itemsize * _numel(info["shape"])
+                if not 0 <= begin <= end <= size - 8 - n or end - begin != nbytes:
                     raise ValueError(f"tensor {name!r} has data offsets {[begin, end]} that do not fit its shape and the file")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                spans.append((begin, end, name))
+            # The data must be exactly the tensors back to back: an overlap means two tensors share bytes, a gap
+            # means bytes nobody accounts for (both signs of a corrupt or hand-crafted file).
+            pos = 0
+            for begin, end, name in sorted(spans):
+                if begin != pos:
+                    raise ValueError(f"tensor {name!r} starts at byte {begin}, expected {pos} (overlap or gap)")
+                pos = end
+            if pos != size - 8 - n:
+                raise ValueError(f"tensor data ends at byte {pos} but the file holds {size - 8 - n} data bytes")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from None
         self.header, self.data_start = header, 8 + n
 
@@ -198,10 +211,15 @@ def weight_files(path: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {exc}") from None
         files = {}
         for name, shard in weight_map.items():
+            # shard names are plain file names inside the checkpoint: never follow a path elsewhere
+            if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: tensor {name!r} maps to {shard!r}, expected a .safetensors file name")
             if not (path / shard).is_file():
                 raise CheckpointError(f"{index}: tensor {name!r} is listed in shard {shard!r}, which does not exist")
             files[name] = path / shard

@@ -168,7 +168,10 @@ class KimiLinearConfig:
         return d
 
     def validate(self, source: str = "config.json") -> None:
+        _check_field_types(self, source)
         lac = self.linear_attn_config
+        if not isinstance(lac, dict):
+            raise CheckpointError(f"{source}: linear_attn_config must be an object, found {type(lac).__name__}")
         for key in ("kda_layers", "full_attn_layers", "num_heads", "head_dim"):
             if key not in lac:
                 raise CheckpointError(f"{source}: linear_attn_config is missing {key!r}")
@@ -207,6 +210,29 @@ def read_config_json(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return raw
+
+
+# sizes that must be ≥ 1 (counts such as num_nextn_predict_layers or first_k_dense_replace may be 0)
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "kv_lora_rank", "v_head_dim", "moe_intermediate_size", "num_experts", "n_routed_experts",
+             "num_experts_per_token", "num_experts_per_tok", "moe_layer_freq")
+# annotation text of a config field -> the JSON value types it accepts (bool is not an int here)
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
+
+
+def _check_field_types(cfg, source: str) -> None:
+    """Every scalar field holds a value of its annotated type (``| None`` allows null); positive sizes."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        accepted = tuple(t for k in kinds for t in _FIELD_TYPES.get(k, (object,)))
+        wrong_bool = isinstance(value, bool) and bool not in accepted
+        if not isinstance(value, accepted) or wrong_bool:
+            raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected {str(f.type)!r}")
+        if f.name in _POSITIVE and value <= 0:
+            raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected a positive integer")
 
 
 def _normalise_keys(cls, d: dict, aliases: dict, implemented: dict, source: str) -> None:
@@ -375,6 +401,7 @@ class KimiK2Config:
         return d
 
     def validate(self, source: str = "config.json") -> None:
+        _check_field_types(self, source)
         E, g = self.n_routed_experts, self.n_group
         if g < 1 or E % g or not 1 <= self.topk_group <= g or (g > 1 and E // g < 2):
             raise CheckpointError(

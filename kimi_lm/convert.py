@@ -11,12 +11,17 @@ index's weight map and ``total_size`` updated, ``quantization_config`` dropped f
 Each output shard is streamed tensor by tensor (``checkpoint.write_safetensors``), so memory stays at about one
 tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete: DST is never half-written.
 
-    kimi-lm convert --quantize SRC DST --q-mode {affine,mxfp4} [--q-bits N] [--q-group-size G]
+    kimi-lm convert --quantize SRC DST --q-mode {affine,mxfp4,mxfp8,nvfp4} [--q-bits N] [--q-group-size G]
 
 ``--quantize`` writes an official float Kimi Linear checkpoint in mlx-lm's quantized layout (mlx-lm's own
 ``quant_predicate`` policy and config ``quantization`` block; ``quant.mlx_layout``) and prints a report: tensors
 quantized, bits per weight, size, worst relative errors. ``--dequantize`` on such an MLX directory (one whose
 config.json has a ``quantization`` block) goes back to the official float layout.
+
+    kimi-lm convert --to-hf SRC DST [--dtype bfloat16|float16|float32]
+
+``--to-hf`` writes a Kimi Linear checkpoint (without Block AttnRes, e.g. one from ``kimi-lm train``) in the
+official layout with a config.json that ``transformers.KimiLinearForCausalLM`` loads (``save.export_to_transformers``).
 
 Reference: DeepSeek-V3 ``inference/fp8_cast_bf16.py`` (the official FP8 -> bf16 converter); spec §4.
 """
@@ -149,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--quantize", action="store_true",
                       help="official float Kimi Linear -> mlx-lm's quantized layout (mlx_lm.load reads the output)")
     p.add_argument("--q-mode", choices=list(MODES), default="affine", help="--quantize format (default affine)")
-    p.add_argument("--q-bits", type=int, default=None, help="--quantize bits (affine 2-8, default 4; mxfp4: 4)")
+    p.add_argument("--q-bits", type=int, default=None, help="--quantize bits (affine 2-8, default 4; mxfp4, nvfp4: 4; mxfp8: 8)")
     p.add_argument("--q-group-size", type=int, default=None,
-                   help="--quantize group size (affine 32/64/128, default 64; mxfp4: 32)")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16", help="output dtype for --dequantize")
+                   help="--quantize group size (affine 32/64/128, default 64; mxfp4, mxfp8: 32; nvfp4: 16)")
+    mode.add_argument("--to-hf", action="store_true",
+                      help="Kimi Linear (no AttnRes) -> official layout + config that transformers loads")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16",
+                   help="output dtype for --dequantize and --to-hf")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -162,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.quantize:
             return _quantize_main(args)
+        if args.to_hf:
+            from kimi_lm.save import export_to_transformers
+
+            summary = export_to_transformers(args.src, args.dst, _DTYPES[args.dtype])
+            print(f"wrote {summary['dst']}: {summary['parameters'] / 1e6:.2f}M parameters in {summary['dtype']}, "
+                  f"official layout with a transformers config")
+            print(json.dumps(summary))
+            return 0
         if args.q_bits is not None or args.q_group_size is not None or args.q_mode != "affine":
             raise CheckpointError("--q-mode, --q-bits and --q-group-size apply to --quantize only")
         if args.dequantize and is_mlx_layout(Path(args.src)):  # MLX packed layout -> official float layout
@@ -183,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quantize_main(args) -> int:
     # mlx-lm's defaults per mode (quantize_model's defaults_for_mode)
-    bits = args.q_bits or 4
-    group = args.q_group_size or (32 if args.q_mode == "mxfp4" else 64)
+    default_group, default_bits = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}[args.q_mode]
+    bits = args.q_bits or default_bits
+    group = args.q_group_size or default_group
     try:
         spec = QuantSpec(args.q_mode, bits, group).checked("kimi-lm convert --quantize")
     except ValueError as exc:

@@ -30,8 +30,10 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w.shape[-1] % GROUP:
         raise ValueError(f"last dimension {w.shape[-1]} is not a multiple of the MXFP4 group size {GROUP}")
     g = w.float().unflatten(-1, (-1, GROUP))  # [..., K/32, 32]
-    amax = g.abs().amax(-1, keepdim=True)
-    e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax)).clamp(-127, 127)
+    ratio = g.abs().amax(-1, keepdim=True) / 6.0
+    if w.dtype == torch.float16:  # mlx rounds amax / 6 to fp16 first: below 2^-14 (fp16 subnormal) that moves e
+        ratio = ratio.half().float()
+    e = torch.where(ratio > 0, torch.ceil(torch.log2(ratio)), torch.zeros_like(ratio)).clamp(-127, 127)
     x = g / torch.exp2(e)  # exact: a power-of-two scale
     # argmin returns the first minimum: ties go to the earlier (smaller-magnitude, positive) table entry, like mlx
     codes = (x.unsqueeze(-1) - E2M1).abs().argmin(-1).flatten(-2)

@@ -1,4 +1,4 @@
-"""Modules that keep MLX-packed weights (affine 2–8 bit, MXFP4) and dequantize tile by tile in forward.
+"""Modules that keep MLX-packed weights (affine 2–8 bit, MXFP4, MXFP8, NVFP4) and dequantize tile by tile in forward.
 
 A quantized module stores exactly what the MLX checkpoint stores, under the same names: ``weight`` (uint32 codes),
 ``scales`` and, for affine, ``biases``. ``QuantSpec`` (mode, bits, group size) says how to read them; it comes from the
@@ -11,7 +11,7 @@ Notable features:
   ``kv_b_proj`` as mlx-lm stores it: per-head ``embed_q`` [H, latent, nope] and ``unembed_out`` [H, v, latent]).
 * Forward never materializes the float model: a linear dequantizes ~4M weights at a time (``TILE_ELEMENTS``).
 * ``swap_modules`` is the module swap the loader and ``kimi-lm convert`` use; the per-format codecs (and their
-  reference oracles) are in ``affine.py`` and ``mxfp4.py``.
+  reference oracles) are in ``affine.py``, ``mxfp4.py``, ``mxfp8.py`` and ``nvfp4.py``.
 
 Reference: mlx ``nn.QuantizedLinear`` / ``QuantizedEmbedding`` / ``SwitchLinear``; mlx-lm ``models/mla.py``
 (``MultiLinear``), ``models/kimi_linear.py`` (``sanitize``); spec ``kimi_k2_and_quantization.md`` §5.
@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts, TopkRouter
-from kimi_lm.quant import affine, mxfp4
+from kimi_lm.quant import affine, mxfp4, mxfp8, nvfp4
 
 TILE_ELEMENTS = 1 << 22  # weights dequantized at once in forward (16 MiB as fp32)
-MODES = ("affine", "mxfp4")
+# the float-code modes: each allows exactly one (bits, group size), has uint8 scales and no biases
+FP_CODECS = {"mxfp4": mxfp4, "mxfp8": mxfp8, "nvfp4": nvfp4}
+MODES = ("affine", *FP_CODECS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "QuantSpec":
         """A ``config["quantization"]`` entry; mlx's ``to_quantized`` defaults the mode to affine."""
+        if isinstance(d, dict) and d.get("global_scale"):
+            # mlx-lm's nvfp4 per-expert tensor scale: an extra tensor and a different dequantization
+            raise ValueError(f"{where}: 'global_scale' (an nvfp4 per-tensor scale) is not supported")
         try:
             spec = cls(d.get("mode", "affine"), int(d["bits"]), int(d["group_size"]))
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -48,9 +53,11 @@ class QuantSpec:
         return spec.checked(where)
 
     def checked(self, where: str) -> "QuantSpec":
-        if self.mode == "mxfp4":
-            if (self.bits, self.group_size) != (mxfp4.BITS, mxfp4.GROUP):
-                raise ValueError(f"{where}: mxfp4 needs bits 4 and group size 32; found {self.bits}, {self.group_size}")
+        if self.mode in FP_CODECS:
+            codec = FP_CODECS[self.mode]
+            if (self.bits, self.group_size) != (codec.BITS, codec.GROUP):
+                raise ValueError(f"{where}: {self.mode} needs bits {codec.BITS} and group size {codec.GROUP}; "
+                                 f"found {self.bits}, {self.group_size}")
         elif self.mode == "affine":
             affine.check(self.bits, self.group_size, where)
         else:
@@ -66,27 +73,34 @@ class QuantSpec:
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """W [..., K] -> (weight, scales[, biases]) as mx.quantize returns them."""
-        if self.mode == "mxfp4":
-            return mxfp4.quantize(w)
+        if self.mode in FP_CODECS:
+            return FP_CODECS[self.mode].quantize(w)
         return affine.quantize(w, self.bits, self.group_size)
 
     def dequantize(self, q, scales, biases, dtype) -> torch.Tensor:
-        if self.mode == "mxfp4":
-            return mxfp4.dequantize(q, scales, dtype)
+        if self.mode in FP_CODECS:
+            return FP_CODECS[self.mode].dequantize(q, scales, dtype)
         return affine.dequantize(q, scales, biases, self.bits, self.group_size, dtype)
 
     def dequantize_reference(self, q, scales, biases, dtype) -> torch.Tensor:
-        if self.mode == "mxfp4":
-            return mxfp4.dequantize_reference(q, scales, dtype)
+        if self.mode in FP_CODECS:
+            return FP_CODECS[self.mode].dequantize_reference(q, scales, dtype)
         return affine.dequantize_reference(q, scales, biases, self.bits, self.group_size, dtype)
 
 
 def infer_spec(weight_shape, scales_shape, scales_is_uint8: bool, in_features: int, where: str) -> QuantSpec:
-    """mlx-lm's ``infer_quant_config``: group and bits from the packed shapes; uint8 scales mean an mx* mode."""
+    """mlx-lm's ``infer_quant_config``: group and bits from the packed shapes; uint8 scales mean a float-code mode,
+    told apart by its one allowed (bits, group size)."""
     if not weight_shape or not scales_shape or scales_shape[-1] == 0 or in_features % scales_shape[-1]:
         raise ValueError(f"{where}: scales of shape {list(scales_shape)} do not divide {in_features} input features")
     group, bits = in_features // scales_shape[-1], weight_shape[-1] * 32 // in_features
-    mode = "mxfp4" if scales_is_uint8 else "affine"
+    mode = "affine"
+    if scales_is_uint8:
+        by_shape = {(c.BITS, c.GROUP): m for m, c in FP_CODECS.items()}
+        if (bits, group) not in by_shape:
+            raise ValueError(f"{where}: uint8 scales with {bits} bits and group size {group} match no quantization "
+                             f"mode (mxfp4 4/32, mxfp8 8/32, nvfp4 4/16)")
+        mode = by_shape[bits, group]
     return QuantSpec(mode, bits, group).checked(where)
 
 

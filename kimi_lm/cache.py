@@ -71,3 +71,13 @@ class ModelCache:
 
     def __getitem__(self, i: int):
         return self.layers[i]
+
+
+def check_forward_inputs(input_ids: torch.Tensor, cache: ModelCache | None, logits_to_keep: int | None) -> None:
+    """The argument checks every model family's forward makes, with errors that name the argument."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
+    if cache is not None and input_ids.shape[0] != cache.batch_size:
+        raise ValueError(f"input_ids batch {input_ids.shape[0]} does not match the cache's {cache.batch_size}")
+    if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
+        raise ValueError(f"logits_to_keep must be in 1..{input_ids.shape[1]} (the tokens given); got {logits_to_keep}")

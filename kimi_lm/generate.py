@@ -62,7 +62,7 @@ def prefill(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP) -> t
     device = model.lm_head.weight.device
     logits = None
     for s in range(0, len(ids), step):
-        logits = model(torch.tensor([ids[s : s + step]], device=device), cache=cache)[0, -1]
+        logits = model(torch.tensor([ids[s : s + step]], device=device), cache=cache, logits_to_keep=1)[0, -1]
     return logits.float()
 
 

@@ -127,3 +127,12 @@ def test_forward_rejects_bad_input(official_checkpoint):
     cache = model.make_cache(batch_size=1)
     with pytest.raises(ValueError, match="batch 2 does not match"):
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+
+
+def test_logits_to_keep(official_checkpoint, token_ids):
+    model = kimi_lm.load(official_checkpoint, dtype=torch.float32)
+    full = model(token_ids)
+    kept = model(token_ids, logits_to_keep=3)
+    assert kept.shape == (2, 3, full.shape[-1]) and rel_err(kept, full[:, -3:]) < 1e-6
+    with pytest.raises(ValueError, match="logits_to_keep must be in 1..77"):
+        model(token_ids, logits_to_keep=0)

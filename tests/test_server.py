@@ -265,8 +265,8 @@ class ScriptedModel(torch.nn.Module):
     def make_cache(self, batch_size=1):
         return self.inner.make_cache(batch_size)
 
-    def forward(self, ids, cache):
-        logits = self.inner(ids, cache=cache)
+    def forward(self, ids, cache, logits_to_keep=None):
+        logits = self.inner(ids, cache=cache, logits_to_keep=logits_to_keep)
         rows = getattr(cache, "rows", [cache])
         forced = torch.full_like(logits[:, -1], -1e4)
         for b, row in enumerate(rows):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import ModelCache
+from kimi_lm.cache import ModelCache, check_forward_inputs
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.attnres import BlockAttnRes, block_size_in_sublayers, new_depth_attention
 from kimi_lm.model.kda import KimiDeltaAttention
@@ -88,12 +88,14 @@ class KimiLinearForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. With ``cache``, the T tokens continue the cached sequences."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
-        if cache is not None and input_ids.shape[0] != cache.batch_size:
-            raise ValueError(f"input_ids batch {input_ids.shape[0]} does not match the cache's {cache.batch_size}")
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                logits_to_keep: int | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. With ``cache``, the T tokens continue the cached sequences.
+
+        ``logits_to_keep=n`` computes logits for the last n positions only ([B, n, vocab]): a prefill needs one row,
+        and the full [T, 163840] matrix of the real model is 1.3 GB per 2048-token chunk in fp32.
+        """
+        check_forward_inputs(input_ids, cache, logits_to_keep)
         h = self.model.embed_tokens(input_ids)
         if self.config.attn_res_block_size:
             h = self._attn_res_layers(h, cache)
@@ -102,6 +104,8 @@ class KimiLinearForCausalLM(nn.Module):
                 h = layer(h, None if cache is None else cache[i])
         if cache is not None:
             cache.offset += input_ids.shape[1]
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(h))
 
     def _attn_res_layers(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:

@@ -10,16 +10,23 @@ Public API (everything else is internal and may change):
     tokenizer = kimi_lm.load_tokenizer(path)                        # tiktoken.model + chat template
     text = kimi_lm.generate(model, tokenizer, prompt, max_tokens=64, temperature=0.7)
     for r in kimi_lm.stream_generate(model, tokenizer, prompt): print(r.text, end="")
+
+    kimi_lm.DEFAULT_MODEL                                           # the bundled tiny model's directory
 """
 
+from pathlib import Path
+
 import torch
+
+# Defined before the imports below so that modules they import may read it (kimi-lm generate without --model).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 from kimi_lm.errors import CheckpointError
 from kimi_lm.estimate import estimate
 from kimi_lm.generate import generate, stream_generate  # the functions: they shadow the module names on purpose
 from kimi_lm.tokenizer import load_tokenizer
 
-__all__ = ["CheckpointError", "estimate", "generate", "load", "load_tokenizer", "stream_generate", "__version__"]
+__all__ = ["CheckpointError", "DEFAULT_MODEL", "estimate", "generate", "load", "load_tokenizer", "stream_generate", "__version__"]
 __version__ = "0.1.0"
 
 

@@ -190,7 +190,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tiktoken.model)")
+    from kimi_lm import DEFAULT_MODEL  # the package imports this module: resolve at call time
+
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="checkpoint directory (config.json, *.safetensors, tiktoken.model); default: the bundled "
+                        "tiny model trained on Python's documentation")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the config's; default)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
 

@@ -170,3 +170,10 @@ def test_chat_repl_keeps_history_and_resets(ckpt, monkeypatch, capsys):
     replies = [line for line in out.split(">> ")[1:]]
     assert len(replies) == 5 and "[history cleared]" in replies[2]
     assert replies[0] == replies[3]  # same first turn after /reset: history was cleared, cache reuse is exact
+
+
+def test_generate_defaults_to_the_bundled_model(capsys):
+    """The README's main-job command: no --model means the tiny model shipped inside the package."""
+    assert cli_main(["generate", "--prompt", 'Explain the "while" statement.', "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip()) > 0

@@ -27,7 +27,6 @@ References: Attention Residuals, Kimi Team, arXiv 2603.15031 (§3.2, Fig. 2); sp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.model.layers import RMSNorm
@@ -41,12 +40,13 @@ def new_depth_attention(hidden_size: int, eps: float) -> tuple[nn.Linear, RMSNor
 
 
 def depth_attention(sources: list[torch.Tensor], proj: nn.Linear, norm: RMSNorm) -> torch.Tensor:
-    """softmax over depth of (g ⊙ w)ᵀ RMSNorm(V_j), applied to the raw V_j. sources: n × [B, T, D] -> [B, T, D]."""
+    """The plain reference: softmax over depth of wᵀ RMSNorm(V_j), applied to the raw V_j; n × [B, T, D] -> [B, T, D].
+
+    ``BlockAttnRes`` computes the same thing faster (norms of completed blocks computed once); tests compare them."""
     if len(sources) == 1:  # softmax over one source is that source (the network's very first sublayer)
         return sources[0]
     V = torch.stack(sources).float()  # [n, B, T, D]; the whole op in fp32 (K3)
-    query = norm.weight.float() * proj.weight[0].float()  # [D]: the norm's gain folded into the query
-    logits = F.rms_norm(V, (V.shape[-1],), eps=norm.eps) @ query  # [n, B, T]
+    logits = norm(V) @ proj.weight[0].float()  # [n, B, T]
     weights = logits.softmax(dim=0)
     return torch.einsum("nbt,nbtd->btd", weights, V).to(sources[0].dtype)
 
@@ -54,28 +54,47 @@ def depth_attention(sources: list[torch.Tensor], proj: nn.Linear, norm: RMSNorm)
 class BlockAttnRes:
     """The depth state carried from sublayer to sublayer: completed blocks b_0 … b_{n−1} and the partial sum b_n.
 
-        state = BlockAttnRes(embedding, block_size)
+        state = BlockAttnRes(embedding, block_size, eps)
         for each sublayer l:  out = f_l(state.input(proj_l, norm_l));  state.add(out)
         h = state.output(proj_out, norm_out)
+
+    A completed block is read by every later op, so its fp32 copy and 1/rms are computed once, when it closes;
+    logit_j = (V_j · (g ⊙ w)) / rms(V_j) never forms the normalised [B, T, D] keys (K3 folds the gain the same way).
     """
 
-    def __init__(self, embedding: torch.Tensor, block_size: int):
+    def __init__(self, embedding: torch.Tensor, block_size: int, eps: float):
         if block_size < 1:
             raise ValueError(f"Block AttnRes needs a block size of at least one sublayer, got {block_size}")
-        self.block_size = block_size
-        self.blocks = [embedding]  # b_0 = the token embedding, exactly once
+        self.block_size, self.eps, self.dtype = block_size, eps, embedding.dtype
+        self.blocks = [self._key(embedding)]  # b_0 = the token embedding, exactly once: (fp32 value, 1/rms)
         self.partial: torch.Tensor | None = None  # b_n^i; None at a block start (never a zero source)
         self.sublayer = 0
 
+    def _key(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = v.float()
+        return v, torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def sources(self) -> list[torch.Tensor]:
-        return self.blocks + ([] if self.partial is None else [self.partial])
+        return [v for v, _ in self.blocks] + ([] if self.partial is None else [self.partial])
+
+    def _mix(self, proj: nn.Linear, norm: RMSNorm) -> torch.Tensor:
+        keys = self.blocks + ([] if self.partial is None else [self._key(self.partial)])
+        if len(keys) == 1:  # softmax over one source is that source
+            return keys[0][0].to(self.dtype)
+        query = norm.weight.float() * proj.weight[0].float()  # [D]
+        logits = torch.stack([(v @ query).unsqueeze(-1) * inv_rms for v, inv_rms in keys])  # [n, B, T, 1]
+        weights = logits.softmax(dim=0)
+        out = keys[0][0] * weights[0]
+        for (v, _), w in zip(keys[1:], weights[1:]):
+            out = out + v * w
+        return out.to(self.dtype)
 
     def input(self, proj: nn.Linear, norm: RMSNorm) -> torch.Tensor:
         """h_l for the next sublayer; closes the current block first when sublayer l opens a new one."""
         if self.sublayer % self.block_size == 0 and self.partial is not None:
-            self.blocks.append(self.partial)
+            self.blocks.append(self._key(self.partial))
             self.partial = None
-        return depth_attention(self.sources(), proj, norm)
+        return self._mix(proj, norm)
 
     def add(self, out: torch.Tensor) -> None:
         """Record f_l(h_l): it joins the partial sum of the current block."""
@@ -84,7 +103,7 @@ class BlockAttnRes:
 
     def output(self, proj: nn.Linear, norm: RMSNorm) -> torch.Tensor:
         """The final mix over [b_0, …, b_N] (the last block possibly partial), fed to the final norm."""
-        return depth_attention(self.sources(), proj, norm)
+        return self._mix(proj, norm)
 
 
 def block_size_in_sublayers(attn_res_block_size: float) -> int:

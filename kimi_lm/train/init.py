@@ -1,0 +1,50 @@
+"""Weight initialisation for training from scratch, applied to a built model from outside (torchtitan style).
+
+The model classes allocate parameters without a meaningful init (the loader overwrites them all). Training starts
+from what the reference implementations use:
+
+* every matrix (projections, embedding, router, stacked experts): N(0, 0.02), transformers' ``initializer_range``;
+  the residual-writing projections (``o_proj``, ``down_proj``) are scaled by 1/√(2·layers) as in GPT-2 / nanoGPT,
+  so the residual stream's variance does not grow with depth;
+* KDA (fla ``layers/kda.py``): ``A_log = log U(1, 16)``; ``dt_bias`` = softplus⁻¹(dt), dt log-uniform in
+  [1e-3, 1e-1]; conv taps as ``nn.Conv1d``'s default (uniform ±1/√width);
+* norms 1, the router's correction bias 0, AttnRes pseudo-queries 0 (the paper: zero init avoids early volatility).
+
+References: transformers ``KimiLinearPreTrainedModel._init_weights``; fla ``KimiDeltaAttention``; nanoGPT
+``model.py`` (``c_proj`` scaling); spec ``attention_residuals.md`` §1 (zero-initialised queries).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise every parameter of a Kimi Linear model in place (deterministic given ``generator``)."""
+    n_layers = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[0] if name.endswith(".weight") else name
+        if leaf.endswith("_res_proj"):  # AttnRes pseudo-query: zero, the op starts as a plain average
+            p.zero_()
+        elif name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("A_log"):
+            p.copy_(torch.empty_like(p).uniform_(1, 16, generator=generator).log())
+        elif name.endswith("dt_bias"):
+            dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=generator).exp().clamp_min(1e-4)
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name.endswith("conv1d.weight"):
+            bound = 1 / math.sqrt(p.shape[-1])
+            p.uniform_(-bound, bound, generator=generator)
+        elif leaf.endswith(("o_proj", "down_proj")):
+            p.normal_(0.0, std / math.sqrt(2 * n_layers), generator=generator)
+        else:
+            p.normal_(0.0, std, generator=generator)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    return model

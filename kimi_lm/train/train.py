@@ -1,0 +1,294 @@
+"""``kimi-lm train``: pre-train a Kimi Linear model from text, nanoGPT-sized, with the Kimi recipe.
+
+    kimi-lm train --config tiny --data docs/ --out runs/tiny --steps 300 --attn-res-block-size 1
+
+Per step: forward in fp32 (or bf16 autocast), next-token cross-entropy, gradient clipping, Muon + AdamW at the WSD
+learning rate (``optim.py``), then the aux-loss-free expert-bias update (``balance.py``). A tqdm bar shows loss,
+tokens/s and learning rate; ``RUN_DIR/metrics.jsonl`` gets one line per step (and per evaluation), and
+``RUN_DIR/loss.png`` plots train and eval loss against tokens seen.
+
+Checkpoints ``RUN_DIR/step-NNNNNN/`` are the layout ``kimi_lm.load`` reads (config.json, safetensors + index,
+tokenizer files), in fp32, plus ``optimizer.safetensors`` (Muon momenta, AdamW moments) and
+``trainer_state.json``; each is written atomically (``save.py``) and the last ``KEEP`` are kept. ``--resume``
+continues from the newest: weights, optimizer state and router biases are restored exactly and batches are a
+function of the step (``data.py``), so the loss trajectory equals that of an uninterrupted run.
+
+The architecture comes from ``--config`` (a preset name or a config.json); the vocabulary size and special ids
+come from the tokenizer (``--tokenizer``, default the bundled model's): vocab = base tokens + 256, as Kimi.
+
+References: nanoGPT ``train.py``; torchtitan ``train.py`` (checkpoint/resume, WSD); Kimi Linear report §5 (Muon, WSD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from kimi_lm import DEFAULT_MODEL
+from kimi_lm.config import PRESETS, KimiLinearConfig, load_config, preset
+from kimi_lm.errors import CheckpointError
+from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+from kimi_lm.train.balance import ExpertBiasBalancer
+from kimi_lm.train.data import DataError, PackedData, find_files
+from kimi_lm.train.init import init_weights
+from kimi_lm.train.optim import Optimizers, wsd
+
+KEEP = 2  # checkpoints kept in RUN_DIR (the newest ones)
+STATE, OPTIM = "trainer_state.json", "optimizer.safetensors"
+
+
+def build_config(spec: str, tokenizer, attn_res_block_size: float | None) -> KimiLinearConfig:
+    if spec in PRESETS:
+        cfg = preset(spec)
+    else:
+        path = Path(spec)
+        cfg = load_config(path / "config.json" if path.is_dir() else path)
+    if not isinstance(cfg, KimiLinearConfig):
+        raise CheckpointError(f"--config {spec}: kimi-lm train trains Kimi Linear models; this is {cfg.model_type}")
+    special = tokenizer.special_tokens
+    cfg = dataclasses.replace(
+        cfg, vocab_size=tokenizer.num_base_tokens + 256, bos_token_id=special.get("[BOS]"),
+        eos_token_id=special.get("<|im_end|>", tokenizer.eos_token_id), pad_token_id=special.get("[PAD]"), dtype="float32",
+        attn_res_block_size=cfg.attn_res_block_size if attn_res_block_size is None else (attn_res_block_size or None),
+    )
+    cfg.validate(f"--config {spec}")
+    return cfg
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a directory only exists once fully written)."""
+    return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def load_run(ckpt: Path):
+    """(model in train mode, steps done, optimizer tensors) from a checkpoint directory."""
+    from kimi_lm.checkpoint import SafetensorsFile, load
+
+    for name in (STATE, OPTIM):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing; not a checkpoint written by kimi-lm train")
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+        step = int(state["step"])
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt / STATE}: unreadable trainer state ({exc})") from None
+    with SafetensorsFile(ckpt / OPTIM) as f:  # raises CheckpointError for a damaged file
+        optim = {name: f.read(name) for name in f.keys()}
+    model = load(ckpt, dtype=torch.float32)
+    return model.train().requires_grad_(True), step, optim
+
+
+def evaluate(model, data: PackedData, batch_size: int, max_batches: int, autocast) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad(), autocast():
+        for x, y in data.eval_batches(batch_size, max_batches):
+            logits = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            n += y.numel()
+    model.train()
+    return total / n
+
+
+def plot_losses(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [m for m in metrics if "loss" in m]
+    ev = [m for m in metrics if "eval_loss" in m]
+    ax.plot([m["tokens"] for m in train], [m["loss"] for m in train], lw=0.8, alpha=0.7, label="train")
+    ax.plot([m["tokens"] for m in ev], [m["eval_loss"] for m in ev], "o-", label="eval (held out)")
+    ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title=path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(args) -> dict:
+    from kimi_lm.save import TOKENIZER_FILES, save
+    from kimi_lm.tokenizer import load_tokenizer
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    find_files(args.data)  # a bad --data path fails before anything is loaded
+    existing = checkpoints(out) if out.is_dir() else []
+    # a resumed run keeps the tokenizer it started with: the one saved in its checkpoint
+    tok_dir = existing[-1] if args.resume and existing else Path(args.tokenizer) if args.tokenizer else DEFAULT_MODEL
+    tokenizer = load_tokenizer(tok_dir)
+    tok_files = {n: (tok_dir / n).read_bytes() for n in TOKENIZER_FILES if (tok_dir / n).is_file()}
+    data = PackedData.from_paths(args.data, tokenizer, args.seq_len, args.eval_fraction, args.seed)
+    if args.resume:
+        if not existing:
+            raise CheckpointError(f"{out}: no checkpoint to resume from (expected step-* directories from kimi-lm train)")
+        model, start, optim_state = load_run(existing[-1])
+    else:
+        if existing:
+            raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or choose a new --out")
+        cfg = build_config(args.config, tokenizer, args.attn_res_block_size)
+        model = init_weights(KimiLinearForCausalLM(cfg), generator=torch.Generator().manual_seed(args.seed)).train()
+        start, optim_state = 0, None
+    if start >= args.steps:
+        raise CheckpointError(f"{existing[-1]}: already trained {start} steps; pass a larger --steps to continue")
+    optim = Optimizers(model, lr=args.lr, weight_decay=args.weight_decay)
+    if optim_state is not None:
+        optim.load_state_tensors(optim_state)
+    balancer = ExpertBiasBalancer(model, args.bias_update_rate)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    metrics = [m for m in metrics if m["step"] <= start]  # a resumed run rewrites what followed its checkpoint
+    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    bf16 = args.dtype == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def checkpoint(step: int) -> None:
+        opt_file = out / f".{OPTIM}.{step}"
+        save_file(optim.state_tensors(), opt_file)
+        trainer_state = {"step": step, "tokens": step * tokens_per_step, "args": vars(args)}
+        save(model, out / f"step-{step:06d}", overwrite=True,
+             files={**tok_files, STATE: json.dumps(trainer_state, indent=2, default=str), OPTIM: opt_file})
+        opt_file.unlink()
+        for old in checkpoints(out)[:-KEEP]:
+            shutil.rmtree(old)
+
+    tokens_per_step = args.batch_size * args.seq_len
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, {len(model.config.linear_attn_config['kda_layers'])} KDA + "
+          f"{len(model.config.linear_attn_config['full_attn_layers'])} MLA layers, attn_res_block_size="
+          f"{model.config.attn_res_block_size}; data: {data.train_tokens} train tokens, {data.eval.numel()} held out",
+          file=sys.stderr)
+    log = metrics_path.open("a")
+    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=args.quiet)
+    loss_value = float("nan")
+    for step in range(start, args.steps):
+        t0 = time.perf_counter()
+        lr = optim.set_lr(wsd(step, args.steps, args.warmup, args.decay_ratio, args.min_lr_ratio))
+        x, y = data.train_batch(step, args.batch_size)
+        with autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        optim.step()
+        optim.zero_grad()
+        load = balancer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr")
+        tps = tokens_per_step / (time.perf_counter() - t0)
+        record = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": loss_value, "lr": lr,
+                  "grad_norm": grad_norm, "tok_per_s": tps, **load}
+        metrics.append(record)
+        log.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+        bar.update()
+        done = step + 1 == args.steps
+        if done or (args.eval_every and (step + 1) % args.eval_every == 0):
+            ev = {"step": step + 1, "tokens": (step + 1) * tokens_per_step,
+                  "eval_loss": evaluate(model, data, args.batch_size, args.eval_batches, autocast)}
+            metrics.append(ev)
+            log.write(json.dumps(ev) + "\n")
+            log.flush()
+            plot_losses(metrics, out / "loss.png")
+            bar.write(f"step {step + 1}: train loss {loss_value:.4f}, eval loss {ev['eval_loss']:.4f}")
+        if done or (args.save_every and (step + 1) % args.save_every == 0):
+            log.flush()
+            checkpoint(step + 1)
+    bar.close()
+    log.close()
+    balancer.remove()
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    return {"steps": args.steps, "tokens": args.steps * tokens_per_step, "final_train_loss": loss_value,
+            "final_eval_loss": evals[-1] if evals else None, "parameters": n_params,
+            "checkpoint": str(checkpoints(out)[-1])}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: main() prints it
+        raise CheckpointError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kimi-lm train", description="Pre-train a Kimi Linear model on text files.")
+    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json (default tiny)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text files (.txt/.md/.rst), chat files (.jsonl with 'messages') or directories of them")
+    p.add_argument("--tokenizer", help="directory with tiktoken.model + tokenizer_config.json (default: the bundled "
+                                       "model's; --resume uses the checkpoint's)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of Muon and AdamW (default 3e-3)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (default 0.1)")
+    p.add_argument("--warmup", type=int, default=20, help="warmup steps (default 20)")
+    p.add_argument("--decay-ratio", type=float, default=0.2, help="fraction of steps in the final decay (default 0.2)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-loss-free MoE bias step u (default 1e-3)")
+    p.add_argument("--attn-res-block-size", type=float,
+                   help="Block AttnRes: Transformer layers per block (K3's unit, 0.5 steps; 0 = off; default: config)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (default 16)")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="share of tokens held out (default 0.05)")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def check_args(args) -> None:
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--seq-len", args.seq_len, 2), ("--warmup", args.warmup, 0),
+                             ("--eval-every", args.eval_every, 0), ("--save-every", args.save_every, 0),
+                             ("--eval-batches", args.eval_batches, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--decay-ratio", args.decay_ratio), ("--min-lr-ratio", args.min_lr_ratio),
+                        ("--eval-fraction", args.eval_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{flag} must be between 0 and 1, got {value}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kimi-lm train``; bad input: one line on stderr and exit code 2."""
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        check_args(args)
+        summary = train(args)
+    except (CheckpointError, DataError, ValueError, FloatingPointError) as exc:
+        print(f"kimi-lm train: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kimi-lm train: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_server.py [--model DIR] [--tokens 64] [--clients 8]
 
-Without ``--model`` it serves a random model of the ``bench`` preset (~66M parameters, fp32) with the tiny test
+The server runs as ``kimi-lm serve`` in its own process, the clients in this one. Without ``--model`` it serves a random model of the ``bench`` preset (~66M parameters, fp32) with the tiny test
 tokenizer. Stop tokens get a -100 logit bias so every request generates exactly ``--tokens`` tokens. Continuous
 batching should make the 8-client aggregate several times one client's rate (the issue asks for >= 3x). Prints a
 table, then one JSON line.
@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import socket
+import subprocess
 import sys
+import urllib.request
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,25 +44,46 @@ def random_bench_checkpoint(directory: Path) -> Path:
     return directory
 
 
+def start_server(path: Path, threads: int, clients: int) -> tuple[subprocess.Popen, str]:
+    """``kimi-lm serve`` in its own process (as it runs for users), on a free localhost port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimi_lm.cli", "serve", "--model", str(path), "--dtype", "float32", "--port", str(port),
+         "--served-model-name", "bench", "--max-batch-size", str(clients), "--prompt-cache-bytes", "0",
+         "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise SystemExit("bench_server: the server did not start")
+            time.sleep(0.2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory (default: a random bench-preset model)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the server process")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+
+    from openai import OpenAI
 
     import kimi_lm
-    from kimi_lm.server import ServerConfig, create_app
-    from kimi_lm.server.engine import Engine
-    from test_server import Server  # uvicorn on a free localhost port, in a thread
 
     path = Path(args.model) if args.model else random_bench_checkpoint(Path(tempfile.mkdtemp()))
-    model, tok = kimi_lm.load(path, dtype=torch.float32), kimi_lm.load_tokenizer(path)
-    engine = Engine(model, tok, max_batch_size=max(args.clients, 1), prompt_cache_bytes=0)
-    server = Server(create_app(engine, ServerConfig("bench", 1 << 20)))
-    client = server.client()
+    tok = kimi_lm.load_tokenizer(path)
+    proc, url = start_server(path, args.threads, args.clients)
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
     bias = {str(i): -100 for i in tok.stop_token_ids}
 
     def one(i: int) -> int:
@@ -67,16 +92,18 @@ def main() -> None:
             temperature=0, logit_bias=bias, stream=True, stream_options={"include_usage": True})
         return [c for c in stream][-1].usage.completion_tokens
 
-    one(-1)  # warm-up
-    rows = []
-    for clients in (1, args.clients):
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            total = sum(pool.map(one, range(clients)))
-        dt = time.perf_counter() - t0
-        rows.append((clients, total, dt, total / dt))
-    server.close()
-    engine.close()
+    try:
+        one(-1)  # warm-up
+        rows = []
+        for clients in (1, args.clients):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                total = sum(pool.map(one, range(clients)))
+            dt = time.perf_counter() - t0
+            rows.append((clients, total, dt, total / dt))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
     print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8}")
     for c, n, dt, tps in rows:

@@ -7,9 +7,10 @@ temporary batched cache:
 * KDA layers: the conv tails [1, W−1, 3D] and recurrent states [1, H, K, V] are concatenated along the batch; after
   the forward the updated rows are copied back into each request's cache.
 * MLA layers: each request's cache still appends its own new latent (so its buffer, sliding window and length stay
-  exact); the layer then attends over the rows padded to the longest, [B, S_max, 576], with ``key_mask`` [B, S_max]
-  marking real positions. ``MultiheadLatentAttention.attend_absorbed`` masks the padding, so each row equals the
-  sequence decoded alone (up to float rounding of the batched matmuls).
+  exact) and hands back its own history; the layer attends row by row over these ragged histories (projections,
+  KDA and MoE run batched). Padding them into one [B, S_max, 576] tensor would copy every history at every step,
+  which costs more than the per-row attention. Each row equals the sequence decoded alone (up to float rounding of
+  the batched matmuls).
 
 Only NoPE MLA (Kimi Linear) is batched: a rotary model (K2) takes positions from the cache length, which differs per
 row; :func:`can_batch` says so and the scheduler then steps such models one sequence at a time.
@@ -40,25 +41,15 @@ class BatchedKDACache:
 
 
 class BatchedMLACache:
-    """Appends each row's latent to its own cache; exposes the padded history and its validity mask."""
+    """Appends each row's latent to its own cache and returns the rows' histories as a list (ragged, no copies)."""
 
     def __init__(self, rows: list):
         self.rows = rows
         self.length = max(r.length for r in rows)  # only read as a position offset; NoPE ignores it
-        self.key_mask: torch.Tensor | None = None
 
-    def append(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent [B, 1, W] -> every row's history, zero-padded at the end: [B, S_max, W]."""
-        histories = [r.append(latent[b : b + 1])[0] for b, r in enumerate(self.rows)]  # [S_b, W] each
-        S = max(h.shape[0] for h in histories)
-        # zeros, not empty: masked scores give probability 0, and 0 × NaN garbage would still be NaN
-        padded = latent.new_zeros(len(histories), S, latent.shape[-1])
-        mask = torch.zeros(len(histories), S, dtype=torch.bool, device=latent.device)
-        for b, h in enumerate(histories):
-            padded[b, : h.shape[0]] = h
-            mask[b, : h.shape[0]] = True
-        self.key_mask = mask
-        return padded
+    def append(self, latent: torch.Tensor) -> list[torch.Tensor]:
+        """latent [B, 1, W] -> every row's history, [S_b, W] each (views into the rows' own buffers)."""
+        return [r.append(latent[b : b + 1])[0] for b, r in enumerate(self.rows)]
 
 
 class BatchedModelCache(ModelCache):

@@ -32,7 +32,7 @@ def _prefilled(model, prompt, max_kv_size=None):
 @pytest.mark.parametrize("max_kv_size", [None, 6])
 def test_batched_steps_equal_single_sequence_steps(model, max_kv_size):
     torch.manual_seed(1)
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 11, 7, 1)]  # different lengths: padding is needed
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 11, 7, 1)]  # different lengths: the rows' histories differ
     batched = [_prefilled(model, p, max_kv_size) for p in prompts]
     alone = [_prefilled(model, p, max_kv_size) for p in prompts]
     tokens = [t for _, t in batched]
@@ -57,8 +57,8 @@ def test_batched_steps_equal_single_sequence_steps(model, max_kv_size):
                 assert lb.length == la.length
 
 
-def test_padding_is_masked(model):
-    """Without the key mask the zero padding would take softmax mass: the short row's result would change."""
+def test_rows_of_different_lengths_stay_independent(model):
+    """A 2-token row decoded beside a 40-token row attends over its own history only."""
     short, _ = _prefilled(model, [5, 6])
     long, _ = _prefilled(model, list(range(40)))
     ref_cache, _ = _prefilled(model, [5, 6])

@@ -91,10 +91,12 @@ class MultiheadLatentAttention(nn.Module):
         latent = self.latent(x, past)
         if cache is not None:
             latent = cache.append(latent)  # [B, past + T, 576]
-        if cache is not None and T <= ABSORB_MAX_QUERY:
-            # a batched cache over sequences of different lengths (kimi_lm.batching) pads the shorter ones and
-            # marks which cached positions are real, [B, S] bool; plain caches have no mask
-            o = self.attend_absorbed(q, latent, past, getattr(cache, "key_mask", None))
+        if isinstance(latent, list):
+            # sequences of different lengths decoded together (kimi_lm.batching): each row attends over its own
+            # history [S_b, 576], so nothing is padded or copied
+            o = torch.cat([self.attend_absorbed(q[b : b + 1], h[None], h.shape[0] - T) for b, h in enumerate(latent)])
+        elif cache is not None and T <= ABSORB_MAX_QUERY:
+            o = self.attend_absorbed(q, latent, past)
         else:
             o = self.attend_naive(q, latent, past)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
@@ -129,8 +131,7 @@ class MultiheadLatentAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._causal_mask(T, S, past, q.device), scale=self.scale)
         return o.transpose(1, 2)[..., : self.v_dim]
 
-    def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int,
-                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
         """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space.
 
         Every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached columns) and
@@ -151,8 +152,6 @@ class MultiheadLatentAttention(nn.Module):
         mask = self._causal_mask(T, S, past, q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        if key_mask is not None:  # [B, S]: padded positions of shorter sequences get no attention
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         probs = scores.softmax(-1).to(latent.dtype).view(B, H * T, S)
         o_latent = torch.stack([probs[b] @ latent[b] for b in range(B)])[..., :C]  # Σ_s p_s ĉ_s: [B, H·T, 512]
         o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)

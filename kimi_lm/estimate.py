@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kimi_lm.config import PRESETS, KimiLinearConfig, preset
+from kimi_lm.config import PRESETS, KimiLinearConfig, preset, read_config_json
 from kimi_lm.errors import CheckpointError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -225,16 +225,6 @@ def arch_from_dict(raw: dict, name: str) -> Arch:
     raise CheckpointError(f"{name}: model_type {model_type!r} is not supported (kimi_linear, kimi_k2, deepseek_v3)")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
-
-
 def shard_bytes(directory: Path) -> int | None:
     """Tensor bytes in a checkpoint's safetensors shards, from their headers alone (u64 length + JSON)."""
     shards, total = sorted(directory.glob("*.safetensors")), 0
@@ -261,9 +251,9 @@ def load_arch(config) -> tuple[Arch, int | None]:
     if name in PRESETS:
         return arch_from_kimi_linear(preset(name), None, name), None
     if path.is_dir():
-        return arch_from_dict(_read_json(path / "config.json"), path.resolve().name), shard_bytes(path)
+        return arch_from_dict(read_config_json(path / "config.json"), path.resolve().name), shard_bytes(path)
     if path.is_file():
-        return arch_from_dict(_read_json(path), path.name.removesuffix(".json").removesuffix(".config")), None
+        return arch_from_dict(read_config_json(path), path.name.removesuffix(".json").removesuffix(".config")), None
     if name.endswith(".json") or "/" in name or os.sep in name:
         raise CheckpointError(f"{name}: no such config file or checkpoint directory")
     raise CheckpointError(f"unknown preset {name!r}; known presets: {', '.join(ALL_PRESETS)}")

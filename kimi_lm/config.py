@@ -152,10 +152,7 @@ class KimiLinearConfig:
             d["linear_attn_config"] = _linear_attn_config_from_transformers(d, n_layers, source)
         if "mlp_layer_types" in d and "first_k_dense_replace" not in d:
             d["first_k_dense_replace"] = _first_k_dense_from_mlp_types(d["mlp_layer_types"], source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.validate(source)
-        return cfg
+        return _build(cls, d, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "KimiLinearConfig":
@@ -233,6 +230,14 @@ def _check_field_types(cfg, source: str) -> None:
             raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected {str(f.type)!r}")
         if f.name in _POSITIVE and value <= 0:
             raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected a positive integer")
+
+
+def _build(cls, d: dict, source: str):
+    """The config from normalised official keys (others ignored), validated."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in names})
+    cfg.validate(source)
+    return cfg
 
 
 def _normalise_keys(cls, d: dict, aliases: dict, implemented: dict, source: str) -> None:
@@ -384,10 +389,7 @@ class KimiK2Config:
         d["rope_scaling"] = _normalise_rope_scaling(
             d.get("rope_scaling"), d.get("max_position_embeddings", cls.max_position_embeddings), source
         )
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.validate(source)
-        return cfg
+        return _build(cls, d, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "KimiK2Config":

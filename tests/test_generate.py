@@ -13,22 +13,8 @@ import kimi_lm
 from kimi_lm.cli import main as cli_main
 from kimi_lm.generate import prefill
 from kimi_lm.prompt_cache import RotatingMLACache, make_cache
-from tiny_chat import chat_checkpoint, one_thread  # noqa: F401 (autouse)
+from tiny_chat import chat_checkpoint, ckpt, model, one_thread, tok  # noqa: F401 (fixtures; one_thread autouse)
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return chat_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return kimi_lm.load(ckpt, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return kimi_lm.load_tokenizer(ckpt)
 
 
 @pytest.fixture(scope="module")

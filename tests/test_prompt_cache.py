@@ -9,24 +9,10 @@ from kimi_lm.cache import KDACache
 from kimi_lm.cli import main as cli_main
 from kimi_lm.generate import prefill
 from kimi_lm.prompt_cache import PromptCache, PromptCacheError, load_prompt_cache, save_prompt_cache
-from tiny_chat import chat_checkpoint, one_thread  # noqa: F401 (autouse)
+from tiny_chat import chat_checkpoint, ckpt, model, one_thread, tok  # noqa: F401 (fixtures; one_thread autouse)
 
 GREEDY = dict(max_tokens=8, stop_token_ids=[], prefill_step_size=16)
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return chat_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return kimi_lm.load(ckpt, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return kimi_lm.load_tokenizer(ckpt)
 
 
 @pytest.fixture(scope="module")

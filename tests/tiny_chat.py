@@ -128,3 +128,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The chat checkpoint, its model and tokenizer, as module-scoped fixtures for the generation tests.
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return chat_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    import kimi_lm
+
+    return kimi_lm.load(ckpt, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    import kimi_lm
+
+    return kimi_lm.load_tokenizer(ckpt)

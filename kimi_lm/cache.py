@@ -81,3 +81,10 @@ def check_forward_inputs(input_ids: torch.Tensor, cache: ModelCache | None, logi
         raise ValueError(f"input_ids batch {input_ids.shape[0]} does not match the cache's {cache.batch_size}")
     if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
         raise ValueError(f"logits_to_keep must be in 1..{input_ids.shape[1]} (the tokens given); got {logits_to_keep}")
+
+
+def make_model_cache(model, batch_size: int) -> ModelCache:
+    """Fresh caches for a decoder stack (``model.model.layers[i].self_attn.make_cache``), in the compute dtype: the
+    final norm's, which is never quantized (a packed lm_head holds uint32)."""
+    dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
+    return ModelCache([layer.self_attn.make_cache(batch_size, dtype, device) for layer in model.model.layers], batch_size)

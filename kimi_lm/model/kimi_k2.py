@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import ModelCache, check_forward_inputs
+from kimi_lm.cache import ModelCache, check_forward_inputs, make_model_cache
 from kimi_lm.config import KimiK2Config
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
@@ -91,14 +91,12 @@ class KimiK2ForCausalLM(nn.Module):
 
     def make_cache(self, batch_size: int = 1) -> ModelCache:
         """Fresh per-layer latent caches for ``batch_size`` sequences, in the model's compute dtype."""
-        dtype, device = self.dtype, self.lm_head.weight.device
-        layers = [layer.self_attn.make_cache(batch_size, dtype, device) for layer in self.model.layers]
-        return ModelCache(layers, batch_size)
+        return make_model_cache(self, batch_size)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (lm_head is never quantized)."""
-        return self.lm_head.weight.dtype
+        """The compute dtype: read off the final norm, which is never quantized."""
+        return self.model.norm.weight.dtype
 
     def num_parameters(self) -> int:
         """Every stored value: parameters and buffers (router bias, fp8 block scales) alike."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import ModelCache, check_forward_inputs
+from kimi_lm.cache import ModelCache, check_forward_inputs, make_model_cache
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.attnres import BlockAttnRes, block_size_in_sublayers, new_depth_attention
 from kimi_lm.model.kda import KimiDeltaAttention
@@ -120,9 +120,7 @@ class KimiLinearForCausalLM(nn.Module):
 
     def make_cache(self, batch_size: int = 1) -> ModelCache:
         """Fresh per-layer state for ``batch_size`` sequences (KDA state fp32, MLA latents in the model dtype)."""
-        dtype, device = self.dtype, self.model.norm.weight.device
-        layers = [layer.self_attn.make_cache(batch_size, dtype, device) for layer in self.model.layers]
-        return ModelCache(layers, batch_size)
+        return make_model_cache(self, batch_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -31,7 +31,7 @@ import torch
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
-from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
+from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules, use_int4_kernels
 
 # checkpoint name (regex) -> (parameter name template, placement)
 #   placement "copy": whole tensor; "gate"/"up": rows [0, I) / [I, 2I) of stacked expert E; "down": stacked expert E
@@ -358,6 +358,8 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
+        use_int4_kernels(model)
     model.eval().requires_grad_(False)
     return model
 

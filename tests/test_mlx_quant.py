@@ -156,10 +156,12 @@ def test_load_mlx_checkpoint_matches_mlx_lm(official, tmp_path, mode, bits, grou
         return
     # weights stay packed: the experts, the router (affine 8-bit g64 even in an mxfp4 model) and the lm_head
     moe = model.model.layers[1].block_sparse_moe
-    assert isinstance(moe.experts, PackedStackedExperts) and moe.experts.gate_up_proj.dtype == torch.uint32
+    assert isinstance(moe.experts, PackedStackedExperts) and moe.experts.int4 == (mode == "affine" and bits == 4)
+    # affine 4-bit codes sit in the CPU int4 kernel's layout (uint8, same bytes); the rest in MLX's uint32 words
+    assert moe.experts.gate_up_proj.dtype == (torch.uint8 if moe.experts.int4 else torch.uint32)
     assert isinstance(moe.gate, PackedRouter) and moe.gate.spec == QuantSpec("affine", 8, 64)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.spec == QuantSpec(mode, bits, group)
-    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # all, not just saved
     on_disk = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     assert held <= 1.2 * on_disk
     # quantization changes the model (a random tiny model amplifies it, except at 8 bits)
@@ -185,3 +187,20 @@ def test_bad_per_module_override_is_an_error(official, tmp_path):
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(kimi_lm.CheckpointError, match=r"model\.layers\.1\.mlp\.gate.*bits must be one of"):
         kimi_lm.load(path)
+
+
+def test_int4_kernel_state_round_trips_to_the_mlx_files(official, tmp_path):
+    """A module moved onto the int4 kernel still saves exactly the MLX tensors it was loaded from."""
+    from safetensors.torch import load_file
+
+    path = mlx_convert(official, tmp_path / "mlx", "affine", 4, 64)
+    model = kimi_lm.load(path, dtype=torch.float32)
+    assert model.lm_head.int4 and model.model.layers[1].block_sparse_moe.experts.int4
+    files = {}
+    for shard in path.glob("*.safetensors"):
+        files.update(load_file(shard))
+    state = model.state_dict()
+    assert torch.equal(state["lm_head.weight"].view(torch.int32), files["lm_head.weight"].view(torch.int32))
+    stacked = state["model.layers.1.block_sparse_moe.experts.gate_up_proj"]
+    gate = files["model.layers.1.mlp.switch_mlp.gate_proj.weight"]
+    assert torch.equal(stacked[:, : gate.shape[1]].view(torch.int32), gate.view(torch.int32))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts, TopkRouter
-from kimi_lm.quant import affine, mxfp4, mxfp8, nvfp4
+from kimi_lm.quant import affine, int4_cpu, mxfp4, mxfp8, nvfp4
 
 TILE_ELEMENTS = 1 << 22  # weights dequantized at once in forward (16 MiB as fp32)
 # the float-code modes: each allows exactly one (bits, group size), has uint8 scales and no biases
@@ -149,10 +149,34 @@ class PackedLinear(nn.Module):
         _fill(module, "", spec, linear.weight)
         return module
 
+    int4 = False  # codes held in PyTorch's CPU int4 kernel layout (``use_int4_kernel``)
+
+    def mlx_weight(self) -> torch.Tensor:
+        """The codes in MLX's uint32 packing, whichever layout the module holds them in."""
+        return int4_cpu.mlx_codes(self.weight, self.out_features, self.in_features) if self.int4 else self.weight
+
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.spec.dequantize(self.weight, self.scales, getattr(self, "biases", None), dtype)
+        return self.spec.dequantize(self.mlx_weight(), self.scales, getattr(self, "biases", None), dtype)
+
+    def use_int4_kernel(self) -> bool:
+        """Affine 4-bit on CPU: move the codes into the int4 kernel's layout (same bytes); False if not applicable."""
+        s = self.spec
+        if self.int4 or s.mode != "affine" or self.weight.device.type != "cpu" or not int4_cpu.supported(
+                s.bits, s.group_size, self.out_features, self.in_features):
+            return False
+        self.weight, scales_zeros = int4_cpu.to_kernel(self.weight, self.scales, self.biases, self.scales.dtype)
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)
+        self.int4 = True
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.int4:  # state dicts always carry the MLX packing the checkpoint had
+            destination[prefix + "weight"] = self.mlx_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            return int4_cpu.matmul(x, self.weight, self.scales_zeros, self.spec.group_size)
         return packed_linear(x, self.spec, self.weight, self.scales, getattr(self, "biases", None))
 
     def extra_repr(self) -> str:
@@ -203,13 +227,48 @@ class PackedStackedExperts(StackedExperts):
         _register_packed(self, "gate_up_proj", (E, 2 * I, hidden_size), gate_up, dtype)
         _register_packed(self, "down_proj", (E, hidden_size, I), down, dtype)
 
+    int4 = False  # codes held in PyTorch's CPU int4 kernel layout (``use_int4_kernel``)
+
     def _part(self, name: str, spec: QuantSpec, e: int):
         biases = getattr(self, f"{name}_biases", None)
         return spec, getattr(self, name)[e], getattr(self, f"{name}_scales")[e], None if biases is None else biases[e]
 
+    def _shape(self, name: str) -> tuple[int, int]:
+        """(out, in) features of one expert's ``name`` matrix."""
+        scales, spec = getattr(self, f"{name}_scales"), self.gate_up_spec if name == "gate_up_proj" else self.down_spec
+        return scales.shape[1], scales.shape[2] * spec.group_size
+
+    def use_int4_kernel(self) -> bool:
+        """Affine 4-bit on CPU: every expert's codes into the int4 kernel's layout; False if not applicable."""
+        parts = (("gate_up_proj", self.gate_up_spec), ("down_proj", self.down_spec))
+        if self.int4 or getattr(self, "gate_up_proj").device.type != "cpu" or not all(
+                spec.mode == "affine" and int4_cpu.supported(spec.bits, spec.group_size, *self._shape(name))
+                for name, spec in parts):
+            return False
+        for name, _ in parts:
+            q, scales, biases = (getattr(self, name + suffix) for suffix in ("", "_scales", "_biases"))
+            converted = [int4_cpu.to_kernel(q[e], scales[e], biases[e], scales.dtype) for e in range(q.shape[0])]
+            setattr(self, name, torch.stack([c[0] for c in converted]))
+            self.register_buffer(f"{name}_scales_zeros", torch.stack([c[1] for c in converted]), persistent=False)
+        self.int4 = True
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.int4:  # state dicts always carry the MLX packing the checkpoint had
+            for name in ("gate_up_proj", "down_proj"):
+                packed = getattr(self, name)
+                destination[prefix + name] = torch.stack(
+                    [int4_cpu.mlx_codes(packed[e], *self._shape(name)) for e in range(packed.shape[0])])
+
+    def _linear(self, name: str, spec: QuantSpec, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.int4:
+            return int4_cpu.matmul(x, getattr(self, name)[e], getattr(self, f"{name}_scales_zeros")[e], spec.group_size)
+        return packed_linear(x, *self._part(name, spec, e))
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = packed_linear(x, *self._part("gate_up_proj", self.gate_up_spec, e)).chunk(2, dim=-1)
-        return packed_linear(F.silu(gate) * up, *self._part("down_proj", self.down_spec, e))
+        gate, up = self._linear("gate_up_proj", self.gate_up_spec, e, x).chunk(2, dim=-1)
+        return self._linear("down_proj", self.down_spec, e, F.silu(gate) * up)
 
 
 class MultiLinear(nn.Module):
@@ -295,3 +354,11 @@ def swap_modules(model: nn.Module, specs: dict[str, QuantSpec], split_kvb: set[s
         setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped.append(name)
     return swapped
+
+
+def use_int4_kernels(model: nn.Module) -> int:
+    """Put every eligible packed module (affine 4-bit, CPU) on PyTorch's int4 kernel; returns how many moved.
+
+    ``kv_b_proj`` stays in MLX's packing: absorbed MLA reads its dense weight, not its matmul."""
+    return sum(m.use_int4_kernel() for name, m in model.named_modules()
+               if isinstance(m, (PackedLinear, PackedStackedExperts)) and not name.endswith("kv_b_proj"))

@@ -13,9 +13,11 @@ log-decay of positions ≤ i and Γ_i = exp(G_i):
     V_new = U − W S;   O = (Q ⊙ Γ) S + A V_new;   S ← diag(Γ_C) S + (exp(G_C − G) ⊙ K)ᵀ V_new
 
 The pairwise decay exp(G_i − G_j) is never formed as exp(G_i)·exp(−G_j) over a whole chunk (exp(−G_j) overflows
-for fast-decaying channels). Sub-blocks of 16 below the diagonal factor it through a reference position r with
-j < r ≤ i, so both factors are ≤ 1; the 16×16 diagonal blocks are computed explicitly. This keeps the
-[C, C, K] tensor that a direct implementation needs down to [C/16, 16, 16, K].
+for fast-decaying channels), nor as the [C, C, K] tensor a direct implementation builds. It is factored through the
+start r of each 16-token sub-chunk: rows get exp(G_i − G_r) ≤ 1, earlier sub-chunks a table of sub-chunk-to-sub-chunk
+decays ≤ 1, and keys exp(G_r' − G_j) relative to their own sub-chunk start, which stays below e^80 (exact in fp32)
+unless a channel decays by more than 80 nats within 16 tokens; then the 16×16 diagonal blocks are formed pair by
+pair instead ([C/16, 16, 16, K]). Both paths are tested against the oracle.
 
 Shapes legend: B batch, T tokens, H heads, K key dim, V value dim, N chunks, C chunk size, M sub-chunks, S sub size.
 """

@@ -41,7 +41,8 @@ from kimi_lm.errors import CheckpointError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-COMPONENTS = ("embeddings", "kda", "mla", "dense_mlp", "router", "shared_experts", "experts", "norms", "lm_head")
+COMPONENTS = ("embeddings", "kda", "mla", "dense_mlp", "router", "shared_experts", "experts", "norms", "attn_res",
+              "lm_head")
 PREFILL_CHUNK = 2048  # prompt tokens per forward during prefill (mlx-lm's default --prefill-step-size)
 KDA_CHUNK = 64  # chunk length of chunked KDA (fla), sets the number of per-chunk states
 
@@ -148,6 +149,7 @@ class Arch:
     kda_heads: int = 0
     kda_head_dim: int = 0
     conv_kernel: int = 0
+    attn_res: bool = False  # Block Attention Residuals: a pseudo-query + key norm before every sublayer and the head
     recorded_quant: Quant | None = None  # the format config.json says the weights are stored in
     router_quant: Quant | None = None  # under MLX formats (None: the router stays in the model dtype)
 
@@ -184,7 +186,7 @@ def arch_from_kimi_linear(cfg: KimiLinearConfig, raw: dict | None = None, name: 
         moe_intermediate_size=cfg.moe_intermediate_size, router_bias=True,
         moe_layers=tuple(cfg.is_moe_layer(i) for i in layers), kda_layers=tuple(cfg.is_kda_layer(i) for i in layers),
         kda_heads=cfg.kda_num_heads, kda_head_dim=cfg.kda_head_dim, conv_kernel=cfg.conv_kernel_size,
-        recorded_quant=recorded,
+        attn_res=bool(cfg.attn_res_block_size), recorded_quant=recorded,
         # mlx-lm's Kimi Linear quant_predicate: router gate at affine 8-bit, group 64
         router_quant=router or make_quant("affine8", 64, DTYPE_BYTES[dtype]),
     )
@@ -294,6 +296,9 @@ def tensors(a: Arch) -> list[Tensor]:
         p = f"model.layers.{i}."
         add(p + "input_layernorm.weight", (d,), "norms", "norm")
         add(p + "post_attention_layernorm.weight", (d,), "norms", "norm")
+        for sub in ("self_attention", "mlp") if a.attn_res else ():  # attention_residuals.md (Kimi K3 names)
+            add(p + f"{sub}_res_proj.weight", (1, d), "attn_res", "norm")
+            add(p + f"{sub}_res_norm.weight", (d,), "attn_res", "norm")
         if a.kda_layers[i]:  # kimi_linear.md §2.3
             H, K, D = a.kda_heads, a.kda_head_dim, a.kda_heads * a.kda_head_dim
             for x in "qkv":
@@ -332,6 +337,9 @@ def tensors(a: Arch) -> list[Tensor]:
         for w, shape in (("gate", (Is, d)), ("up", (Is, d)), ("down", (d, Is))) if Is else ():
             add(p + f"{moe}.shared_experts.{w}_proj.weight", shape, "shared_experts")
     add("model.norm.weight", (d,), "norms", "norm")
+    if a.attn_res:
+        add("model.output_attn_res_proj.weight", (1, d), "attn_res", "norm")
+        add("model.output_attn_res_norm.weight", (d,), "attn_res", "norm")
     if not a.tie_embeddings:
         add("lm_head.weight", (a.vocab_size, d), "lm_head", "lm_head")
     return out

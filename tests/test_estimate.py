@@ -287,7 +287,9 @@ def _state_numel_and_bytes(model):
     return sum(t.numel() for t in state.values()), sum(t.numel() * t.element_size() for t in state.values())
 
 
-@pytest.mark.parametrize("make_cfg", [lambda: preset("tiny"), _mid_config], ids=["tiny", "mid"])
+@pytest.mark.parametrize("make_cfg", [lambda: preset("tiny"), _mid_config,
+                                      lambda: dataclasses.replace(preset("tiny"), attn_res_block_size=1)],
+                         ids=["tiny", "mid", "attn-res"])
 def test_estimate_matches_a_built_model(make_cfg):
     torch = pytest.importorskip("torch")
     model_mod = pytest.importorskip("kimi_lm.model.kimi_linear")

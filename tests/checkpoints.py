@@ -41,20 +41,26 @@ def build_reference(cfg: KimiLinearConfig, seed: int = 0):
     torch.manual_seed(seed)
     hf_cfg = transformers.KimiLinearConfig(**hf_config_kwargs(cfg))
     model = transformers.KimiLinearForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1)))
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                # large enough that choosing by biased scores differs from choosing by raw scores
-                b.copy_(0.3 * torch.randn_like(b))
+    return randomize_(model)
+
+
+@torch.no_grad()
+def randomize_(model, router_bias: float = 0.3):
+    """Random weights in realistic ranges, in place, for any Kimi model (kimi-lm's or transformers'): KDA gates
+    as fla initialises them (so the recurrent state matters), norms near 1, matrices scaled by 1/sqrt(fan-in), and a
+    router correction bias large enough that choosing by biased scores differs from choosing by raw scores."""
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+        elif name.endswith("dt_bias"):
+            p.copy_(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1)))
+        elif "norm" in name:
+            p.copy_(1 + 0.1 * torch.randn_like(p))
+        else:
+            p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    for name, b in model.named_buffers():
+        if router_bias and name.endswith("e_score_correction_bias"):
+            b.copy_(router_bias * torch.randn_like(b))
     return model
 
 

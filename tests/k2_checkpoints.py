@@ -10,13 +10,13 @@ does (embeddings, lm_head, norms and the router stay float).
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoints import randomize_
 from kimi_lm.config import FP8_BLOCK_CONFIG, KimiK2Config
 from kimi_lm.quant.fp8_block import dequantize, quantize
 
@@ -51,18 +51,8 @@ def build_reference(cfg: KimiK2Config, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(hf_config(cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                # large enough that choosing by biased scores (and by group) differs from plain top-k
-                b.copy_(0.3 * torch.randn_like(b))
-    return model
+    # the bias is large enough that choosing by biased scores (and by group) differs from plain top-k
+    return randomize_(transformers.DeepseekV3ForCausalLM(hf_config(cfg)).eval())
 
 
 def to_official_layout(src: Path, dst: Path, tensors: dict | None = None, quantization: dict | None = None) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import math
 import re
 import shutil
 from collections import Counter
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from checkpoints import randomize_
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 
@@ -93,17 +93,7 @@ def build_model_dir(directory: Path, vocab_size: int, seed: int) -> Path:
     """
     cfg = dataclasses.replace(preset("tiny"), vocab_size=vocab_size)
     torch.manual_seed(seed)
-    model = KimiLinearForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1)))
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    model = randomize_(KimiLinearForCausalLM(cfg), router_bias=0.0)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -176,7 +176,7 @@ class ToolCallParser:
             hits = [(self._buf.find(m), m) for m in markers]
             hits = [(i, m) for i, m in hits if i >= 0]
             if not hits:
-                keep = _partial_marker_len(self._buf, markers)
+                keep = partial_suffix_len(self._buf, markers)
                 self._emit(self._buf[: len(self._buf) - keep], out)
                 self._buf = self._buf[len(self._buf) - keep :]
                 return out
@@ -257,8 +257,9 @@ class ToolCallParser:
         return ToolCall(id=call_id, name=name, arguments=arguments, parsed=parsed, error=error)
 
 
-def _partial_marker_len(text: str, markers: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a marker (it may be completed later)."""
+def partial_suffix_len(text: str, markers) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``markers`` (tool-call markers,
+    stop strings): text a later token may complete into a marker, so a stream holds it back."""
     best = 0
     for m in markers:
         for n in range(min(len(m) - 1, len(text)), best, -1):

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from kimi_lm.chat import partial_suffix_len
 from kimi_lm.errors import CheckpointError
 from kimi_lm.prompt_cache import PromptCache, PromptCacheError, load_prompt_cache
 from kimi_lm.sample import Sampler, SamplingParams
@@ -74,17 +75,6 @@ def _check_prompt(ids: list[int], model, tokenizer) -> None:
     if bad is not None:
         name = next((k for k, v in tokenizer.special_tokens.items() if v == bad), "") if tokenizer else ""
         raise ValueError(f"prompt token id {bad} {name} is outside the model's embedding (vocab_size {vocab})")
-
-
-def _stop_holdback(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler: Sampler | None = None,
@@ -165,7 +155,7 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler:
         elif finish:
             text = pending
         else:
-            keep = _stop_holdback(pending, stops)
+            keep = partial_suffix_len(pending, stops)
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
         elapsed = max(time.perf_counter() - t1, 1e-9)
         yield GenerationResponse(text, token, float(lp[0, token]), top, finish, len(ids), cached, prompt_tps,

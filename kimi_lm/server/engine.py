@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from kimi_lm.batching import decode_step
-from kimi_lm.generate import DEFAULT_PREFILL_STEP, _stop_holdback, prefill
+from kimi_lm.chat import partial_suffix_len
+from kimi_lm.generate import DEFAULT_PREFILL_STEP, prefill
 from kimi_lm.prompt_cache import PromptCache
 from kimi_lm.sample import Sampler
 
@@ -100,7 +101,7 @@ class Sequence:
         elif finish:
             text = self.pending
         else:
-            keep = _stop_holdback(self.pending, self.stops)
+            keep = partial_suffix_len(self.pending, self.stops)
             text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         self.emit(Event(text, token, float(lp[0, token]), top, finish, len(self.ids), self.cached, self.n))
         return finish is not None

@@ -30,9 +30,9 @@ __all__ = ["CheckpointError", "DEFAULT_MODEL", "estimate", "generate", "load", "
 __version__ = "0.1.0"
 
 
-def load(path, dtype=torch.bfloat16, device="cpu"):
+def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     """Load a checkpoint directory (config.json + safetensors); see :func:`kimi_lm.checkpoint.load`."""
     from kimi_lm.checkpoint import load as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, pack_weights=pack_weights)
 

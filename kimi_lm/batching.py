@@ -81,7 +81,7 @@ def decode_step(model, caches: list[ModelCache], tokens: list[int]) -> torch.Ten
 
     Each cache advances exactly as ``model(tensor([[tokens[b]]]), cache=caches[b])`` would advance it.
     """
-    device = model.lm_head.weight.device
+    device = model.device
     ids = torch.tensor(tokens, device=device).view(-1, 1)
     if len(caches) == 1 or not can_batch(model):
         return torch.cat([model(ids[b : b + 1], cache=c)[:, -1] for b, c in enumerate(caches)]).float()

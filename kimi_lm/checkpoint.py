@@ -30,6 +30,7 @@ import torch
 
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
+from kimi_lm.ops import onednn
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules, use_int4_kernels
 
@@ -276,10 +277,13 @@ def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> s
     return modules
 
 
-def load(path, dtype=torch.bfloat16, device="cpu"):
+def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the model in eval mode, no grads.
 
-    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass."""
+    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass.
+    ``pack_weights`` (CPU, fp32/bf16): plain linear and expert weights are re-laid out once for oneDNN
+    (``ops/onednn.py``), 2x faster decoding; the model is then for inference at this dtype and device only. Pass
+    False for plain ``nn.Linear`` modules (e.g. to fine-tune or to convert the model afterwards)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
@@ -361,6 +365,9 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
         use_int4_kernels(model)
     model.eval().requires_grad_(False)
+    if pack_weights and onednn.available(dtype, device):
+        # kv_b_proj stays plain: absorbed MLA decode multiplies by slices of its weight matrix directly
+        onednn.use_onednn_linears(model, skip=("kv_b_proj",))
     return model
 
 

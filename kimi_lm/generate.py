@@ -60,7 +60,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def prefill(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP) -> torch.Tensor:
     """Feed ``ids`` through ``cache`` in chunks of ``step``; returns the last position's logits [V] fp32."""
-    device = model.lm_head.weight.device
+    device = model.device
     logits = None
     for s in range(0, len(ids), step):
         logits = model(torch.tensor([ids[s : s + step]], device=device), cache=cache, logits_to_keep=1)[0, -1]
@@ -94,7 +94,7 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler:
                              ("logprobs", logprobs, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    device = model.lm_head.weight.device
+    device = model.device
     sampler = sampler or Sampler(SamplingParams(**sampling), device=device)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     _check_prompt(ids, model, tokenizer)

@@ -93,7 +93,7 @@ def test_bf16_sublayers_close_to_fp32(official_checkpoint, token_ids):
     matmul output to 8 bits (2^-9 ≈ 2e-3 relative); the KDA decays compound that over the sequence.
     """
     bf16 = kimi_lm.load(official_checkpoint, dtype=torch.bfloat16)
-    fp32 = copy.deepcopy(bf16).float()
+    fp32 = kimi_lm.load(official_checkpoint, dtype=torch.bfloat16, pack_weights=False).float()  # same bf16 values
     inputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: inputs.append(i[0])) for layer in fp32.model.layers]
     fp32(token_ids)

@@ -57,11 +57,14 @@ def test_attn_res_model_round_trips_exactly_with_k3_key_names(tmp_path, token_id
     assert "model.layers.1.block_sparse_moe.experts.7.w3.weight" in files
     assert not any("gate_up_proj" in n for n in files)
     assert json.loads((out / "config.json").read_text())["attn_res_block_size"] == 1.5
-    loaded = kimi_lm.load(out, dtype=torch.float32)
+    loaded = kimi_lm.load(out, dtype=torch.float32, pack_weights=False)  # same kernels: bit-identical logits
     ref = model.state_dict()
     assert all(torch.equal(loaded.state_dict()[k], ref[k]) for k in ref)
+    packed = kimi_lm.load(out, dtype=torch.float32)  # the default oneDNN-packed model saves the same tensors
+    assert all(torch.equal(packed.state_dict()[k], ref[k]) for k in ref)
     with torch.no_grad():
         assert torch.equal(loaded(token_ids), model(token_ids))
+        assert rel_err(packed(token_ids), model(token_ids)) <= 1e-5
 
 
 def test_bf16_files_keep_gates_and_router_bias_fp32(official_checkpoint, tmp_path):

@@ -262,6 +262,10 @@ class ScriptedModel(torch.nn.Module):
         self.mla = next(i for i, layer in enumerate(inner.model.layers) if not layer.is_kda)
         self.start = {}
 
+    @property
+    def device(self):
+        return self.inner.device
+
     def make_cache(self, batch_size=1):
         return self.inner.make_cache(batch_size)
 

@@ -98,6 +98,10 @@ class KimiK2ForCausalLM(nn.Module):
         """The compute dtype: read off the final norm, which is never quantized."""
         return self.model.norm.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def num_parameters(self) -> int:
         """Every stored value: parameters and buffers (router bias, fp8 block scales) alike."""
         return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())

@@ -127,6 +127,10 @@ class KimiLinearForCausalLM(nn.Module):
         """The compute dtype: read off a norm, which is never quantized (a packed lm_head is uint32)."""
         return self.model.norm.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def num_parameters(self) -> int:
         """Every stored value, parameters and buffers (the router correction bias) alike."""
         return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())

@@ -103,7 +103,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 logit_bias=bias or None, seed=None if req.seed is None else req.seed + i)
             try:
-                sampler = Sampler(params, device=engine.model.lm_head.weight.device)
+                sampler = Sampler(params, device=engine.model.device)
             except ValueError as exc:
                 raise APIError(str(exc), str(exc).split()[0]) from None
             stop_ids = tok.stop_token_ids | set(req.stop_token_ids or [])

@@ -20,10 +20,26 @@ def make_inputs(B, T, H, K, V, decay_scale, seed=0, dtype=torch.float32):
     return [x.to(dtype) for x in (q, k, v, gate, beta)] + [state]
 
 
+def max_sub_chunk_span(g: torch.Tensor, sub: int = 16, chunk: int = 64) -> float:
+    """Largest log-decay of one channel inside one 16-token sub-chunk (which intra-chunk path kda_chunked takes)."""
+    T = g.shape[1]
+    spans = [-g[:, c + s + 1 : min(c + s + sub, T)].sum(1).min().item()
+             for c in range(0, T, chunk) for s in range(0, min(chunk, T - c), sub)]
+    return max(spans)
+
+
+# decay_scale 0.5: every sub-chunk spans < 80 nats (factorised path); 12: 80–160 (diagonal blocks through the
+# sub-chunk midpoint); 30: > 160 (diagonal blocks pair by pair)
+PATHS = {0.5: (0, 80), 12.0: (80, 160), 30.0: (160, float("inf"))}
+
+
 @pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 150])
-@pytest.mark.parametrize("decay_scale", [0.5, 30.0])  # 30: a sub-chunk spans > 80 nats -> explicit diagonal path
+@pytest.mark.parametrize("decay_scale", list(PATHS))
 def test_chunked_matches_recurrent_oracle(T, decay_scale):
     q, k, v, g, beta, state = make_inputs(2, T, 3, 16, 12, decay_scale)
+    if T >= 63:
+        low, high = PATHS[decay_scale]
+        assert low < max_sub_chunk_span(g) <= high  # the case exercises the path it is meant to
     for init in (None, state):
         o_ref, s_ref = kda_recurrent_naive(q, k, v, g, beta, init)
         o, s = kda_chunked(q, k, v, g, beta, init)
@@ -40,8 +56,9 @@ def test_step_matches_oracle():
     assert rel_err(s, s_ref) < 1e-6
 
 
-def test_chunked_gradients_match_oracle():
-    inputs = make_inputs(1, 70, 2, 8, 8, 2.0)
+@pytest.mark.parametrize("decay_scale", list(PATHS))
+def test_chunked_gradients_match_oracle(decay_scale):
+    inputs = make_inputs(1, 70, 2, 8, 8, decay_scale)
     leaves_a = [x.clone().requires_grad_(True) for x in inputs]
     leaves_b = [x.clone().requires_grad_(True) for x in inputs]
     o_a, s_a = kda_chunked(*leaves_a)

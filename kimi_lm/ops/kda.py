@@ -16,8 +16,10 @@ The pairwise decay exp(G_i − G_j) is never formed as exp(G_i)·exp(−G_j) ove
 for fast-decaying channels), nor as the [C, C, K] tensor a direct implementation builds. It is factored through the
 start r of each 16-token sub-chunk: rows get exp(G_i − G_r) ≤ 1, earlier sub-chunks a table of sub-chunk-to-sub-chunk
 decays ≤ 1, and keys exp(G_r' − G_j) relative to their own sub-chunk start, which stays below e^80 (exact in fp32)
-unless a channel decays by more than 80 nats within 16 tokens; then the 16×16 diagonal blocks are formed pair by
-pair instead ([C/16, 16, 16, K]). Both paths are tested against the oracle.
+unless a channel decays by more than 80 nats within 16 tokens. Then the blocks below the diagonal take every column
+relative to the row's sub-chunk start (all factors ≤ 1), and the 16×16 diagonal blocks are factored through the
+sub-chunk's midpoint (factors ≤ e^80 up to 160 nats), or beyond that formed pair by pair ([C/16, 16, 16, K]).
+All three paths are tested against the oracle.
 
 Shapes legend: B batch, T tokens, H heads, K key dim, V value dim, N chunks, C chunk size, M sub-chunks, S sub size.
 """
@@ -60,8 +62,9 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
     Rows of sub-chunk a are taken relative to r = its first position: exp(G_i − G_r) ≤ 1 for i ≥ r. Columns j < r
     get exp(G_r − G_j) ≤ 1, so every block below the diagonal is one matmul with bounded factors. Columns inside
     the row's own sub-chunk get exp(G_r − G_j) ≥ 1; that is exact as long as no channel decays by more than
-    ``_SAFE_SPAN`` (in log space) within one sub-chunk, which holds for nearly all real inputs. Otherwise those
-    diagonal blocks are recomputed with the pairwise decay formed explicitly.
+    ``_SAFE_SPAN`` (in log space) within one sub-chunk, which holds for nearly all real inputs. Otherwise the
+    diagonal blocks are computed separately: through each sub-chunk's midpoint up to twice that span, pair by pair
+    beyond.
     """
     C = q.shape[-2]
     M = C // sub
@@ -87,14 +90,23 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
     qk = ((qs * row_decay) @ k_col_t).flatten(-3, -2)  # [B, H, N, C, C]
     kk = ((ks * row_decay) @ k_col_t).flatten(-3, -2)
 
-    if explicit_diag:  # add the S×S diagonal blocks with exp(G_i − G_j) formed per pair (j ≤ i)
-        tri = torch.ones(sub, sub, dtype=torch.bool, device=dev).tril()
-        pair = (Gs.unsqueeze(-2) - Gs.unsqueeze(-3)).masked_fill(~tri[..., None], float("-inf")).exp()
-        k_pair = pair * ks.unsqueeze(-3)  # [B, H, N, M, S, S, K]
+    if explicit_diag:  # add the S×S diagonal blocks, j ≤ i inside one sub-chunk
+        if span <= 2 * _SAFE_SPAN:
+            # through the sub-chunk's midpoint m = (G_first + G_last) / 2: exp(G_i − m) · exp(m − G_j), each factor
+            # within e^±span/2, so a matmul per block. Pairs j > i may overflow to inf/nan: tril drops them first.
+            mid = (Gs[..., :1, :] + Gs[..., -1:, :]) * 0.5  # [B, H, N, M, 1, K]
+            k_mid = (ks * (mid - Gs).exp()).transpose(-1, -2)  # [B, H, N, M, K, S]
+            to_mid = (Gs - mid).exp()
+            diag_qk, diag_kk = ((qs * to_mid) @ k_mid).tril(), ((ks * to_mid) @ k_mid).tril()
+        else:  # > 160 nats in 16 tokens: form exp(G_i − G_j) pair by pair, [.., S, S, K]
+            tri = torch.ones(sub, sub, dtype=torch.bool, device=dev).tril()
+            pair = (Gs.unsqueeze(-2) - Gs.unsqueeze(-3)).masked_fill(~tri[..., None], float("-inf")).exp()
+            k_pair = pair * ks.unsqueeze(-3)  # [B, H, N, M, S, S, K]
+            diag_qk, diag_kk = (qs.unsqueeze(-2) * k_pair).sum(-1), (ks.unsqueeze(-2) * k_pair).sum(-1)
         eye_m = torch.eye(M, dtype=q.dtype, device=dev)[:, None, :, None]  # place block a at (a, a)
         for_blocks = lambda d: (d.unsqueeze(-2) * eye_m).flatten(-4, -3).flatten(-2, -1)  # noqa: E731
-        qk = qk + for_blocks((qs.unsqueeze(-2) * k_pair).sum(-1))
-        kk = kk + for_blocks((ks.unsqueeze(-2) * k_pair).sum(-1))
+        qk = qk + for_blocks(diag_qk)
+        kk = kk + for_blocks(diag_kk)
     return qk.tril(), kk.tril(-1)
 
 

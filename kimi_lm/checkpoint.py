@@ -30,7 +30,7 @@ import torch
 
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
-from kimi_lm.ops import onednn
+from kimi_lm.ops import malloc, onednn
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules, use_int4_kernels
 
@@ -365,6 +365,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
         use_int4_kernels(model)
     model.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if pack_weights and onednn.available(dtype, device):
         # kv_b_proj stays plain: absorbed MLA decode multiplies by slices of its weight matrix directly
         onednn.use_onednn_linears(model, skip=("kv_b_proj",))

@@ -21,8 +21,9 @@ def mla():
 @pytest.mark.parametrize("T,past", [(1, 0), (1, 30), (7, 0), (5, 40), (16, 9)])
 def test_absorbed_equals_naive(mla, T, past):
     x = torch.randn(2, past + T, preset("tiny").hidden_size)
-    latent = mla.latent(x)  # [2, past + T, 40]
-    q = mla._queries(x[:, past:])
+    q_in, kv_in = mla._project(x)
+    latent = mla.latent(kv_in)  # [2, past + T, 40]
+    q = mla._queries(q_in[:, past:])
     with torch.no_grad():
         naive = mla.attend_naive(q, latent, past)
         absorbed = mla.attend_absorbed(q, latent, past)

@@ -80,7 +80,7 @@ def test_bf16_keeps_gate_and_router_params_fp32(official_checkpoint):
     kda = model.model.layers[0].self_attn
     assert kda.A_log.dtype == torch.float32 and kda.dt_bias.dtype == torch.float32
     assert model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.dtype == torch.float32
-    assert kda.q_proj.weight.dtype == torch.bfloat16
+    assert kda.in_proj.packed.dtype == torch.bfloat16  # q, k, v, f_a, g_a, b_proj packed as one product
     cache = model.make_cache(batch_size=1)
     model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
     assert cache[0].state.dtype == torch.float32

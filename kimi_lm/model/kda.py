@@ -16,6 +16,8 @@ References: spec ``shared/specs/kimi_linear.md`` §5; fla v0.4.0 ``fla/layers/kd
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,20 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(K, D, bias=False)
         self.o_norm = GatedRMSNorm(K, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(D, hidden, bias=False)
+        self.in_proj = None  # inference: the six products of x as one (ops/onednn.py), outputs in this order
+
+    INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
+
+    def fuse_projections(self) -> None:
+        from kimi_lm.ops.onednn import fuse
+
+        fuse(self, "in_proj", self.INPUT_PROJECTIONS)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, hidden] -> q, k, v [B, T, D], f_a, g_a [B, T, K], b [B, T, H] (before conv, gates, norms)."""
+        if self.in_proj is not None:
+            return self.in_proj(x).split(self.in_proj.sizes, dim=-1)
+        return tuple(getattr(self, name)(x) for name in self.INPUT_PROJECTIONS)
 
     def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> KDACache:
         D = self.num_heads * self.head_dim
@@ -80,37 +96,57 @@ class KimiDeltaAttention(nn.Module):
             y.addcmul_(window[:, i : i + T], taps[i])
         return F.silu(y)
 
-    def _conv_step(self, qkv: torch.Tensor, conv_state: torch.Tensor) -> list[torch.Tensor]:
-        """One-token conv + SiLU: qkv [B, 1, 3D]; conv_state [B, W − 1, 3D] updated in place. Returns q, k, v fp32."""
-        window = torch.cat([conv_state, qkv.to(conv_state.dtype)], dim=1)  # [B, W, 3D]
-        conv_state.copy_(window[:, 1:])
-        taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).squeeze(1).T  # [W, 3D]
-        return F.silu((window.float() * taps.float()).sum(1, keepdim=True)).chunk(3, dim=-1)
-
     def forward(self, x: torch.Tensor, cache: KDACache | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` (conv tail and recurrent state) if given."""
+        if cache is not None and x.shape[1] == 1:
+            return self._decode(x, cache)
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         D = H * K
-        if cache is not None and T == 1:  # decode: one conv step over q | k | v together (fewer small ops)
-            q, k, v = self._conv_step(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), cache.conv_state)
-        else:
-            tails = [None] * 3 if cache is None else cache.conv_state.split(D, dim=-1)  # q, k, v: [B, W − 1, D]
-            q = self._short_conv(self.q_proj(x), self.q_conv1d, tails[0])
-            k = self._short_conv(self.k_proj(x), self.k_conv1d, tails[1])
-            v = self._short_conv(self.v_proj(x), self.v_conv1d, tails[2])
+        q, k, v, f_a, g_a, b = self._project(x)
+        tails = [None] * 3 if cache is None else cache.conv_state.split(D, dim=-1)  # q, k, v: [B, W − 1, D]
+        q = self._short_conv(q, self.q_conv1d, tails[0])
+        k = self._short_conv(k, self.k_conv1d, tails[1])
+        v = self._short_conv(v, self.v_conv1d, tails[2])
         q, k, v = (t.view(B, T, H, K) for t in (q, k, v))
         q = l2_normalize(q, scale=K**-0.5)
         k = l2_normalize(k)
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
-        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
-
-        if cache is not None and T == 1:
-            o = kda_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state).unsqueeze(1)
-        else:
-            o, final_state = kda_chunked(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
-            if cache is not None:
-                cache.state.copy_(final_state)
-
-        z = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        g = kda_gate(self.f_b_proj(f_a).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
+        beta = torch.sigmoid(b.float())  # [B, T, H]
+        o, final_state = kda_chunked(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
+        if cache is not None:
+            cache.state.copy_(final_state)
+        z = self.g_b_proj(g_a).view(B, T, H, K)
         return self.o_proj(self.o_norm(o, z, x.dtype).reshape(B, T, H * K))
+
+    def _decode(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
+        """One token per sequence: the same math as ``forward`` in as few tensor ops as possible (a decode step is
+        dominated by per-op overhead). x [B, 1, hidden] -> [B, 1, hidden]."""
+        B = x.shape[0]
+        H, K = self.num_heads, self.head_dim
+        D = H * K
+        if self.in_proj is not None:  # q | k | v arrive side by side: no concatenation
+            qkv, f_a, g_a, b = self.in_proj(x[:, 0]).split([3 * D, K, K, H], dim=-1)
+        else:
+            q, k, v, f_a, g_a, b = self._project(x[:, 0])
+            qkv = torch.cat([q, k, v], dim=-1)
+        # causal conv over the last W inputs of q | k | v at once; conv_state [B, W − 1, 3D] slides by one
+        window = torch.cat([cache.conv_state, qkv.unsqueeze(1).to(cache.conv_state.dtype)], dim=1)  # [B, W, 3D]
+        cache.conv_state.copy_(window[:, 1:])
+        taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).view(3 * D, -1).T
+        qkv = F.silu((window.float() * taps.float()).sum(1)).view(B, 3, H, K)
+        # L2 norm of q and k in one call: x / sqrt(Σx² + eps) = rms_norm(x, eps / K) / sqrt(K); q also × K^-1/2
+        qk = F.rms_norm(qkv[:, :2], (K,), eps=1e-6 / K) * self._qk_scale(qkv.device)
+        g = kda_gate(self.f_b_proj(f_a).view(B, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
+        o = kda_step(qk[:, 0], qk[:, 1], qkv[:, 2], g, torch.sigmoid(b.float()), cache.state)  # [B, H, K]
+        z = self.g_b_proj(g_a).view(B, H, K)
+        return self.o_proj(self.o_norm(o, z, x.dtype).view(B, 1, D))
+
+    def _qk_scale(self, device) -> torch.Tensor:
+        """[2, 1, 1] factors after rms_norm: q gets K^-1/2 / sqrt(K) = 1/K, k gets 1/sqrt(K) (``l2_normalize``)."""
+        scale = self.__dict__.get("_qk_scale_cached")
+        if scale is None or scale.device != torch.device(device):
+            K = self.head_dim
+            scale = torch.tensor([K**-0.5 / math.sqrt(K), 1 / math.sqrt(K)], device=device).view(2, 1, 1)
+            self.__dict__["_qk_scale_cached"] = scale
+        return scale

@@ -63,22 +63,36 @@ class MultiheadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.latent_dim, eps=1e-6)
         self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=False)
+        self.in_proj = None  # inference: the query and latent projections of x as one product (ops/onednn.py)
+
+    def fuse_projections(self) -> None:
+        from kimi_lm.ops.onednn import fuse
+
+        fuse(self, "in_proj", ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)): the two products that read x."""
+        if self.in_proj is not None:
+            return self.in_proj(x).split(self.in_proj.sizes, dim=-1)
+        return (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x), self.kv_a_proj_with_mqa(x)
 
     def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
         return MLACache(batch_size, self.latent_dim + self.pe_dim, dtype, device)
 
-    def _queries(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x [B, T, hidden] for tokens at positions start … start + T − 1 -> q [B, T, H, 192] (q_pe rotated)."""
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(*x.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
+    def _queries(self, q_in: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """q_in = the first output of ``_project`` for tokens at positions start … start + T − 1
+        -> q [B, T, H, 192] (q_pe rotated)."""
+        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
+        q = q.reshape(*q_in.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
         if self.rope is None:
             return q
         q_nope, q_pe = q.split([self.nope_dim, self.pe_dim], dim=-1)
         return torch.cat([q_nope, self.rope(q_pe, start)], dim=-1)
 
-    def latent(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """What the cache stores per token: [ĉ | k_pe], [B, T, kv_lora_rank + qk_rope_head_dim] (k_pe rotated)."""
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.pe_dim], dim=-1)
+    def latent(self, kv_in: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """kv_in = kv_a_proj_with_mqa(x) -> what the cache stores per token: [ĉ | k_pe],
+        [B, T, kv_lora_rank + qk_rope_head_dim] (k_pe rotated)."""
+        c, k_pe = kv_in.split([self.latent_dim, self.pe_dim], dim=-1)
         if self.rope is not None:
             k_pe = self.rope(k_pe, start)
         return torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
@@ -87,8 +101,9 @@ class MultiheadLatentAttention(nn.Module):
         """x [B, T, hidden] -> [B, T, hidden]. With a cache, the T new tokens attend to all cached ones too."""
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
-        q = self._queries(x, past)
-        latent = self.latent(x, past)
+        q_in, kv_in = self._project(x)
+        q = self._queries(q_in, past)
+        latent = self.latent(kv_in, past)
         if cache is not None:
             latent = cache.append(latent)  # [B, past + T, 576]
         if isinstance(latent, list):

@@ -170,8 +170,10 @@ def kda_step(
 
     q, k, g [B, H, K] fp32; v [B, H, V]; beta [B, H]. Returns o [B, H, V] fp32.
     """
+    B, H, K, V = state.shape
     state.mul_(g.exp().unsqueeze(-1))
-    prediction = (k.unsqueeze(-2) @ state).squeeze(-2)  # kᵀS, [B, H, V]
-    delta = beta.unsqueeze(-1) * (v.float() - prediction)
-    state.add_(k.unsqueeze(-1) * delta.unsqueeze(-2))
-    return (q.unsqueeze(-2) @ state).squeeze(-2)
+    S = state.view(B * H, K, V)  # batched over (sequence, head): three small bmm, no temporaries of S's size
+    prediction = torch.bmm(k.reshape(B * H, 1, K), S)  # kᵀS, [B·H, 1, V]
+    delta = beta.reshape(B * H, 1, 1) * (v.float().reshape(B * H, 1, V) - prediction)
+    S.baddbmm_(k.reshape(B * H, K, 1), delta)  # S += k ⊗ δ
+    return torch.bmm(q.reshape(B * H, 1, K), S).view(B, H, V)

@@ -40,13 +40,19 @@ class MLACache:
         end = self.length + T
         if end > self.buffer.shape[1]:
             # geometric growth: amortised O(1) copying per token instead of re-copying the history every 256
-            capacity = max(end, 2 * self.buffer.shape[1], _GROW_STEP)
-            grown = self.buffer.new_empty(B, capacity, W)
+            capacity = max(-(-end // _GROW_STEP) * _GROW_STEP, 2 * self.buffer.shape[1])
+            grown = self.buffer.new_zeros(B, capacity, W)  # zeros: ``padded`` may expose rows past the end
             grown[:, : self.length] = self.buffer[:, : self.length]
             self.buffer = grown
         self.buffer[:, self.length : end] = latent
         self.length = end
         return self.buffer[:, :end]
+
+    def padded(self, multiple: int) -> torch.Tensor | None:
+        """The history ``append`` just returned, extended to a multiple of ``multiple`` tokens with spare rows of the
+        buffer (finite values, to be masked out by the caller), or None if the buffer has no room for that."""
+        n = -(-self.length // multiple) * multiple
+        return self.buffer[:, :n] if n <= self.buffer.shape[1] else None
 
     @property
     def nbytes(self) -> int:

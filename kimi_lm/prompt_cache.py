@@ -77,6 +77,9 @@ class RotatingMLACache(MLACache):
     def latents(self) -> torch.Tensor:
         return self.buffer[:, self.start : self.start + self.length]
 
+    def padded(self, multiple: int) -> None:
+        return None  # the window ``append`` returns no longer ends at ``start + length``
+
 
 def make_cache(model, batch_size: int = 1, max_kv_size: int | None = None) -> ModelCache:
     """``model.make_cache``, with the MLA layers as sliding windows of ``max_kv_size`` tokens if given."""

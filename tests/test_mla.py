@@ -38,3 +38,30 @@ def test_cache_stores_only_the_latent(mla):
         mla(torch.randn(2, 1, cfg.hidden_size), cache)
     assert cache.length == 10
     assert cache.nbytes == 2 * 10 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_absorbed_ignores_padding_rows_past_the_history(mla, T):
+    """Half-precision decode attends over the history rounded up to 64 tokens (spare buffer rows): those rows must
+    be masked out, whatever they hold."""
+    past = 30
+    x = torch.randn(2, past + T, preset("tiny").hidden_size)
+    q_in, kv_in = mla._project(x)
+    latent = mla.latent(kv_in)
+    padded = torch.cat([latent, 5 * torch.randn(2, 64 - past - T, latent.shape[-1])], dim=1)
+    q = mla._queries(q_in[:, past:])
+    with torch.no_grad():
+        assert rel_err(mla.attend_absorbed(q, padded, past), mla.attend_absorbed(q, latent, past)) < 1e-6
+
+
+def test_bf16_cache_pads_to_64_and_matches_exact_length():
+    from kimi_lm.cache import MLACache
+    from kimi_lm.model.mla import _bucketed
+
+    cache = MLACache(1, 8, torch.bfloat16)
+    history = cache.append(torch.randn(1, 70, 8).to(torch.bfloat16))
+    padded = _bucketed(cache, history)
+    assert padded.shape[1] == 128 and torch.equal(padded[:, :70], history)
+    assert not padded[:, 70:].any()  # spare rows start as zeros
+    fp32 = MLACache(1, 8, torch.float32)
+    assert _bucketed(fp32, fp32.append(torch.randn(1, 70, 8))).shape[1] == 70

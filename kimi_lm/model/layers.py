@@ -37,8 +37,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (normed * self.weight.float() * torch.sigmoid(gate.float())).to(out_dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), eps=self.eps)  # (x / rms) · w
+        return (normed * torch.sigmoid(gate.float())).to(out_dtype)
 
 
 class MLP(nn.Module):

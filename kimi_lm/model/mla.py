@@ -38,6 +38,17 @@ from kimi_lm.model.rope import RotaryEmbedding
 ABSORB_MAX_QUERY = 16
 
 
+def _bucketed(cache, history: torch.Tensor) -> torch.Tensor:
+    """The cached history to attend over in absorbed form: for bf16/fp16, rounded up to a multiple of 64 tokens
+    with spare (masked) buffer rows. Half-precision matmuls run on oneDNN, which JIT-builds a kernel for every new
+    shape (≈ 0.5 ms here), and a decode step's history grows by one token per step; with 64-token buckets one
+    kernel serves 64 steps. fp32 runs on MKL, which builds nothing per shape, so it keeps the exact length."""
+    if history.dtype == torch.float32 or not hasattr(cache, "padded"):
+        return history
+    padded = cache.padded(64)
+    return history if padded is None else padded
+
+
 class MultiheadLatentAttention(nn.Module):
     def __init__(self, config: KimiLinearConfig, rope: RotaryEmbedding | None = None):
         """``config``: any config with the MLA keys (Kimi Linear or K2); ``rope``: None for NoPE."""
@@ -111,7 +122,7 @@ class MultiheadLatentAttention(nn.Module):
             # history [S_b, 576], so nothing is padded or copied
             o = torch.cat([self.attend_absorbed(q[b : b + 1], h[None], h.shape[0] - T) for b, h in enumerate(latent)])
         elif cache is not None and T <= ABSORB_MAX_QUERY:
-            o = self.attend_absorbed(q, latent, past)
+            o = self.attend_absorbed(q, _bucketed(cache, latent), past)
         else:
             o = self.attend_naive(q, latent, past)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
@@ -123,8 +134,9 @@ class MultiheadLatentAttention(nn.Module):
         return proj.dense_weight(dtype) if hasattr(proj, "dense_weight") else proj.weight
 
     def _causal_mask(self, T: int, S: int, past: int, device) -> torch.Tensor | None:
-        """Boolean [T, S] mask (True = attend): query i sits at absolute position past + i."""
-        if T == 1:
+        """Boolean [T, S] mask (True = attend): query i sits at absolute position past + i. None when nothing is
+        masked: one query over exactly its history (S may exceed past + T: padding rows are masked too)."""
+        if T == 1 and S == past + 1:
             return None
         return torch.arange(S, device=device)[None, :] <= (torch.arange(T, device=device)[:, None] + past)
 

@@ -70,12 +70,16 @@ class StackedExperts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
+    def decode(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """One token: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]."""
+        out = torch.cat([self.expert(e, x) for e in experts])  # [k, hidden]
+        return (weights @ out.float()).to(x.dtype)
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x), [N, hidden]."""
         N, k = idx.shape
         if N == 1:  # decode: just the k chosen experts, no sorting
-            out = torch.cat([self.expert(e, x) for e in idx[0].tolist()])  # [k, hidden]
-            return (weights @ out.float()).to(x.dtype)
+            return self.decode(x, idx[0].tolist(), weights)
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()

@@ -96,6 +96,13 @@ class OneDNNStackedExperts(StackedExperts):
         gate, up = packed_linear(x, self.gate_up_packed[e]).chunk(2, dim=-1)
         return packed_linear(F.silu(gate) * up, self.down_packed[e])
 
+    def decode(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """One token through its k experts with the SwiGLU of all k done at once (fewer small ops per step)."""
+        gate, up = torch.cat([packed_linear(x, self.gate_up_packed[e]) for e in experts]).chunk(2, dim=-1)
+        h = F.silu(gate) * up  # [k, I]
+        out = torch.cat([packed_linear(h[i : i + 1], self.down_packed[e]) for i, e in enumerate(experts)])
+        return (weights @ out.float()).to(x.dtype)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
         destination[prefix + "down_proj"] = torch.stack([p.to_dense() for p in self.down_packed])

@@ -16,8 +16,8 @@ The pairwise decay exp(G_i − G_j) is never formed as exp(G_i)·exp(−G_j) ove
 for fast-decaying channels), nor as the [C, C, K] tensor a direct implementation builds. It is factored through the
 start r of each 16-token sub-chunk: rows get exp(G_i − G_r) ≤ 1, earlier sub-chunks a table of sub-chunk-to-sub-chunk
 decays ≤ 1, and keys exp(G_r' − G_j) relative to their own sub-chunk start, which stays below e^80 (exact in fp32)
-unless a channel decays by more than 80 nats within 16 tokens. Then the blocks below the diagonal take every column
-relative to the row's sub-chunk start (all factors ≤ 1), and the 16×16 diagonal blocks are factored through the
+unless a channel decays by more than 80 nats within 16 tokens. Then the blocks below the diagonal take keys relative
+to the end of their own sub-chunk instead (all factors ≤ 1), and the 16×16 diagonal blocks are factored through the
 sub-chunk's midpoint (factors ≤ e^80 up to 160 nats), or beyond that formed pair by pair ([C/16, 16, 16, K]).
 All three paths are tested against the oracle.
 
@@ -83,10 +83,13 @@ def _intra_chunk_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: 
         between = (G_ref.unsqueeze(-2) - G_ref.unsqueeze(-3)).masked_fill(later, float("-inf")).exp()  # [.., M, M, K]
         k_col = between.unsqueeze(-2) * k_rel.unsqueeze(-4)  # [B, H, N, M, M, S, K]
         k_col_t = k_col.flatten(-3, -2).transpose(-1, -2)  # [B, H, N, M, K, C]
-    else:  # only the blocks strictly below the diagonal, each factor ≤ 1; the diagonal blocks follow below
-        in_cols = torch.arange(C, device=dev)[None, :] < (torch.arange(M, device=dev) * sub)[:, None]  # [M, C]
-        col_log = (G_ref.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~in_cols[..., None], float("-inf"))
-        k_col_t = (k.unsqueeze(-3) * col_log.exp()).transpose(-1, -2)  # [B, H, N, M, K, C]
+    else:  # only the blocks strictly below the diagonal, through the END e of each key sub-chunk b < a:
+        # exp(G_r(a) − G_j) = exp(G_r(a) − G_e(b)) · exp(G_e(b) − G_j), both factors ≤ 1 whatever the decay
+        G_end = Gs[..., -1, :]  # [B, H, N, M, K]
+        k_end = ks * (G_end.unsqueeze(-2) - Gs).exp()  # [B, H, N, M, S, K]
+        earlier = torch.ones(M, M, dtype=torch.bool, device=dev).tril(-1)[..., None]  # b < a
+        between = (G_ref.unsqueeze(-2) - G_end.unsqueeze(-3)).masked_fill(~earlier, float("-inf")).exp()
+        k_col_t = (between.unsqueeze(-2) * k_end.unsqueeze(-4)).flatten(-3, -2).transpose(-1, -2)  # [.., M, K, C]
     qk = ((qs * row_decay) @ k_col_t).flatten(-3, -2)  # [B, H, N, C, C]
     kk = ((ks * row_decay) @ k_col_t).flatten(-3, -2)
 

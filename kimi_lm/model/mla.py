@@ -161,17 +161,23 @@ class MultiheadLatentAttention(nn.Module):
     def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
         """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space.
 
-        Every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached columns) and
-        drops the unused part of the result: the bf16 CPU kernels copy any strided operand first, which would cost
-        more than the few extra products.
+        In half precision every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached
+        columns) and drops the unused part of the result: those CPU kernels copy any strided operand first, which
+        would cost more than the few extra products. fp32 (MKL) takes strided operands as they are, so there each
+        product reads only the half of kv_b it needs.
         """
         B, T, H, _ = q.shape
         S = latent.shape[1]
         nope, C = self.nope_dim, self.latent_dim
         w = self._kv_b_weight(latent.dtype).view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
         q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
-        q_ext = F.pad(q_nope, (0, self.v_dim)).permute(2, 0, 1, 3).reshape(H, B * T, nope + self.v_dim)
-        q_latent = torch.bmm(q_ext, w).view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]
+        strided_ok = latent.dtype == torch.float32
+        if strided_ok:
+            q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope), w[:, :nope])
+        else:
+            q_ext = F.pad(q_nope, (0, self.v_dim)).permute(2, 0, 1, 3).reshape(H, B * T, nope + self.v_dim)
+            q_latent = torch.bmm(q_ext, w)
+        q_latent = q_latent.view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]
         q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, C + self.pe_dim)
         # Per sequence, because each cached row block latent[b] is contiguous while the batch stride of a view into
         # the growing cache buffer is not (bmm would copy the whole cache first).
@@ -182,5 +188,8 @@ class MultiheadLatentAttention(nn.Module):
         probs = scores.softmax(-1).to(latent.dtype).view(B, H * T, S)
         o_latent = torch.stack([probs[b] @ latent[b] for b in range(B)])[..., :C]  # Σ_s p_s ĉ_s: [B, H·T, 512]
         o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
-        o = torch.bmm(o_latent, w.transpose(1, 2))[..., nope:]  # W_UV ô: [H, B·T, v_dim]
+        if strided_ok:
+            o = torch.bmm(o_latent, w[:, nope:].transpose(1, 2))  # W_UV ô: [H, B·T, v_dim]
+        else:
+            o = torch.bmm(o_latent, w.transpose(1, 2))[..., nope:]
         return o.reshape(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # [B, T, H, v_dim]

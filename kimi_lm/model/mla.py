@@ -120,7 +120,7 @@ class MultiheadLatentAttention(nn.Module):
         if isinstance(latent, list):
             # sequences of different lengths decoded together (kimi_lm.batching): each row attends over its own
             # history [S_b, 576], so nothing is padded or copied
-            o = torch.cat([self.attend_absorbed(q[b : b + 1], h[None], h.shape[0] - T) for b, h in enumerate(latent)])
+            o = self.attend_absorbed(q, latent)
         elif cache is not None and T <= ABSORB_MAX_QUERY:
             o = self.attend_absorbed(q, _bucketed(cache, latent), past)
         else:
@@ -158,20 +158,23 @@ class MultiheadLatentAttention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._causal_mask(T, S, past, q.device), scale=self.scale)
         return o.transpose(1, 2)[..., : self.v_dim]
 
-    def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor, past: int) -> torch.Tensor:
-        """q [B, T, H, 192], latent [B, S, 576] -> o [B, T, H, v_dim], attending in latent space.
+    def attend_absorbed(self, q: torch.Tensor, latent: torch.Tensor | list[torch.Tensor], past: int | None = None
+                        ) -> torch.Tensor:
+        """q [B, T, H, 192], latent [B, S, 576] (or a list of B histories [S_b, 576] of different lengths, each row's
+        T queries being its last T positions) -> o [B, T, H, v_dim], attending in latent space.
 
+        The kv_b absorption runs once for all rows; only the attention over each row's own history is per row.
         In half precision every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached
         columns) and drops the unused part of the result: those CPU kernels copy any strided operand first, which
         would cost more than the few extra products. fp32 (MKL) takes strided operands as they are, so there each
         product reads only the half of kv_b it needs.
         """
         B, T, H, _ = q.shape
-        S = latent.shape[1]
         nope, C = self.nope_dim, self.latent_dim
-        w = self._kv_b_weight(latent.dtype).view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
+        dtype = latent[0].dtype if isinstance(latent, list) else latent.dtype
+        w = self._kv_b_weight(dtype).view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
         q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
-        strided_ok = latent.dtype == torch.float32
+        strided_ok = dtype == torch.float32
         if strided_ok:
             q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope), w[:, :nope])
         else:
@@ -179,17 +182,24 @@ class MultiheadLatentAttention(nn.Module):
             q_latent = torch.bmm(q_ext, w)
         q_latent = q_latent.view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]
         q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, C + self.pe_dim)
-        # Per sequence, because each cached row block latent[b] is contiguous while the batch stride of a view into
-        # the growing cache buffer is not (bmm would copy the whole cache first).
-        scores = torch.stack([q_full[b] @ latent[b].T for b in range(B)]).view(B, H, T, S).float() * self.scale
-        mask = self._causal_mask(T, S, past, q.device)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(-1).to(latent.dtype).view(B, H * T, S)
-        o_latent = torch.stack([probs[b] @ latent[b] for b in range(B)])[..., :C]  # Σ_s p_s ĉ_s: [B, H·T, 512]
+        # Per sequence: each cached row block latent[b] is contiguous while the batch stride of a view into the
+        # growing cache buffer is not (bmm would copy the whole cache first), and ragged rows differ in length.
+        o_latent = torch.stack([
+            self._attend_latent(q_full[b], latent[b], T, latent[b].shape[0] - T if past is None else past)
+            for b in range(B)])  # Σ_s p_s ĉ_s: [B, H·T, 512]
         o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
         if strided_ok:
             o = torch.bmm(o_latent, w[:, nope:].transpose(1, 2))  # W_UV ô: [H, B·T, v_dim]
         else:
             o = torch.bmm(o_latent, w.transpose(1, 2))[..., nope:]
         return o.reshape(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # [B, T, H, v_dim]
+
+    def _attend_latent(self, q_full: torch.Tensor, history: torch.Tensor, T: int, past: int) -> torch.Tensor:
+        """One sequence: q_full [H·T, 576] against its history [S, 576] -> Σ_s p_s ĉ_s [H·T, 512]."""
+        S = history.shape[0]
+        scores = (q_full @ history.T).view(-1, T, S).float() * self.scale  # [H, T, S]
+        mask = self._causal_mask(T, S, past, q_full.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(history.dtype).view(-1, S)
+        return (probs @ history)[:, : self.latent_dim]

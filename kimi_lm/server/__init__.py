@@ -50,6 +50,21 @@ def context_length(config) -> int:
     return getattr(config, "model_max_length", None) or getattr(config, "max_position_embeddings", None) or 1 << 20
 
 
+def _load_without_a_thread_team(args):
+    """Load on this thread with one torch thread, so that the scheduler thread is the only one that ever starts an
+    OpenMP team. GNU OpenMP throttles its workers' spin-waiting once more worker threads exist than CPUs (here: the
+    main thread's team plus the scheduler's), and then every parallel product pays a futex wake-up: measured, a
+    packed 1 MB decode product took 140 µs on the scheduler thread instead of 62 µs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_model_and_tokenizer(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _main(argv) -> int:
     import uvicorn
 
@@ -59,7 +74,7 @@ def _main(argv) -> int:
                         ("--max-kv-size", args.max_kv_size)):
         if value is not None and value < (0 if flag == "--port" else 1):
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    model, tokenizer = load_model_and_tokenizer(args)
+    model, tokenizer = _load_without_a_thread_team(args)
     if tokenizer.chat_template is None:
         logging.warning("%s has no chat template: /v1/chat/completions will answer 400", args.model)
     engine = Engine(model, tokenizer, args.max_batch_size, args.max_kv_size, args.prompt_cache_bytes,

@@ -19,7 +19,6 @@ Reference: PyTorch ``aten/src/ATen/native/mkldnn/Linear.cpp`` (``mkldnn_linear_p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts
@@ -94,16 +93,11 @@ class OneDNNStackedExperts(StackedExperts):
     def num_experts(self) -> int:
         return len(self.gate_up_packed)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = packed_linear(x, self.gate_up_packed[e]).chunk(2, dim=-1)
-        return packed_linear(F.silu(gate) * up, self.down_packed[e])
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.gate_up_packed[e])
 
-    def decode(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """One token through its k experts with the SwiGLU of all k done at once (fewer small ops per step)."""
-        gate, up = torch.cat([packed_linear(x, self.gate_up_packed[e]) for e in experts]).chunk(2, dim=-1)
-        h = F.silu(gate) * up  # [k, I]
-        out = torch.cat([packed_linear(h[i : i + 1], self.down_packed[e]) for i, e in enumerate(experts)])
-        return (weights @ out.float()).to(x.dtype)
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return packed_linear(h, self.down_packed[e])
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])

@@ -144,13 +144,15 @@ class FP8StackedExperts(StackedExperts):
             module.down_proj.data[e], module.down_proj_scale_inv[e] = quantize(experts.down_proj[e].detach())
         return module
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of expert e on x [n, hidden], each matrix dequantized tile by tile."""
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """gate | up of expert e, each dequantized tile by tile on its own block grid."""
         I = self.intermediate_size
         rb = self.gate_up_proj_scale_inv.shape[1] // 2
         q, s = self.gate_up_proj[e], self.gate_up_proj_scale_inv[e]
-        gate, up = linear(x, q[:I], s[:rb]), linear(x, q[I:], s[rb:])
-        return linear(F.silu(gate) * up, self.down_proj[e], self.down_proj_scale_inv[e])
+        return torch.cat([linear(x, q[:I], s[:rb]), linear(x, q[I:], s[rb:])], dim=-1)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return linear(h, self.down_proj[e], self.down_proj_scale_inv[e])
 
 
 def quantize_modules(model: nn.Module, predicate: Callable[[str, nn.Module], bool], pack: bool = False) -> list[str]:

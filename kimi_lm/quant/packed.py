@@ -266,9 +266,11 @@ class PackedStackedExperts(StackedExperts):
             return int4_cpu.matmul(x, getattr(self, name)[e], getattr(self, f"{name}_scales_zeros")[e], spec.group_size)
         return packed_linear(x, *self._part(name, spec, e))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self._linear("gate_up_proj", self.gate_up_spec, e, x).chunk(2, dim=-1)
-        return self._linear("down_proj", self.down_spec, e, F.silu(gate) * up)
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self._linear("gate_up_proj", self.gate_up_spec, e, x)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self._linear("down_proj", self.down_spec, e, h)
 
 
 class MultiLinear(nn.Module):

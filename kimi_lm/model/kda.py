@@ -70,11 +70,14 @@ class KimiDeltaAttention(nn.Module):
         fuse(self, "in_proj", self.INPUT_PROJECTIONS)
         self.__dict__["_decode_constants"] = self._constants()
 
-    def _constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 conv taps of q | k | v [W, 3D], −exp(A_log) [H, 1] and dt_bias [H, K], as the decode step uses them."""
+    def _constants(self) -> tuple[torch.Tensor, ...]:
+        """What the decode step uses, in fp32: conv taps of q | k | v [W, 3D], −exp(A_log) [H, 1], dt_bias [H, K],
+        and the [2, 1, 1] factors after the q/k rms_norm: q gets K^-1/2 / sqrt(K) = 1/K, k 1/sqrt(K) (l2_normalize)."""
         H, K = self.num_heads, self.head_dim
         taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).view(3 * H * K, -1)
-        return taps.T.float().contiguous(), -self.A_log.float().view(H, 1).exp(), self.dt_bias.float().view(H, K)
+        qk_scale = torch.tensor([K**-0.5 / math.sqrt(K), 1 / math.sqrt(K)], device=self.A_log.device).view(2, 1, 1)
+        return (taps.T.float().contiguous(), -self.A_log.float().view(H, 1).exp(), self.dt_bias.float().view(H, K),
+                qk_scale)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, hidden] -> q, k, v [B, T, D], f_a, g_a [B, T, K], b [B, T, H] (before conv, gates, norms)."""
@@ -139,22 +142,13 @@ class KimiDeltaAttention(nn.Module):
             q, k, v, f_a, g_a, b = self._project(x[:, 0])
             qkv = torch.cat([q, k, v], dim=-1)
         # causal conv over the last W inputs of q | k | v at once; conv_state [B, W − 1, 3D] slides by one
-        taps, neg_A, dt_bias = self.__dict__.get("_decode_constants") or self._constants()
+        taps, neg_A, dt_bias, qk_scale = self.__dict__.get("_decode_constants") or self._constants()
         window = torch.cat([cache.conv_state, qkv.unsqueeze(1).to(cache.conv_state.dtype)], dim=1)  # [B, W, 3D]
         cache.conv_state.copy_(window[:, 1:])
         qkv = F.silu((window.float() * taps).sum(1)).view(B, 3, H, K)
         # L2 norm of q and k in one call: x / sqrt(Σx² + eps) = rms_norm(x, eps / K) / sqrt(K); q also × K^-1/2
-        qk = F.rms_norm(qkv[:, :2], (K,), eps=1e-6 / K) * self._qk_scale(qkv.device)
+        qk = F.rms_norm(qkv[:, :2], (K,), eps=1e-6 / K) * qk_scale
         g = neg_A * F.softplus(self.f_b_proj(f_a).float().view(B, H, K) + dt_bias)  # kda_gate
         o = kda_step(qk[:, 0], qk[:, 1], qkv[:, 2], g, torch.sigmoid(b.float()), cache.state)  # [B, H, K]
         z = self.g_b_proj(g_a).view(B, H, K)
         return self.o_proj(self.o_norm(o, z, x.dtype).view(B, 1, D))
-
-    def _qk_scale(self, device) -> torch.Tensor:
-        """[2, 1, 1] factors after rms_norm: q gets K^-1/2 / sqrt(K) = 1/K, k gets 1/sqrt(K) (``l2_normalize``)."""
-        scale = self.__dict__.get("_qk_scale_cached")
-        if scale is None or scale.device != torch.device(device):
-            K = self.head_dim
-            scale = torch.tensor([K**-0.5 / math.sqrt(K), 1 / math.sqrt(K)], device=device).view(2, 1, 1)
-            self.__dict__["_qk_scale_cached"] = scale
-        return scale

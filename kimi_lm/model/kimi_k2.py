@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import ModelCache, check_forward_inputs, make_model_cache
 from kimi_lm.config import KimiK2Config
+from kimi_lm.model.causal_lm import CausalLM
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE
@@ -63,45 +63,6 @@ class KimiK2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class KimiK2ForCausalLM(nn.Module):
+class KimiK2ForCausalLM(CausalLM):
     def __init__(self, config: KimiK2Config):
-        super().__init__()
-        self.config = config
-        self.model = KimiK2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. With ``cache``, the T tokens continue the cached sequences.
-
-        ``logits_to_keep=n`` computes logits for the last n positions only ([B, n, vocab]): a prefill needs one row,
-        and the full [T, 163840] matrix of the real model is 1.3 GB per 2048-token chunk in fp32.
-        """
-        check_forward_inputs(input_ids, cache, logits_to_keep)
-        h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, None if cache is None else cache[i])
-        if cache is not None:
-            cache.offset += input_ids.shape[1]
-        if logits_to_keep is not None:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(h))
-
-    def make_cache(self, batch_size: int = 1) -> ModelCache:
-        """Fresh per-layer latent caches for ``batch_size`` sequences, in the model's compute dtype."""
-        return make_model_cache(self, batch_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype: read off the final norm, which is never quantized."""
-        return self.model.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def num_parameters(self) -> int:
-        """Every stored value: parameters and buffers (router bias, fp8 block scales) alike."""
-        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
+        super().__init__(config, KimiK2Model(config))

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import ModelCache, check_forward_inputs, make_model_cache
+from kimi_lm.cache import ModelCache
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.attnres import BlockAttnRes, block_size_in_sublayers, new_depth_attention
+from kimi_lm.model.causal_lm import CausalLM
 from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
@@ -79,37 +80,14 @@ class KimiLinearModel(nn.Module):
                 config.hidden_size, config.rms_norm_eps)
 
 
-class KimiLinearForCausalLM(nn.Module):
+class KimiLinearForCausalLM(CausalLM):
     def __init__(self, config: KimiLinearConfig):
-        super().__init__()
-        self.config = config
-        self.model = KimiLinearModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, KimiLinearModel(config))
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. With ``cache``, the T tokens continue the cached sequences.
-
-        ``logits_to_keep=n`` computes logits for the last n positions only ([B, n, vocab]): a prefill needs one row,
-        and the full [T, 163840] matrix of the real model is 1.3 GB per 2048-token chunk in fp32.
-        """
-        check_forward_inputs(input_ids, cache, logits_to_keep)
-        h = self.model.embed_tokens(input_ids)
-        if self.config.attn_res_block_size:
-            h = self._attn_res_layers(h, cache)
-        else:
-            for i, layer in enumerate(self.model.layers):
-                h = layer(h, None if cache is None else cache[i])
-        if cache is not None:
-            cache.offset += input_ids.shape[1]
-        if logits_to_keep is not None:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(h))
-
-    def _attn_res_layers(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
-        """The decoder stack with Block AttnRes: embedding [B, T, D] -> input of the final norm [B, T, D]."""
+    def decoder_stack(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """The layers, or with Block AttnRes: embedding [B, T, D] -> input of the final norm [B, T, D]."""
+        if not self.config.attn_res_block_size:
+            return super().decoder_stack(h, cache)
         state = BlockAttnRes(h, block_size_in_sublayers(self.config.attn_res_block_size), self.config.rms_norm_eps)
         for i, layer in enumerate(self.model.layers):
             x = state.input(layer.self_attention_res_proj, layer.self_attention_res_norm)
@@ -117,20 +95,3 @@ class KimiLinearForCausalLM(nn.Module):
             x = state.input(layer.mlp_res_proj, layer.mlp_res_norm)
             state.add(layer.feed_forward(x))
         return state.output(self.model.output_attn_res_proj, self.model.output_attn_res_norm)
-
-    def make_cache(self, batch_size: int = 1) -> ModelCache:
-        """Fresh per-layer state for ``batch_size`` sequences (KDA state fp32, MLA latents in the model dtype)."""
-        return make_model_cache(self, batch_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype: read off a norm, which is never quantized (a packed lm_head is uint32)."""
-        return self.model.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def num_parameters(self) -> int:
-        """Every stored value, parameters and buffers (the router correction bias) alike."""
-        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())

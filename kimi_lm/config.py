@@ -58,8 +58,28 @@ _UNIMPLEMENTED = {
 }
 
 
+class _SharedConfig:
+    """What both config classes derive the same way from the keys they share (MLA sizes, the MoE layer pattern)."""
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def mla_cache_width(self) -> int:
+        """Values cached per token per MLA layer by the absorbed form: latent + shared key part (512 + 64)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @classmethod
+    def from_file(cls, path: str | Path):
+        return cls.from_dict(read_config_json(path), source=str(path))
+
+
 @dataclass
-class KimiLinearConfig:
+class KimiLinearConfig(_SharedConfig):
     """Kimi Linear hyper-parameters; field names are the official config.json keys."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("kimi_linear",)
@@ -125,21 +145,9 @@ class KimiLinearConfig:
     def conv_kernel_size(self) -> int:
         return int(self.linear_attn_config.get("short_conv_kernel_size", 4))
 
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def mla_cache_width(self) -> int:
-        """Values cached per token per MLA layer by the absorbed form: latent + shared key part (512 + 64)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
     def is_kda_layer(self, layer_idx: int) -> bool:
         """Layer ``layer_idx`` (0-based) is KDA iff ``layer_idx + 1`` is in the 1-based ``kda_layers``."""
         return (layer_idx + 1) in self.linear_attn_config["kda_layers"]
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     # ---- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
@@ -153,10 +161,6 @@ class KimiLinearConfig:
         if "mlp_layer_types" in d and "first_k_dense_replace" not in d:
             d["first_k_dense_replace"] = _first_k_dense_from_mlp_types(d["mlp_layer_types"], source)
         return _build(cls, d, source)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "KimiLinearConfig":
-        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The official (remote-code) config.json layout."""
@@ -312,7 +316,7 @@ FP8_BLOCK_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
 
 
 @dataclass
-class KimiK2Config:
+class KimiK2Config(_SharedConfig):
     """Kimi K2 / DeepSeek-V3 hyper-parameters; field names are the official config.json keys.
 
     Defaults are transformers' ``DeepseekV3Config`` defaults: what a ``deepseek_v3`` config.json means when it omits
@@ -361,19 +365,6 @@ class KimiK2Config:
     quantization_config: dict | None = None
     dtype: str | None = "bfloat16"
 
-    # ---- derived sizes -----------------------------------------------------------------------------------------
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def mla_cache_width(self) -> int:
-        """Values cached per token per layer: latent + rotated shared key part (512 + 64)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
-
     # ---- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiK2Config":
@@ -390,10 +381,6 @@ class KimiK2Config:
             d.get("rope_scaling"), d.get("max_position_embeddings", cls.max_position_embeddings), source
         )
         return _build(cls, d, source)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "KimiK2Config":
-        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The official config.json layout (``rope_scaling``, ``torch_dtype``)."""

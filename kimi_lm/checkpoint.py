@@ -182,6 +182,20 @@ def _numel(shape) -> int:
     return n
 
 
+def plan_shards(items: list, nbytes, max_bytes: int) -> list[list]:
+    """Consecutive runs of ``items``, each at most ``max_bytes`` by ``nbytes(item)`` (an item bigger than that gets a
+    shard alone), as ``save_pretrained`` and mlx-lm's make_shards split checkpoints."""
+    shards, size = [[]], 0
+    for item in items:
+        n = nbytes(item)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
+
+
 def write_safetensors(path: Path, entries: dict[str, tuple[torch.dtype, list[int]]], produce, metadata=None) -> int:
     """Write a safetensors file tensor by tensor: ``entries`` name -> (dtype, shape) fixes the header, then
     ``produce(name)`` supplies each tensor in turn, so only one is in memory at a time. Returns the data bytes."""

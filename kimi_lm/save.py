@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kimi_lm.checkpoint import FP32_SUFFIXES, _expert_slice, write_safetensors
+from kimi_lm.checkpoint import FP32_SUFFIXES, _expert_slice, plan_shards, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
@@ -64,7 +64,7 @@ def save(model, path, *, dtype: torch.dtype | None = None, tokenizer_dir=None, f
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists")
     tensors = checkpoint_tensors(model, dtype)
-    shards = _plan_shards(tensors, max_shard_bytes)
+    shards = plan_shards(sorted(tensors), lambda name: tensors[name].nbytes, max_shard_bytes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary, readable directory
@@ -94,19 +94,6 @@ def save(model, path, *, dtype: torch.dtype | None = None, tokenizer_dir=None, f
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Consecutive runs of sorted names, each shard at most ``max_bytes`` (a bigger tensor gets a shard alone)."""
-    shards, size = [[]], 0
-    for name in sorted(tensors):
-        n = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

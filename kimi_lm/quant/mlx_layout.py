@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from kimi_lm.checkpoint import (SafetensorsFile, _mlx_quantization, _mlx_specs, _model_class, _skipped, _target_name,
-                                ST_DTYPES, weight_files, write_safetensors)
+                                ST_DTYPES, plan_shards, weight_files, write_safetensors)
 from kimi_lm.config import KimiLinearConfig, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.packed import QuantSpec
@@ -184,19 +184,6 @@ def _nbytes(entry) -> int:
     return n
 
 
-def _shards(groups: list[_Group], max_bytes: int) -> list[list[_Group]]:
-    """Consecutive groups up to ``max_bytes`` a shard (mlx-lm's make_shards); a module's parts stay together."""
-    shards, size = [[]], 0
-    for g in groups:
-        n = sum(_nbytes(e) for e in g.entries.values())
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(g)
-        size += n
-    return shards
-
-
 def _copy_extras(src: Path, tmp: Path) -> None:
     for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
         if item.name in ("config.json", INDEX, SUMS) or item.suffix == ".safetensors":
@@ -249,7 +236,8 @@ def quantize_to_mlx(src, dst, spec: QuantSpec, progress: bool = True, max_shard_
 
         groups = _groups(src, config, files, shard)  # every header checked before anything is written
         block = _plan_quant(groups, spec)
-        shards = _shards(groups, max_shard_bytes)
+        # a module's parts stay together in one shard
+        shards = plan_shards(groups, lambda g: sum(_nbytes(e) for e in g.entries.values()), max_shard_bytes)
         fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         owner = {name: g for g in groups for name in g.entries}
         cache: dict[str, dict] = {}  # the module being written: its weight, scales and biases come from one quantize

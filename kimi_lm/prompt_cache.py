@@ -164,8 +164,8 @@ class PromptCache:
         while len(self.snapshots) > MAX_SNAPSHOTS:
             del self.snapshots[min(self.snapshots)]
 
-    def reuse(self, prompt: list[int]) -> int:
-        """Rewind to the longest prefix of ``prompt`` whose state is known exactly; returns its length (0 = cold).
+    def restorable(self, prompt: list[int]) -> int:
+        """Length of the longest prefix of ``prompt`` whose state is known exactly (0 = none); changes nothing.
 
         A boundary equal to the whole prompt counts only if its logits are stored (the next token needs them).
         """
@@ -177,7 +177,11 @@ class PromptCache:
         usable = lambda b, logits: b > 0 and (b < len(prompt) or logits is not None)  # noqa: E731
         candidates = [len(self.tokens)] if n == len(self.tokens) and usable(n, self.logits) else []
         candidates += [b for b, s in self.snapshots.items() if b <= n and usable(b, s.logits)]
-        best = max(candidates, default=0)
+        return max(candidates, default=0)
+
+    def reuse(self, prompt: list[int]) -> int:
+        """Rewind to ``restorable(prompt)`` tokens; returns that length (0 = cold)."""
+        best = self.restorable(prompt)
         if best == 0:
             self.reset()
         elif best != len(self.tokens):

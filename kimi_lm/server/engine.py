@@ -118,21 +118,9 @@ class PromptCachePool:
     def nbytes(self) -> int:
         return sum(pc.nbytes for pc in self.entries)
 
-    @staticmethod
-    def restorable(pc: PromptCache, ids: list[int]) -> int:
-        """Longest prefix of ``ids`` that ``pc.reuse(ids)`` would restore exactly (same rule, no mutation)."""
-        n = 0
-        for a, b in zip(pc.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        usable = lambda b, logits: b > 0 and (b < len(ids) or logits is not None)  # noqa: E731
-        best = len(pc.tokens) if n == len(pc.tokens) and usable(n, pc.logits) else 0
-        return max([best] + [b for b, s in pc.snapshots.items() if b <= n and usable(b, s.logits)])
-
     def take(self, ids: list[int]) -> PromptCache:
         """The pooled cache that restores most of ``ids`` (removed from the pool), or a fresh one."""
-        scored = [(self.restorable(pc, ids), i) for i, pc in enumerate(self.entries)]
+        scored = [(pc.restorable(ids), i) for i, pc in enumerate(self.entries)]
         best, i = max(scored, default=(0, -1))
         if best > 0:
             return self.entries.pop(i)

@@ -12,9 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoints import build_reference, save_reference, to_official_layout  # noqa: E402
 from conftest import rel_err  # noqa: E402
-from test_mlx_quant import IDS, _config, mlx_convert, mlx_logits  # noqa: E402
+from test_mlx_quant import IDS, mlx_convert, mlx_logits, official_for_mlx  # noqa: E402
 
 import kimi_lm  # noqa: E402
 from kimi_lm.cli import main as cli  # noqa: E402
@@ -25,12 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convq")
-    out = to_official_layout(save_reference(build_reference(_config(), seed=3), root / "hf"), root / "official")
-    raw = json.loads((out / "config.json").read_text())
-    raw.update(head_dim=48, rope_theta=10000.0)  # keys mlx-lm's ModelArgs requires (unused by Kimi Linear's NoPE MLA)
-    (out / "config.json").write_text(json.dumps(raw))
-    return out
+    return official_for_mlx(tmp_path_factory.mktemp("convq"))
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -113,14 +113,18 @@ def _config():
                    bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlxq")
+def official_for_mlx(root: Path) -> Path:
+    """The ``_config()`` reference model in the official layout, with the config keys mlx-lm also needs."""
     out = to_official_layout(save_reference(build_reference(_config(), seed=3), root / "hf"), root / "official")
     raw = json.loads((out / "config.json").read_text())
     raw.update(head_dim=48, rope_theta=10000.0)  # keys mlx-lm's ModelArgs requires (unused by Kimi Linear's NoPE MLA)
     (out / "config.json").write_text(json.dumps(raw))
     return out
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    return official_for_mlx(tmp_path_factory.mktemp("mlxq"))
 
 
 def mlx_convert(src: Path, dst: Path, mode: str | None, bits: int | None = None, group: int | None = None) -> Path:

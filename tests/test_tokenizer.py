@@ -8,7 +8,8 @@ import regex
 
 from kimi_lm.errors import CheckpointError
 from kimi_lm.tokenizer import MAX_RUN_CHARS, PAT_STR, load_tokenizer, split_long_runs
-from tiny_chat import CORPUS, SPECIAL_OFFSETS, train_bpe, write_tokenizer
+from kimi_lm.train.bpe import SPECIAL_OFFSETS
+from tiny_chat import CORPUS, TEMPLATE, train_bpe, write_tokenizer
 
 TEXTS = [
     "Hello world! The quick brown fox.",
@@ -24,7 +25,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d, train_bpe(CORPUS, merges=60))
+    write_tokenizer(d, train_bpe(CORPUS, merges=60), TEMPLATE.read_text())
     return d
 
 

@@ -10,11 +10,9 @@ cannot be fed to the model.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 from checkpoints import randomize_
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+from kimi_lm.train.bpe import write_tokenizer
 
 TEMPLATE = Path(__file__).parent / "data" / "kimi-linear-48b-a3b-instruct.chat_template.jinja"
 CORPUS = (
@@ -32,13 +31,6 @@ CORPUS = (
     "Hello world! hello again, world. 12345 123456 1234567 12345678 2024 3.14159 1000000 "
     "漢字漢字 你好你好 世界世界 "
 ) * 3
-# offsets from the base-vocabulary size, as in Kimi-K2 / Kimi-Linear tokenizer_config.json (spec §7.2)
-SPECIAL_OFFSETS = {
-    0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 6: "<|start_header_id|>",
-    7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>", 11: "<|tool_calls_section_begin|>",
-    12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>", 14: "<|tool_call_argument_begin|>",
-    15: "<|tool_call_end|>", 17: "<|im_middle|>", 254: "[UNK]", 255: "[PAD]",
-}
 _BUILT: dict[str, Path] = {}
 
 
@@ -70,21 +62,6 @@ def train_bpe(corpus: str, merges: int) -> dict[bytes, int]:
     return ranks
 
 
-def write_tokenizer(directory: Path, ranks: dict[bytes, int], template: bool = True) -> int:
-    """Write tiktoken.model, tokenizer_config.json (and chat_template.jinja); returns the base-vocabulary size."""
-    lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
-    (directory / "tiktoken.model").write_text("\n".join(lines) + "\n")
-    n = len(ranks)
-    decoder = {str(n + off): {"content": name, "special": not 11 <= off <= 15}  # tool markers are special=false
-               for off, name in SPECIAL_OFFSETS.items()}
-    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]",
-              "unk_token": "[UNK]", "tokenizer_class": "TikTokenTokenizer"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    if template:
-        shutil.copy(TEMPLATE, directory / "chat_template.jinja")
-    return n
-
-
 def build_model_dir(directory: Path, vocab_size: int, seed: int) -> Path:
     """A random tiny Kimi Linear written as transformers 5 lays it out (stacked experts, one safetensors file).
 
@@ -106,7 +83,7 @@ def chat_checkpoint(tmp_path_factory, seed: int = 0) -> Path:
     if key not in _BUILT:
         ranks = train_bpe(CORPUS, merges=60)
         directory = build_model_dir(tmp_path_factory.mktemp(f"chat_{key}"), len(ranks) + 256, seed)
-        write_tokenizer(directory, ranks)
+        write_tokenizer(directory, ranks, TEMPLATE.read_text())
         _BUILT[key] = directory
     return _BUILT[key]
 

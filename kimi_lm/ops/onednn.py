@@ -1,16 +1,17 @@
 """Linear layers on oneDNN with weights pre-packed once at load: the CPU inference path for fp32 and bf16 weights.
 
 ``F.linear`` on CPU sends fp32 to MKL, whose one-row product (sgemv, every decode step) runs on one core at about a
-third of the machine's memory bandwidth. oneDNN's inner product
-with a weight reordered once into its blocked layout (``mkldnn._reorder_linear_weight``, the layout TorchInductor's
-CPU freezing pass uses) streams the weight on every core: measured on a 2-core AVX-512 machine, a one-token product
-reads weights at ≈ 18–20 GB/s fp32 and ≈ 30 GB/s bf16 instead of ≈ 8–10, and 1024-token GEMMs are 10–20 % faster.
-The result is the same product in the same dtype (fp32 sums are merely reassociated: ≤ 1e-6 relative).
+third of the machine's memory bandwidth. oneDNN's inner product with a weight reordered once into its blocked layout
+(``mkldnn._reorder_linear_weight``, the layout TorchInductor's CPU freezing pass uses) streams the weight on every
+core: measured on a 2-core AVX-512 machine, a one-token product reads weights at ≈ 18–20 GB/s fp32 and ≈ 30 GB/s
+bf16 instead of ≈ 8–10, and 1024-token GEMMs are 10–20 % faster. The result is the same product in the same dtype
+(fp32 sums are merely reassociated: ≤ 1e-6 relative).
 
 Each oneDNN call also costs ≈ 13 µs of set-up, so modules whose products read the same input (KDA's six input
 projections, MLA's two, an MLP's gate and up) merge them into one packed matrix (``fuse``, called by the loader
-through each module's ``fuse_projections``). A packed module keeps only the packed weight (no second copy). ``state_dict`` still yields the plain ``weight``
-(so a loaded model can be saved), and ``dense_weight`` gives it back for code that needs the matrix itself.
+through each module's ``fuse_projections``). A packed module keeps only the packed weight (no second copy).
+``state_dict`` still yields the plain ``weight`` (so a loaded model can be saved), and ``dense_weight`` gives it
+back for code that needs the matrix itself.
 
 Reference: PyTorch ``aten/src/ATen/native/mkldnn/Linear.cpp`` (``mkldnn_linear_pointwise``,
 ``mkldnn_reorder_linear_weight``); ``torch/_inductor/fx_passes/mkldnn_fusion.py``.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from kimi_lm.ops.kda import kda_chunked, kda_gate, kda_step, l2_normalize
+from kimi_lm.ops.kda import decay_exp, kda_chunked, kda_gate, kda_step, l2_normalize
 from kimi_lm.ops.kda_naive import kda_recurrent_naive
 
 
@@ -85,3 +85,20 @@ def test_gate_formula_and_dtype():
     assert g.dtype == torch.float32
     assert rel_err(g, expected) < 1e-6
     assert (g <= 0).all()
+
+
+def test_decay_exp_equals_exp_over_the_whole_range():
+    """exp(x/2)² stands in for exp(x) on log-decays: the same value to a few ulp where exp(x) is a normal float,
+    the same tiny (denormal) or zero value below, and exp's gradient."""
+    x = torch.cat([-torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 400,
+                   torch.tensor([0.0, -1e-7, -87.0, -87.5, -103.0, -174.0, -174.5, -1e4, -float("inf")])])
+    exact = x.double().exp()
+    got = decay_exp(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    normal = exact >= torch.finfo(torch.float32).tiny
+    assert ((got.double() - exact).abs() / exact)[normal].max() < 4e-7
+    assert (got.double() - exact)[~normal].abs().max() < 1e-44  # denormal range: within a couple of denormal steps
+    assert got[-3:].eq(0).all()
+    leaf = x[:100].clone().requires_grad_(True)
+    decay_exp(leaf).sum().backward()
+    assert rel_err(leaf.grad, x[:100].exp()) < 1e-6

@@ -74,22 +74,28 @@ def test_packed_experts_equal_stacked_experts(tokens):
     assert torch.equal(state["gate_up_proj"], experts.gate_up_proj) and torch.equal(state["down_proj"], experts.down_proj)
 
 
-def test_loaded_model_packed_equals_plain(official_checkpoint, token_ids):
-    """The default (packed, fused) model against the plain nn.Linear one: full forward, and prefill + cached decode."""
-    packed = kimi_lm.load(official_checkpoint, dtype=torch.float32)
-    plain = kimi_lm.load(official_checkpoint, dtype=torch.float32, pack_weights=False)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_loaded_model_packed_equals_plain(official_checkpoint, token_ids, dtype, tol):
+    """The default (packed, fused) model against the plain nn.Linear one: full forward, and prefill + cached decode
+    (whose absorbed MLA reads kv_b's halves from the copies the packed model keeps). bf16 may round partial sums
+    differently where the plain model's kernels are not oneDNN's (equal on the AVX-512 machine this was written on)."""
+    if not onednn.available(dtype, "cpu"):
+        pytest.skip(f"no oneDNN {dtype} on this CPU")
+    packed = kimi_lm.load(official_checkpoint, dtype=dtype)
+    plain = kimi_lm.load(official_checkpoint, dtype=dtype, pack_weights=False)
+    assert all("_absorb_weights" in m.__dict__ for m in packed.modules() if type(m).__name__ == "MultiheadLatentAttention")
     assert isinstance(packed.lm_head, onednn.OneDNNLinear) and isinstance(plain.lm_head, nn.Linear)
     assert packed.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(packed.state_dict()[k], v) for k, v in plain.state_dict().items())
     with torch.no_grad():
-        assert rel_err(packed(token_ids), plain(token_ids)) <= 1e-5
+        assert rel_err(packed(token_ids), plain(token_ids)) <= tol
         caches = packed.make_cache(token_ids.shape[0]), plain.make_cache(token_ids.shape[0])
         split = token_ids.shape[1] - 3
         outs = [[m(token_ids[:, :split], cache=c)[:, -1:]] for m, c in zip((packed, plain), caches)]
         for t in range(split, token_ids.shape[1]):
             for out, m, c in zip(outs, (packed, plain), caches):
                 out.append(m(token_ids[:, t : t + 1], cache=c))
-        assert rel_err(torch.cat(outs[0], 1), torch.cat(outs[1], 1)) <= 1e-5
+        assert rel_err(torch.cat(outs[0], 1), torch.cat(outs[1], 1)) <= tol
 
 
 def test_packed_model_refuses_dtype_changes_but_allows_no_ops(official_checkpoint):

@@ -80,6 +80,8 @@ class MultiheadLatentAttention(nn.Module):
         from kimi_lm.ops.onednn import fuse
 
         fuse(self, "in_proj", ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"))
+        if type(self.kv_b_proj) is nn.Linear:  # weights are final: keep the absorbed form's two halves contiguous
+            self.__dict__["_absorb_weights"] = self._split_kv_b(self.kv_b_proj.weight.detach(), contiguous=True)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)): the two products that read x."""
@@ -127,11 +129,27 @@ class MultiheadLatentAttention(nn.Module):
             o = self.attend_naive(q, latent, past)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
 
-    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        # a quantized kv_b_proj (kimi_lm.quant) stores packed values; absorbing it needs the dense matrix, rebuilt
-        # on the fly as DeepSeek's reference does (weight_dequant) rather than kept as a second copy
+    def _split_kv_b(self, w: torch.Tensor, contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b's [H·(nope + v), latent] weight -> (W_UK [H, nope, latent], W_UVᵀ [H, latent, v]), views or copies."""
+        w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        w_uk, w_uv_t = w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
+        return (w_uk.contiguous(), w_uv_t.contiguous()) if contiguous else (w_uk, w_uv_t)
+
+    def _absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, latent], W_UVᵀ [H, latent, v]) in ``dtype`` for the absorbed form.
+
+        A packed inference model (``fuse_projections``) keeps contiguous copies made once at load: each decode product
+        then reads exactly its half of kv_b (one extra copy of kv_b in memory). Otherwise they are cut from the weight
+        per call: strided views in fp32 (MKL reads them in place), contiguous copies in half precision (the CPU
+        half-precision matmul copies a strided operand first anyway). A quantized kv_b_proj (kimi_lm.quant) is
+        rebuilt dense on the fly, as DeepSeek's reference does (weight_dequant), rather than kept as a second copy.
+        """
+        kept = self.__dict__.get("_absorb_weights")
+        if kept is not None and kept[0].dtype == dtype:
+            return kept
         proj = self.kv_b_proj
-        return proj.dense_weight(dtype) if hasattr(proj, "dense_weight") else proj.weight
+        w = proj.dense_weight(dtype) if hasattr(proj, "dense_weight") else proj.weight.to(dtype)
+        return self._split_kv_b(w, contiguous=dtype != torch.float32)
 
     def _causal_mask(self, T: int, S: int, past: int, device) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend): query i sits at absolute position past + i. None when nothing is
@@ -163,24 +181,15 @@ class MultiheadLatentAttention(nn.Module):
         """q [B, T, H, 192], latent [B, S, 576] (or a list of B histories [S_b, 576] of different lengths, each row's
         T queries being its last T positions) -> o [B, T, H, v_dim], attending in latent space.
 
-        The kv_b absorption runs once for all rows; only the attention over each row's own history is per row.
-        In half precision every matmul takes whole contiguous operands (the full per-head kv_b block, all 576 cached
-        columns) and drops the unused part of the result: those CPU kernels copy any strided operand first, which
-        would cost more than the few extra products. fp32 (MKL) takes strided operands as they are, so there each
-        product reads only the half of kv_b it needs.
+        The kv_b absorption runs once for all rows (weights from ``_absorb``); only the attention over each row's own
+        history is per row.
         """
         B, T, H, _ = q.shape
         nope, C = self.nope_dim, self.latent_dim
-        dtype = latent[0].dtype if isinstance(latent, list) else latent.dtype
-        w = self._kv_b_weight(dtype).view(H, nope + self.v_dim, C)  # rows [0, nope): W_UK,h; the rest: W_UV,h
+        w_uk, w_uv_t = self._absorb(latent[0].dtype if isinstance(latent, list) else latent.dtype)
         q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
-        strided_ok = dtype == torch.float32
-        if strided_ok:
-            q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope), w[:, :nope])
-        else:
-            q_ext = F.pad(q_nope, (0, self.v_dim)).permute(2, 0, 1, 3).reshape(H, B * T, nope + self.v_dim)
-            q_latent = torch.bmm(q_ext, w)
-        q_latent = q_latent.view(H, B, T, C).transpose(0, 1)  # W_UKᵀ q_nope: [B, H, T, 512]
+        q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope), w_uk)  # W_UKᵀ q_nope, per head
+        q_latent = q_latent.view(H, B, T, C).transpose(0, 1)  # [B, H, T, 512]
         q_full = torch.cat([q_latent, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, C + self.pe_dim)
         # Per sequence: each cached row block latent[b] is contiguous while the batch stride of a view into the
         # growing cache buffer is not (bmm would copy the whole cache first), and ragged rows differ in length.
@@ -188,15 +197,13 @@ class MultiheadLatentAttention(nn.Module):
             self._attend_latent(q_full[b], latent[b], T, latent[b].shape[0] - T if past is None else past)
             for b in range(B)])  # Σ_s p_s ĉ_s: [B, H·T, 512]
         o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
-        if strided_ok:
-            o = torch.bmm(o_latent, w[:, nope:].transpose(1, 2))  # W_UV ô: [H, B·T, v_dim]
-        else:
-            o = torch.bmm(o_latent, w.transpose(1, 2))[..., nope:]
+        o = torch.bmm(o_latent, w_uv_t)  # W_UV ô: [H, B·T, v_dim]
         return o.reshape(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # [B, T, H, v_dim]
 
     def _attend_latent(self, q_full: torch.Tensor, history: torch.Tensor, T: int, past: int) -> torch.Tensor:
         """One sequence: q_full [H·T, 576] against its history [S, 576] -> Σ_s p_s ĉ_s [H·T, 512]."""
         S = history.shape[0]
+        # both products take all 576 cached columns: a half-precision CPU matmul would copy a strided operand first
         scores = (q_full @ history.T).view(-1, T, S).float() * self.scale  # [H, T, S]
         mask = self._causal_mask(T, S, past, q_full.device)
         if mask is not None:

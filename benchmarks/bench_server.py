@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def random_bench_checkpoint(directory: Path) -> Path:
-    from tiny_chat import CORPUS, train_bpe, write_tokenizer
+    from tiny_chat import CORPUS, TEMPLATE, train_bpe, write_tokenizer
 
     from kimi_lm.config import preset
     from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 
-    n = write_tokenizer(directory, train_bpe(CORPUS, merges=60))
+    n = write_tokenizer(directory, train_bpe(CORPUS, merges=60), TEMPLATE.read_text())
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(dataclasses.replace(preset("bench"), vocab_size=n + 256))
     from safetensors.torch import save_file

@@ -374,16 +374,18 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
         shown = ", ".join(missing[:8]) + (f" ... and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {shown}")
     model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
+    loaded.clear()  # the model now holds the only references: packing below frees each plain weight as it goes
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
         use_int4_kernels(model)
     model.eval().requires_grad_(False)
-    if torch.device(device).type == "cpu":
-        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if pack_weights and onednn.available(dtype, device):
         # kv_b_proj stays plain: absorbed MLA decode multiplies by slices of its weight matrix directly
         onednn.use_onednn_linears(model, skip=("kv_b_proj",))
+    if torch.device(device).type == "cpu":
+        malloc.release_free_memory()  # what the replaced plain weights and read buffers occupied: not 2x at rest
+        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     return model
 
 

@@ -113,3 +113,47 @@ def test_malloc_settings_apply_once_and_can_be_skipped():
     out = subprocess.run([sys.executable, "-c", "from kimi_lm.ops import malloc; print(malloc.keep_freed_memory())"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---- memory while loading -------------------------------------------------------------------------------------------
+RSS_SCRIPT = """
+import json, sys, torch, kimi_lm
+from kimi_lm.config import preset
+from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+with torch.device("meta"):  # one-time costs that do not grow with the model, paid before measuring
+    KimiLinearForCausalLM(preset("tiny"))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = kib("VmRSS:")
+model = kimi_lm.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+assert isinstance(model.lm_head, kimi_lm.ops.onednn.OneDNNLinear)
+print(json.dumps({"peak": (kib("VmHWM:") - before) * 1024, "after": (kib("VmRSS:") - before) * 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])
+def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_per_value):
+    """Replacing every weight by a packed copy must not hold both at once: load the bench preset (~260 MB in fp32) in
+    a fresh process; its peak and resident growth stay near the model's own size (they were ~2x before)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from kimi_lm.config import preset
+    from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(preset("bench"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    model_bytes = model.num_parameters() * bytes_per_value
+    del model
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path), dtype], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n{dtype}: model {model_bytes / 2**20:.0f} MiB, peak growth {r['peak'] / model_bytes:.2f}x, "
+          f"after {r['after'] / model_bytes:.2f}x")
+    assert r["peak"] <= 1.4 * model_bytes
+    assert r["after"] <= 1.2 * model_bytes

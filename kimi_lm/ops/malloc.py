@@ -9,8 +9,10 @@ jemalloc/tcmalloc preloads CPU inference guides recommend, without a preload). T
 stays with the process.
 
 Process-wide and idempotent; a no-op where the C library is not glibc. Set ``KIMI_LM_MALLOC=default`` to skip it.
+``release_free_memory`` hands freed heap pages back once (the loader calls it after replacing plain weights by
+packed copies, so that a loaded model's resident memory is its own size, not twice it).
 
-Reference: ``mallopt(3)`` (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD).
+Reference: ``mallopt(3)`` (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD), ``malloc_trim(3)``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,25 @@ TOP_PAD = 64 << 20
 _applied = False
 
 
+def _libc():
+    """glibc's handle, or None where the C library is something else (musl, macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (both exist only in glibc)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the OS now (``malloc_trim(0)``); True when something was released."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc.malloc_trim(0) == 1
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings once per process; returns True when they are in effect."""
     global _applied
@@ -34,11 +55,10 @@ def keep_freed_memory() -> bool:
         return True
     if os.environ.get("KIMI_LM_MALLOC", "") == "default":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
+    libc = _libc()
+    if libc is None:  # not glibc: nothing to tune
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts
+from kimi_lm.ops import malloc
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -164,9 +165,13 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     of ``skip``, and not a weight tied to another module) for its packed version. Returns how many were swapped."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     swapped = 0
-    for name, module in list(model.named_modules()):
+    trim = _ReleaseEvery(32 << 20)
+    # names, not modules: a list of the modules would keep every replaced plain weight alive until the end (2x the
+    # model in memory at the peak of loading); this way each one is freed as soon as its packed copy exists
+    for name in [name for name, _ in model.named_modules()]:
         if name.endswith(skip):
             continue
+        module = model.get_submodule(name)
         if type(module) is nn.Linear and module.bias is None and id(module.weight) not in tied:
             new: nn.Module = OneDNNLinear(module)
         elif type(module) is StackedExperts:
@@ -176,7 +181,29 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1
+        trim.freed(_nbytes(module))  # the plain weight is gone: its pages go back every 32 MiB, not at the end
+        del module
     for module in model.modules():  # then merge the products that share an input (modules say which)
         if hasattr(module, "fuse_projections"):
+            before = _nbytes(module)
             module.fuse_projections()
+            trim.freed(before)  # the separately packed parts (and the dense copies fusing made) are gone
     return swapped
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+class _ReleaseEvery:
+    """Hands freed heap pages back to the OS (``malloc.release_free_memory``) once ``limit`` bytes were freed, so
+    that swapping weights for packed copies keeps the process near the model's size instead of doubling it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.pending = limit, 0
+
+    def freed(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.limit:
+            malloc.release_free_memory()
+            self.pending = 0

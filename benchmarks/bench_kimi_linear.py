@@ -1,18 +1,23 @@
 """Prefill and cached-decode speed of kimi-lm vs transformers' CPU path, same weights, same process.
 
-Config: the ``bench`` preset (8 layers 3:1 KDA:MLA, hidden 512, 16 experts top-4, vocab 8192; ~66M parameters,
-~29M active per token). Both models are loaded from one checkpoint directory written by transformers. For each
+Config (``--config``): ``bench``, the preset of that name (8 layers 3:1 KDA:MLA, hidden 512, 16 experts top-4,
+vocab 8192; ~66M parameters, ~29M active per token), where a decode step is dominated by per-op overhead; or
+``real-layers``, Kimi-Linear-48B-A3B's own layer sizes (hidden 2304, 32 heads of 128, experts of 1024 top-8, dense
+first layer) in 4 layers (3 KDA + 1 MLA) with 16 experts and vocab 32768 (723M parameters), where a decode step
+streams what the real model's layers stream and memory bandwidth decides. Both models are loaded from one
+checkpoint directory written by transformers. For each
 dtype: prefill ``--prompt`` tokens, then ``--decode`` single-token steps with the cache. Reports the best of
 ``--repeats`` runs and the speed ratio kimi-lm / transformers, plus the max relative logit difference.
 
 Prints a table, then one JSON line.
 
-    python benchmarks/bench_kimi_linear.py [--prompt 1024] [--decode 32] [--dtypes float32,bfloat16]
+    python benchmarks/bench_kimi_linear.py [--config bench] [--prompt 1024] [--decode 32] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import kimi_lm  # noqa: E402
 from checkpoints import build_reference, save_reference  # noqa: E402
-from kimi_lm.config import preset  # noqa: E402
+from kimi_lm.config import KimiLinearConfig, preset  # noqa: E402
 
 
 def run_ours(model, prompt, steps):
@@ -83,8 +88,17 @@ def error_stats(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, f
     return per_pos.max().item(), per_pos.median().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
+def real_layers_config() -> KimiLinearConfig:
+    """Kimi-Linear-48B-A3B's layer dimensions in 4 layers (3 KDA + 1 MLA, dense first), 16 experts, vocab 32768."""
+    base = preset("kimi-linear-48b-a3b")
+    lac = dict(base.linear_attn_config, kda_layers=[1, 2, 3], full_attn_layers=[4])
+    return dataclasses.replace(base, num_hidden_layers=4, linear_attn_config=lac, num_experts=16, vocab_size=32768,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=["bench", "real-layers"], default="bench")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -93,7 +107,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    cfg = preset("bench")
+    cfg = preset("bench") if args.config == "bench" else real_layers_config()
     ref = build_reference(cfg)
     n_params = sum(p.numel() for p in ref.parameters())
     tmp = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
@@ -127,7 +141,7 @@ def main(argv=None) -> int:
         })
         del ours
 
-    print(f"bench config: {n_params / 1e6:.1f}M parameters, prompt {args.prompt}, decode {args.decode}, "
+    print(f"{args.config} config: {n_params / 1e6:.1f}M parameters, prompt {args.prompt}, decode {args.decode}, "
           f"{args.threads} threads, best of {args.repeats}")
     print(f"{'dtype':<9} {'prefill tok/s':>14} {'(tf)':>9} {'ratio':>6}   {'decode tok/s':>12} {'(tf)':>8} {'ratio':>6}"
           f"   {'vs fp32 reference: Δ max / median, top-1 (transformers: median, top-1)'}")
@@ -137,7 +151,8 @@ def main(argv=None) -> int:
               f"{r['decode_speedup']:>5.2f}x   {r['max_rel_logit_diff']:.1e} / {r['median_rel_logit_diff']:.1e}, "
               f"{r['top1_agreement']:.1%}  ({r['transformers_median_rel_logit_diff']:.1e}, "
               f"{r['transformers_top1_agreement']:.1%})")
-    print(json.dumps({"benchmark": "kimi_linear_cpu_vs_transformers", "params": n_params, "prompt": args.prompt,
+    print(json.dumps({"benchmark": "kimi_linear_cpu_vs_transformers", "config": args.config, "params": n_params,
+                      "prompt": args.prompt,
                       "decode": args.decode, "threads": args.threads, "results": rows}))
     return 0
 

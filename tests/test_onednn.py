@@ -157,3 +157,25 @@ def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_
           f"after {r['after'] / model_bytes:.2f}x")
     assert r["peak"] <= 1.4 * model_bytes
     assert r["after"] <= 1.2 * model_bytes
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("out_features", [64, 4096])  # 64 KiB / 4 MiB of bf16 weight: below / above the padding size
+def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
+    """A bf16 product with < 4 rows and a weight ≥ 2 MiB runs on a zero-padded 4-row input (a faster oneDNN
+    kernel); whatever the path, the result is the plain product in the input's shape."""
+    if not onednn.available(torch.bfloat16, "cpu"):
+        pytest.skip("no oneDNN bf16 on this CPU")
+    torch.manual_seed(0)
+    linear = nn.Linear(512, out_features, bias=False).to(torch.bfloat16)
+    packed = onednn.OneDNNLinear(linear)
+    x = torch.randn(rows, 1, 512).to(torch.bfloat16)  # [B, T=1, in] as in a batched decode step
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
+        got = packed(x)
+    assert got.shape == (rows, 1, out_features)
+    padded = rows < 4 and out_features * 512 * 2 >= 2 << 20
+    assert calls == [(4, 512) if padded else (rows, 1, 512)]
+    assert rel_err(got, linear(x)) <= 1e-2

@@ -30,6 +30,27 @@ def test_absorbed_equals_naive(mla, T, past):
     assert rel_err(absorbed, naive) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_decode_path(mla, dtype, monkeypatch):
+    """fp32 one-token decode over exactly its history goes through SDPA's fused kernel (one read of the history);
+    bf16 keeps the two matmuls. Both against the naive form."""
+    past = 25
+    layer = mla.to(dtype)
+    x = torch.randn(2, past + 1, preset("tiny").hidden_size).to(dtype)
+    with torch.no_grad():
+        q_in, kv_in = layer._project(x)
+        latent = layer.latent(kv_in)
+        q = layer._queries(q_in[:, past:])
+        naive = layer.attend_naive(q, latent, past)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        calls = []
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+        absorbed = layer.attend_absorbed(q, latent, past)
+    assert len(calls) == (2 if dtype == torch.float32 else 0)  # one per sequence
+    assert rel_err(absorbed, naive) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
 def test_cache_stores_only_the_latent(mla):
     cfg = preset("tiny")
     cache = mla.make_cache(batch_size=2, dtype=torch.float32, device="cpu")

@@ -203,6 +203,13 @@ class MultiheadLatentAttention(nn.Module):
     def _attend_latent(self, q_full: torch.Tensor, history: torch.Tensor, T: int, past: int) -> torch.Tensor:
         """One sequence: q_full [H·T, 576] against its history [S, 576] -> Σ_s p_s ĉ_s [H·T, 512]."""
         S = history.shape[0]
+        if T == 1 and S == past + 1 and history.dtype == torch.float32:
+            # fp32 decode over exactly its history: SDPA's fused CPU kernel reads the history once per block for both
+            # products instead of twice (measured cold, 4 heads at 1k tokens: 515 -> 421 µs; 32 heads: 3.3 -> 2.9 ms
+            # at 4k, 30 -> 21 ms at 32k). In bf16 it is slower than the two matmuls below, so fp32 only.
+            o = F.scaled_dot_product_attention(q_full[None, None], history[None, None], history[None, None],
+                                               scale=self.scale)
+            return o[0, 0, :, : self.latent_dim]
         # both products take all 576 cached columns: a half-precision CPU matmul would copy a strided operand first
         scores = (q_full @ history.T).view(-1, T, S).float() * self.scale  # [H, T, S]
         if T == 1:  # one query sees all its history: only spare bucket rows (if any) are masked, in one fill

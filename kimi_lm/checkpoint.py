@@ -380,12 +380,13 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
         use_int4_kernels(model)
     model.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if pack_weights and onednn.available(dtype, device):
         # kv_b_proj stays plain: absorbed MLA decode multiplies by slices of its weight matrix directly
         onednn.use_onednn_linears(model, skip=("kv_b_proj",))
     if torch.device(device).type == "cpu":
         malloc.release_free_memory()  # what the replaced plain weights and read buffers occupied: not 2x at rest
-        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     return model
 
 

@@ -196,8 +196,9 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1
-        trim.freed(_nbytes(module))  # the plain weight is gone: its pages go back every 32 MiB, not at the end
-        del module
+        nbytes = _nbytes(module)
+        del module  # the last reference to the plain weight: its pages go back every 32 MiB, not at the end
+        trim.freed(nbytes)
     for module in model.modules():  # then merge the products that share an input (modules say which)
         if hasattr(module, "fuse_projections"):
             before = _nbytes(module)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kimi_lm.cache import KDACache
 from kimi_lm.config import KimiLinearConfig
-from kimi_lm.model.layers import GatedRMSNorm
+from kimi_lm.model.layers import GatedRMSNorm, rms_norm
 from kimi_lm.ops.kda import kda_chunked, kda_gate, kda_step, l2_normalize
 
 
@@ -147,7 +147,7 @@ class KimiDeltaAttention(nn.Module):
         cache.conv_state.copy_(window[:, 1:])
         qkv = F.silu((window.float() * taps).sum(1)).view(B, 3, H, K)
         # L2 norm of q and k in one call: x / sqrt(Σx² + eps) = rms_norm(x, eps / K) / sqrt(K); q also × K^-1/2
-        qk = F.rms_norm(qkv[:, :2], (K,), eps=1e-6 / K) * qk_scale
+        qk = rms_norm(qkv[:, :2], None, 1e-6 / K) * qk_scale
         g = neg_A * F.softplus(self.f_b_proj(f_a).float().view(B, H, K) + dt_bias)  # kda_gate
         o = kda_step(qk[:, 0], qk[:, 1], qkv[:, 2], g, torch.sigmoid(b.float()), cache.state)  # [B, H, K]
         z = self.g_b_proj(g_a).view(B, H, K)

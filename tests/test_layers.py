@@ -45,3 +45,17 @@ def test_gradients_take_the_plain_path():
     expected = torch.autograd.grad((F.rms_norm(x, (16,), norm.weight, eps=1e-5) * torch.sigmoid(gate)).sum(), x)[0]
     assert rel_err(x.grad, expected) < 1e-6
     assert norm.weight.grad is not None
+
+
+def test_bf16_router_keeps_an_fp32_copy_that_follows_the_weight():
+    """The router runs in fp32 whatever the model dtype; a bf16 model keeps the fp32 copy between decode steps."""
+    from kimi_lm.model.moe import TopkRouter
+
+    torch.manual_seed(0)
+    router = TopkRouter(32, 8, 2).to(torch.bfloat16)
+    with torch.no_grad():
+        router.weight.normal_()
+        x = torch.randn(3, 32).to(torch.bfloat16)
+        assert torch.equal(router.logits(x), F.linear(x.float(), router.weight.float()))
+        router.weight.mul_(-1)
+        assert torch.equal(router.logits(x), F.linear(x.float(), router.weight.float()))

@@ -30,16 +30,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, owner: nn
     if (x.numel() > ONE_KERNEL_MAX_NUMEL or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)))):
         return F.rms_norm(x, (D,), None if weight is None else weight.to(x.dtype), eps=eps)
-    doubled = None
-    if weight is not None:  # in x's dtype
-        key = (weight.data_ptr(), weight._version, x.dtype)
-        kept = owner.__dict__.get("_doubled_weight") if owner is not None else None
-        if kept is None or kept[0] != key:
-            kept = (key, torch.cat([weight, weight]).to(x.dtype))
-            if owner is not None:
-                owner.__dict__["_doubled_weight"] = kept
-        doubled = kept[1]
+    doubled = None if weight is None else derived(owner, f"doubled_{x.dtype}", weight,
+                                                   lambda w: torch.cat([w, w]).to(x.dtype))
     return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * D,), doubled, None, eps)[..., :D]
+
+
+def derived(owner: nn.Module | None, name: str, weight: torch.Tensor, make) -> torch.Tensor:
+    """``make(weight)``, kept on ``owner`` between calls and made again when the weight changes (in place or
+    replaced): for inference-only derived copies such as a doubled or fp32 weight. Without an owner, or when
+    gradients must flow to the weight, it is simply made."""
+    if owner is None or (torch.is_grad_enabled() and weight.requires_grad):
+        return make(weight)
+    key = (weight.data_ptr(), weight._version, weight.dtype)
+    kept = owner.__dict__.get("_derived_" + name)
+    if kept is None or kept[0] != key:
+        kept = owner.__dict__["_derived_" + name] = (key, make(weight))
+    return kept[1]
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.model.layers import MLP
+from kimi_lm.model.layers import MLP, derived
 
 
 class TopkRouter(nn.Module):
@@ -35,7 +35,10 @@ class TopkRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, overrides only this)."""
-        return F.linear(x.float(), self.weight.float())
+        w = self.weight
+        if w.dtype != torch.float32:  # a bf16 model's router weight: its fp32 copy is kept between decode steps
+            w = derived(self, "fp32", w, torch.Tensor.float)
+        return F.linear(x.float(), w)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""

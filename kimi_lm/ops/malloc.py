@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -29,6 +30,7 @@ TOP_PAD = 64 << 20
 _applied = False
 
 
+@functools.cache
 def _libc():
     """glibc's handle, or None where the C library is something else (musl, macOS, Windows)."""
     try:

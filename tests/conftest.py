@@ -46,3 +46,35 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b|, in fp32."""
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+LOAD_RSS_SCRIPT = """
+import json, sys, torch, kimi_lm
+from kimi_lm.checkpoint import _model_class
+from kimi_lm.config import preset
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+# one-time costs that do not grow with the model (torch's first CPU kernels map ~75 MB of libraries): pay them on a
+# tiny model of the same family first, so the measurement is what loading *this* checkpoint adds
+with torch.device("meta"):
+    _model_class(preset(sys.argv[2]))(preset(sys.argv[2]))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = kib("VmRSS:")
+dtype = torch.bfloat16 if sys.argv[3] == "default" else getattr(torch, sys.argv[3])
+model = kimi_lm.load(sys.argv[1], dtype=dtype)
+print(json.dumps({"peak": (kib("VmHWM:") - before) * 1024, "after": (kib("VmRSS:") - before) * 1024,
+                  "lm_head": type(model.lm_head).__name__}))
+"""
+
+
+def load_rss_growth(ckpt, warmup_preset: str, dtype: str = "default", threads: int | None = None) -> dict:
+    """kimi_lm.load(ckpt) in a fresh process: growth of its peak and final resident memory in bytes while loading
+    ({"peak", "after"}), and the loaded lm_head's class name ({"lm_head"})."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    out = subprocess.run([sys.executable, "-c", LOAD_RSS_SCRIPT, str(ckpt), warmup_preset, dtype],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])

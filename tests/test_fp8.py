@@ -3,16 +3,13 @@ fp8 in memory, bad checkpoints, and (slow) peak memory while loading."""
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import kimi_lm
-from conftest import rel_err
+from conftest import load_rss_growth, rel_err
 from k2_checkpoints import build_reference, to_fp8_layout, write_random_fp8_checkpoint
 from kimi_lm import CheckpointError
 from kimi_lm.config import FP8_BLOCK_CONFIG, KimiK2Config, preset
@@ -231,23 +228,6 @@ def test_float_weight_where_scale_says_fp8(ckpt):
 
 
 # ---- memory ---------------------------------------------------------------------------------------------------
-RSS_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, kimi_lm
-    from kimi_lm.config import preset
-    from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
-    def kib(key):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
-    # one-time costs that do not grow with the model (torch's first CPU kernels map ~75 MB of libraries): pay them
-    # on a tiny model first, so the measurement is what loading *this* checkpoint adds
-    with torch.device("meta"):
-        KimiK2ForCausalLM(preset("tiny-k2"))
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    before = kib("VmRSS:")
-    model = kimi_lm.load(sys.argv[1])
-    print(json.dumps({"before_kib": before, "peak_kib": kib("VmHWM:"), "after_kib": kib("VmRSS:")}))
-""")
-
-
 # ~216 MiB on disk, 97 % of it fp8 experts and projections, as in K2
 RSS_CONFIG = KimiK2Config(
     vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
@@ -263,9 +243,7 @@ def test_peak_rss_while_loading_fp8(tmp_path):
     growth of its peak resident memory with the size of the files."""
     ckpt = write_random_fp8_checkpoint(RSS_CONFIG, tmp_path / "fp8")
     disk = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ckpt)], capture_output=True, text=True, check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    ratio = (r["peak_kib"] - r["before_kib"]) * 1024 / disk
+    ratio = load_rss_growth(ckpt, "tiny-k2")["peak"] / disk
     print(f"\nFP8 load: {disk / 2**20:.0f} MiB on disk, peak RSS growth {ratio:.3f}x the size on disk")
     assert disk > 150 * 2**20
     assert ratio <= 1.3

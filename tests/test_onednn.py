@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import kimi_lm
-from conftest import rel_err
+from conftest import load_rss_growth, rel_err
 from kimi_lm.model.moe import StackedExperts
 from kimi_lm.ops import malloc, onednn
 
@@ -116,22 +116,6 @@ def test_malloc_settings_apply_once_and_can_be_skipped():
 
 
 # ---- memory while loading -------------------------------------------------------------------------------------------
-RSS_SCRIPT = """
-import json, sys, torch, kimi_lm
-from kimi_lm.config import preset
-from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
-def kib(key):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
-with torch.device("meta"):  # one-time costs that do not grow with the model, paid before measuring
-    KimiLinearForCausalLM(preset("tiny"))
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-before = kib("VmRSS:")
-model = kimi_lm.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-assert isinstance(model.lm_head, kimi_lm.ops.onednn.OneDNNLinear)
-print(json.dumps({"peak": (kib("VmHWM:") - before) * 1024, "after": (kib("VmRSS:") - before) * 1024}))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,bytes_per_value", [("float32", 4), ("bfloat16", 2)])
 def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_per_value):
@@ -150,9 +134,8 @@ def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     model_bytes = model.num_parameters() * bytes_per_value
     del model
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path), dtype], capture_output=True, text=True,
-                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = load_rss_growth(tmp_path, "tiny", dtype, threads=1)
+    assert r["lm_head"] == "OneDNNLinear"
     print(f"\n{dtype}: model {model_bytes / 2**20:.0f} MiB, peak growth {r['peak'] / model_bytes:.2f}x, "
           f"after {r['after'] / model_bytes:.2f}x")
     assert r["peak"] <= 1.4 * model_bytes

@@ -322,6 +322,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
 
+    trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
     for file, names in by_file.items():
         with SafetensorsFile(file) as f:
             for name in names:
@@ -350,6 +351,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
                     t = f.read(name)
                     t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
                     loaded[target] = t.to(device=device, dtype=want_dtype)
+                    if loaded[target] is not t:
+                        trim.freed(t.numel() * t.element_size())
                     continue
                 if target not in loaded:
                     loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
@@ -358,7 +361,9 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
                 if dest.device.type == "cpu" and ST_DTYPES[file_dtype] == want_dtype and dest.is_contiguous():
                     f.read_into(name, dest)  # straight into the stacked tensor, no temporary
                 else:
-                    dest.copy_(f.read(name))
+                    t = f.read(name)
+                    dest.copy_(t)
+                    trim.freed(t.numel() * t.element_size())
                 if placement in _PER_EXPERT:
                     expert_slots[target].add((placement, expert))
                 else:  # MLX: all experts' gate (or up) rows at once

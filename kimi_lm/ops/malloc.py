@@ -9,8 +9,9 @@ jemalloc/tcmalloc preloads CPU inference guides recommend, without a preload). T
 stays with the process.
 
 Process-wide and idempotent; a no-op where the C library is not glibc. Set ``KIMI_LM_MALLOC=default`` to skip it.
-``release_free_memory`` hands freed heap pages back once (the loader calls it after replacing plain weights by
-packed copies, so that a loaded model's resident memory is its own size, not twice it).
+``release_free_memory`` hands freed heap pages back once, and ``ReleaseEvery`` does so each time a given amount
+was freed: the loader uses them for its read buffers and for the plain weights that packing replaces, so that
+loading stays near the model's own size instead of keeping those freed pages too.
 
 Reference: ``mallopt(3)`` (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD), ``malloc_trim(3)``.
 """
@@ -65,3 +66,16 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
     return _applied
+
+
+class ReleaseEvery:
+    """Hands freed heap pages back to the OS (``release_free_memory``) each time ``limit`` bytes were freed."""
+
+    def __init__(self, limit: int):
+        self.limit, self.pending = limit, 0
+
+    def freed(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.limit:
+            release_free_memory()
+            self.pending = 0

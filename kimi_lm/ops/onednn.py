@@ -180,7 +180,7 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     of ``skip``, and not a weight tied to another module) for its packed version. Returns how many were swapped."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     swapped = 0
-    trim = _ReleaseEvery(32 << 20)
+    trim = malloc.ReleaseEvery(16 << 20)
     # names, not modules: a list of the modules would keep every replaced plain weight alive until the end (2x the
     # model in memory at the peak of loading); this way each one is freed as soon as its packed copy exists
     for name in [name for name, _ in model.named_modules()]:
@@ -197,7 +197,7 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1
         nbytes = _nbytes(module)
-        del module  # the last reference to the plain weight: its pages go back every 32 MiB, not at the end
+        del module  # the last reference to the plain weight: its pages go back every 16 MiB, not at the end
         trim.freed(nbytes)
     for module in model.modules():  # then merge the products that share an input (modules say which)
         if hasattr(module, "fuse_projections"):
@@ -209,17 +209,3 @@ def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
 
 def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-class _ReleaseEvery:
-    """Hands freed heap pages back to the OS (``malloc.release_free_memory``) once ``limit`` bytes were freed, so
-    that swapping weights for packed copies keeps the process near the model's size instead of doubling it."""
-
-    def __init__(self, limit: int):
-        self.limit, self.pending = limit, 0
-
-    def freed(self, nbytes: int) -> None:
-        self.pending += nbytes
-        if self.pending >= self.limit:
-            malloc.release_free_memory()
-            self.pending = 0

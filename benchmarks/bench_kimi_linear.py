@@ -152,8 +152,7 @@ def main(argv=None) -> int:
               f"{r['top1_agreement']:.1%}  ({r['transformers_median_rel_logit_diff']:.1e}, "
               f"{r['transformers_top1_agreement']:.1%})")
     print(json.dumps({"benchmark": "kimi_linear_cpu_vs_transformers", "config": args.config, "params": n_params,
-                      "prompt": args.prompt,
-                      "decode": args.decode, "threads": args.threads, "results": rows}))
+                      "prompt": args.prompt, "decode": args.decode, "threads": args.threads, "results": rows}))
     return 0
 
 

@@ -36,7 +36,8 @@ def _libc():
     """glibc's handle, or None where the C library is something else (musl, macOS, Windows)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (both exist only in glibc)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int  # glibc only
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
@@ -47,7 +48,6 @@ def release_free_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     return libc.malloc_trim(0) == 1
 
 
@@ -61,9 +61,7 @@ def keep_freed_memory() -> bool:
     libc = _libc()
     if libc is None:  # not glibc: nothing to tune
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = all(mallopt(param, value) == 1 for param, value in (
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
     return _applied
 

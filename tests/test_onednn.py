@@ -146,7 +146,8 @@ def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_
 @pytest.mark.parametrize("out_features", [64, 4096])  # 64 KiB / 4 MiB of bf16 weight: below / above the padding size
 def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
     """A bf16 product with < 4 rows and a weight ≥ 2 MiB runs on a zero-padded 4-row input (a faster oneDNN
-    kernel); whatever the path, the result is the plain product in the input's shape."""
+    kernel) unless it has one row and the C kernel takes it (ops/native.py); whatever the path, the result is the
+    plain product in the input's shape."""
     if not onednn.available(torch.bfloat16, "cpu"):
         pytest.skip("no oneDNN bf16 on this CPU")
     torch.manual_seed(0)
@@ -160,5 +161,8 @@ def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
         got = packed(x)
     assert got.shape == (rows, 1, out_features)
     padded = rows < 4 and out_features * 512 * 2 >= 2 << 20
-    assert calls == [(4, 512) if padded else (rows, 1, 512)]
+    if rows == 1 and packed.gemv is not None:
+        assert calls == []
+    else:
+        assert calls == [(4, 512) if padded else (rows, 1, 512)]
     assert rel_err(got, linear(x)) <= 1e-2

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_lm.ops import native
+
 # Inputs up to this many values (decode steps) take the one-kernel form of ``rms_norm``.
 ONE_KERNEL_MAX_NUMEL = 4096
 
@@ -98,7 +100,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if gate_up.numel() == gate_up.shape[-1] and native.supports(gate_up):  # one token: SwiGLU in one call
+                return self.down_proj(native.swiglu_rows([gate_up]).view(x.shape[:-1] + (-1,)))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

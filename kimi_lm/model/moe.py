@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.model.layers import MLP, derived
+from kimi_lm.ops import native
 
 
 class TopkRouter(nn.Module):
@@ -33,12 +34,25 @@ class TopkRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.renormalize, self.scaling = renormalize, scaling
 
+    def fp32_weight(self) -> torch.Tensor:
+        """The weight in fp32 (a bf16 model's router keeps its fp32 copy between decode steps)."""
+        w = self.weight
+        return w if w.dtype == torch.float32 else derived(self, "fp32", w, torch.Tensor.float)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, overrides only this)."""
-        w = self.weight
-        if w.dtype != torch.float32:  # a bf16 model's router weight: its fp32 copy is kept between decode steps
-            w = derived(self, "fp32", w, torch.Tensor.float)
-        return F.linear(x.float(), w)
+        return F.linear(x.float(), self.fp32_weight())
+
+    def route_one(self, x: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+        """``forward`` for one token x [1, hidden] as one C call (ops/native.py): (the k experts, weights [1, k]);
+        None where that does not apply (a quantized router, no kernels, autograd)."""
+        if type(self).logits is not TopkRouter.logits:
+            return None
+        w = self.fp32_weight()
+        if not native.supports(x, w, self.e_score_correction_bias):
+            return None
+        return native.moe_route(x, w, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                                self.renormalize, self.scaling)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
@@ -125,8 +139,19 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] == 1 and (routed := self.gate.route_one(flat)) is not None:
+            return self._decode_native(flat, *routed).view(shape)
         weights, idx = self.gate(flat)
         y = self.experts(flat, idx, weights)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(shape)
+
+    def _decode_native(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """One token, its routing done: the expert products as in ``StackedExperts.decode``, the SwiGLU and the
+        weighted sum plus the shared expert as one C call each. x [1, hidden] -> [1, hidden]."""
+        gate_up = [self.experts.gate_up(e, x) for e in experts]  # k × [1, 2I]
+        h = native.swiglu_rows(gate_up)  # [k, I]
+        out = [self.experts.down(e, h[i : i + 1]) for i, e in enumerate(experts)]  # k × [1, hidden]
+        shared = None if self.shared_experts is None else self.shared_experts(x)
+        return native.weighted_sum_rows(out, weights, shared)

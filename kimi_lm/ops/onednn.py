@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts
-from kimi_lm.ops import malloc
+from kimi_lm.ops import malloc, native
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -54,9 +54,12 @@ _BF16_ROWS = 4
 _BF16_PAD_MIN_BYTES = 2 << 20
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x [..., in] (the weight's dtype) @ packedᵀ -> [..., out]."""
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, gemv: native.PackedGemv | None = None) -> torch.Tensor:
+    """x [..., in] (the weight's dtype) @ packedᵀ -> [..., out]. One row (a decode step) goes to ``gemv``, the C
+    kernel on the same packed memory, where the weight has one (``native.for_packed``)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 1 and gemv is not None and x.dtype == packed.dtype and not (torch.is_grad_enabled() and x.requires_grad):
+        return gemv(x)
     if 0 < rows < _BF16_ROWS and x.dtype == torch.bfloat16 and packed.numel() * 2 >= _BF16_PAD_MIN_BYTES:
         padded = torch.cat([x.reshape(rows, -1), x.new_zeros(_BF16_ROWS - rows, x.shape[-1])])
         out = torch.ops.mkldnn._linear_pointwise(padded, packed, None, "none", [], "")
@@ -71,9 +74,10 @@ class OneDNNLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed", pack(linear.weight), persistent=False)
+        self.gemv = native.for_packed(self.packed, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed)
+        return packed_linear(x, self.packed, self.gemv)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -105,16 +109,19 @@ class OneDNNStackedExperts(StackedExperts):
         for e, (gate_up, down) in enumerate(zip(self.gate_up_packed, self.down_packed)):  # seen by .buffers()
             self.register_buffer(f"gate_up_packed_{e}", gate_up, persistent=False)
             self.register_buffer(f"down_packed_{e}", down, persistent=False)
+        E, two_I, hidden = experts.gate_up_proj.shape
+        self.gate_up_gemv = [native.for_packed(p, two_I, hidden) for p in self.gate_up_packed]
+        self.down_gemv = [native.for_packed(p, hidden, two_I // 2) for p in self.down_packed]
 
     @property
     def num_experts(self) -> int:
         return len(self.gate_up_packed)
 
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.gate_up_packed[e])
+        return packed_linear(x, self.gate_up_packed[e], self.gate_up_gemv[e])
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return packed_linear(h, self.down_packed[e])
+        return packed_linear(h, self.down_packed[e], self.down_gemv[e])
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
@@ -135,9 +142,10 @@ class OneDNNFusedLinear(nn.Module):
         weights = [module.weight for module in parts.values()]
         self.part_names, self.sizes, self.name = list(parts), [w.shape[0] for w in weights], name
         self.register_buffer("packed", pack(torch.cat(weights)), persistent=False)
+        self.gemv = native.for_packed(self.packed, sum(self.sizes), weights[0].shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed)
+        return packed_linear(x, self.packed, self.gemv)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         owner = prefix.removesuffix(self.name + ".")

@@ -1,0 +1,155 @@
+"""The C decode kernels (kimi_lm/ops/native.py) against the PyTorch code they stand in for (the oracle)."""
+
+import warnings
+
+import pytest
+import torch
+
+import kimi_lm
+from conftest import rel_err
+from kimi_lm.model.moe import SparseMoE
+from kimi_lm.ops import native, onednn
+
+pytestmark = pytest.mark.skipif(native.library() is None or not onednn.available(torch.float32, "cpu"),
+                                reason="no C compiler or no oneDNN here: the PyTorch path is all there is")
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if onednn.available(torch.bfloat16, "cpu") else [])
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Turn the kernels off for the duration of a `with`-less call: returns a function that runs f without them."""
+    def run(f, *args):
+        with monkeypatch.context() as m:
+            m.setattr(native, "supports", lambda *tensors: False)
+            return f(*args)
+    return run
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    return {dtype: kimi_lm.load(hf_checkpoint, dtype=dtype) for dtype in DTYPES}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kda_decode_kernel_equals_pytorch_step(models, dtype):
+    model = models[dtype]
+    layer = next(l.self_attn for l in model.model.layers if l.is_kda)
+    assert "_native_weights" in layer.__dict__  # the loader set the kernel up
+    torch.manual_seed(0)
+    ours, reference = layer.make_cache(2, dtype, "cpu"), layer.make_cache(2, dtype, "cpu")
+    for cache in (ours, reference):
+        cache.state.copy_(torch.randn(cache.state.shape, generator=torch.Generator().manual_seed(1)))
+        cache.conv_state.copy_(torch.randn(cache.conv_state.shape, generator=torch.Generator().manual_seed(2)))
+    with torch.inference_mode():
+        for step in range(6):
+            x = torch.randn(2, 1, model.config.hidden_size).to(dtype)
+            got, want = layer._decode_native(x, ours), layer._decode(x, reference)
+            # fp32: summation order only; bf16: the same roundings, so at most an output rounding apart
+            assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2), step
+            assert rel_err(ours.state, reference.state) <= 1e-5
+            assert torch.equal(ours.conv_state, reference.conv_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_decode_kernels_equal_pytorch(models, dtype, torch_only):
+    model = models[dtype]
+    moe = next(l.block_sparse_moe for l in model.model.layers if l.is_moe)
+    mlp = model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for _ in range(8):
+            x = torch.randn(1, 1, model.config.hidden_size, generator=g).to(dtype)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert rel_err(moe(x), torch_only(moe, x)) <= tol
+            assert rel_err(mlp(x), torch_only(mlp, x)) <= tol
+
+
+@pytest.mark.parametrize("n_group,topk_group,renormalize", [(1, 1, True), (4, 2, True), (4, 2, False), (8, 8, True)])
+def test_router_kernel_chooses_and_weighs_like_pytorch(n_group, topk_group, renormalize):
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 32, 6, 16, 1, n_group, topk_group, renormalize, 2.5)
+    moe.gate.weight.data.normal_()
+    moe.gate.e_score_correction_bias.normal_(std=0.5)  # large enough to change choices: selection ≠ weighting
+    with torch.inference_mode():
+        for _ in range(20):
+            x = torch.randn(1, 64)
+            experts, weights = moe.gate.route_one(x)
+            want_weights, want_idx = moe.gate(x)
+            order = want_idx[0].argsort()
+            assert sorted(experts) == want_idx[0][order].tolist()
+            got = dict(zip(experts, weights[0].tolist()))
+            assert [got[e] for e in want_idx[0][order].tolist()] == pytest.approx(want_weights[0][order].tolist(),
+                                                                                   rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(40, 96), (100, 70), (513, 130), (64, 32)])
+def test_packed_gemv_reads_onednn_layouts(dtype, shape):
+    out_features, in_features = shape
+    w = torch.randn(out_features, in_features).to(dtype)
+    packed = onednn.pack(w)
+    gemv = native.for_packed(packed, out_features, in_features)
+    assert gemv is not None  # the layout was recognised and confirmed against oneDNN's own product
+    x = torch.randn(1, in_features).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    assert rel_err(gemv(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_packed_gemv_leaves_large_weights_to_onednn(monkeypatch):
+    monkeypatch.setattr(native, "GEMV_MAX_BYTES", 1000)
+    assert native.for_packed(onednn.pack(torch.randn(16, 16)), 16, 16) is None  # 1024 bytes
+    assert native.for_packed(onednn.pack(torch.randn(15, 16)), 15, 16) is not None
+
+
+def test_packed_gemv_refuses_a_layout_it_cannot_confirm(monkeypatch):
+    """A layout that does not reproduce oneDNN's product (here: claimed plain for a bf16 block layout) is not used."""
+    if torch.bfloat16 not in DTYPES:
+        pytest.skip("no bf16 oneDNN here")
+    monkeypatch.setattr(native, "_layout_checked", {})
+    monkeypatch.setattr(native, "_guess_layout", lambda packed, o, i: native._PLAIN)
+    assert native.for_packed(onednn.pack(torch.randn(128, 64).bfloat16()), 128, 64) is None
+
+
+def test_cached_decode_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
+    """The whole decode step, batch 1 (router and expert kernels) and batch 2 (KDA kernel)."""
+    model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)
+    for ids in (token_ids[:1, :40], token_ids[:, :40]):
+        with torch.inference_mode():
+            caches = [model.make_cache(ids.shape[0]) for _ in range(2)]
+            model(ids[:, :30], cache=caches[0])
+            torch_only(model, ids[:, :30], caches[1])
+            for t in range(30, 40):
+                got = model(ids[:, t : t + 1], cache=caches[0])
+                want = torch_only(model, ids[:, t : t + 1], caches[1])
+                assert rel_err(got, want) <= 1e-5
+
+
+def test_build_is_cached_and_atomic(tmp_path):
+    first = native.build(tmp_path)
+    assert first.exists() and native.build(tmp_path) == first
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_unavailable_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("KIMI_LM_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="decode kernels unavailable"):
+            assert native.library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None  # cached: warned once
+        assert not native.supports(torch.zeros(1))
+    finally:
+        native.library.cache_clear()
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("KIMI_LM_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()

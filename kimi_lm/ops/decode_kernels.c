@@ -47,38 +47,34 @@ static void load_row(float *dst, const void *src, long n, int bf16) {
 /* what the model dtype would hold: the rounding a product's output gets before the next op reads it */
 static inline float as_model_dtype(float x, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
 
-/* y[n] = W[n, k] x[k], W in the model dtype (row-major), x fp32, fp32 accumulation; y rounded to the model dtype */
-static void matvec(float *y, const void *w, const float *x, long n, long k, int bf16) {
-    for (long r = 0; r < n; r++) {
-        float s = 0.0f;
-        if (bf16) {
-            const uint16_t *row = (const uint16_t *)w + r * k;
+/* row r of W [n, k] (model dtype, row-major) times x [k] (fp32), accumulated in fp32 */
+static inline float dot_row(const void *w, long r, const float *x, long k, int bf16) {
+    float s = 0.0f;
+    if (bf16) {
+        const uint16_t *row = (const uint16_t *)w + r * k;
 #pragma omp simd reduction(+ : s)
-            for (long i = 0; i < k; i++) s += bf16_to_f32(row[i]) * x[i];
-        } else {
-            const float *row = (const float *)w + r * k;
+        for (long i = 0; i < k; i++) s += bf16_to_f32(row[i]) * x[i];
+    } else {
+        const float *row = (const float *)w + r * k;
 #pragma omp simd reduction(+ : s)
-            for (long i = 0; i < k; i++) s += row[i] * x[i];
-        }
-        y[r] = as_model_dtype(s, bf16);
+        for (long i = 0; i < k; i++) s += row[i] * x[i];
     }
+    return s;
 }
 
-/* y[n] = W[n, k] x[k] like matvec, written to y in the model dtype */
+/* y[n] = W x in fp32, each value rounded as the model dtype would hold it (a product's output) */
+static void matvec(float *y, const void *w, const float *x, long n, long k, int bf16) {
+    for (long r = 0; r < n; r++) y[r] = as_model_dtype(dot_row(w, r, x, k, bf16), bf16);
+}
+
+/* y[n] = W x written in the model dtype */
 static void matvec_out(void *y, const void *w, const float *x, long n, long k, int bf16) {
     for (long r = 0; r < n; r++) {
-        float s = 0.0f;
-        if (bf16) {
-            const uint16_t *row = (const uint16_t *)w + r * k;
-#pragma omp simd reduction(+ : s)
-            for (long i = 0; i < k; i++) s += bf16_to_f32(row[i]) * x[i];
+        const float s = dot_row(w, r, x, k, bf16);
+        if (bf16)
             ((uint16_t *)y)[r] = f32_to_bf16(s);
-        } else {
-            const float *row = (const float *)w + r * k;
-#pragma omp simd reduction(+ : s)
-            for (long i = 0; i < k; i++) s += row[i] * x[i];
+        else
             ((float *)y)[r] = s;
-        }
     }
 }
 

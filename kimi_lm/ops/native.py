@@ -217,6 +217,8 @@ def for_packed(packed: torch.Tensor, out_features: int, in_features: int) -> Pac
     """A ``PackedGemv`` for this packed weight, or None (no kernels, too large, unknown or unconfirmed layout)."""
     if packed.dtype not in _DTYPES or library() is None:
         return None
+    if not (hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")):
+        return None  # a torch without the accessors of packed memory
     if out_features * in_features * packed.element_size() > GEMV_MAX_BYTES:
         return None
     layout = _guess_layout(packed, out_features, in_features)

@@ -102,6 +102,25 @@ def test_packed_gemv_leaves_large_weights_to_onednn(monkeypatch):
     assert native.for_packed(onednn.pack(torch.randn(15, 16)), 15, 16) is not None
 
 
+def test_gemv_limit_shrinks_with_threads_and_is_followed(monkeypatch):
+    assert native.gemv_max_bytes(1) == native.gemv_max_bytes(2) == 16 << 20
+    assert native.gemv_max_bytes(8) == 4 << 20 and native.gemv_max_bytes(256) == 512 << 10
+    linear = torch.nn.Linear(512, 1024, bias=False)  # 2 MiB of fp32
+    packed = onednn.OneDNNLinear(linear)
+    assert packed.gemv is not None
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        monkeypatch.setattr(native, "gemv_max_bytes", lambda threads=None: 16 << 20)  # as with 2 threads
+        packed(x)
+        assert calls == []  # the C kernel
+        monkeypatch.setattr(native, "gemv_max_bytes", lambda threads=None: 1 << 20)  # as with 32 threads
+        assert rel_err(packed(x), linear(x)) <= 1e-6
+    assert calls == [(1, 512)]
+
+
 def test_packed_gemv_refuses_a_layout_it_cannot_confirm(monkeypatch):
     """A layout that does not reproduce oneDNN's product (here: claimed plain for a bf16 block layout) is not used."""
     if torch.bfloat16 not in DTYPES:

@@ -180,6 +180,18 @@ def weighted_sum_rows(rows: list[torch.Tensor], weights: torch.Tensor, shared: t
 # 752 vs 664 µs), where two threads' bandwidth wins. The bench preset's 101 products per decode step: 2.4 vs 3.8 ms
 # (bf16), 5.8 vs 7.3 ms (fp32).
 GEMV_MAX_BYTES = 16 << 20
+# With more threads oneDNN streams large weights faster than one core can, so the limit shrinks in proportion to
+# the thread count (not measured beyond 2 cores: a cautious guess), but never below the size where oneDNN's set-up
+# alone costs what one core needs to read the weight (≈ 15 µs at ≈ 25 GB/s ≈ 384 KiB).
+GEMV_MIN_BYTES = 512 << 10
+
+
+def gemv_max_bytes(threads: int | None = None) -> int:
+    """Largest weight whose one-row products go to the C kernel at this many threads (default: torch's)."""
+    threads = threads or torch.get_num_threads()
+    return GEMV_MAX_BYTES if threads <= 2 else max(GEMV_MIN_BYTES, GEMV_MAX_BYTES * 2 // threads)
+
+
 _PLAIN, _AB16B64A2B = 0, 1
 _layout_checked: dict[tuple, bool] = {}
 
@@ -202,6 +214,7 @@ class PackedGemv:
     def __init__(self, packed: torch.Tensor, out_features: int, in_features: int, layout: int):
         self.packed, self.out_features, self.in_features, self.layout = packed, out_features, in_features, layout
         self.dtype_code = _DTYPES[packed.dtype]
+        self.nbytes = out_features * in_features * packed.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -214,7 +227,8 @@ class PackedGemv:
 
 
 def for_packed(packed: torch.Tensor, out_features: int, in_features: int) -> PackedGemv | None:
-    """A ``PackedGemv`` for this packed weight, or None (no kernels, too large, unknown or unconfirmed layout)."""
+    """A ``PackedGemv`` for this packed weight, or None (no kernels, too large at any thread count, unknown or
+    unconfirmed layout). Whether a call uses it also depends on the thread count then (``gemv_max_bytes``)."""
     if packed.dtype not in _DTYPES or library() is None:
         return None
     if not (hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")):

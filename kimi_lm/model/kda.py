@@ -8,7 +8,9 @@
     out     = o_proj( RMSNorm_head(o) · w · sigmoid(g_b(g_a(x))) )
 
 Parameter names are the official checkpoint's (``q_conv1d``, ``f_a_proj``, ``A_log`` [1,1,H,1], ``dt_bias`` [H·K]).
-The conv, the gates, the recurrence and the gated norm run in fp32 whatever the model dtype.
+The conv, the gates, the recurrence and the gated norm run in fp32 whatever the model dtype. A loaded CPU model
+decodes one token with everything between its input products and o_proj in one C call (``_decode_native``,
+ops/decode_kernels.c); ``_decode`` is the same step in PyTorch, its reference and fallback.
 
 References: spec ``shared/specs/kimi_linear.md`` §5; fla v0.4.0 ``fla/layers/kda.py``; transformers
 ``modeling_kimi_linear.py`` (``KimiLinearDeltaAttention``).

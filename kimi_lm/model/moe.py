@@ -9,7 +9,9 @@ Router (DeepSeek-V3 "noaux_tc", spec §6.1), per token in fp32:
 
 Experts are stored stacked ([E, 2I, hidden] gate|up and [E, hidden, I] down; the checkpoint's per-expert
 ``w1/w3/w2`` are stacked on load). Dispatch sorts the (token, expert) pairs by expert and runs one matmul pair per
-active expert on its contiguous slice of tokens: no Python loop over tokens.
+active expert on its contiguous slice of tokens: no Python loop over tokens. One token (a decode step) on CPU is
+routed, SwiGLU'd and summed by C kernels (``TopkRouter.route_one``, ``SparseMoE._decode_native``;
+ops/decode_kernels.c), the PyTorch code being their reference and fallback.
 
 References: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); transformers ``KimiLinearTopkRouter``; spec §6.
 """

@@ -35,7 +35,7 @@ def models(hf_checkpoint):
 def test_kda_decode_kernel_equals_pytorch_step(models, dtype):
     model = models[dtype]
     layer = next(l.self_attn for l in model.model.layers if l.is_kda)
-    assert "_native_weights" in layer.__dict__  # the loader set the kernel up
+    assert "_native_gates" in layer.__dict__  # the loader set the kernel up
     torch.manual_seed(0)
     ours, reference = layer.make_cache(2, dtype, "cpu"), layer.make_cache(2, dtype, "cpu")
     for cache in (ours, reference):

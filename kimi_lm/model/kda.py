@@ -68,26 +68,23 @@ class KimiDeltaAttention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference set-up (the loader, once weights are final): fuse the input products, keep fp32 constants and,
-        where the decode kernels are built (ops/native.py), the plain weights they read."""
+        where the decode kernels can read both gate products' packed weights (ops/native.py), those two readers."""
         from kimi_lm.ops.onednn import fuse
 
-        if fuse(self, "in_proj", self.INPUT_PROJECTIONS) and native.library() is not None:
-            # plain [D, K] copies of the two small gate products (packed oneDNN weights are opaque to C):
-            # 2·D·K values per layer, 0.4 % of a Kimi-Linear-48B KDA layer
-            dtype = self.in_proj.packed.dtype
-            plain = [getattr(m, "dense_weight", lambda d: m.weight.to(d))(dtype).contiguous()
-                     for m in (self.f_b_proj, self.g_b_proj)]
-            self.__dict__["_native_weights"] = (*plain, self.o_norm.weight.float().contiguous())
+        gemvs = [getattr(m, "gemv", None) for m in (self.f_b_proj, self.g_b_proj)]
+        if fuse(self, "in_proj", self.INPUT_PROJECTIONS) and None not in gemvs:
+            self.__dict__["_native_gates"] = tuple(gemvs)
         self.__dict__["_decode_constants"] = self._constants()
 
     def _constants(self) -> tuple[torch.Tensor, ...]:
         """What the decode step uses, in fp32: conv taps of q | k | v [W, 3D], −exp(A_log) [H, 1], dt_bias [H, K],
-        and the [2, 1, 1] factors after the q/k rms_norm: q gets K^-1/2 / sqrt(K) = 1/K, k 1/sqrt(K) (l2_normalize)."""
+        the [2, 1, 1] factors after the q/k rms_norm: q gets K^-1/2 / sqrt(K) = 1/K, k 1/sqrt(K) (l2_normalize), and
+        the gated norm's weight [K]."""
         H, K = self.num_heads, self.head_dim
         taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).view(3 * H * K, -1)
         qk_scale = torch.tensor([K**-0.5 / math.sqrt(K), 1 / math.sqrt(K)], device=self.A_log.device).view(2, 1, 1)
         return (taps.T.float().contiguous(), -self.A_log.float().view(H, 1).exp(), self.dt_bias.float().view(H, K),
-                qk_scale)
+                qk_scale, self.o_norm.weight.float().contiguous())
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, hidden] -> q, k, v [B, T, D], f_a, g_a [B, T, K], b [B, T, H] (before conv, gates, norms)."""
@@ -120,7 +117,7 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KDACache | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` (conv tail and recurrent state) if given."""
         if cache is not None and x.shape[1] == 1:
-            if "_native_weights" in self.__dict__ and self._native_applies(x, cache):
+            if "_native_gates" in self.__dict__ and self._native_applies(x, cache):
                 return self._decode_native(x, cache)
             return self._decode(x, cache)
         B, T, _ = x.shape
@@ -149,8 +146,8 @@ class KimiDeltaAttention(nn.Module):
     def _decode_native(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
         """``_decode`` with everything between the input products and o_proj in one C call (ops/native.py): the
         same math and roundings, ~40 fewer tensor ops per token. x [B, 1, hidden] -> [B, 1, hidden]."""
-        taps, neg_A, dt_bias, _ = self.__dict__["_decode_constants"]
-        f_b, g_b, norm_weight = self.__dict__["_native_weights"]
+        taps, neg_A, dt_bias, _, norm_weight = self.__dict__["_decode_constants"]
+        f_b, g_b = self.__dict__["_native_gates"]
         o = native.kda_decode(self.in_proj(x[:, 0]), cache.conv_state, cache.state, taps, neg_A, dt_bias, f_b, g_b,
                               norm_weight, self.o_norm.eps, 1e-6)  # [B, D]
         return self.o_proj(o.unsqueeze(1))
@@ -167,7 +164,7 @@ class KimiDeltaAttention(nn.Module):
             q, k, v, f_a, g_a, b = self._project(x[:, 0])
             qkv = torch.cat([q, k, v], dim=-1)
         # causal conv over the last W inputs of q | k | v at once; conv_state [B, W − 1, 3D] slides by one
-        taps, neg_A, dt_bias, qk_scale = self.__dict__.get("_decode_constants") or self._constants()
+        taps, neg_A, dt_bias, qk_scale, _ = self.__dict__.get("_decode_constants") or self._constants()
         window = torch.cat([cache.conv_state, qkv.unsqueeze(1).to(cache.conv_state.dtype)], dim=1)  # [B, W, 3D]
         cache.conv_state.copy_(window[:, 1:])
         qkv = F.silu((window.float() * taps).sum(1)).view(B, 3, H, K)

@@ -68,14 +68,17 @@ def build(target: Path | None = None) -> Path:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
-    attempts = []
+    source, fingerprint = SOURCE.read_bytes(), _cpu_fingerprint().encode()
+    paths = {}
     for flags in (FLAGS, PORTABLE_FLAGS):
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         _cpu_fingerprint().encode()])).hexdigest()[:20]
-        path = (target or cache_dir()) / f"decode_kernels-{key}.so"
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), fingerprint]))
+        paths[flags] = (target or cache_dir()) / f"decode_kernels-{key.hexdigest()[:20]}.so"
+    # a library built before (with either set of flags) is used as it is: no failing compile retried per process
+    for path in paths.values():
         if path.exists():
             return path
+    attempts = []
+    for flags, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
@@ -99,7 +102,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"kimi_lm: decode kernels unavailable, using the PyTorch path ({e})", RuntimeWarning,
                       stacklevel=2)
         return None
-    lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _F, _F, _P]
+    lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P]
     lib.kda_decode.restype = _I
     lib.moe_route.argtypes = [_L, _L, _L, _L, _L, _I, _F, _I, _P, _P, _P, _P, _P]
     lib.moe_route.restype = _I
@@ -122,17 +125,18 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, taps: torch.Tensor,
-               neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b: torch.Tensor, g_b: torch.Tensor,
+               neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b: PackedGemv, g_b: PackedGemv,
                norm_weight: torch.Tensor, norm_eps: float, l2_eps: float) -> torch.Tensor:
     """One KDA decode token (see ``decode_kernels.c``). proj [B, 3D + 2K + H] and conv_state [B, W − 1, 3D] in the
-    model dtype, state [B, H, K, K] fp32 (both caches updated in place); returns [B, D] in the model dtype."""
+    model dtype, state [B, H, K, K] fp32 (both caches updated in place); f_b / g_b: the gate products' packed
+    weights, read in place. Returns [B, D] in the model dtype."""
     B, H, K, _ = state.shape
     W = taps.shape[0]
     out = torch.empty(B, H * K, dtype=proj.dtype)
     status = library().kda_decode(
         B, H, K, W, _DTYPES[proj.dtype], proj.data_ptr(), conv_state.data_ptr(), state.data_ptr(), taps.data_ptr(),
-        neg_A.data_ptr(), dt_bias.data_ptr(), f_b.data_ptr(), g_b.data_ptr(), norm_weight.data_ptr(), norm_eps,
-        l2_eps, out.data_ptr())
+        neg_A.data_ptr(), dt_bias.data_ptr(), f_b.layout, f_b.pointer(), g_b.layout, g_b.pointer(),
+        norm_weight.data_ptr(), norm_eps, l2_eps, out.data_ptr())
     if status:
         raise MemoryError("kda_decode: could not allocate its scratch memory")
     return out
@@ -216,12 +220,16 @@ class PackedGemv:
         self.dtype_code = _DTYPES[packed.dtype]
         self.nbytes = out_features * in_features * packed.element_size()
 
+    def pointer(self) -> int:
+        """The packed memory's address, read per call (≈ 1 µs) and never kept: a copied module must not read its
+        original's memory."""
+        return torch.ops.mkldnn.data_ptr(self.packed)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        # the address is read per call (≈ 1 µs), never kept: a copied module must not read its original's memory
-        if library().packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features,
-                                 torch.ops.mkldnn.data_ptr(self.packed), x.data_ptr(), y.data_ptr()):
+        if library().packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features, self.pointer(),
+                                 x.data_ptr(), y.data_ptr()):
             raise MemoryError("packed_gemv: could not allocate its scratch memory")
         return y
 

@@ -150,6 +150,18 @@ def test_build_is_cached_and_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
 
 
+def test_build_falls_back_to_portable_flags_and_then_reuses_that_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "FLAGS", ("-fno-such-flag-anywhere", *native.PORTABLE_FLAGS))
+    portable = native.build(tmp_path)
+    assert portable.exists()
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again although a build was there")
+
+    monkeypatch.setattr(native.subprocess, "run", no_compiling)
+    assert native.build(tmp_path) == portable  # the failing flags are not retried
+
+
 def test_unavailable_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("KIMI_LM_CACHE", str(tmp_path / "cache"))

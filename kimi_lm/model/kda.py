@@ -28,7 +28,7 @@ from kimi_lm.cache import KDACache
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.layers import GatedRMSNorm, rms_norm
 from kimi_lm.ops import native
-from kimi_lm.ops.kda import kda_chunked, kda_gate, kda_step, l2_normalize
+from kimi_lm.ops.kda import kda_forward, kda_gate, kda_step, l2_normalize
 
 
 class ShortConv(nn.Module):
@@ -120,6 +120,8 @@ class KimiDeltaAttention(nn.Module):
             if "_native_gates" in self.__dict__ and self._native_applies(x, cache):
                 return self._decode_native(x, cache)
             return self._decode(x, cache)
+        if "_native_gates" in self.__dict__ and self._native_applies(x, cache) and self.head_dim <= native.SCAN_MAX_K:
+            return self._forward_native(x, cache)
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         D = H * K
@@ -133,15 +135,34 @@ class KimiDeltaAttention(nn.Module):
         k = l2_normalize(k)
         g = kda_gate(self.f_b_proj(f_a).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
         beta = torch.sigmoid(b.float())  # [B, T, H]
-        o, final_state = kda_chunked(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
+        o, final_state = kda_forward(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
         if cache is not None:
             cache.state.copy_(final_state)
         z = self.g_b_proj(g_a).view(B, T, H, K)
         return self.o_proj(self.o_norm(o, z, x.dtype).reshape(B, T, H * K))
 
-    def _native_applies(self, x: torch.Tensor, cache: KDACache) -> bool:
+    def _native_applies(self, x: torch.Tensor, cache: KDACache | None) -> bool:
+        if cache is None:
+            return native.supports(x)
         return (cache.conv_state.dtype == x.dtype and cache.state.shape[-1] == self.head_dim
                 and native.supports(x, cache.conv_state, cache.state))
+
+    def _forward_native(self, x: torch.Tensor, cache: KDACache | None) -> torch.Tensor:
+        """``forward`` for T tokens with the small-tensor work in three C calls (ops/native.py): conv, norms and gates
+        (``kda_prefill_inputs``), the recurrence (``kda_scan``, state in place), the gated norm. The products stay
+        on oneDNN. x [B, T, hidden] -> [B, T, hidden]."""
+        B, T, _ = x.shape
+        H, K = self.num_heads, self.head_dim
+        D = H * K
+        taps, neg_A, dt_bias, _, norm_weight = self.__dict__["_decode_constants"]
+        proj = self.in_proj(x)  # [B, T, 3D + 2K + H]
+        f_a, g_a = proj[..., 3 * D : 3 * D + K], proj[..., 3 * D + K : 3 * D + 2 * K]
+        q, k, v, decay, beta = native.kda_prefill_inputs(proj, None if cache is None else cache.conv_state,
+                                                         self.f_b_proj(f_a), taps, neg_A, dt_bias, 1e-6)
+        state = x.new_zeros(B, H, K, K, dtype=torch.float32) if cache is None else cache.state
+        o = native.kda_scan(q, k, v, decay, beta, state)  # [B, T, H, K] fp32
+        z = self.g_b_proj(g_a)  # [B, T, D]
+        return self.o_proj(native.gated_rms_norm(o, z, norm_weight, self.o_norm.eps))
 
     def _decode_native(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
         """``_decode`` with everything between the input products and o_proj in one C call (ops/native.py): the

@@ -106,11 +106,14 @@ class StackedExperts(nn.Module):
         out = torch.cat([self.down(e, h[i : i + 1]) for i, e in enumerate(experts)])  # [k, hidden]
         return (weights @ out.float()).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x), [N, hidden]."""
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x) (+ ``add``, the shared expert's output),
+        [N, hidden]."""
         N, k = idx.shape
         if N == 1:  # decode: just the k chosen experts, no sorting
-            return self.decode(x, idx[0].tolist(), weights)
+            y = self.decode(x, idx[0].tolist(), weights)
+            return y if add is None else y + add
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -122,10 +125,14 @@ class StackedExperts(nn.Module):
             if n:
                 out[start : start + n] = self.expert(e, xs[start : start + n])
                 start += n
+        slot_row = order.argsort()  # where each (token, slot) pair's output row went
+        if k <= native.COMBINE_MAX_K and native.supports(out, weights, *(() if add is None else (add,))):
+            return native.moe_combine(out, slot_row, weights, add)  # the four steps below in one C call
         # back to (token, slot) order with a gather (cheaper than a scatter-add), then a weighted sum over slots
         # (the weighted sum runs in fp32, as the reference does, whatever the model dtype)
-        out = F.embedding(order.argsort(), out).view(N, k, -1).float()
-        return (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
+        out = F.embedding(slot_row, out).view(N, k, -1).float()
+        y = (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
+        return y if add is None else y + add
 
 
 class SparseMoE(nn.Module):
@@ -144,10 +151,8 @@ class SparseMoE(nn.Module):
         if flat.shape[0] == 1 and (routed := self.gate.route_one(flat)) is not None:
             return self._decode_native(flat, *routed).view(shape)
         weights, idx = self.gate(flat)
-        y = self.experts(flat, idx, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return y.view(shape)
+        shared = None if self.shared_experts is None else self.shared_experts(flat)
+        return self.experts(flat, idx, weights, add=shared).view(shape)
 
     def _decode_native(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """One token, its routing done: the expert products as in ``StackedExperts.decode``, the SwiGLU and the

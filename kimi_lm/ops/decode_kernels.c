@@ -13,6 +13,7 @@
  * Reference math: spec shared/specs/kimi_linear.md section 5; fla v0.4.0 fla/layers/kda.py (decode branch).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -313,11 +314,27 @@ void swiglu_rows(long n, long I, int bf16, const void *const *rows, void *out) {
  * shared is not NULL. rows: n pointers to [hidden] in the model dtype; out [hidden] model dtype. */
 void weighted_sum_rows(long n, long hidden, int bf16, const void *const *rows, const float *w, const void *shared,
                        void *out) {
-    for (long j = 0; j < hidden; j++) {
-        float s = 0.0f;
-        for (long r = 0; r < n; r++) s += w[r] * load_one(rows[r], j, bf16);
-        if (shared) s = as_model_dtype(s, bf16) + load_one(shared, j, bf16);
-        store_one(out, j, s, bf16);
+    float acc[1024]; /* columns in blocks of 1024: each row's block is added in one vectorised pass */
+    for (long j0 = 0; j0 < hidden; j0 += 1024) {
+        const long m = hidden - j0 < 1024 ? hidden - j0 : 1024;
+        memset(acc, 0, sizeof(float) * (size_t)m);
+        for (long r = 0; r < n; r++) {
+            const float wr = w[r];
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)rows[r] + j0;
+#pragma omp simd
+                for (long j = 0; j < m; j++) acc[j] += wr * bf16_to_f32(row[j]);
+            } else {
+                const float *row = (const float *)rows[r] + j0;
+#pragma omp simd
+                for (long j = 0; j < m; j++) acc[j] += wr * row[j];
+            }
+        }
+        for (long j = 0; j < m; j++) {
+            float s = acc[j];
+            if (shared) s = as_model_dtype(s, bf16) + load_one(shared, j0 + j, bf16);
+            store_one(out, j0 + j, s, bf16);
+        }
     }
 }
 
@@ -333,5 +350,352 @@ int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void 
     product_f32(layout, bf16, O, I, w, xf, yf);
     for (long r = 0; r < O; r++) store_one(y, r, yf[r], bf16);
     free(buf);
+    return 0;
+}
+
+/* ---- threads --------------------------------------------------------------------------------------------------- */
+
+/* PyTorch's CPU ops run on an OpenMP team whose idle threads keep spinning for a while after each op; new threads of
+ * our own would compete with them for the cores (measured: a 2-thread scan right after a PyTorch op ran slower than
+ * one thread). So where PyTorch's OpenMP runtime is loaded, kimi_lm/ops/native.py hands over its entry points (the
+ * GCC OpenMP ABI that `#pragma omp parallel` compiles to) and the work runs on PyTorch's own team; elsewhere on
+ * pthreads. */
+typedef void (*omp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+static omp_parallel_fn omp_parallel;
+static omp_int_fn omp_thread_num, omp_num_threads;
+
+void use_openmp(void *parallel, void *thread_num, void *num_threads) {
+    omp_parallel = (omp_parallel_fn)parallel;
+    omp_thread_num = (omp_int_fn)thread_num;
+    omp_num_threads = (omp_int_fn)num_threads;
+}
+
+typedef void (*item_fn)(const void *ctx, long item);
+typedef struct {
+    item_fn fn;
+    const void *ctx;
+    long items, member, members; /* this member runs items [member items / members, (member + 1) items / members) */
+} team_share;
+
+static void run_share(const team_share *share) {
+    const long begin = share->items * share->member / share->members;
+    const long end = share->items * (share->member + 1) / share->members;
+    for (long item = begin; item < end; item++) share->fn(share->ctx, item);
+}
+
+static void omp_member(void *arg) {
+    team_share share = *(const team_share *)arg;
+    share.member = omp_thread_num(); /* the team may be smaller than asked for: share by its real size */
+    share.members = omp_num_threads();
+    run_share(&share);
+}
+
+static void *pthread_member(void *arg) {
+    run_share((const team_share *)arg);
+    return NULL;
+}
+
+/* fn(ctx, item) for every item in [0, items), on up to `threads` threads, each taking one contiguous range */
+static void parallel_for(item_fn fn, const void *ctx, long items, int threads) {
+    if (threads > items) threads = (int)items;
+    if (threads > 64) threads = 64;
+    if (threads <= 1) {
+        for (long item = 0; item < items; item++) fn(ctx, item);
+        return;
+    }
+    if (omp_parallel) {
+        team_share share = {fn, ctx, items, 0, 1};
+        omp_parallel(omp_member, &share, (unsigned)threads, 0);
+        return;
+    }
+    team_share shares[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (int i = 0; i < threads; i++) shares[i] = (team_share){fn, ctx, items, i, threads};
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, pthread_member, &shares[i]) == 0;
+    run_share(&shares[0]);
+    for (int i = 1; i < threads; i++) { /* a thread that could not start: its share runs here */
+        if (started[i])
+            pthread_join(ids[i], NULL);
+        else
+            run_share(&shares[i]);
+    }
+}
+
+/* ---- KDA over many tokens: the recurrence itself, for prefill and multi-token steps ------------------------------ */
+
+/* Value columns per work item. Each column of the state S [K, V] evolves on its own (the delta rule's prediction,
+ * update and read-out mix key channels, never value columns), so a [K, 64] slice of S is scanned over all T tokens
+ * while it stays in L1 (32 KiB at K = 128; 64 columns ran 1.1x faster than 32 and 1.3x faster than 16), and slices
+ * are shared out among threads. */
+#define SCAN_COLS 64
+/* fused multiply-add where the CPU has one (a single rounding); a plain multiply-add elsewhere */
+#ifdef __FMA__
+#define MUL_ADD(x, y, z) fmaf(x, y, z)
+#else
+#define MUL_ADD(x, y, z) ((x) * (y) + (z))
+#endif
+#define SCAN_MAX_K 256 /* the slice lives on the stack: 64 KiB at most */
+
+typedef struct {
+    long B, T, H, K, V;
+    const float *q, *k, *v, *decay, *beta;
+    float *state, *out;
+} kda_scan_job;
+
+/* One [K, SCAN_COLS] slice of one sequence's head, all T tokens. Per token t, with a = exp(g_t):
+ *     S <- diag(a) S;  delta = beta (v - S^T k);  S <- S + k delta^T;  o = S^T q
+ * computed in one pass over the slice per token: the prediction S^T k of token t + 1 is (a_{t+1} k_{t+1})^T S_t,
+ * accumulated while S_t is written. Two partial sums (even and odd key channels) halve the add chains. */
+static void kda_scan_slice(const void *ctx, long item) {
+    const kda_scan_job *job = (const kda_scan_job *)ctx;
+    const long H = job->H, K = job->K, V = job->V, T = job->T;
+    const long slices = (V + SCAN_COLS - 1) / SCAN_COLS;
+    const long b = item / (H * slices), h = (item / slices) % H, c0 = (item % slices) * SCAN_COLS;
+    const long width = V - c0 < SCAN_COLS ? V - c0 : SCAN_COLS;
+    float S[(SCAN_MAX_K + 1) * SCAN_COLS], ak[SCAN_MAX_K + 1]; /* + 1: the pad row of an odd K */
+    float pred[SCAN_COLS], delta[SCAN_COLS], o0[SCAN_COLS], o1[SCAN_COLS], p0[SCAN_COLS], p1[SCAN_COLS];
+    float *state = job->state + ((b * H + h) * K) * V + c0;
+    for (long d = 0; d < K; d++)
+        for (long c = 0; c < SCAN_COLS; c++) S[d * SCAN_COLS + c] = c < width ? state[d * V + c] : 0.0f;
+    ak[K] = 0.0f; /* the odd-K pad row of the pair loop reads it */
+    for (long c = 0; c < SCAN_COLS; c++) S[K * SCAN_COLS + c] = 0.0f;
+
+    const long kstep = H * K, vstep = H * V; /* one token further in [B, T, H, K] / [B, T, H, V] */
+    const float *q = job->q + (b * T * H + h) * K, *k = job->k + (b * T * H + h) * K;
+    const float *a = job->decay + (b * T * H + h) * K, *v = job->v + (b * T * H + h) * V + c0;
+    const float *beta = job->beta + b * T * H + h;
+    float *out = job->out + (b * T * H + h) * V + c0;
+
+    /* prediction of token 0 from the initial state */
+    for (long d = 0; d < K; d++) ak[d] = a[d] * k[d];
+    for (long c = 0; c < SCAN_COLS; c++) pred[c] = 0.0f;
+    for (long d = 0; d < K; d++)
+#pragma omp simd
+        for (long c = 0; c < SCAN_COLS; c++) pred[c] = MUL_ADD(ak[d], S[d * SCAN_COLS + c], pred[c]);
+
+    for (long t = 0; t < T; t++) {
+        const float *qt = q + t * kstep, *kt = k + t * kstep, *at = a + t * kstep, *vt = v + t * vstep;
+        const float bt = beta[t * H];
+        for (long c = 0; c < SCAN_COLS; c++) delta[c] = c < width ? bt * (vt[c] - pred[c]) : 0.0f;
+        if (t + 1 < T) { /* a_{t+1} k_{t+1}, for the next token's prediction */
+            const float *an = at + kstep, *kn = kt + kstep;
+#pragma omp simd
+            for (long d = 0; d < K; d++) ak[d] = an[d] * kn[d];
+        } else {
+            memset(ak, 0, sizeof(float) * (size_t)K);
+        }
+        for (long c = 0; c < SCAN_COLS; c++) o0[c] = o1[c] = p0[c] = p1[c] = 0.0f;
+        for (long d = 0; d < K; d += 2) {
+            float *r0 = S + d * SCAN_COLS, *r1 = r0 + SCAN_COLS;
+            const float a0 = at[d], k0 = kt[d], q0 = qt[d], n0 = ak[d];
+            /* an odd K's last pair has a zero pad row: decay 0, key 0, query 0 keep it (and the sums) unchanged */
+            const int pad = d + 1 == K;
+            const float a1 = pad ? 0.0f : at[d + 1], k1 = pad ? 0.0f : kt[d + 1], q1 = pad ? 0.0f : qt[d + 1];
+            const float n1 = ak[d + 1];
+#pragma omp simd
+            for (long c = 0; c < SCAN_COLS; c++) {
+                const float s0 = MUL_ADD(k0, delta[c], a0 * r0[c]), s1 = MUL_ADD(k1, delta[c], a1 * r1[c]);
+                r0[c] = s0;
+                r1[c] = s1;
+                o0[c] = MUL_ADD(q0, s0, o0[c]);
+                o1[c] = MUL_ADD(q1, s1, o1[c]);
+                p0[c] = MUL_ADD(n0, s0, p0[c]);
+                p1[c] = MUL_ADD(n1, s1, p1[c]);
+            }
+        }
+        float *ot = out + t * vstep;
+        for (long c = 0; c < width; c++) ot[c] = o0[c] + o1[c];
+        for (long c = 0; c < SCAN_COLS; c++) pred[c] = p0[c] + p1[c];
+    }
+    for (long d = 0; d < K; d++)
+        for (long c = 0; c < width; c++) state[d * V + c] = S[d * SCAN_COLS + c];
+}
+
+/* The KDA recurrence over T tokens for B sequences of H heads (kimi_lm/ops/kda_naive.py is its definition), all fp32
+ * and contiguous:
+ * q, k, decay [B, T, H, K]   q already L2-normalised and scaled, k L2-normalised, decay = exp(g) per key channel
+ * v           [B, T, H, V]
+ * beta        [B, T, H]
+ * state       [B, H, K, V]   recurrent state: read as the initial state, left as the final one
+ * out         [B, T, H, V]
+ * threads: how many threads share the B H ceil(V / 64) slices (see parallel_for).
+ * Returns 0, or 1 when K is larger than SCAN_MAX_K (256). */
+int kda_scan(long B, long T, long H, long K, long V, const float *q, const float *k, const float *v,
+             const float *decay, const float *beta, float *state, float *out, int threads) {
+    if (K > SCAN_MAX_K) return 1;
+    const kda_scan_job job = {B, T, H, K, V, q, k, v, decay, beta, state, out};
+    parallel_for(kda_scan_slice, &job, B * H * ((V + SCAN_COLS - 1) / SCAN_COLS), threads);
+    return 0;
+}
+
+/* ---- KDA prefill: what surrounds the scan ----------------------------------------------------------------------- */
+
+typedef struct {
+    long B, T, H, K, W, P;
+    int bf16;
+    const void *proj, *history, *f_b;
+    const float *taps, *neg_A, *dt_bias;
+    float l2_eps;
+    float *q, *k, *v, *decay, *beta;
+    int failed; /* set when a work item could not allocate its scratch memory */
+} kda_inputs_job;
+
+#define INPUT_ROWS 16 /* tokens per work item */
+
+/* Tokens [item 16, item 16 + 16) of all sequences' B T: conv + SiLU, q/k L2 norms, gate -> decay, beta. */
+static void kda_inputs_rows(const void *ctx, long item) {
+    kda_inputs_job *job = (kda_inputs_job *)ctx;
+    const long T = job->T, H = job->H, K = job->K, W = job->W, D = H * K, C = 3 * D;
+    const size_t esize = job->bf16 ? 2 : 4;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * C));
+    if (!buf) {
+        job->failed = 1;
+        return;
+    }
+    float *x = buf, *y = buf + C;
+    const long end = (item + 1) * INPUT_ROWS < job->B * T ? (item + 1) * INPUT_ROWS : job->B * T;
+    for (long row = item * INPUT_ROWS; row < end; row++) {
+        const long b = row / T, t = row % T;
+        /* y = x_t tap[W - 1] + sum_w x_{t - W + 1 + w} tap[w]: the PyTorch path's order (_short_conv) */
+        load_row(x, (const char *)job->proj + (size_t)(row * job->P) * esize, C, job->bf16);
+#pragma omp simd
+        for (long c = 0; c < C; c++) y[c] = x[c] * job->taps[(W - 1) * C + c];
+        for (long w = 0; w < W - 1; w++) {
+            const long s = t - (W - 1) + w; /* the input position this tap reads; < 0: the history (or zeros) */
+            const char *src = s >= 0 ? (const char *)job->proj + (size_t)((b * T + s) * job->P) * esize
+                              : job->history ? (const char *)job->history + (size_t)((b * (W - 1) + (W - 1) + s) * C) * esize
+                                             : NULL;
+            if (!src) continue;
+            load_row(x, src, C, job->bf16);
+            const float *tap = job->taps + w * C;
+#pragma omp simd
+            for (long c = 0; c < C; c++) y[c] += x[c] * tap[c];
+        }
+#pragma omp simd
+        for (long c = 0; c < C; c++) y[c] = y[c] / (1.0f + expf(-y[c]));
+        const char *proj_row = (const char *)job->proj + (size_t)(row * job->P) * esize;
+        for (long h = 0; h < H; h++) {
+            const float *q = y + h * K, *k = y + D + h * K;
+            const float q_scale = inv_rms(q, K, job->l2_eps / (float)K) / (float)K; /* K^-1/2 / sqrt(K) */
+            const float k_scale = inv_rms(k, K, job->l2_eps / (float)K) / sqrtf((float)K);
+            float *q_out = job->q + row * D + h * K, *k_out = job->k + row * D + h * K;
+#pragma omp simd
+            for (long i = 0; i < K; i++) {
+                q_out[i] = q[i] * q_scale;
+                k_out[i] = k[i] * k_scale;
+            }
+            job->beta[row * H + h] = sigmoid(load_one(proj_row, C + 2 * K + h, job->bf16));
+        }
+        memcpy(job->v + row * D, y + 2 * D, sizeof(float) * (size_t)D);
+        for (long h = 0; h < H; h++)
+            for (long i = 0; i < K; i++) {
+                const float f = load_one(job->f_b, row * D + h * K + i, job->bf16) + job->dt_bias[h * K + i];
+                job->decay[row * D + h * K + i] = expf(job->neg_A[h] * softplus(f));
+            }
+    }
+    free(buf);
+}
+
+/* Everything between a KDA layer's input products and the scan, for T tokens of B sequences (the PyTorch path:
+ * kimi_lm/model/kda.py, KimiDeltaAttention.forward):
+ * proj     [B, T, P]           model dtype, rows P apart: q | k | v (D = H K) | f_a | g_a | b, the fused input product
+ * history  [B, W - 1, 3D]      model dtype: the inputs before token 0 (the conv cache), or NULL for zeros; updated
+ *                              to the last W - 1 inputs when update_history is set
+ * f_b      [B, T, D]           model dtype: f_b_proj(f_a)
+ * taps     [W, 3D] fp32; neg_A [H] fp32 = -exp(A_log); dt_bias [H K] fp32; l2_eps: the q/k L2-norm eps
+ * q, k, v, decay [B, T, D] fp32 out: q / |q| / sqrt(K), k / |k|, v, exp(-exp(A_log) softplus(f_b + dt_bias))
+ * beta     [B, T, H] fp32 out: sigmoid(b)
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int kda_prefill_inputs(long B, long T, long H, long K, long W, long P, int bf16, const void *proj, void *history,
+                       const void *f_b, const float *taps, const float *neg_A, const float *dt_bias, float l2_eps,
+                       float *q, float *k, float *v, float *decay, float *beta, int threads) {
+    kda_inputs_job job = {B, T, H, K, W, P, bf16, proj, history, f_b, taps, neg_A, dt_bias, l2_eps,
+                          q, k, v, decay, beta, 0};
+    parallel_for(kda_inputs_rows, &job, (B * T + INPUT_ROWS - 1) / INPUT_ROWS, threads);
+    if (job.failed) return 1;
+    if (history && W > 1) { /* the conv cache keeps the last W - 1 inputs of [history, proj] */
+        const long C = 3 * H * K;
+        const size_t esize = bf16 ? 2 : 4, row_bytes = (size_t)C * esize;
+        for (long b = 0; b < B; b++) {
+            char *hist = (char *)history + (size_t)(b * (W - 1)) * row_bytes;
+            const long keep = W - 1 > T ? W - 1 - T : 0; /* old rows still inside the window */
+            memmove(hist, hist + (size_t)(W - 1 - keep) * row_bytes, (size_t)keep * row_bytes);
+            for (long r = keep; r < W - 1; r++)
+                memcpy(hist + (size_t)r * row_bytes, (const char *)proj + (size_t)((b * T + T - (W - 1) + r) * P) * esize,
+                       row_bytes);
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    long rows, H, K;
+    int bf16;
+    const float *o, *weight;
+    const void *z;
+    float eps;
+    void *out;
+} gated_norm_job;
+
+static void gated_norm_rows(const void *ctx, long item) {
+    const gated_norm_job *job = (const gated_norm_job *)ctx;
+    const long H = job->H, K = job->K, end = (item + 1) * INPUT_ROWS < job->rows ? (item + 1) * INPUT_ROWS : job->rows;
+    for (long row = item * INPUT_ROWS; row < end; row++)
+        for (long h = 0; h < H; h++) {
+            const float *o = job->o + (row * H + h) * K;
+            const float r = inv_rms(o, K, job->eps);
+            for (long i = 0; i < K; i++) {
+                const float z = load_one(job->z, (row * H + h) * K + i, job->bf16);
+                store_one(job->out, (row * H + h) * K + i, o[i] * r * job->weight[i] * sigmoid(z), job->bf16);
+            }
+        }
+}
+
+/* KDA's gated output norm for `rows` tokens (layers.py GatedRMSNorm): out = (o / rms(o)) w sigmoid(z) per head, fp32
+ * with one rounding to the model dtype. o [rows, H, K] fp32; z [rows, H K] model dtype; weight [K] fp32;
+ * out [rows, H K] model dtype. */
+void gated_rms_norm(long rows, long H, long K, int bf16, const float *o, const void *z, const float *weight, float eps,
+                    void *out, int threads) {
+    const gated_norm_job job = {rows, H, K, bf16, o, weight, z, eps, out};
+    parallel_for(gated_norm_rows, &job, (rows + INPUT_ROWS - 1) / INPUT_ROWS, threads);
+}
+
+/* ---- mixture of experts, many tokens ---------------------------------------------------------------------------- */
+
+#define COMBINE_MAX_K 64
+
+typedef struct {
+    long N, k, hidden;
+    int bf16;
+    const void *rows, *shared;
+    const long *slot_row;
+    const float *weights;
+    void *out;
+} moe_combine_job;
+
+static void moe_combine_rows(const void *ctx, long item) {
+    const moe_combine_job *job = (const moe_combine_job *)ctx;
+    const size_t esize = job->bf16 ? 2 : 4, row_bytes = (size_t)job->hidden * esize;
+    const void *picked[COMBINE_MAX_K];
+    const long end = (item + 1) * INPUT_ROWS < job->N ? (item + 1) * INPUT_ROWS : job->N;
+    for (long t = item * INPUT_ROWS; t < end; t++) {
+        for (long j = 0; j < job->k; j++) picked[j] = (const char *)job->rows + (size_t)job->slot_row[t * job->k + j] * row_bytes;
+        weighted_sum_rows(job->k, job->hidden, job->bf16, picked, job->weights + t * job->k,
+                          job->shared ? (const char *)job->shared + (size_t)t * row_bytes : NULL,
+                          (char *)job->out + (size_t)t * row_bytes);
+    }
+}
+
+/* The routed experts' outputs back to their N tokens (moe.py, StackedExperts.forward): out[t] = sum_j weights[t, j]
+ * rows[slot_row[t k + j]] in fp32, rounded to the model dtype, then + shared[t] (rounded again) when shared is not
+ * NULL. rows [N k, hidden] model dtype (grouped by expert); slot_row [N k] int64; weights [N, k] fp32;
+ * shared, out [N, hidden] model dtype. Returns 0, or 1 when k is above COMBINE_MAX_K (64). */
+int moe_combine(long N, long k, long hidden, int bf16, const void *rows, const long *slot_row, const float *weights,
+                const void *shared, void *out, int threads) {
+    if (k > COMBINE_MAX_K) return 1;
+    const moe_combine_job job = {N, k, hidden, bf16, rows, shared, slot_row, weights, out};
+    parallel_for(moe_combine_rows, &job, (N + INPUT_ROWS - 1) / INPUT_ROWS, threads);
     return 0;
 }

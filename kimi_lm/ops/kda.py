@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kimi_lm.ops import native
+
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
 # exp(±80) is well inside fp32 range (±88.7): factors up to e^80 keep full relative precision.
@@ -183,6 +185,29 @@ def kda_chunked(
         S = torch.baddbmm(S * chunk_decay[:, n], k_to_end_t[:, n], v_new)
     o = torch.stack(outs, dim=1).view(B, H, N, C, V).permute(0, 2, 3, 1, 4)  # [B, N, C, H, V]
     return o.reshape(B, N * C, H, V)[:, :T], S.view(B, H, K, V)
+
+
+def kda_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA over T tokens, ``kda_chunked``'s contract: the C scan (``native.kda_scan``, the recurrence itself, one pass
+    over the state per token with the state in L1) for CPU inference, else ``kda_chunked`` (autograd, other devices,
+    no compiler, key dims above the kernel's limit). On 2 CPU cores at T = 1024, 4 heads of 128 the scan takes
+    ≈ 3 ms against ≈ 15–18 ms for the chunked form: the chunked form's extra arithmetic is small, but it spends its
+    time in ~70 tensor ops over [B, H, N, C, K] intermediates.
+    """
+    q32, k32, v32, g32, beta32 = (x.float().contiguous() for x in (q, k, v, g, beta))
+    given = () if initial_state is None else (initial_state,)
+    if k.shape[-1] > native.SCAN_MAX_K or not native.supports(q32, k32, v32, g32, beta32, *given):
+        return kda_chunked(q, k, v, g, beta, initial_state)
+    B, T, H, K = k.shape
+    state = q32.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float().clone()
+    return native.kda_scan(q32, k32, v32, decay_exp(g32), beta32, state), state
 
 
 def kda_step(

@@ -31,8 +31,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 # -fopenmp-simd: the kernels' `omp simd` loops vectorise; no OpenMP runtime is linked (PyTorch brings its own).
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
-PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")  # for compilers without -march=native (e.g. older Apple clang)
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11", "-pthread")
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-pthread")  # for compilers without -march=native (e.g. older Apple clang)
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -112,7 +112,32 @@ def library() -> ctypes.CDLL | None:
     lib.weighted_sum_rows.restype = None
     lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P]
     lib.packed_gemv.restype = _I
+    lib.kda_scan.argtypes = [_L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I]
+    lib.kda_scan.restype = _I
+    lib.kda_prefill_inputs.argtypes = [_L, _L, _L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I]
+    lib.kda_prefill_inputs.restype = _I
+    lib.gated_rms_norm.argtypes = [_L, _L, _L, _I, _P, _P, _P, _F, _P, _I]
+    lib.gated_rms_norm.restype = None
+    lib.moe_combine.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _I]
+    lib.moe_combine.restype = _I
+    lib.use_openmp.argtypes = [_P, _P, _P]
+    lib.use_openmp.restype = None
+    lib.use_openmp(*(_openmp_entry_points() or (None, None, None)))
     return lib
+
+
+def _openmp_entry_points() -> tuple[int, int, int] | None:
+    """Where PyTorch runs its CPU ops on an OpenMP runtime loaded into the process (GNU libgomp, or a runtime with
+    its ABI): the addresses of its ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads``, so that
+    multi-threaded kernels run on PyTorch's own thread team instead of competing with it. None elsewhere."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        process = ctypes.CDLL(None)
+        names = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+        return tuple(ctypes.cast(getattr(process, name), ctypes.c_void_p).value for name in names)
+    except (OSError, TypeError, AttributeError):  # no global symbol table (Windows) or a runtime without them
+        return None
 
 
 def supports(*tensors: torch.Tensor) -> bool:
@@ -256,3 +281,66 @@ def for_packed(packed: torch.Tensor, out_features: int, in_features: int) -> Pac
         tolerance = 1e-4 if packed.dtype == torch.float32 else 2e-2  # bf16: an output rounding apart at most
         _layout_checked[key] = bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max()))
     return gemv if _layout_checked[key] else None
+
+
+SCAN_MAX_K = 256  # decode_kernels.c keeps a [K, 64] slice of the state on the stack
+
+
+def kda_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
+             state: torch.Tensor) -> torch.Tensor:
+    """The KDA recurrence over T tokens (see ``decode_kernels.c``), all fp32 contiguous: q, k, decay = exp(g)
+    [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] (initial state in, final state out, in place).
+    Runs on torch's intra-op thread count. Returns o [B, T, H, V] fp32."""
+    B, T, H, K = k.shape
+    out = torch.empty(B, T, H, v.shape[-1])
+    if library().kda_scan(B, T, H, K, v.shape[-1], q.data_ptr(), k.data_ptr(), v.data_ptr(), decay.data_ptr(),
+                          beta.data_ptr(), state.data_ptr(), out.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"kda_scan: key dim {K} is above the kernel's limit of {SCAN_MAX_K}")
+    return out
+
+
+def kda_prefill_inputs(proj: torch.Tensor, history: torch.Tensor | None, f_b: torch.Tensor, taps: torch.Tensor,
+                       neg_A: torch.Tensor, dt_bias: torch.Tensor, l2_eps: float) -> tuple[torch.Tensor, ...]:
+    """A KDA layer's prefill inputs to the scan (see ``decode_kernels.c``). proj [B, T, 3D + 2K + H] (the fused input
+    product, model dtype), history [B, W − 1, 3D] (the conv cache, model dtype, updated in place) or None (zeros),
+    f_b [B, T, D] = f_b_proj(f_a) (model dtype), taps [W, 3D], neg_A [H, 1], dt_bias [H, K] fp32.
+    Returns q, k, v, decay [B, T, H, K] and beta [B, T, H], fp32."""
+    B, T, P = proj.shape
+    H, K = dt_bias.shape
+    q, k, v, decay = (torch.empty(B, T, H, K) for _ in range(4))
+    beta = torch.empty(B, T, H)
+    if library().kda_prefill_inputs(
+            B, T, H, K, taps.shape[0], P, _DTYPES[proj.dtype], proj.data_ptr(),
+            None if history is None else history.data_ptr(), f_b.data_ptr(), taps.data_ptr(), neg_A.data_ptr(),
+            dt_bias.data_ptr(), l2_eps, q.data_ptr(), k.data_ptr(), v.data_ptr(), decay.data_ptr(), beta.data_ptr(),
+            torch.get_num_threads()):
+        raise MemoryError("kda_prefill_inputs: could not allocate its scratch memory")
+    return q, k, v, decay, beta
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """KDA's gated output norm (``layers.GatedRMSNorm``): o [..., H, K] fp32, z [..., H·K] (model dtype), weight [K]
+    fp32, all contiguous -> (o / rms(o)) · weight · sigmoid(z), [..., H·K] in z's dtype."""
+    H, K = o.shape[-2:]
+    rows = o.numel() // (H * K)
+    out = torch.empty(*z.shape, dtype=z.dtype)
+    library().gated_rms_norm(rows, H, K, _DTYPES[z.dtype], o.data_ptr(), z.data_ptr(), weight.data_ptr(), eps,
+                             out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+COMBINE_MAX_K = 64  # experts per token that moe_combine takes
+
+
+def moe_combine(rows: torch.Tensor, slot_row: torch.Tensor, weights: torch.Tensor,
+                shared: torch.Tensor | None) -> torch.Tensor:
+    """Routed experts' outputs back to their tokens (``moe.StackedExperts.forward``): rows [N·k, hidden] (model dtype,
+    grouped by expert), slot_row [N·k] int64 (the row of token t's j-th expert at t·k + j), weights [N, k] fp32,
+    shared [N, hidden] or None -> Σ_j weights[t, j] · rows[slot_row[t·k + j]] (+ shared[t]), [N, hidden]."""
+    N, k = weights.shape
+    out = torch.empty(N, rows.shape[-1], dtype=rows.dtype)
+    if library().moe_combine(N, k, rows.shape[-1], _DTYPES[rows.dtype], rows.data_ptr(), slot_row.data_ptr(),
+                             weights.data_ptr(), None if shared is None else shared.data_ptr(), out.data_ptr(),
+                             torch.get_num_threads()):
+        raise ValueError(f"moe_combine: {k} experts per token is above the kernel's limit of {COMBINE_MAX_K}")
+    return out

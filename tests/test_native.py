@@ -1,4 +1,4 @@
-"""The C decode kernels (kimi_lm/ops/native.py) against the PyTorch code they stand in for (the oracle)."""
+"""The C kernels (kimi_lm/ops/native.py) against the PyTorch code they stand in for (the oracle)."""
 
 import warnings
 
@@ -9,6 +9,9 @@ import kimi_lm
 from conftest import rel_err
 from kimi_lm.model.moe import SparseMoE
 from kimi_lm.ops import native, onednn
+from kimi_lm.ops.kda import kda_forward
+from kimi_lm.ops.kda_naive import kda_recurrent_naive
+from test_kda_ops import make_inputs
 
 pytestmark = pytest.mark.skipif(native.library() is None or not onednn.available(torch.float32, "cpu"),
                                 reason="no C compiler or no oneDNN here: the PyTorch path is all there is")
@@ -142,6 +145,97 @@ def test_cached_decode_with_kernels_equals_without(hf_checkpoint, token_ids, tor
                 got = model(ids[:, t : t + 1], cache=caches[0])
                 want = torch_only(model, ids[:, t : t + 1], caches[1])
                 assert rel_err(got, want) <= 1e-5
+
+
+@pytest.fixture(params=["openmp", "pthreads", "one thread"])
+def threading(request, monkeypatch):
+    """Run the multi-threaded kernels on PyTorch's OpenMP team, on their own pthreads, or on one thread."""
+    lib = native.library()
+    if request.param == "openmp" and native._openmp_entry_points() is None:
+        pytest.skip("PyTorch does not run on an OpenMP runtime here")
+    if request.param == "pthreads":
+        lib.use_openmp(None, None, None)
+    if request.param == "one thread":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    yield request.param
+    lib.use_openmp(*(native._openmp_entry_points() or (None, None, None)))
+
+
+@pytest.mark.parametrize("B,T,H,K,V", [(2, 77, 3, 5, 37), (1, 130, 2, 128, 128), (2, 65, 2, 33, 64),
+                                       (1, 3, 1, 256, 130)])
+@pytest.mark.parametrize("decay_scale", [0.5, 30.0])
+def test_kda_scan_equals_recurrent_oracle(B, T, H, K, V, decay_scale, threading):
+    """Odd and even key dims, value dims that are not whole 64-column slices, several slices per head, one head per
+    thread or many, an initial state, decays from slow to within a few tokens."""
+    q, k, v, g, beta, state = make_inputs(B, T, H, K, V, decay_scale, seed=K + V)
+    want_o, want_state = kda_recurrent_naive(q, k, v, g, beta, state)
+    final = state.clone()
+    o = native.kda_scan(q, k, v, g.exp(), beta, final)
+    assert rel_err(o, want_o) <= 2e-6
+    assert rel_err(final, want_state) <= 2e-6
+
+
+def test_kda_forward_scans_for_inference_and_chunks_for_training(monkeypatch):
+    q, k, v, g, beta, state = make_inputs(2, 70, 2, 16, 16, 1.0)
+    scans = []
+    real_scan = native.kda_scan
+    monkeypatch.setattr(native, "kda_scan", lambda *a: scans.append(1) or real_scan(*a))
+    with torch.inference_mode():
+        o, final = kda_forward(q, k, v, g, beta, state)
+    assert scans == [1]
+    want_o, want_state = kda_recurrent_naive(q, k, v, g, beta, state)
+    assert rel_err(o, want_o) <= 2e-6 and rel_err(final, want_state) <= 2e-6
+    assert not torch.equal(final, state)  # the caller's initial state is not written to
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o, _ = kda_forward(*leaves, state)
+    o.square().sum().backward()
+    assert scans == [1] and all(x.grad is not None for x in leaves)  # autograd: the chunked form
+    monkeypatch.setattr(native, "SCAN_MAX_K", 8)  # key dims above the kernel's limit: the chunked form
+    with torch.inference_mode():
+        kda_forward(q, k, v, g, beta, state)
+    assert scans == [1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kda_prefill_kernels_equal_pytorch_layer(models, dtype, torch_only):
+    """Without a cache, then chunks of a prompt through a cache: 50 tokens, 2 (shorter than the conv window: the
+    history shifts), 1 via the decode step, 70; outputs, recurrent state and conv history."""
+    model = models[dtype]
+    layer = next(l.self_attn for l in model.model.layers if l.is_kda)
+    g = torch.Generator().manual_seed(5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: an output rounding apart
+    with torch.inference_mode():
+        x = torch.randn(2, 33, model.config.hidden_size, generator=g).to(dtype)
+        assert rel_err(layer(x), torch_only(layer, x)) <= tol
+        ours, reference = layer.make_cache(2, dtype, "cpu"), layer.make_cache(2, dtype, "cpu")
+        for T in (50, 2, 1, 70):
+            x = torch.randn(2, T, model.config.hidden_size, generator=g).to(dtype)
+            assert rel_err(layer(x, ours), torch_only(layer, x, reference)) <= tol, T
+            assert rel_err(ours.state, reference.state) <= 1e-5, T
+            assert torch.equal(ours.conv_state, reference.conv_state), T
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_combine_equals_pytorch(models, dtype, torch_only):
+    model = models[dtype]
+    moe = next(l.block_sparse_moe for l in model.model.layers if l.is_moe)
+    x = torch.randn(3, 29, model.config.hidden_size, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with torch.inference_mode():
+        assert rel_err(moe(x), torch_only(moe, x)) <= (1e-6 if dtype == torch.float32 else 1e-2)
+        weights, idx = moe.gate(x.view(-1, x.shape[-1]))
+        routed = moe.experts(x.view(-1, x.shape[-1]), idx, weights)  # without the shared expert
+        assert rel_err(routed, torch_only(moe.experts, x.view(-1, x.shape[-1]), idx, weights)) <= 1e-6 * (
+            1 if dtype == torch.float32 else 1e4)
+
+
+def test_prefill_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
+    """Whole model, batch 2: one pass without a cache, and a prompt in two chunks through one."""
+    model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)
+    with torch.inference_mode():
+        assert rel_err(model(token_ids), torch_only(model, token_ids)) <= 1e-5
+        caches = [model.make_cache(2) for _ in range(2)]
+        for chunk in (token_ids[:, :45], token_ids[:, 45:]):
+            assert rel_err(model(chunk, cache=caches[0]), torch_only(model, chunk, caches[1])) <= 1e-5
 
 
 def test_build_is_cached_and_atomic(tmp_path):

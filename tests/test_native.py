@@ -228,6 +228,14 @@ def test_moe_combine_equals_pytorch(models, dtype, torch_only):
             1 if dtype == torch.float32 else 1e4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_kernel_equals_pytorch(dtype, torch_only):
+    from kimi_lm.model.layers import swiglu
+
+    gate_up = (torch.randn(3, 29, 2 * 40, generator=torch.Generator().manual_seed(7)) * 4).to(dtype)
+    assert rel_err(swiglu(gate_up), torch_only(swiglu, gate_up)) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_prefill_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
     """Whole model, batch 2: one pass without a cache, and a prompt in two chunks through one."""
     model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)

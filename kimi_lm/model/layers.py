@@ -83,6 +83,15 @@ class GatedRMSNorm(nn.Module):
         return (normed * torch.sigmoid(gate.float())).to(out_dtype)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up of gate | up rows [..., 2I] -> [..., I]: one C pass for contiguous CPU rows (ops/native.py),
+    else PyTorch (the reference: same roundings)."""
+    if native.supports(gate_up):
+        return native.swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); no biases."""
 
@@ -100,10 +109,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            if gate_up.numel() == gate_up.shape[-1] and native.supports(gate_up):  # one token: SwiGLU in one call
-                return self.down_proj(native.swiglu_rows([gate_up]).view(x.shape[:-1] + (-1,)))
-            gate, up = gate_up.chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(swiglu(self.gate_up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

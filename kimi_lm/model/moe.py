@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.model.layers import MLP, derived
+from kimi_lm.model.layers import MLP, derived, swiglu
 from kimi_lm.ops import native
 
 
@@ -95,8 +95,7 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert e on x [n, hidden]."""
-        gate, up = self.gate_up(e, x).chunk(2, dim=-1)
-        return self.down(e, F.silu(gate) * up)
+        return self.down(e, swiglu(self.gate_up(e, x)))
 
     def decode(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """One token: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]. The SwiGLU of all k runs at once
@@ -119,18 +118,17 @@ class StackedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         # row gathers as embedding lookups: on CPU ~2x faster than index_select and ~3x faster than x[rows]
         xs = F.embedding(order // k, x)
-        out = torch.empty_like(xs)
-        start = 0
+        outputs, start = [], 0
         for e, n in enumerate(counts):
             if n:
-                out[start : start + n] = self.expert(e, xs[start : start + n])
+                outputs.append(self.expert(e, xs[start : start + n]))
                 start += n
-        slot_row = order.argsort()  # where each (token, slot) pair's output row went
-        if k <= native.COMBINE_MAX_K and native.supports(out, weights, *(() if add is None else (add,))):
-            return native.moe_combine(out, slot_row, weights, add)  # the four steps below in one C call
+        slot_row = order.argsort()  # where each (token, slot) pair's output row is in the expert-sorted order
+        if native.supports(weights, *outputs, *(() if add is None else (add,))):
+            return native.moe_combine(outputs, counts, flat, slot_row, weights, add)  # what follows, in one C call
         # back to (token, slot) order with a gather (cheaper than a scatter-add), then a weighted sum over slots
         # (the weighted sum runs in fp32, as the reference does, whatever the model dtype)
-        out = F.embedding(slot_row, out).view(N, k, -1).float()
+        out = F.embedding(slot_row, torch.cat(outputs)).view(N, k, -1).float()
         y = (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
         return y if add is None else y + add
 

@@ -31,8 +31,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 # -fopenmp-simd: the kernels' `omp simd` loops vectorise; no OpenMP runtime is linked (PyTorch brings its own).
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11", "-pthread")
-PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-pthread")  # for compilers without -march=native (e.g. older Apple clang)
+# -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not if-convert (so
+# not vectorise) a loop with a select between two computed values (softplus). Values are unchanged.
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11", "-pthread")
+PORTABLE_FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-std=c11", "-pthread")  # for compilers without -march=native (e.g. older Apple clang)
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -117,9 +119,11 @@ def library() -> ctypes.CDLL | None:
     lib.kda_prefill_inputs.argtypes = [_L, _L, _L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I]
     lib.kda_prefill_inputs.restype = _I
     lib.gated_rms_norm.argtypes = [_L, _L, _L, _I, _P, _P, _P, _F, _P, _I]
-    lib.gated_rms_norm.restype = None
-    lib.moe_combine.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _I]
-    lib.moe_combine.restype = _I
+    lib.gated_rms_norm.restype = _I
+    lib.moe_combine.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _I]
+    lib.moe_combine.restype = None
+    lib.swiglu.argtypes = [_L, _L, _I, _P, _P, _I]
+    lib.swiglu.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
     lib.use_openmp.restype = None
     lib.use_openmp(*(_openmp_entry_points() or (None, None, None)))
@@ -324,23 +328,38 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     H, K = o.shape[-2:]
     rows = o.numel() // (H * K)
     out = torch.empty(*z.shape, dtype=z.dtype)
-    library().gated_rms_norm(rows, H, K, _DTYPES[z.dtype], o.data_ptr(), z.data_ptr(), weight.data_ptr(), eps,
-                             out.data_ptr(), torch.get_num_threads())
+    if library().gated_rms_norm(rows, H, K, _DTYPES[z.dtype], o.data_ptr(), z.data_ptr(), weight.data_ptr(), eps,
+                                out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("gated_rms_norm: could not allocate its scratch memory")
     return out
 
 
-COMBINE_MAX_K = 64  # experts per token that moe_combine takes
-
-
-def moe_combine(rows: torch.Tensor, slot_row: torch.Tensor, weights: torch.Tensor,
-                shared: torch.Tensor | None) -> torch.Tensor:
-    """Routed experts' outputs back to their tokens (``moe.StackedExperts.forward``): rows [N·k, hidden] (model dtype,
-    grouped by expert), slot_row [N·k] int64 (the row of token t's j-th expert at t·k + j), weights [N, k] fp32,
-    shared [N, hidden] or None -> Σ_j weights[t, j] · rows[slot_row[t·k + j]] (+ shared[t]), [N, hidden]."""
+def moe_combine(outputs: list[torch.Tensor], counts: list[int], expert_of_slot: torch.Tensor, slot_row: torch.Tensor,
+                weights: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """Routed experts' outputs back to their tokens (``moe.StackedExperts.forward``), read where the experts wrote
+    them: ``outputs`` [n_e, hidden] per active expert (model dtype, contiguous; ``counts`` [E] rows per expert, in
+    expert order), expert_of_slot / slot_row [N·k] int64 (token t's j-th expert at t·k + j, and that pair's row in
+    the expert-sorted order), weights [N, k] fp32, shared [N, hidden] or None
+    -> Σ_j weights[t, j] · (row of slot t·k + j) (+ shared[t]), [N, hidden]."""
     N, k = weights.shape
-    out = torch.empty(N, rows.shape[-1], dtype=rows.dtype)
-    if library().moe_combine(N, k, rows.shape[-1], _DTYPES[rows.dtype], rows.data_ptr(), slot_row.data_ptr(),
-                             weights.data_ptr(), None if shared is None else shared.data_ptr(), out.data_ptr(),
-                             torch.get_num_threads()):
-        raise ValueError(f"moe_combine: {k} experts per token is above the kernel's limit of {COMBINE_MAX_K}")
+    hidden, dtype = outputs[0].shape[-1], outputs[0].dtype
+    active = iter(outputs)
+    # address of expert e's first row, as if it sat at row starts[e] of one sorted block: address of a slot's row
+    # = base[e] + (sorted row − starts[e]) · row bytes
+    starts = torch.tensor([0] + counts[:-1]).cumsum(0)
+    bases = torch.tensor([next(active).data_ptr() if n else 0 for n in counts])
+    row_bytes = hidden * outputs[0].element_size()
+    addresses = bases[expert_of_slot] + (slot_row - starts[expert_of_slot]) * row_bytes  # [N·k] int64
+    out = torch.empty(N, hidden, dtype=dtype)
+    library().moe_combine(N, k, hidden, _DTYPES[dtype], addresses.data_ptr(), weights.data_ptr(),
+                          None if shared is None else shared.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up for contiguous gate | up rows [..., 2I] -> [..., I], rounded as PyTorch does."""
+    I = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype)
+    library().swiglu(gate_up.numel() // (2 * I), I, _DTYPES[out.dtype], gate_up.data_ptr(), out.data_ptr(),
+                     torch.get_num_threads())
     return out

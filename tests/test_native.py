@@ -236,6 +236,18 @@ def test_swiglu_kernel_equals_pytorch(dtype, torch_only):
     assert rel_err(swiglu(gate_up), torch_only(swiglu, gate_up)) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_kernel_equals_pytorch(dtype):
+    from kimi_lm.model.layers import RMSNorm
+
+    norm = RMSNorm(1100, eps=1e-5).to(dtype)  # rows longer than the kernel's 1024-value blocks
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = (torch.randn(2, 9, 1100, generator=torch.Generator().manual_seed(8)) * 3).to(dtype)
+    with torch.inference_mode():
+        want = torch.nn.functional.rms_norm(x.float(), (1100,), norm.weight.float(), eps=1e-5).to(dtype)
+        assert rel_err(norm(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_prefill_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
     """Whole model, batch 2: one pass without a cache, and a prompt in two chunks through one."""
     model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)

@@ -124,6 +124,8 @@ def library() -> ctypes.CDLL | None:
     lib.moe_combine.restype = None
     lib.swiglu.argtypes = [_L, _L, _I, _P, _P, _I]
     lib.swiglu.restype = None
+    lib.rms_norm.argtypes = [_L, _L, _I, _P, _P, _F, _P, _I]
+    lib.rms_norm.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
     lib.use_openmp.restype = None
     lib.use_openmp(*(_openmp_entry_points() or (None, None, None)))
@@ -362,4 +364,13 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*gate_up.shape[:-1], I, dtype=gate_up.dtype)
     library().swiglu(gate_up.numel() // (2 * I), I, _DTYPES[out.dtype], gate_up.data_ptr(), out.data_ptr(),
                      torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) · weight over the last dim: x [..., D] (model dtype), weight [D] fp32 -> x's shape
+    and dtype; fp32 math, one rounding."""
+    out = torch.empty_like(x)
+    library().rms_norm(x.numel() // x.shape[-1], x.shape[-1], _DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), eps,
+                       out.data_ptr(), torch.get_num_threads())
     return out

@@ -86,6 +86,36 @@ def test_router_kernel_chooses_and_weighs_like_pytorch(n_group, topk_group, reno
                                                                                    rel=1e-5)
 
 
+@pytest.mark.parametrize("n_group,topk_group,renormalize", [(1, 1, True), (4, 2, True), (4, 2, False), (8, 8, True)])
+def test_router_kernel_for_many_tokens_equals_pytorch(n_group, topk_group, renormalize, torch_only):
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 32, 6, 16, 1, n_group, topk_group, renormalize, 2.5).eval()
+    moe.gate.weight.data.normal_()
+    moe.gate.e_score_correction_bias.normal_(std=0.5)
+    x = torch.randn(300, 64)
+    with torch.inference_mode():
+        weights, idx = moe.gate(x)
+        want_weights, want_idx = torch_only(moe.gate, x)
+    order, want_order = idx.argsort(1), want_idx.argsort(1)
+    assert torch.equal(idx.gather(1, order), want_idx.gather(1, want_order))
+    torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_dispatch_groups_like_a_stable_sort(dtype):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(70, 24, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(70)])  # [70, 3], experts 0..9 (some idle)
+    idx[idx == 4] = 5  # expert 4 gets nothing
+    xs, counts, slot_row = native.moe_dispatch(x, idx, 10)
+    order = idx.flatten().argsort(stable=True)
+    assert counts == torch.bincount(idx.flatten(), minlength=10).tolist() and counts[4] == 0
+    assert torch.equal(slot_row, order.argsort())
+    assert torch.equal(xs, x[order // 3])
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        native.moe_dispatch(x, torch.full((70, 3), 10), 10)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(40, 96), (100, 70), (513, 130), (64, 32)])
 def test_packed_gemv_reads_onednn_layouts(dtype, shape):

@@ -321,28 +321,17 @@ static long argmax_free(const float *v, const unsigned char *taken, long n) {
     return best;
 }
 
-/* The sigmoid router of one token (DeepSeek-V3 noaux_tc, as kimi_lm/model/moe.py TopkRouter.forward):
- *   s = sigmoid(x W^T) in fp32; experts chosen by s + bias (within the best topk_group of n_group groups, a group
- *   scoring the sum of its two best), weighted by the unbiased s, renormalised if asked, times scaling.
- * x [hidden] model dtype, W [E, hidden] fp32, bias [E] fp32 -> idx [top_k] int64, weights [top_k] fp32.
- * Returns 0, or 1 when scratch memory could not be allocated. */
-int moe_route(long E, long hidden, long top_k, long n_group, long topk_group, int renormalize, float scaling,
-              int bf16, const void *x, const float *W, const float *bias, int64_t *idx, float *weights) {
-    float *buf = malloc(sizeof(float) * (size_t)(hidden + 2 * E + n_group));
-    unsigned char *taken = calloc((size_t)(E + n_group), 1);
-    if (!buf || !taken) {
-        free(buf);
-        free(taken);
-        return 1;
-    }
-    float *xf = buf, *scores = xf + hidden, *choice = scores + E, *group_score = choice + E;
-    load_row(xf, x, hidden, bf16);
+/* The choice of the sigmoid router (DeepSeek-V3 noaux_tc, as kimi_lm/model/moe.py TopkRouter.forward) from one
+ * token's logits [E] fp32: s = sigmoid(logits); experts chosen by s + bias (within the best topk_group of n_group
+ * groups, a group scoring the sum of its two best), weighted by the unbiased s, renormalised if asked, times scaling.
+ * scratch: 2E + n_group floats; taken: E + n_group bytes. -> idx [top_k] int64, weights [top_k] fp32. */
+static void route_logits(long E, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+                         const float *logits, const float *bias, float *scratch, unsigned char *taken, int64_t *idx,
+                         float *weights) {
+    float *scores = scratch, *choice = scores + E, *group_score = choice + E;
+    memset(taken, 0, (size_t)(E + n_group));
     for (long e = 0; e < E; e++) {
-        const float *row = W + e * hidden;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
-        scores[e] = sigmoid(s);
+        scores[e] = sigmoid(logits[e]);
         choice[e] = scores[e] + bias[e];
     }
     if (n_group > 1 && topk_group < n_group) {
@@ -372,6 +361,29 @@ int moe_route(long E, long hidden, long top_k, long n_group, long topk_group, in
         if (renormalize && top_k > 1) weights[t] = weights[t] / (sum + 1e-20f);
         weights[t] *= scaling;
     }
+}
+
+/* The router of one token: its logits x W^T (x [hidden] model dtype, W [E, hidden] fp32), then route_logits.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int moe_route(long E, long hidden, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+              int bf16, const void *x, const float *W, const float *bias, int64_t *idx, float *weights) {
+    float *buf = malloc(sizeof(float) * (size_t)(hidden + 3 * E + n_group));
+    unsigned char *taken = malloc((size_t)(E + n_group));
+    if (!buf || !taken) {
+        free(buf);
+        free(taken);
+        return 1;
+    }
+    float *xf = buf, *logits = xf + hidden, *scratch = logits + E;
+    load_row(xf, x, hidden, bf16);
+    for (long e = 0; e < E; e++) {
+        const float *row = W + e * hidden;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
+        logits[e] = s;
+    }
+    route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, scratch, taken, idx, weights);
     free(buf);
     free(taken);
     return 0;
@@ -858,4 +870,88 @@ static void rms_norm_block(const void *ctx, long item) {
 void rms_norm(long rows, long D, int bf16, const void *x, const float *weight, float eps, void *out, int threads) {
     const rms_norm_job job = {rows, D, bf16, x, weight, eps, out};
     parallel_for(rms_norm_block, &job, (rows + INPUT_ROWS - 1) / INPUT_ROWS, threads);
+}
+
+/* ---- mixture of experts, many tokens: routing and dispatch ------------------------------------------------------ */
+
+typedef struct {
+    long N, E, top_k, n_group, topk_group;
+    int renormalize;
+    float scaling;
+    const float *logits, *bias;
+    int64_t *idx;
+    float *weights;
+    int failed;
+} route_job;
+
+static void route_block(const void *ctx, long item) {
+    route_job *job = (route_job *)ctx;
+    const long E = job->E, end = (item + 1) * INPUT_ROWS < job->N ? (item + 1) * INPUT_ROWS : job->N;
+    float *scratch = malloc(sizeof(float) * (size_t)(2 * E + job->n_group));
+    unsigned char *taken = malloc((size_t)(E + job->n_group));
+    if (scratch && taken)
+        for (long t = item * INPUT_ROWS; t < end; t++)
+            route_logits(E, job->top_k, job->n_group, job->topk_group, job->renormalize, job->scaling,
+                         job->logits + t * E, job->bias, scratch, taken, job->idx + t * job->top_k,
+                         job->weights + t * job->top_k);
+    else
+        job->failed = 1;
+    free(scratch);
+    free(taken);
+}
+
+/* The router's choice for N tokens from their logits [N, E] fp32 (TopkRouter.forward after its product):
+ * -> idx [N, top_k] int64, weights [N, top_k] fp32. Returns 0, or 1 when scratch memory could not be allocated. */
+int moe_route_logits(long N, long E, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+                     const float *logits, const float *bias, int64_t *idx, float *weights, int threads) {
+    route_job job = {N, E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, idx, weights, 0};
+    parallel_for(route_block, &job, (N + INPUT_ROWS - 1) / INPUT_ROWS, threads);
+    return job.failed;
+}
+
+typedef struct {
+    long k, slots;
+    size_t row_bytes;
+    const char *x;
+    const int64_t *order;
+    char *xs;
+} gather_job;
+
+static void gather_block(const void *ctx, long item) {
+    const gather_job *job = (const gather_job *)ctx;
+    const long end = (item + 1) * 64 < job->slots ? (item + 1) * 64 : job->slots;
+    for (long r = item * 64; r < end; r++)
+        memcpy(job->xs + (size_t)r * job->row_bytes, job->x + (size_t)(job->order[r] / job->k) * job->row_bytes,
+               job->row_bytes);
+}
+
+/* Grouping by expert (StackedExperts.forward): idx [N, k] int64 (expert of token t's slot j) -> counts [E] (slots
+ * per expert), slot_row [N k] (the row of slot t k + j in the expert-sorted order; ties in slot order, as a stable
+ * sort), xs [N k, hidden] (the token's input rows in that order, model dtype). x [N, hidden] model dtype.
+ * order: scratch [N k] int64. Returns 0, 1 when an expert index is outside [0, E), 2 when scratch memory could not be
+ * allocated. */
+int moe_dispatch(long N, long k, long E, long hidden, int bf16, const int64_t *idx, const void *x, int64_t *counts,
+                 int64_t *slot_row, int64_t *order, void *xs, int threads) {
+    const long slots = N * k;
+    memset(counts, 0, sizeof(int64_t) * (size_t)E);
+    for (long i = 0; i < slots; i++) {
+        if (idx[i] < 0 || idx[i] >= E) return 1;
+        counts[idx[i]]++;
+    }
+    int64_t *next = malloc(sizeof(int64_t) * (size_t)E);
+    if (!next) return 2;
+    int64_t start = 0;
+    for (long e = 0; e < E; e++) {
+        next[e] = start;
+        start += counts[e];
+    }
+    for (long i = 0; i < slots; i++) {
+        const int64_t row = next[idx[i]]++;
+        slot_row[i] = row;
+        order[row] = i;
+    }
+    free(next);
+    const gather_job job = {k, slots, (size_t)hidden * (bf16 ? 2 : 4), (const char *)x, order, (char *)xs};
+    parallel_for(gather_block, &job, (slots + 63) / 64, threads);
+    return 0;
 }

@@ -126,6 +126,10 @@ def library() -> ctypes.CDLL | None:
     lib.swiglu.restype = None
     lib.rms_norm.argtypes = [_L, _L, _I, _P, _P, _F, _P, _I]
     lib.rms_norm.restype = None
+    lib.moe_route_logits.argtypes = [_L, _L, _L, _L, _L, _I, _F, _P, _P, _P, _P, _I]
+    lib.moe_route_logits.restype = _I
+    lib.moe_dispatch.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I]
+    lib.moe_dispatch.restype = _I
     lib.use_openmp.argtypes = [_P, _P, _P]
     lib.use_openmp.restype = None
     lib.use_openmp(*(_openmp_entry_points() or (None, None, None)))
@@ -374,3 +378,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     library().rms_norm(x.numel() // x.shape[-1], x.shape[-1], _DTYPES[x.dtype], x.data_ptr(), weight.data_ptr(), eps,
                        out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def moe_route_logits(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                     renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe.TopkRouter.forward`` after its product: logits [N, E] fp32, bias [E] fp32
+    -> (weights [N, k] fp32, expert indices [N, k] int64)."""
+    N, E = logits.shape
+    idx = torch.empty(N, top_k, dtype=torch.int64)
+    weights = torch.empty(N, top_k)
+    if library().moe_route_logits(N, E, top_k, n_group, topk_group, int(renormalize), scaling, logits.data_ptr(),
+                                  bias.data_ptr(), idx.data_ptr(), weights.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("moe_route_logits: could not allocate its scratch memory")
+    return weights, idx
+
+
+def moe_dispatch(x: torch.Tensor, idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Tokens grouped by expert (``moe.StackedExperts.forward``): x [N, hidden], idx [N, k] int64 -> (xs [N·k, hidden]:
+    each (token, slot) pair's input row, grouped by expert, slot order kept within an expert; counts: rows per
+    expert; slot_row [N·k]: where pair t·k + j went)."""
+    N, k = idx.shape
+    xs = torch.empty(N * k, x.shape[-1], dtype=x.dtype)
+    counts = torch.empty(num_experts, dtype=torch.int64)
+    slot_row, order = torch.empty(N * k, dtype=torch.int64), torch.empty(N * k, dtype=torch.int64)
+    status = library().moe_dispatch(N, k, num_experts, x.shape[-1], _DTYPES[x.dtype], idx.data_ptr(), x.data_ptr(),
+                                    counts.data_ptr(), slot_row.data_ptr(), order.data_ptr(), xs.data_ptr(),
+                                    torch.get_num_threads())
+    if status == 1:
+        raise ValueError(f"moe_dispatch: an expert index outside [0, {num_experts})")
+    if status:
+        raise MemoryError("moe_dispatch: could not allocate its scratch memory")
+    return xs, counts.tolist(), slot_row

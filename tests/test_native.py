@@ -55,7 +55,7 @@ def test_kda_decode_kernel_equals_pytorch_step(models, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_moe_decode_kernels_equal_pytorch(models, dtype, torch_only):
+def test_moe_kernels_equal_pytorch(models, dtype, torch_only):
     model = models[dtype]
     moe = next(l.block_sparse_moe for l in model.model.layers if l.is_moe)
     mlp = model.model.layers[0].mlp
@@ -311,7 +311,7 @@ def test_unavailable_compiler_falls_back_with_one_warning(monkeypatch, tmp_path)
     monkeypatch.setenv("KIMI_LM_CACHE", str(tmp_path / "cache"))
     native.library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="decode kernels unavailable"):
+        with pytest.warns(RuntimeWarning, match="C kernels unavailable"):
             assert native.library() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -10,7 +10,8 @@
 Parameter names are the official checkpoint's (``q_conv1d``, ``f_a_proj``, ``A_log`` [1,1,H,1], ``dt_bias`` [H·K]).
 The conv, the gates, the recurrence and the gated norm run in fp32 whatever the model dtype. A loaded CPU model
 decodes one token with everything between its input products and o_proj in one C call (``_decode_native``,
-ops/decode_kernels.c); ``_decode`` is the same step in PyTorch, its reference and fallback.
+ops/kernels.c), and prefills with three (``_forward_native``: conv/norms/gates, the recurrence as a scan, the gated
+norm); ``_decode`` and the rest of ``forward`` are the same math in PyTorch, their reference and fallback.
 
 References: spec ``shared/specs/kimi_linear.md`` §5; fla v0.4.0 ``fla/layers/kda.py``; transformers
 ``modeling_kimi_linear.py`` (``KimiLinearDeltaAttention``).
@@ -68,7 +69,7 @@ class KimiDeltaAttention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Inference set-up (the loader, once weights are final): fuse the input products, keep fp32 constants and,
-        where the decode kernels can read both gate products' packed weights (ops/native.py), those two readers."""
+        where the C kernels can read both gate products' packed weights (ops/native.py), those two readers."""
         from kimi_lm.ops.onednn import fuse
 
         gemvs = [getattr(m, "gemv", None) for m in (self.f_b_proj, self.g_b_proj)]

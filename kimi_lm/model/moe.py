@@ -11,7 +11,7 @@ Experts are stored stacked ([E, 2I, hidden] gate|up and [E, hidden, I] down; the
 ``w1/w3/w2`` are stacked on load). Dispatch sorts the (token, expert) pairs by expert and runs one matmul pair per
 active expert on its contiguous slice of tokens: no Python loop over tokens. One token (a decode step) on CPU is
 routed, SwiGLU'd and summed by C kernels (``TopkRouter.route_one``, ``SparseMoE._decode_native``;
-ops/decode_kernels.c), the PyTorch code being their reference and fallback.
+ops/kernels.c), the PyTorch code being their reference and fallback.
 
 References: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); transformers ``KimiLinearTopkRouter``; spec §6.
 """

@@ -1,17 +1,25 @@
-"""The decode-step C kernels (``decode_kernels.c``): built once with the system C compiler, called through ctypes.
+"""The CPU kernels in C (``kernels.c``): built once with the system C compiler, called through ctypes.
 
-A CPU decode step of a small model is bound by per-op overhead, not arithmetic: each small PyTorch op costs 5–15 µs
-in place (dispatch, allocation, and code evicted from the caches by the weight stream), and a KDA layer's decode
-math is ~40 of them. ``kda_decode`` does that math in one call. The PyTorch path stays beside it as the reference
-(tests compare the two) and as the fallback wherever the library cannot be built: no C compiler, a compile error
-(warned once), ``KIMI_LM_NATIVE=0``, or inputs it does not cover (training, non-CPU tensors, other dtypes).
+Decode: a CPU decode step of a small model is bound by per-op overhead, not arithmetic: each small PyTorch op costs
+5–15 µs in place (dispatch, allocation, and code evicted from the caches by the weight stream), and a KDA layer's
+decode math is ~40 of them. ``kda_decode`` does that math in one call; the MoE router, SwiGLU and weighted sum and the
+one-row products (``PackedGemv``) follow the same idea.
+
+Prefill: the KDA recurrence itself (``kda_scan``: one pass over an L1-resident slice of the state per token, 5x faster
+than the chunked PyTorch form on 2 cores), what surrounds it (conv, norms, gates; the gated output norm), RMSNorm,
+SwiGLU and the MoE routing, grouping and combining for many tokens; these run on PyTorch's own OpenMP threads.
+
+The PyTorch path stays beside each kernel as the reference (tests compare the two) and as the fallback wherever the
+library cannot be built: no C compiler, a compile error (warned once), ``KIMI_LM_NATIVE=0``, or inputs it does not
+cover (training, non-CPU tensors, other dtypes).
 
 The library is compiled with ``-O3 -march=native`` into ``$KIMI_LM_CACHE`` (default ``~/.cache/kimi_lm``)/native,
 named by a hash of the source, the compiler, its flags and this CPU's feature flags (a home directory shared by
 different machines never loads code built for another CPU), written to a temporary name and renamed into place.
 Only the bundled source is ever compiled; nothing from a checkpoint.
 
-Reference: ``ctypes`` (foreign functions release the GIL during the call); GCC ``-fopenmp-simd``.
+Reference: ``ctypes`` (foreign functions release the GIL during the call); GCC ``-fopenmp-simd``; the GCC OpenMP
+ABI (``GOMP_parallel``).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 # -fopenmp-simd: the kernels' `omp simd` loops vectorise; no OpenMP runtime is linked (PyTorch brings its own).
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not if-convert (so
 # not vectorise) a loop with a select between two computed values (softplus). Values are unchanged.
@@ -65,7 +73,7 @@ def _compiler() -> str | None:
 
 
 def build(target: Path | None = None) -> Path:
-    """Compile ``decode_kernels.c`` (if not already there) and return the shared library's path. Raises
+    """Compile ``kernels.c`` (if not already there) and return the shared library's path. Raises
     ``RuntimeError`` with the compiler's message when no compiler works."""
     compiler = _compiler()
     if compiler is None:
@@ -74,7 +82,7 @@ def build(target: Path | None = None) -> Path:
     paths = {}
     for flags in (FLAGS, PORTABLE_FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), fingerprint]))
-        paths[flags] = (target or cache_dir()) / f"decode_kernels-{key.hexdigest()[:20]}.so"
+        paths[flags] = (target or cache_dir()) / f"kernels-{key.hexdigest()[:20]}.so"
     # a library built before (with either set of flags) is used as it is: no failing compile retried per process
     for path in paths.values():
         if path.exists():
@@ -101,7 +109,7 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
-        warnings.warn(f"kimi_lm: decode kernels unavailable, using the PyTorch path ({e})", RuntimeWarning,
+        warnings.warn(f"kimi_lm: C kernels unavailable, using the PyTorch path ({e})", RuntimeWarning,
                       stacklevel=2)
         return None
     lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P]
@@ -162,7 +170,7 @@ def supports(*tensors: torch.Tensor) -> bool:
 def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, taps: torch.Tensor,
                neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b: PackedGemv, g_b: PackedGemv,
                norm_weight: torch.Tensor, norm_eps: float, l2_eps: float) -> torch.Tensor:
-    """One KDA decode token (see ``decode_kernels.c``). proj [B, 3D + 2K + H] and conv_state [B, W − 1, 3D] in the
+    """One KDA decode token (see ``kernels.c``). proj [B, 3D + 2K + H] and conv_state [B, W − 1, 3D] in the
     model dtype, state [B, H, K, K] fp32 (both caches updated in place); f_b / g_b: the gate products' packed
     weights, read in place. Returns [B, D] in the model dtype."""
     B, H, K, _ = state.shape
@@ -293,12 +301,12 @@ def for_packed(packed: torch.Tensor, out_features: int, in_features: int) -> Pac
     return gemv if _layout_checked[key] else None
 
 
-SCAN_MAX_K = 256  # decode_kernels.c keeps a [K, 64] slice of the state on the stack
+SCAN_MAX_K = 256  # kernels.c keeps a [K, 64] slice of the state on the stack
 
 
 def kda_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,
              state: torch.Tensor) -> torch.Tensor:
-    """The KDA recurrence over T tokens (see ``decode_kernels.c``), all fp32 contiguous: q, k, decay = exp(g)
+    """The KDA recurrence over T tokens (see ``kernels.c``), all fp32 contiguous: q, k, decay = exp(g)
     [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] (initial state in, final state out, in place).
     Runs on torch's intra-op thread count. Returns o [B, T, H, V] fp32."""
     B, T, H, K = k.shape
@@ -311,7 +319,7 @@ def kda_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Ten
 
 def kda_prefill_inputs(proj: torch.Tensor, history: torch.Tensor | None, f_b: torch.Tensor, taps: torch.Tensor,
                        neg_A: torch.Tensor, dt_bias: torch.Tensor, l2_eps: float) -> tuple[torch.Tensor, ...]:
-    """A KDA layer's prefill inputs to the scan (see ``decode_kernels.c``). proj [B, T, 3D + 2K + H] (the fused input
+    """A KDA layer's prefill inputs to the scan (see ``kernels.c``). proj [B, T, 3D + 2K + H] (the fused input
     product, model dtype), history [B, W − 1, 3D] (the conv cache, model dtype, updated in place) or None (zeros),
     f_b [B, T, D] = f_b_proj(f_a) (model dtype), taps [W, 3D], neg_A [H, 1], dt_bias [H, K] fp32.
     Returns q, k, v, decay [B, T, H, K] and beta [B, T, H], fp32."""

@@ -1,16 +1,21 @@
-/* Decode-step kernels in plain C: the small-tensor math between the big products of one decode token, as one call.
+/* CPU kernels in plain C for kimi_lm (built and bound by kimi_lm/ops/native.py).
  *
- * Why: in a CPU decode step the products stream weights at memory bandwidth, and the ~40 small tensor ops between
+ * Decode: in a CPU decode step the products stream weights at memory bandwidth, and the ~40 small tensor ops between
  * them (conv, norms, gates, the delta rule) each cost 5-15 us of dispatch in place, more than their arithmetic.
  * One C call does the same math in fp32, in the same order of roundings as the PyTorch path it replaces
  * (kimi_lm/model/kda.py, KimiDeltaAttention._decode, which stays as the reference and the fallback); only the
- * order of fp32 summations differs.
+ * order of fp32 summations differs. The same for the MoE glue and one-row products of packed weights.
  *
- * Built by kimi_lm/ops/native.py with the system C compiler (-O3 -march=native -fopenmp-simd -fno-trapping-math: SIMD pragmas only, no
- * OpenMP runtime) and called through ctypes. Tensors arrive as raw pointers to contiguous memory; `bf16` says whether
- * the model-dtype tensors hold bfloat16 (else float32). Single-threaded: the work per token is tens of microseconds.
+ * Prefill: the KDA recurrence as a scan over value-column slices of the state (kda_scan), what surrounds it, RMSNorm,
+ * SwiGLU and the MoE routing/grouping/combining for many tokens, each split over PyTorch's OpenMP threads
+ * (parallel_for).
  *
- * Reference math: spec shared/specs/kimi_linear.md section 5; fla v0.4.0 fla/layers/kda.py (decode branch).
+ * Built with the system C compiler (-O3 -march=native -fopenmp-simd -fno-trapping-math: SIMD pragmas only, no OpenMP
+ * runtime linked) and called through ctypes. Tensors arrive as raw pointers to contiguous memory; `bf16` says whether
+ * the model-dtype tensors hold bfloat16 (else float32).
+ *
+ * Reference math: spec shared/specs/kimi_linear.md sections 5-6; fla v0.4.0 fla/layers/kda.py and
+ * fla/ops/kda/naive.py; DeepSeek-V3 inference/model.py (Gate); Cephes (expf, logf).
  */
 #include <math.h>
 #include <pthread.h>

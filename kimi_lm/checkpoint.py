@@ -388,8 +388,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     if torch.device(device).type == "cpu":
         malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if pack_weights and onednn.available(dtype, device):
-        # kv_b_proj stays plain: absorbed MLA decode multiplies by slices of its weight matrix directly
-        onednn.use_onednn_linears(model, skip=("kv_b_proj",))
+        onednn.use_onednn_linears(model)
     if torch.device(device).type == "cpu":
         malloc.release_free_memory()  # what the replaced plain weights and read buffers occupied: not 2x at rest
     return model

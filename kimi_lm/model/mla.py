@@ -77,11 +77,15 @@ class MultiheadLatentAttention(nn.Module):
         self.in_proj = None  # inference: the query and latent projections of x as one product (ops/onednn.py)
 
     def fuse_projections(self) -> None:
-        from kimi_lm.ops.onednn import fuse
+        from kimi_lm.ops.onednn import OneDNNLinear, fuse
 
         fuse(self, "in_proj", ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"))
-        if type(self.kv_b_proj) is nn.Linear:  # weights are final: keep the absorbed form's two halves contiguous
-            self.__dict__["_absorb_weights"] = self._split_kv_b(self.kv_b_proj.weight.detach(), contiguous=True)
+        # weights are final: keep the absorbed form's two halves of kv_b contiguous (the naive form's product reads
+        # kv_b itself, packed for oneDNN); a quantized kv_b is rebuilt per call instead (``_absorb``)
+        kv_b = self.kv_b_proj
+        if type(kv_b) is nn.Linear or type(kv_b) is OneDNNLinear:
+            weight = kv_b.weight.detach() if type(kv_b) is nn.Linear else kv_b.dense_weight()
+            self.__dict__["_absorb_weights"] = self._split_kv_b(weight, contiguous=True)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)): the two products that read x."""

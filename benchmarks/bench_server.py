@@ -80,7 +80,8 @@ def main() -> None:
 
     import kimi_lm
 
-    path = Path(args.model) if args.model else random_bench_checkpoint(Path(tempfile.mkdtemp()))
+    tmp_dir = tempfile.TemporaryDirectory(prefix="kimi-bench-server-")  # removed when the script ends
+    path = Path(args.model) if args.model else random_bench_checkpoint(Path(tmp_dir.name))
     tok = kimi_lm.load_tokenizer(path)
     proc, url = start_server(path, args.threads, args.clients)
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)

@@ -138,6 +138,8 @@ def library() -> ctypes.CDLL | None:
     lib.moe_route_logits.restype = _I
     lib.moe_dispatch.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I]
     lib.moe_dispatch.restype = _I
+    lib.elementwise.argtypes = [_I, _L, _P, _P]
+    lib.elementwise.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
     lib.use_openmp.restype = None
     lib.use_openmp(*(_openmp_entry_points() or (None, None, None)))

@@ -163,9 +163,13 @@ def test_packed_gemv_refuses_a_layout_it_cannot_confirm(monkeypatch):
     assert native.for_packed(onednn.pack(torch.randn(128, 64).bfloat16()), 128, 64) is None
 
 
-def test_cached_decode_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
-    """The whole decode step, batch 1 (router and expert kernels) and batch 2 (KDA kernel)."""
+def test_cached_decode_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only, monkeypatch):
+    """The whole decode step, batch 1 (router and expert kernels) and batch 2 (KDA kernel; its input rows come from
+    the norm kernel contiguous, so several rows take the kernel too)."""
     model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)
+    kda_calls = []
+    real = native.kda_decode
+    monkeypatch.setattr(native, "kda_decode", lambda proj, *a: kda_calls.append(proj.shape[0]) or real(proj, *a))
     for ids in (token_ids[:1, :40], token_ids[:, :40]):
         with torch.inference_mode():
             caches = [model.make_cache(ids.shape[0]) for _ in range(2)]
@@ -175,6 +179,7 @@ def test_cached_decode_with_kernels_equals_without(hf_checkpoint, token_ids, tor
                 got = model(ids[:, t : t + 1], cache=caches[0])
                 want = torch_only(model, ids[:, t : t + 1], caches[1])
                 assert rel_err(got, want) <= 1e-5
+    assert set(kda_calls) == {1, 2}  # the KDA kernel ran for one row and for two
 
 
 def _elementwise(which: int, x: torch.Tensor) -> torch.Tensor:

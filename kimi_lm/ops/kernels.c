@@ -205,6 +205,10 @@ static float inv_rms(const float *x, long n, float eps) {
     return 1.0f / sqrtf(s / (float)n + eps);
 }
 
+/* defined with the threads below: fn(ctx, item) for every item in [0, items), split among threads */
+typedef void (*item_fn)(const void *ctx, long item);
+static void parallel_for(item_fn fn, const void *ctx, long items, int threads);
+
 /* One Kimi Delta Attention decode token for B sequences (H heads of width K; values are K wide too).
  *
  * proj       [B, 3D + 2K + H]  model dtype: q | k | v (D = H K) | f_a | g_a | b, the fused input projection's output
@@ -217,14 +221,36 @@ static float inv_rms(const float *x, long n, float eps) {
  *                              f_layout / g_layout (see product_f32)
  * norm_w     [K]               fp32: gated RMSNorm weight; norm_eps its eps; l2_eps the q/k L2-norm eps
  * out        [B, D]            model dtype: gated-normed output, the input of o_proj
+ * The B rows are independent: several are shared among `threads` threads (parallel_for).
  * Returns 0, or 1 when the scratch memory could not be allocated.
  */
-int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void *conv_state, float *state,
-                const float *taps, const float *neg_A, const float *dt_bias, int f_layout, const void *f_b,
-                int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps, void *out) {
+typedef struct {
+    long H, K, W;
+    int bf16, f_layout, g_layout;
+    const void *proj, *f_b, *g_b;
+    void *conv_state, *out;
+    float *state;
+    const float *taps, *neg_A, *dt_bias, *norm_w;
+    float norm_eps, l2_eps;
+    int failed; /* set when a row could not allocate its scratch memory */
+} kda_decode_job;
+
+static void kda_decode_row(const void *ctx, long bi) {
+    kda_decode_job *job = (kda_decode_job *)ctx;
+    const long H = job->H, K = job->K, W = job->W;
+    const int bf16 = job->bf16, f_layout = job->f_layout, g_layout = job->g_layout;
+    const void *proj = job->proj, *f_b = job->f_b, *g_b = job->g_b;
+    void *conv_state = job->conv_state, *out = job->out;
+    float *state = job->state;
+    const float *taps = job->taps, *neg_A = job->neg_A, *dt_bias = job->dt_bias, *norm_w = job->norm_w;
+    const float norm_eps = job->norm_eps, l2_eps = job->l2_eps;
     const long D = H * K, C = 3 * D, P = 3 * D + 2 * K + H;
     const size_t esize = bf16 ? 2 : 4;
     float *buf = malloc(sizeof(float) * (size_t)(2 * C + 2 * K + H + 4 * D));
+    if (!buf) {
+        job->failed = 1;
+        return;
+    }
     float *x = buf;            /* [C] this token's q | k | v inputs, fp32 */
     float *qkv = x + C;        /* [C] after conv + SiLU */
     float *fa = qkv + C;       /* [K] */
@@ -234,86 +260,92 @@ int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void 
     float *z = g + D;          /* [D] output gate (pre-sigmoid) */
     float *o = z + D;          /* [D] attention output */
     float *pred = o + D;       /* [D] k^T S per head, then delta */
-    if (!buf) return 1;
-    for (long bi = 0; bi < B; bi++) {
-        const char *row = (const char *)proj + (size_t)(bi * P) * esize;
-        load_row(x, row, C, bf16);
-        load_row(fa, row + (size_t)C * esize, K, bf16);
-        load_row(ga, row + (size_t)(C + K) * esize, K, bf16);
-        load_row(bb, row + (size_t)(C + 2 * K) * esize, H, bf16);
+    const char *row = (const char *)proj + (size_t)(bi * P) * esize;
+    load_row(x, row, C, bf16);
+    load_row(fa, row + (size_t)C * esize, K, bf16);
+    load_row(ga, row + (size_t)(C + K) * esize, K, bf16);
+    load_row(bb, row + (size_t)(C + 2 * K) * esize, H, bf16);
 
-        /* causal depthwise conv over [conv_state, x] and SiLU; then the window slides by one */
-        char *cs = (char *)conv_state + (size_t)(bi * (W - 1) * C) * esize;
+    /* causal depthwise conv over [conv_state, x] and SiLU; then the window slides by one */
+    char *cs = (char *)conv_state + (size_t)(bi * (W - 1) * C) * esize;
 #pragma omp simd
-        for (long c = 0; c < C; c++) qkv[c] = x[c] * taps[(W - 1) * C + c];
-        for (long w = 0; w < W - 1; w++) {
-            const float *tap = taps + w * C;
-            if (bf16) {
-                const uint16_t *hist = (const uint16_t *)cs + w * C;
+    for (long c = 0; c < C; c++) qkv[c] = x[c] * taps[(W - 1) * C + c];
+    for (long w = 0; w < W - 1; w++) {
+        const float *tap = taps + w * C;
+        if (bf16) {
+            const uint16_t *hist = (const uint16_t *)cs + w * C;
 #pragma omp simd
-                for (long c = 0; c < C; c++) qkv[c] += bf16_to_f32(hist[c]) * tap[c];
-            } else {
-                const float *hist = (const float *)cs + w * C;
+            for (long c = 0; c < C; c++) qkv[c] += bf16_to_f32(hist[c]) * tap[c];
+        } else {
+            const float *hist = (const float *)cs + w * C;
 #pragma omp simd
-                for (long c = 0; c < C; c++) qkv[c] += hist[c] * tap[c];
-            }
-        }
-        if (W > 1) {
-            memmove(cs, cs + (size_t)C * esize, (size_t)((W - 2) * C) * esize);
-            memcpy(cs + (size_t)((W - 2) * C) * esize, row, (size_t)C * esize);
-        }
-#pragma omp simd
-        for (long c = 0; c < C; c++) qkv[c] = silu(qkv[c]);
-
-        /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b) */
-        product_f32(f_layout, bf16, D, K, f_b, fa, g);
-        product_f32(g_layout, bf16, D, K, g_b, ga, z);
-        for (long h = 0; h < H; h++)
-            for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
-                z[h * K + i] = as_model_dtype(z[h * K + i], bf16);
-                g[h * K + i] = neg_A[h] * softplus(as_model_dtype(g[h * K + i], bf16) + dt_bias[h * K + i]);
-            }
-
-        float *S_b = state + bi * H * K * K;
-        for (long h = 0; h < H; h++) {
-            float *q = qkv + h * K, *k = qkv + D + h * K, *v = qkv + 2 * D + h * K;
-            /* L2 norms: q / |q| / sqrt(K) (the attention scale folded in), k / |k| */
-            const float q_scale = inv_rms(q, K, l2_eps / (float)K) / (float)K;
-            const float k_scale = inv_rms(k, K, l2_eps / (float)K) / sqrtf((float)K);
-            const float beta = sigmoid(bb[h]);
-            float *S = S_b + h * K * K, *pr = pred + h * K, *oh = o + h * K;
-            /* S <- diag(exp(g)) S and pred = k^T S in one pass */
-            memset(pr, 0, sizeof(float) * (size_t)K);
-            for (long i = 0; i < K; i++) {
-                const float decay = exp_f32(g[h * K + i]), ki = k[i] * k_scale;
-                float *Si = S + i * K;
-#pragma omp simd
-                for (long j = 0; j < K; j++) {
-                    Si[j] *= decay;
-                    pr[j] += ki * Si[j];
-                }
-            }
-            /* delta = beta (v - pred); S += k delta^T and o = q^T S in one pass */
-#pragma omp simd
-            for (long j = 0; j < K; j++) pr[j] = beta * (v[j] - pr[j]);
-            memset(oh, 0, sizeof(float) * (size_t)K);
-            for (long i = 0; i < K; i++) {
-                const float ki = k[i] * k_scale, qi = q[i] * q_scale;
-                float *Si = S + i * K;
-#pragma omp simd
-                for (long j = 0; j < K; j++) {
-                    Si[j] += ki * pr[j];
-                    oh[j] += qi * Si[j];
-                }
-            }
-            /* gated RMSNorm: (o / rms(o)) w sigmoid(z), one rounding to the model dtype */
-            const float r = inv_rms(oh, K, norm_eps);
-            for (long j = 0; j < K; j++)
-                store_one(out, bi * D + h * K + j, oh[j] * r * norm_w[j] * sigmoid(z[h * K + j]), bf16);
+            for (long c = 0; c < C; c++) qkv[c] += hist[c] * tap[c];
         }
     }
+    if (W > 1) {
+        memmove(cs, cs + (size_t)C * esize, (size_t)((W - 2) * C) * esize);
+        memcpy(cs + (size_t)((W - 2) * C) * esize, row, (size_t)C * esize);
+    }
+#pragma omp simd
+    for (long c = 0; c < C; c++) qkv[c] = silu(qkv[c]);
+
+    /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b) */
+    product_f32(f_layout, bf16, D, K, f_b, fa, g);
+    product_f32(g_layout, bf16, D, K, g_b, ga, z);
+    for (long h = 0; h < H; h++)
+        for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
+            z[h * K + i] = as_model_dtype(z[h * K + i], bf16);
+            g[h * K + i] = neg_A[h] * softplus(as_model_dtype(g[h * K + i], bf16) + dt_bias[h * K + i]);
+        }
+
+    float *S_b = state + bi * H * K * K;
+    for (long h = 0; h < H; h++) {
+        float *q = qkv + h * K, *k = qkv + D + h * K, *v = qkv + 2 * D + h * K;
+        /* L2 norms: q / |q| / sqrt(K) (the attention scale folded in), k / |k| */
+        const float q_scale = inv_rms(q, K, l2_eps / (float)K) / (float)K;
+        const float k_scale = inv_rms(k, K, l2_eps / (float)K) / sqrtf((float)K);
+        const float beta = sigmoid(bb[h]);
+        float *S = S_b + h * K * K, *pr = pred + h * K, *oh = o + h * K;
+        /* S <- diag(exp(g)) S and pred = k^T S in one pass */
+        memset(pr, 0, sizeof(float) * (size_t)K);
+        for (long i = 0; i < K; i++) {
+            const float decay = exp_f32(g[h * K + i]), ki = k[i] * k_scale;
+            float *Si = S + i * K;
+#pragma omp simd
+            for (long j = 0; j < K; j++) {
+                Si[j] *= decay;
+                pr[j] += ki * Si[j];
+            }
+        }
+        /* delta = beta (v - pred); S += k delta^T and o = q^T S in one pass */
+#pragma omp simd
+        for (long j = 0; j < K; j++) pr[j] = beta * (v[j] - pr[j]);
+        memset(oh, 0, sizeof(float) * (size_t)K);
+        for (long i = 0; i < K; i++) {
+            const float ki = k[i] * k_scale, qi = q[i] * q_scale;
+            float *Si = S + i * K;
+#pragma omp simd
+            for (long j = 0; j < K; j++) {
+                Si[j] += ki * pr[j];
+                oh[j] += qi * Si[j];
+            }
+        }
+        /* gated RMSNorm: (o / rms(o)) w sigmoid(z), one rounding to the model dtype */
+        const float r = inv_rms(oh, K, norm_eps);
+        for (long j = 0; j < K; j++)
+            store_one(out, bi * D + h * K + j, oh[j] * r * norm_w[j] * sigmoid(z[h * K + j]), bf16);
+    }
     free(buf);
-    return 0;
+}
+
+int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void *conv_state, float *state,
+               const float *taps, const float *neg_A, const float *dt_bias, int f_layout, const void *f_b,
+               int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps, void *out,
+               int threads) {
+    kda_decode_job job = {H, K, W, bf16, f_layout, g_layout, proj, f_b, g_b, conv_state, out, state, taps, neg_A,
+                          dt_bias, norm_w, norm_eps, l2_eps, 0};
+    parallel_for(kda_decode_row, &job, B, threads); /* rows (sequences) are independent */
+    return job.failed;
 }
 
 /* ---- mixture of experts, one token ---------------------------------------------------------------------------- */
@@ -474,7 +506,6 @@ void use_openmp(void *parallel, void *thread_num, void *num_threads) {
     omp_num_threads = (omp_int_fn)num_threads;
 }
 
-typedef void (*item_fn)(const void *ctx, long item);
 typedef struct {
     item_fn fn;
     const void *ctx;

@@ -112,7 +112,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"kimi_lm: C kernels unavailable, using the PyTorch path ({e})", RuntimeWarning,
                       stacklevel=2)
         return None
-    lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P]
+    lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P, _I]
     lib.kda_decode.restype = _I
     lib.moe_route.argtypes = [_L, _L, _L, _L, _L, _I, _F, _I, _P, _P, _P, _P, _P]
     lib.moe_route.restype = _I
@@ -181,7 +181,7 @@ def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor
     status = library().kda_decode(
         B, H, K, W, _DTYPES[proj.dtype], proj.data_ptr(), conv_state.data_ptr(), state.data_ptr(), taps.data_ptr(),
         neg_A.data_ptr(), dt_bias.data_ptr(), f_b.layout, f_b.pointer(), g_b.layout, g_b.pointer(),
-        norm_weight.data_ptr(), norm_eps, l2_eps, out.data_ptr())
+        norm_weight.data_ptr(), norm_eps, l2_eps, out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("kda_decode: could not allocate its scratch memory")
     return out

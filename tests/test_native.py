@@ -311,6 +311,32 @@ def test_rms_norm_kernel_equals_pytorch(dtype):
         assert rel_err(norm(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_with_few_rows_in_c_equal_onednn(dtype, monkeypatch):
+    """Experts with 1–4 rows run in one C call (several rows per pass over the weights), the rest on oneDNN; each
+    expert's output as the per-expert oneDNN loop gives it."""
+    from kimi_lm.model.moe import StackedExperts
+
+    torch.manual_seed(0)
+    plain = StackedExperts(8, 96, 40)
+    with torch.no_grad():
+        plain.gate_up_proj.normal_(std=0.1)
+        plain.down_proj.normal_(std=0.1)
+    experts = onednn.OneDNNStackedExperts(plain.to(dtype))
+    counts = [1, 0, 3, 4, 9, 2, 0, 6]  # 1-4 rows: C; 6 and 9: oneDNN
+    xs = torch.randn(sum(counts), 96).to(dtype)
+    calls = []
+    real = native.moe_experts_rows
+    monkeypatch.setattr(native, "moe_experts_rows", lambda xs, counts, few, *a: calls.append(few) or real(xs, counts, few, *a))
+    with torch.inference_mode():
+        got = experts.grouped(xs, counts)
+        want = StackedExperts.grouped(experts, xs, counts)
+    assert calls == [[0, 2, 3, 5]]
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel_err(g, w) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_prefill_with_kernels_equals_without(hf_checkpoint, token_ids, torch_only):
     """Whole model, batch 2: one pass without a cache, and a prompt in two chunks through one."""
     model = kimi_lm.load(hf_checkpoint, dtype=torch.float32)

@@ -125,6 +125,50 @@ static void product_f32(int layout, int bf16, long O, long I, const void *w, con
     }
 }
 
+/* product_f32 for M <= 8 input rows x [M, I] -> y [M, O] at once: each block of the weight is read once for all rows
+ * (a second row would otherwise stream a weight larger than the caches again). */
+#define ROWS_MAX 8
+static void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y) {
+    if (layout == 0) {
+        for (long r = 0; r < O; r++) /* the weight row stays in L1 for the M dots */
+            for (long m = 0; m < M; m++) {
+                const float *xm = x + m * I;
+                float s = 0.0f;
+                if (bf16) {
+                    const uint16_t *row = (const uint16_t *)w + r * I;
+#pragma omp simd reduction(+ : s)
+                    for (long i = 0; i < I; i++) s += bf16_to_f32(row[i]) * xm[i];
+                } else {
+                    const float *row = (const float *)w + r * I;
+#pragma omp simd reduction(+ : s)
+                    for (long i = 0; i < I; i++) s += row[i] * xm[i];
+                }
+                y[m * O + r] = s;
+            }
+        return;
+    }
+    const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
+    const uint32_t *pairs = (const uint32_t *)w;
+    for (long ob = 0; ob < nOB; ob++) {
+        float acc[ROWS_MAX][64] = {{0}};
+        for (long ib = 0; ib < full; ib++) {
+            const uint32_t *blk = pairs + (ob * nIB + ib) * 1024;
+            for (long m = 0; m < M; m++) {
+                const float *xm = x + m * I + ib * 32;
+                for (long p = 0; p < 16; p++) accumulate_pairs(acc[m], blk + p * 64, xm[2 * p], xm[2 * p + 1]);
+            }
+        }
+        const uint32_t *blk = pairs + (ob * nIB + full) * 1024;
+        for (long m = 0; m < M; m++) {
+            const float *xm = x + m * I + full * 32;
+            for (long p = 0; 2 * p < tail; p++)
+                accumulate_pairs(acc[m], blk + p * 64, xm[2 * p], 2 * p + 1 < tail ? xm[2 * p + 1] : 0.0f);
+        }
+        const long n = O - ob * 64 < 64 ? O - ob * 64 : 64;
+        for (long m = 0; m < M; m++) memcpy(y + m * O + ob * 64, acc[m], sizeof(float) * (size_t)n);
+    }
+}
+
 /* exp and log that vectorise. libm's expf/log1pf are scalar calls inside `omp simd` loops (GCC vectorises them only
  * under -ffast-math), and a prefill spends millions of them: the conv's SiLU, the gates and sigmoids measured 7 ms per
  * KDA layer at 1024 tokens with libm, 1 ms with these. Both are the Cephes single-precision algorithms (range
@@ -990,4 +1034,57 @@ int moe_dispatch(long N, long k, long E, long hidden, int bf16, const int64_t *i
     const gather_job job = {k, slots, (size_t)hidden * (bf16 ? 2 : 4), (const char *)x, order, (char *)xs};
     parallel_for(gather_block, &job, (slots + 63) / 64, threads);
     return 0;
+}
+
+/* ---- MoE experts for a few rows: one-row products straight from the packed weights ------------------------------ */
+
+typedef struct {
+    long hidden, I;
+    int bf16;
+    const int64_t *starts, *counts;           /* per work item (one expert): its first row in xs, its row count */
+    const int *gate_up_layout, *down_layout;  /* per work item */
+    const void *const *gate_up, *const *down; /* per work item: the expert's packed weight memory */
+    const void *xs;
+    void *out;
+    int failed;
+} experts_job;
+
+static void experts_item(const void *ctx, long item) {
+    experts_job *job = (experts_job *)ctx;
+    const long hidden = job->hidden, I = job->I, e = item;
+    const size_t esize = job->bf16 ? 2 : 4;
+    float *buf = malloc(sizeof(float) * (size_t)ROWS_MAX * (size_t)(hidden + 3 * I + hidden));
+    if (!buf) {
+        job->failed = 1;
+        return;
+    }
+    float *x = buf, *gate_up = x + ROWS_MAX * hidden, *h = gate_up + ROWS_MAX * 2 * I, *y = h + ROWS_MAX * I;
+    const long first = job->starts[item], end = first + job->counts[item];
+    for (long r0 = first; r0 < end; r0 += ROWS_MAX) { /* up to 8 rows per pass over the expert's weights */
+        const long M = end - r0 < ROWS_MAX ? end - r0 : ROWS_MAX;
+        load_row(x, (const char *)job->xs + (size_t)(r0 * hidden) * esize, M * hidden, job->bf16);
+        product_rows_f32(job->gate_up_layout[e], job->bf16, 2 * I, hidden, job->gate_up[e], M, x, gate_up);
+        for (long m = 0; m < M; m++)
+            for (long j = 0; j < I; j++) { /* the product's output, silu's and the gated product each rounded */
+                const float gate = as_model_dtype(gate_up[m * 2 * I + j], job->bf16);
+                const float up = as_model_dtype(gate_up[m * 2 * I + I + j], job->bf16);
+                h[m * I + j] = as_model_dtype(as_model_dtype(silu(gate), job->bf16) * up, job->bf16);
+            }
+        product_rows_f32(job->down_layout[e], job->bf16, hidden, I, job->down[e], M, h, y);
+        store_row((char *)job->out + (size_t)(r0 * hidden) * esize, y, M * hidden, job->bf16);
+    }
+    free(buf);
+}
+
+/* SwiGLU experts (moe.py StackedExperts.expert) on a few rows each, weights read in place from their oneDNN
+ * packing (layouts as product_f32): for work item i, rows starts[i] .. starts[i] + counts[i] of xs [rows, hidden]
+ * (model dtype) go through the expert whose packed gate | up [2I, hidden] and down [hidden, I] weights are
+ * gate_up[i] and down[i]; out [rows, hidden] model dtype. Items are shared among threads.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *starts, const int64_t *counts,
+                     const int *gate_up_layout, const void *const *gate_up, const int *down_layout,
+                     const void *const *down, const void *xs, void *out, int threads) {
+    experts_job job = {hidden, I, bf16, starts, counts, gate_up_layout, down_layout, gate_up, down, xs, out, 0};
+    parallel_for(experts_item, &job, items, threads);
+    return job.failed;
 }

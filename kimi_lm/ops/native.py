@@ -138,6 +138,8 @@ def library() -> ctypes.CDLL | None:
     lib.moe_route_logits.restype = _I
     lib.moe_dispatch.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I]
     lib.moe_dispatch.restype = _I
+    lib.moe_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
+    lib.moe_experts_rows.restype = _I
     lib.elementwise.argtypes = [_I, _L, _P, _P]
     lib.elementwise.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
@@ -419,3 +421,22 @@ def moe_dispatch(x: torch.Tensor, idx: torch.Tensor, num_experts: int) -> tuple[
     if status:
         raise MemoryError("moe_dispatch: could not allocate its scratch memory")
     return xs, counts.tolist(), slot_row
+
+
+def moe_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate_up: list[PackedGemv],
+                     down: list[PackedGemv]) -> torch.Tensor:
+    """The SwiGLU of each expert in ``experts`` on its rows of xs [rows, hidden] (grouped by expert, ``counts`` rows
+    per expert), products read from the experts' packed weights (``gate_up`` [2I, hidden] and ``down`` [hidden, I]
+    readers, indexed by expert) -> out [rows, hidden], those experts' rows filled."""
+    n = len(experts)
+    starts = torch.tensor([0] + counts[:-1]).cumsum(0)[experts].contiguous()
+    sizes = torch.tensor([counts[e] for e in experts])
+    out = torch.empty_like(xs)
+    status = library().moe_experts_rows(
+        n, xs.shape[-1], down[experts[0]].in_features, _DTYPES[xs.dtype], starts.data_ptr(), sizes.data_ptr(),
+        (_I * n)(*(gate_up[e].layout for e in experts)), (_P * n)(*(gate_up[e].pointer() for e in experts)),
+        (_I * n)(*(down[e].layout for e in experts)), (_P * n)(*(down[e].pointer() for e in experts)),
+        xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError("moe_experts_rows: could not allocate its scratch memory")
+    return out

@@ -170,8 +170,16 @@ class SparseMoE(nn.Module):
     def _decode_native(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """One token, its routing done: the expert products as in ``StackedExperts.decode``, the SwiGLU and the
         weighted sum plus the shared expert as one C call each. x [1, hidden] -> [1, hidden]."""
-        gate_up = [self.experts.gate_up(e, x) for e in experts]  # k × [1, 2I]
-        h = native.swiglu_rows(gate_up)  # [k, I]
-        out = [self.experts.down(e, h[i : i + 1]) for i, e in enumerate(experts)]  # k × [1, hidden]
+        if type(self.experts).grouped is not StackedExperts.grouped:  # experts with their own few-rows path (C)
+            counts = [0] * self.experts.num_experts
+            for e in experts:
+                counts[e] = 1
+            by_expert = self.experts.grouped(x.expand(len(experts), -1).contiguous(), counts)  # ascending experts
+            rank = {e: i for i, e in enumerate(sorted(experts))}
+            out = [by_expert[rank[e]] for e in experts]  # k × [1, hidden]
+        else:
+            gate_up = [self.experts.gate_up(e, x) for e in experts]  # k × [1, 2I]
+            h = native.swiglu_rows(gate_up)  # [k, I]
+            out = [self.experts.down(e, h[i : i + 1]) for i, e in enumerate(experts)]  # k × [1, hidden]
         shared = None if self.shared_experts is None else self.shared_experts(x)
         return native.weighted_sum_rows(out, weights, shared)

@@ -249,6 +249,20 @@ static float inv_rms(const float *x, long n, float eps) {
     return 1.0f / sqrtf(s / (float)n + eps);
 }
 
+/* The factors of KDA's q/k L2 norms for one head: q / |q| / sqrt(K) (the attention scale K^-1/2 folded in) and
+ * k / |k|, with eps inside the root as fla's kernel (via an RMS over K values: eps / K) */
+static void qk_l2_scales(const float *q, const float *k, long K, float eps, float *q_scale, float *k_scale) {
+    *q_scale = inv_rms(q, K, eps / (float)K) / (float)K;
+    *k_scale = inv_rms(k, K, eps / (float)K) / sqrtf((float)K);
+}
+
+/* KDA's gated output norm of one head (layers.py GatedRMSNorm): dst = (o / rms(o)) w sigmoid(z), fp32; dst may be z */
+static void gated_norm_head(const float *o, const float *z, const float *w, long K, float eps, float *dst) {
+    const float r = inv_rms(o, K, eps);
+#pragma omp simd
+    for (long i = 0; i < K; i++) dst[i] = o[i] * r * w[i] * sigmoid(z[i]);
+}
+
 /* defined with the threads below: fn(ctx, item) for every item in [0, items), split among threads */
 typedef void (*item_fn)(const void *ctx, long item);
 static void parallel_for(item_fn fn, const void *ctx, long items, int threads);
@@ -345,9 +359,8 @@ static void kda_decode_row(const void *ctx, long bi) {
     float *S_b = state + bi * H * K * K;
     for (long h = 0; h < H; h++) {
         float *q = qkv + h * K, *k = qkv + D + h * K, *v = qkv + 2 * D + h * K;
-        /* L2 norms: q / |q| / sqrt(K) (the attention scale folded in), k / |k| */
-        const float q_scale = inv_rms(q, K, l2_eps / (float)K) / (float)K;
-        const float k_scale = inv_rms(k, K, l2_eps / (float)K) / sqrtf((float)K);
+        float q_scale, k_scale;
+        qk_l2_scales(q, k, K, l2_eps, &q_scale, &k_scale);
         const float beta = sigmoid(bb[h]);
         float *S = S_b + h * K * K, *pr = pred + h * K, *oh = o + h * K;
         /* S <- diag(exp(g)) S and pred = k^T S in one pass */
@@ -374,10 +387,9 @@ static void kda_decode_row(const void *ctx, long bi) {
                 oh[j] += qi * Si[j];
             }
         }
-        /* gated RMSNorm: (o / rms(o)) w sigmoid(z), one rounding to the model dtype */
-        const float r = inv_rms(oh, K, norm_eps);
-        for (long j = 0; j < K; j++)
-            store_one(out, bi * D + h * K + j, oh[j] * r * norm_w[j] * sigmoid(z[h * K + j]), bf16);
+        /* gated RMSNorm, one rounding to the model dtype */
+        gated_norm_head(oh, z + h * K, norm_w, K, norm_eps, z + h * K);
+        store_row((char *)out + (size_t)(bi * D + h * K) * esize, z + h * K, K, bf16);
     }
     free(buf);
 }
@@ -756,8 +768,8 @@ static void kda_inputs_rows(const void *ctx, long item) {
         const char *proj_row = (const char *)job->proj + (size_t)(row * job->P) * esize;
         for (long h = 0; h < H; h++) {
             const float *q = y + h * K, *k = y + D + h * K;
-            const float q_scale = inv_rms(q, K, job->l2_eps / (float)K) / (float)K; /* K^-1/2 / sqrt(K) */
-            const float k_scale = inv_rms(k, K, job->l2_eps / (float)K) / sqrtf((float)K);
+            float q_scale, k_scale;
+            qk_l2_scales(q, k, K, job->l2_eps, &q_scale, &k_scale);
             float *q_out = job->q + row * D + h * K, *k_out = job->k + row * D + h * K;
 #pragma omp simd
             for (long i = 0; i < K; i++) {
@@ -831,13 +843,8 @@ static void gated_norm_rows(const void *ctx, long item) {
     }
     for (long row = item * INPUT_ROWS; row < end; row++) {
         load_row(z, (const char *)job->z + (size_t)(row * H * K) * esize, H * K, job->bf16);
-        for (long h = 0; h < H; h++) {
-            const float *o = job->o + (row * H + h) * K, *w = job->weight;
-            const float r = inv_rms(o, K, job->eps);
-            float *zh = z + h * K;
-#pragma omp simd
-            for (long i = 0; i < K; i++) zh[i] = o[i] * r * w[i] * sigmoid(zh[i]);
-        }
+        for (long h = 0; h < H; h++)
+            gated_norm_head(job->o + (row * H + h) * K, z + h * K, job->weight, K, job->eps, z + h * K);
         store_row((char *)job->out + (size_t)(row * H * K) * esize, z, H * K, job->bf16);
     }
     free(z);

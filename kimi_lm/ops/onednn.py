@@ -208,17 +208,15 @@ def _refuse_conversion(module: nn.Module, fn, dtype: torch.dtype) -> nn.Module:
                        f"{probe.device}; load the checkpoint again with kimi_lm.load(path, dtype=..., device=...)")
 
 
-def use_onednn_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Swap every plain bias-free ``nn.Linear`` and ``StackedExperts`` of ``model`` (not those whose name ends with one
-    of ``skip``, and not a weight tied to another module) for its packed version. Returns how many were swapped."""
+def use_onednn_linears(model: nn.Module) -> int:
+    """Swap every plain bias-free ``nn.Linear`` and ``StackedExperts`` of ``model`` (not a weight tied to another
+    module) for its packed version. Returns how many were swapped."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     swapped = 0
     trim = malloc.ReleaseEvery(16 << 20)
     # names, not modules: a list of the modules would keep every replaced plain weight alive until the end (2x the
     # model in memory at the peak of loading); this way each one is freed as soon as its packed copy exists
     for name in [name for name, _ in model.named_modules()]:
-        if name.endswith(skip):
-            continue
         module = model.get_submodule(name)
         if type(module) is nn.Linear and module.bias is None and id(module.weight) not in tied:
             new: nn.Module = OneDNNLinear(module)

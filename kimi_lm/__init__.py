@@ -21,18 +21,32 @@ import torch
 # Defined before the imports below so that modules they import may read it (kimi-lm generate without --model).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
-from kimi_lm.errors import CheckpointError
+from kimi_lm.errors import CheckpointError, KimiLMError, UsageError
 from kimi_lm.estimate import estimate
 from kimi_lm.generate import generate, stream_generate  # the functions: they shadow the module names on purpose
 from kimi_lm.tokenizer import load_tokenizer
 
-__all__ = ["CheckpointError", "DEFAULT_MODEL", "estimate", "generate", "load", "load_tokenizer", "stream_generate", "__version__"]
+__all__ = ["CheckpointError", "KimiLMError", "UsageError", "DEFAULT_MODEL", "estimate", "generate", "load", "load_tokenizer", "stream_generate", "__version__"]
 __version__ = "0.1.0"
 
 
-def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
-    """Load a checkpoint directory (config.json + safetensors); see :func:`kimi_lm.checkpoint.load`."""
+def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto", pack_weights: bool | None = None):
+    """Load a checkpoint directory (config.json + safetensors; see :func:`kimi_lm.checkpoint.load`) for inference.
+
+    ``backend``: "auto" applies the fast path of ``device`` (on CPU ``kimi_lm.cpu.prepare``: packed products, C
+    kernels; the model is then for inference at this dtype and device only); None returns the plain PyTorch model
+    (to fine-tune, modify or convert it). ``pack_weights=False`` is the earlier spelling of ``backend=None``.
+    """
     from kimi_lm.checkpoint import load as _load
+    from kimi_lm.errors import UsageError
 
-    return _load(path, dtype=dtype, device=device, pack_weights=pack_weights)
+    if pack_weights is False:
+        backend = None
+    if backend not in ("auto", "cpu", None):
+        raise UsageError(f"backend must be 'auto', 'cpu' or None; got {backend!r}")
+    model = _load(path, dtype=dtype, device=device)
+    if backend is not None and torch.device(device).type == "cpu":
+        from kimi_lm import cpu
 
+        cpu.prepare(model)
+    return model

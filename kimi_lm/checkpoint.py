@@ -30,9 +30,9 @@ import torch
 
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
-from kimi_lm.ops import malloc, onednn
+from kimi_lm.ops import malloc
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
-from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules, use_int4_kernels
+from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
 
 # checkpoint name (regex) -> (parameter name template, placement)
 #   placement "copy": whole tensor; "gate"/"up": rows [0, I) / [I, 2I) of stacked expert E; "down": stacked expert E
@@ -291,13 +291,12 @@ def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> s
     return modules
 
 
-def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
-    """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the model in eval mode, no grads.
+def load(path, dtype=torch.bfloat16, device="cpu"):
+    """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the plain model (``kimi_lm.model``
+    modules, quantized ones swapped in where the checkpoint is quantized) in eval mode, no grads. Only loads: the
+    runtime set-up for a device (``kimi_lm.cpu.prepare``) is applied by ``kimi_lm.load``.
 
-    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass.
-    ``pack_weights`` (CPU, fp32/bf16): plain linear and expert weights are re-laid out once for oneDNN
-    (``ops/onednn.py``), 2x faster decoding; the model is then for inference at this dtype and device only. Pass
-    False for plain ``nn.Linear`` modules (e.g. to fine-tune or to convert the model afterwards)."""
+    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
@@ -382,15 +381,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", pack_weights: bool = True):
     loaded.clear()  # the model now holds the only references: packing below frees each plain weight as it goes
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if specs:  # affine 4-bit modules run on PyTorch's CPU int4 kernel (same bytes, no per-call dequantization)
-        use_int4_kernels(model)
     model.eval().requires_grad_(False)
-    if torch.device(device).type == "cpu":
-        malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
-    if pack_weights and onednn.available(dtype, device):
-        onednn.use_onednn_linears(model)
-    if torch.device(device).type == "cpu":
-        malloc.release_free_memory()  # what the replaced plain weights and read buffers occupied: not 2x at rest
     return model
 
 

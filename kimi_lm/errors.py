@@ -1,12 +1,21 @@
-"""Errors kimi-lm raises for bad user input (checkpoints, configs, arguments).
+"""Errors kimi-lm raises for bad user input, one hierarchy so callers (CLI, server, tests) show one readable line.
 
-One exception type for everything wrong with a checkpoint so that callers (CLI, server, tests) can catch it and
-show a single readable line instead of a traceback from deep inside torch.
+    KimiLMError                  anything kimi-lm reports to a user instead of a traceback
+    ├── CheckpointError          a checkpoint directory, config file, tokenizer file or tensor is not as expected
+    └── UsageError               a bad argument or option (a CLI flag, an API parameter, a request field)
+
+Both also derive from ``ValueError`` so that code written against the earlier single exception keeps working. The
+message always names the file, key, tensor or parameter, what was expected and what was found.
 """
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory, config file or tensor is not what kimi-lm expects.
+class KimiLMError(ValueError):
+    """Base of every error kimi-lm raises on purpose for bad input."""
 
-    The message always names the file, the config key or tensor, what was expected and what was found.
-    """
+
+class CheckpointError(KimiLMError):
+    """A checkpoint directory, config file, tokenizer file or tensor is not what kimi-lm expects."""
+
+
+class UsageError(KimiLMError):
+    """An argument, option or request parameter is not what kimi-lm expects (not a problem of the checkpoint)."""

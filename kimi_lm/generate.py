@@ -221,7 +221,7 @@ def sampling_kwargs(args) -> dict:
 
 
 def load_model_and_tokenizer(args):
-    from kimi_lm.checkpoint import load
+    from kimi_lm import load
     from kimi_lm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)  # first: it fails fast and cheaply on a wrong directory

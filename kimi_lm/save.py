@@ -131,7 +131,7 @@ def export_to_transformers(src, dst, dtype: torch.dtype = torch.bfloat16) -> dic
             f"{src / 'config.json'}: attn_res_block_size = {config.attn_res_block_size}: transformers' "
             f"KimiLinearForCausalLM has no Block Attention Residuals, so it cannot run this model"
         )
-    model = load(src, dtype=torch.float32, pack_weights=False)
+    model = load(src, dtype=torch.float32)
     if any(not p.is_floating_point() for p in model.parameters()):
         raise CheckpointError(f"{src}: quantized weights; run `kimi-lm convert --dequantize` first")
     n = config.num_hidden_layers

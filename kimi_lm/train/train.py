@@ -85,7 +85,7 @@ def load_run(ckpt: Path):
         raise CheckpointError(f"{ckpt / STATE}: unreadable trainer state ({exc})") from None
     with SafetensorsFile(ckpt / OPTIM) as f:  # raises CheckpointError for a damaged file
         optim = {name: f.read(name) for name in f.keys()}
-    model = load(ckpt, dtype=torch.float32, pack_weights=False)  # trainable nn.Linear weights
+    model = load(ckpt, dtype=torch.float32)  # trainable nn.Linear weights
     return model.train().requires_grad_(True), step, optim
 
 

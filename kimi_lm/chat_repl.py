@@ -4,28 +4,37 @@ Each turn renders the whole history with the chat template and generates with on
 turns, so only the new tokens are prefilled (the cache resumes from the last exactly-restorable boundary; the reply
 the model generated is re-tokenised by the template and may differ from the sampled ids, which the cache handles).
 The reply streams as it is generated; tool calls are shown as ``[tool call functions.NAME:IDX {...}]`` lines and kept
-in the history with their canonical ids, never as raw marker text. ``/reset`` clears the history, ``/exit`` (or
-Ctrl-D) quits.
+in the history with their canonical ids, never as raw marker text.
+
+Lines whose first word is a ``/command`` are handled here and never sent to the model: ``/help`` lists the
+commands, ``/reset`` clears the history, ``/exit`` (or Ctrl-D) quits; an unknown ``/x`` says so. A line that merely
+starts with a slash but is more (``/usr/bin is ...``) is a message.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from kimi_lm.chat import ToolCallParser, count_tool_calls
-from kimi_lm.generate import (Parser, add_model_args, add_sampling_args, load_model_and_tokenizer, print_stats,
-                              run_command, sampling_kwargs, stream_generate)
+from kimi_lm.cli_args import (Parser, add_model_args, add_sampling_args, load_model_and_tokenizer, print_stats,
+                              run_command, sampling_kwargs)
+from kimi_lm.errors import CheckpointError
+from kimi_lm.generate import stream_generate
 from kimi_lm.prompt_cache import PromptCache
 
-HELP = "[kimi-lm chat] type a message; /reset clears the history, /exit quits."
+COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
+            "/exit": "quit (also /quit, q or Ctrl-D)"}
+BANNER = "[kimi-lm chat] type a message; /help lists commands, /reset clears the history, /exit quits."
+_COMMAND = re.compile(r"/[A-Za-z_]+")  # a whole first word like /help; "/usr/bin ..." is a message
 
 
 def _parser() -> Parser:
     p = Parser(prog="kimi-lm chat", description="Chat with a Kimi Linear model in the terminal.")
     add_model_args(p)
-    p.add_argument("--system", help="system message at the start of the conversation")
+    p.add_argument("--system", help="system message at the start of the conversation (unset: none)")
     add_sampling_args(p, max_tokens=512)
-    p.add_argument("--verbose", action="store_true", help="print speed and memory after each reply")
+    p.add_argument("--verbose", action="store_true", help="print speed and memory after each reply (default: off)")
     return p
 
 
@@ -60,31 +69,42 @@ def _reply(model, tokenizer, messages: list[dict], pc: PromptCache, kwargs: dict
     return message
 
 
+def _command_help(word: str) -> str:
+    """What /help (or an unknown /command) prints."""
+    listing = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
+    if word == "/help":
+        return f"[commands]\n{listing}"
+    return f"[unknown command {word}; commands:]\n{listing}"
+
+
 def _main(argv) -> int:
     args = _parser().parse_args(argv)
     kwargs = sampling_kwargs(args)
     model, tokenizer = load_model_and_tokenizer(args)
     if tokenizer.chat_template is None:
-        raise ValueError(f"{args.model}: no chat template "
-                         f"(chat_template.jinja or tokenizer_config.json 'chat_template')")
+        raise CheckpointError(f"{args.model}: no chat template "
+                              f"(chat_template.jinja or tokenizer_config.json 'chat_template')")
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     pc = PromptCache(model, args.max_kv_size)
-    print(HELP)
+    print(BANNER)
     while True:
         try:
             line = input(">> ")
         except EOFError:
             print()
             return 0
-        command = line.strip()
-        if command in ("/exit", "/quit", "q"):
+        word = line.split()[0] if line.strip() else ""
+        if word in ("/exit", "/quit") or line.strip() == "q":
             return 0
-        if command == "/reset":
+        if word == "/reset":
             messages = list(start)
             print("[history cleared]")
             continue
-        if not command:
+        if _COMMAND.fullmatch(word):
+            print(_command_help(word))
+            continue
+        if not word:
             continue
         messages.append({"role": "user", "content": line})
         messages.append(_reply(model, tokenizer, messages, pc, kwargs, args.verbose))

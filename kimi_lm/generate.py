@@ -3,21 +3,22 @@
     for r in kimi_lm.stream_generate(model, tokenizer, prompt, max_tokens=64, temperature=0.7, seed=0):
         print(r.text, end="")        # one response per token: text delta, token id, logprob, finish_reason, tok/s
 
-The prompt (text or ids) is prefilled in chunks of ``prefill_step_size`` tokens: identical logits to one pass (the
-caches carry everything across chunks) with activations bounded by the chunk. Decoding feeds one token per step.
-Generation stops at a stop token (``<|im_end|>`` / EOS, never emitted), at a stop string (not emitted; text that
-could begin one is held back until decided) or after ``max_tokens``. With a :class:`PromptCache` the longest
+The prompt (text or ids) is prefilled in chunks of ``prefill_step_size`` tokens (:func:`prefill_chunks`): identical
+logits to one pass (the caches carry everything across chunks) with activations bounded by the chunk. Decoding feeds
+one token per step. After each forward, :class:`Decoder` (shared with the server's scheduler) samples the token,
+detokenises it and decides the end: a stop token (``<|im_end|>`` / EOS, never emitted), a stop string (not emitted;
+text that could begin one is held back until decided) or ``max_tokens``. With a :class:`PromptCache` the longest
 exactly-restorable prefix is reused and the cache is advanced in place, so a chat can reuse it turn after turn.
 
 The command mirrors mlx-lm's ``generate``: the prompt goes through the chat template unless
-``--ignore-chat-template``; text streams to stdout; prompt / generation speed and peak memory go to stderr.
+``--ignore-chat-template``; text streams to stdout; prompt / generation speed and peak memory go to stderr. Its flag
+helpers live in :mod:`kimi_lm.cli_args`.
 
 Reference: mlx-lm ``generate.py`` (stream_generate, GenerationResponse, CLI flags); gpt-fast ``generate.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -26,11 +27,12 @@ from typing import Iterator
 import torch
 
 from kimi_lm.chat import partial_suffix_len
-from kimi_lm.errors import CheckpointError
+from kimi_lm.cli_args import (DEFAULT_PREFILL_STEP, Parser, add_model_args, add_sampling_args,  # noqa: F401
+                              load_model_and_tokenizer, print_stats, read_prompt, run_command, sampling_kwargs)
+from kimi_lm.errors import UsageError
 from kimi_lm.prompt_cache import PromptCache, PromptCacheError, load_prompt_cache
 from kimi_lm.sample import Sampler, SamplingParams
 
-DEFAULT_PREFILL_STEP = 2048
 _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
 
 
@@ -49,6 +51,77 @@ class GenerationResponse:
     peak_memory: float  # GB
 
 
+@dataclass
+class DecodedToken:
+    """What one :meth:`Decoder.step` produced."""
+
+    text: str  # new text to emit (stop strings and text that may begin one are held back)
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None  # None, "stop" or "length"
+
+
+class Decoder:
+    """One sequence's per-token step after a forward pass: sample, detokenise, decide whether it ends.
+
+    ``stop_token_ids`` (default the tokenizer's ``<|im_end|>`` and EOS) end the sequence and are never emitted;
+    ``stop`` strings end it too, cut from the text; ``logprobs`` > 0 reports that many alternatives. Penalties see
+    the last ``window`` ids of prompt + generated tokens. Used by :func:`stream_generate` and, per request, by the
+    server's scheduler (:mod:`kimi_lm.server.engine`), so both stop and detokenise identically.
+    """
+
+    def __init__(self, tokenizer, sampler: Sampler, prompt_ids: list[int], max_tokens: int, stop=(),
+                 stop_token_ids=None, logprobs: int = 0):
+        self.sampler, self.max_tokens, self.logprobs = sampler, max_tokens, logprobs
+        self.stops = [s for s in stop if s]
+        self.stop_ids = set(tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids)
+        self.n_vocab = tokenizer.n_vocab
+        self.detok = tokenizer.detokenizer()
+        p = sampler.params  # penalties look back a bounded window: keep only that much history
+        self.window = max(p.repetition_context_size if p.repetition_penalty != 1 else 0,
+                          p.penalty_context_size if p.presence_penalty or p.frequency_penalty else 0)
+        self.recent = list(prompt_ids[-self.window :]) if self.window else []
+        self.pending = ""  # decoded text not yet emitted (it may be the start of a stop string)
+        self.n = 0  # tokens generated so far
+        self.last_token = -1
+
+    def step(self, logits: torch.Tensor) -> DecodedToken:
+        """Next token from ``logits`` [V] fp32 (the last position's)."""
+        if logits.shape[-1] > self.n_vocab:  # ids the tokenizer cannot decode (a padded vocabulary) never sampled
+            logits = logits.clone()
+            logits[self.n_vocab :] = float("-inf")
+        history = torch.tensor([self.recent], device=logits.device) if self.window else None
+        token_t, lp = self.sampler(logits[None], history)
+        token = self.last_token = int(token_t)
+        self.n += 1
+        if self.window:
+            self.recent = (self.recent + [token])[-self.window :]
+        top = None
+        if self.logprobs:
+            values, indices = lp[0].topk(self.logprobs)
+            top = list(zip(indices.tolist(), values.tolist()))
+        return DecodedToken(self._text(token), token, float(lp[0, token]), top, self._finish)
+
+    def _text(self, token: int) -> str:
+        """The text ``token`` releases; sets ``self._finish``."""
+        finish = "stop" if token in self.stop_ids else None
+        if not finish:
+            self.pending += self.detok.add_token(token)
+            finish = "length" if self.n >= self.max_tokens else None
+        if finish:
+            self.pending += self.detok.finalize()
+        cut = min((self.pending.find(s) for s in self.stops if s in self.pending), default=None)
+        self._finish = finish if cut is None else "stop"
+        if cut is not None:
+            return self.pending[:cut]
+        if finish:
+            return self.pending
+        keep = partial_suffix_len(self.pending, self.stops)
+        text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return text
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -58,23 +131,42 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
+def prefill_chunks(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP
+                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Feed ``ids`` through ``cache`` ``step`` tokens per forward; after each, yield (the chunk, its last position's
+    logits [V] fp32). The server's scheduler runs one chunk at a time between other requests' decode steps."""
+    device = model.device
+    for s in range(0, len(ids), step):
+        chunk = ids[s : s + step]
+        yield chunk, model(torch.tensor([chunk], device=device), cache=cache, logits_to_keep=1)[0, -1].float()
+
+
 def prefill(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP) -> torch.Tensor:
     """Feed ``ids`` through ``cache`` in chunks of ``step``; returns the last position's logits [V] fp32."""
-    device = model.device
     logits = None
-    for s in range(0, len(ids), step):
-        logits = model(torch.tensor([ids[s : s + step]], device=device), cache=cache, logits_to_keep=1)[0, -1]
-    return logits.float()
+    for _, logits in prefill_chunks(model, cache, ids, step):
+        pass
+    return logits
 
 
-def _check_prompt(ids: list[int], model, tokenizer) -> None:
+def check_prompt(ids: list[int], model, tokenizer) -> None:
+    """A prompt the model can take: not empty, every id inside its embedding."""
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UsageError("the prompt is empty: give at least one token")
     vocab = model.config.vocab_size
     bad = next((i for i in ids if not 0 <= i < vocab), None)
     if bad is not None:
         name = next((k for k, v in tokenizer.special_tokens.items() if v == bad), "") if tokenizer else ""
-        raise ValueError(f"prompt token id {bad} {name} is outside the model's embedding (vocab_size {vocab})")
+        raise UsageError(f"prompt token id {bad} {name} is outside the model's embedding (vocab_size {vocab})")
+
+
+def _prompt_cache_for(model, prompt_cache: PromptCache | None, max_kv_size: int | None) -> PromptCache:
+    if prompt_cache is None:
+        return PromptCache(model, max_kv_size)
+    prompt_cache.check_model(model)
+    if max_kv_size is not None and max_kv_size != prompt_cache.max_kv_size:
+        raise UsageError(f"max_kv_size {max_kv_size} differs from the prompt cache's ({prompt_cache.max_kv_size})")
+    return prompt_cache
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler: Sampler | None = None,
@@ -93,21 +185,13 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler:
     for name, value, low in (("max_tokens", max_tokens, 1), ("prefill_step_size", prefill_step_size, 1),
                              ("logprobs", logprobs, 0)):
         if not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     device = model.device
     sampler = sampler or Sampler(SamplingParams(**sampling), device=device)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    _check_prompt(ids, model, tokenizer)
-    stops = [s for s in stop if s]
-    stop_ids = set(tokenizer.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    if prompt_cache is None:
-        prompt_cache = PromptCache(model, max_kv_size)
-    else:
-        prompt_cache.check_model(model)
-        if max_kv_size is not None and max_kv_size != prompt_cache.max_kv_size:
-            raise ValueError(f"max_kv_size {max_kv_size} differs from the prompt cache's ({prompt_cache.max_kv_size})")
-    # ids the tokenizer cannot decode (a model vocabulary padded past the tokenizer's) must never be sampled
-    undecodable = model.config.vocab_size > tokenizer.n_vocab
+    check_prompt(ids, model, tokenizer)
+    prompt_cache = _prompt_cache_for(model, prompt_cache, max_kv_size)
+    decoder = Decoder(tokenizer, sampler, ids, max_tokens, stop, stop_token_ids, logprobs)
 
     # no_grad is scoped to model calls: a grad mode entered here would leak into the caller at every yield
     t0 = time.perf_counter()
@@ -120,52 +204,17 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256, sampler:
     logits = prompt_cache.logits
     prompt_tps = len(todo) / max(time.perf_counter() - t0, 1e-9)
 
-    p = sampler.params  # penalties look back a bounded window: keep only that much history
-    window = max(p.repetition_context_size if p.repetition_penalty != 1 else 0,
-                 p.penalty_context_size if p.presence_penalty or p.frequency_penalty else 0)
-    recent = ids[-window:] if window else []
-    detok = tokenizer.detokenizer()
-    pending = ""  # decoded text not yet emitted (it may be the start of a stop string)
     t1 = time.perf_counter()
-    n = 0
     while True:
-        if undecodable:
-            logits = logits.clone()
-            logits[tokenizer.n_vocab :] = float("-inf")
-        history = torch.tensor([recent], device=device) if window else None
-        token_t, lp = sampler(logits[None], history)
-        token = int(token_t)
-        n += 1
-        top = None
-        if logprobs:
-            values, indices = lp[0].topk(logprobs)
-            top = list(zip(indices.tolist(), values.tolist()))
-        finish = None
-        if token in stop_ids:
-            finish = "stop"
-        else:
-            pending += detok.add_token(token)
-            if n == max_tokens:
-                finish = "length"
-        if finish:
-            pending += detok.finalize()
-        cut = min(((pending.find(s), s) for s in stops if s in pending), default=None)
-        if cut is not None:
-            text, finish = pending[: cut[0]], "stop"
-        elif finish:
-            text = pending
-        else:
-            keep = partial_suffix_len(pending, stops)
-            text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        d = decoder.step(logits)
         elapsed = max(time.perf_counter() - t1, 1e-9)
-        yield GenerationResponse(text, token, float(lp[0, token]), top, finish, len(ids), cached, prompt_tps,
-                                 n, n / elapsed, peak_memory_gb(device))
-        if finish:
+        yield GenerationResponse(d.text, d.token, d.logprob, d.top_logprobs, d.finish_reason, len(ids), cached,
+                                 prompt_tps, decoder.n, decoder.n / elapsed, peak_memory_gb(device))
+        if d.finish_reason:
             return
         with torch.no_grad():
-            logits = model(token_t.view(1, 1), cache=prompt_cache.cache)[0, -1].float()
-        prompt_cache.advance([token], logits)
-        recent = (recent + [token])[-window:] if window else recent
+            logits = model(torch.tensor([[d.token]], device=device), cache=prompt_cache.cache)[0, -1].float()
+        prompt_cache.advance([d.token], logits)
 
 
 def generate(model, tokenizer, prompt, **kwargs) -> str:
@@ -173,104 +222,26 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
-# ---- shared command-line pieces (also used by `kimi-lm chat` and `kimi-lm cache-prompt`) ---------------------------
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + error; main() prints it
-        raise CheckpointError(message)
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from kimi_lm import DEFAULT_MODEL  # the package imports this module: resolve at call time
-
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="checkpoint directory (config.json, *.safetensors, tiktoken.model); default: the bundled "
-                        "tiny model trained on Python's documentation")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the config's; default)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
-
-
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens,
-                   help=f"tokens to generate (default {max_tokens})")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x top probability (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise recent tokens (default 1 = off)")
-    p.add_argument("--repetition-context-size", type=int, default=20, help="tokens the penalty looks at (default 20)")
-    p.add_argument("--seed", type=int, help="random seed: same seed, same output")
-    p.add_argument("--max-kv-size", type=int, help="MLA layers keep only the last N tokens (changes the output "
-                                                    "past N tokens; KDA state is constant-size anyway)")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP,
-                   help=f"prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP}); bounds prefill memory")
-
-
-def sampling_kwargs(args) -> dict:
-    """The sampling flags as stream_generate arguments, checked before any model is loaded."""
-    for flag, value, low in (("--max-tokens", args.max_tokens, 1), ("--prefill-step-size", args.prefill_step_size, 1),
-                             ("--max-kv-size", args.max_kv_size, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
-    SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty,
-                   repetition_context_size=args.repetition_context_size).validate()
-    return dict(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                repetition_context_size=args.repetition_context_size, seed=args.seed,
-                prefill_step_size=args.prefill_step_size)
-
-
-def load_model_and_tokenizer(args):
-    from kimi_lm import load
-    from kimi_lm.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(args.model)  # first: it fails fast and cheaply on a wrong directory
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise CheckpointError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {args.device}: no CUDA device is available")
-    return load(args.model, dtype=args.dtype, device=device), tokenizer
-
-
-def print_stats(r: GenerationResponse, out=None) -> None:
-    out = out or sys.stderr
-    cached = f" ({r.prompt_cached} from the prompt cache)" if r.prompt_cached else ""
-    print(f"Prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.3f} tokens-per-sec", file=out)
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=out)
-    print(f"Peak memory: {r.peak_memory:.3f} GB", file=out)
-
-
-def run_command(prog: str, body, argv) -> int:
-    """Run a command body; bad input becomes one line on stderr and exit code 2."""
-    try:
-        return body(argv)
-    except (CheckpointError, PromptCacheError, ValueError, OSError) as exc:
-        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.filename}: {exc.strerror}"
-        print(f"{prog}: error: {msg}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-
-
 # ---- kimi-lm generate ----------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> Parser:
     p = Parser(prog="kimi-lm generate", description="Generate text from a prompt with a Kimi Linear model.")
     add_model_args(p)
-    p.add_argument("--prompt", "-p", default="hello", help="the prompt ('-' reads stdin; default 'hello')")
-    p.add_argument("--system", help="system message (with the chat template)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", "-p", default="hello", help="the prompt ('-' reads stdin)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file ('-': stdin)")
+    p.add_argument("--system", help="system message (with the chat template; unset: none)")
     add_sampling_args(p, max_tokens=256)
-    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop when the text contains STR (not printed)")
-    p.add_argument("--prompt-cache-file", help="continue from a `kimi-lm cache-prompt` file (the prompt follows it)")
-    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt text as is")
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop when the text contains STR (not printed; default: no stop strings)")
+    p.add_argument("--prompt-cache-file", help="continue from a `kimi-lm cache-prompt` file (the prompt follows it; unset: start "
+                        "from an empty state)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt text as is (default: render it with the chat template)")
     return p
 
 
 def _prompt_ids(args, tokenizer, pc: PromptCache | None) -> list[int]:
     """The full prompt. With a cache file, like mlx-lm: the cached tokens, then this prompt rendered as the
     continuation of the cached (still open) user message."""
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt_file or "-") if args.prompt_file or args.prompt == "-" else args.prompt
     if pc is not None:
         if pc.metadata.get("chat_template") == "open-user-message" and not args.ignore_chat_template:
             marker = "\x00kimi-lm-query\x00"

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kimi_lm.errors import UsageError
+
 
 @dataclass
 class SamplingParams:
@@ -36,7 +38,7 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        """Raise ValueError naming the first parameter out of range."""
+        """Raise :class:`UsageError` naming the first parameter out of range."""
         checks = [
             ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
@@ -48,10 +50,10 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} {rule}, got {getattr(self, name)!r}")
         for token, bias in (self.logit_bias or {}).items():
             if not isinstance(token, int) or token < 0:
-                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+                raise UsageError(f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
 
 
 # ---- logits processors: (logits [B, V] fp32, history [B, L] int64) -> logits ----------------------------------------

@@ -1,14 +1,25 @@
-"""The serving engine: one scheduler thread owns the model and decodes every active request together.
+"""The serving engine: one scheduler thread owns the model, prefills prompts in chunks and decodes every request.
 
     engine = Engine(model, tokenizer, max_batch_size=32)
-    seq = Sequence(ids, Sampler(params), max_tokens=64, stop=["\\n\\n"], emit=callback)
+    seq = Sequence(ids, Sampler(params), max_tokens=64, emit=callback, stop=["\\n\\n"])
     engine.submit(seq)          # callback(Event) per token, from the scheduler thread; seq.cancel() to abandon it
 
-Continuous batching (iteration-level scheduling, as Orca / vLLM / mlx-lm's ``BatchGenerator``): between two decode
-steps the scheduler admits waiting requests (prefill, one request at a time, up to ``max_batch_size`` active) and
-drops finished or cancelled ones; each step feeds every active sequence's last token through one batched forward
-(:func:`kimi_lm.batching.decode_step`). Each sequence keeps its own batch-1 cache and its own sampler, so settings,
-seeds and results are per request: greedy output is the single-request output.
+Continuous batching with chunked prefill (iteration-level scheduling, as Orca / vLLM / mlx-lm's ``BatchGenerator``).
+Each iteration of the scheduler loop:
+
+1. admits waiting requests (up to ``max_batch_size`` admitted) and drops cancelled ones, prefilling or decoding;
+2. runs *one* prefill chunk (``prefill_step_size`` tokens) of one prefilling request, taking them in turn, so a
+   100k-token prompt is ~50 chunks spread over as many iterations instead of one forward that stalls everyone
+   (vLLM's chunked prefill, with a budget of one chunk per iteration; our requests keep separate caches, so the
+   chunk and the decode step are two forwards rather than one fused batch);
+3. feeds every decoding sequence's last token through one batched forward (:func:`kimi_lm.batching.decode_step`)
+   and lets each sequence's :class:`~kimi_lm.generate.Decoder` sample, detokenise and stop, exactly as
+   ``stream_generate`` does, so greedy output is the single-request output.
+
+A short request that arrives while a long prompt prefills is prefilled at the next turn and then decodes one token
+per iteration; a cancelled request (client gone) stops at the next chunk boundary; :meth:`Engine.stop` ends the
+loop within one chunk and answers every unfinished request with a "shutting down" error, so the HTTP server can
+close its connections at once.
 
 Prefix reuse: every finished (or cancelled) request leaves its :class:`~kimi_lm.prompt_cache.PromptCache` in a pool,
 an LRU bounded by bytes. A new request takes the cache that restores the longest prefix of its prompt *exactly*
@@ -27,12 +38,13 @@ from typing import Callable
 import torch
 
 from kimi_lm.batching import decode_step
-from kimi_lm.chat import partial_suffix_len
-from kimi_lm.generate import DEFAULT_PREFILL_STEP, prefill
-from kimi_lm.prompt_cache import PromptCache
+from kimi_lm.generate import DEFAULT_PREFILL_STEP, Decoder, prefill_chunks
+from kimi_lm.prompt_cache import MAX_SNAPSHOTS, PromptCache
 from kimi_lm.sample import Sampler
 
 log = logging.getLogger("kimi_lm.server")
+POOL_CONTEXT = 4096  # tokens per pooled cache assumed when the pool is sized from the model
+MAX_POOL_BYTES = 2 << 30
 
 
 @dataclass
@@ -43,11 +55,12 @@ class Event:
     token: int
     logprob: float
     top_logprobs: list[tuple[int, float]] | None
-    finish_reason: str | None  # None, "stop" or "length"
+    finish_reason: str | None  # None, "stop", "length" or "error"
     prompt_tokens: int
     cached_tokens: int  # prompt tokens restored from the prefix cache
     completion_tokens: int
-    error: str | None = None  # set (with finish_reason "error") if the engine failed on this request
+    error: str | None = None  # set (with finish_reason "error") if the engine failed on this request or stopped
+    status: int = 500  # the HTTP status that error maps to
 
 
 class Sequence:
@@ -56,55 +69,29 @@ class Sequence:
     def __init__(self, ids: list[int], sampler: Sampler, max_tokens: int, emit: Callable[[Event], None],
                  stop: list[str] = (), stop_token_ids: set[int] = frozenset(), logprobs: int | None = None):
         self.ids, self.sampler, self.max_tokens, self.emit = ids, sampler, max_tokens, emit
-        self.stops = [s for s in stop if s]
-        self.stop_ids = set(stop_token_ids)
+        self.stop, self.stop_token_ids = list(stop), set(stop_token_ids)
         self.logprobs = logprobs  # None: not requested; k: the chosen token's logprob and the top k
         self.cancelled = False
         self.pc: PromptCache | None = None
-        self.cached = 0
-        self.n = 0
-        self.last_token = -1
-        self.pending = ""
-        p = sampler.params  # penalties look back a bounded window: keep only that much history
-        self.window = max(p.repetition_context_size if p.repetition_penalty != 1 else 0,
-                          p.penalty_context_size if p.presence_penalty or p.frequency_penalty else 0)
-        self.recent = ids[-self.window:] if self.window else []
+        self.decoder: Decoder | None = None
+        self.cached = 0  # prompt tokens restored from the pool
+        self.prefilled = 0  # prompt tokens in the cache so far (restored + computed)
+        self.chunks = None  # the prefill_chunks iterator while prefilling
 
     def cancel(self) -> None:
-        """Abandon the request (client gone): the scheduler frees its slot before the next step."""
+        """Abandon the request (client gone): the scheduler frees its slot before the next chunk or step."""
         self.cancelled = True
 
-    def accept(self, logits: torch.Tensor, tokenizer, detok) -> bool:
-        """Sample the next token from ``logits`` [V] fp32, emit it; True when the sequence is finished."""
-        if logits.shape[-1] > tokenizer.n_vocab:  # ids the tokenizer cannot decode must never be sampled
-            logits = logits.clone()
-            logits[tokenizer.n_vocab :] = float("-inf")
-        history = torch.tensor([self.recent], device=logits.device) if self.window else None
-        token_t, lp = self.sampler(logits[None], history)
-        token = self.last_token = int(token_t)
-        self.n += 1
-        if self.window:
-            self.recent = (self.recent + [token])[-self.window :]
-        top = None
-        if self.logprobs:
-            values, indices = lp[0].topk(self.logprobs)
-            top = list(zip(indices.tolist(), values.tolist()))
-        finish = "stop" if token in self.stop_ids else None
-        if not finish:
-            self.pending += detok.add_token(token)
-            finish = "length" if self.n >= self.max_tokens else None
-        if finish:
-            self.pending += detok.finalize()
-        cut = min(((self.pending.find(s), s) for s in self.stops if s in self.pending), default=None)
-        if cut is not None:
-            text, finish = self.pending[: cut[0]], "stop"
-        elif finish:
-            text = self.pending
-        else:
-            keep = partial_suffix_len(self.pending, self.stops)
-            text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        self.emit(Event(text, token, float(lp[0, token]), top, finish, len(self.ids), self.cached, self.n))
-        return finish is not None
+    def accept(self, logits: torch.Tensor) -> bool:
+        """Sample the next token from ``logits`` [V] fp32 and emit it; True when the sequence is finished."""
+        d = self.decoder.step(logits)
+        self.emit(Event(d.text, d.token, d.logprob, d.top_logprobs, d.finish_reason, len(self.ids), self.cached,
+                        self.decoder.n))
+        return d.finish_reason is not None
+
+    def fail(self, message: str, status: int = 500) -> None:
+        n = self.decoder.n if self.decoder else 0
+        self.emit(Event("", -1, 0.0, None, "error", len(self.ids), self.cached, n, error=message, status=status))
 
 
 class PromptCachePool:
@@ -134,100 +121,174 @@ class PromptCachePool:
             self.entries.pop(0)
 
 
+def pool_bytes_for(model, max_batch_size: int, context: int = POOL_CONTEXT) -> int:
+    """A prefix-cache budget sized from the model: ``max_batch_size`` caches of ``context`` tokens (KDA state with
+    its snapshots, MLA latents), at most 2 GiB. For the bundled 8M model that is ~110 MB rather than 2 GiB; for
+    Kimi Linear 48B the cap applies."""
+    cache = model.make_cache(1)
+    per_token = sum(layer.buffer.shape[-1] * layer.buffer.element_size()
+                    for layer in cache.layers if hasattr(layer, "buffer"))  # MLA latents; empty at length 0
+    per_request = cache.nbytes * (1 + MAX_SNAPSHOTS) + per_token * context
+    return min(MAX_POOL_BYTES, max_batch_size * per_request)
+
+
 class Engine:
-    """Owns the model on one scheduler thread; :meth:`submit` is the only call other threads make."""
+    """Owns the model on one scheduler thread; :meth:`submit`, :meth:`stats` and :meth:`stop` are the calls other
+    threads make."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, max_kv_size: int | None = None,
-                 prompt_cache_bytes: int = 2 << 30, prefill_step_size: int = DEFAULT_PREFILL_STEP):
+                 prompt_cache_bytes: int | None = None, prefill_step_size: int = DEFAULT_PREFILL_STEP):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
+        if prompt_cache_bytes is None:
+            prompt_cache_bytes = pool_bytes_for(model, max_batch_size)
         self.pool = PromptCachePool(model, prompt_cache_bytes, max_kv_size)
-        self.active: list[tuple[Sequence, object]] = []  # (sequence, its streaming detokenizer)
+        self.prefilling: list[Sequence] = []  # in turn order: the first gets the next chunk
+        self.active: list[Sequence] = []  # decoding
         self._waiting: queue.Queue[Sequence] = queue.Queue()
         self._closed = threading.Event()
+        self._lock = threading.Lock()  # submit's check-then-put against the final drain: no request is stranded
         self._thread = threading.Thread(target=self._run, name="kimi-lm-scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
-        self._waiting.put(seq)
+        with self._lock:
+            if not self._closed.is_set():
+                self._waiting.put(seq)
+                return
+        seq.fail("the server is shutting down", 503)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask the scheduler to stop (returns at once): it finishes the chunk or step it is in, then answers every
+        unfinished request with an error."""
         self._closed.set()
-        self._thread.join(timeout=10)
+
+    def close(self, timeout: float = 10) -> None:
+        self.stop()
+        self._thread.join(timeout=timeout)
 
     @property
     def num_active(self) -> int:
-        return len(self.active)
+        """Admitted requests: prefilling or decoding."""
+        return len(self.prefilling) + len(self.active)
+
+    def stats(self) -> dict:
+        """What ``/health`` shows: requests waiting, prefilling (with progress) and decoding."""
+        prefilling = list(self.prefilling)  # a snapshot: the scheduler replaces these lists, never mutates a copy
+        return {"waiting": self._waiting.qsize(), "decoding": len(self.active),
+                "prefilling": [{"prompt_tokens": len(s.ids), "prefilled": s.prefilled} for s in prefilling]}
 
     # ---- scheduler thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # per thread: this thread only runs inference
-        while not self._closed.is_set():
-            self._admit()
-            self._drop_cancelled()
-            if self.active:
-                self._step()
+        try:
+            while not self._closed.is_set():
+                self._admit()
+                self._drop_cancelled()
+                if self.prefilling:
+                    self._prefill_chunk()
+                if self.active:
+                    self._step()
+        finally:
+            self._abort_all()
 
     def _admit(self) -> None:
-        """Prefill waiting requests until the batch is full; wait briefly for work when idle."""
-        while len(self.active) < self.max_batch_size:
+        """Start prefilling waiting requests until the batch is full; wait briefly for work when idle."""
+        while self.num_active < self.max_batch_size:
             try:
-                seq = self._waiting.get(timeout=0.05) if not self.active else self._waiting.get_nowait()
+                seq = self._waiting.get(timeout=0.05) if not self.num_active else self._waiting.get_nowait()
             except queue.Empty:
                 return
             if seq.cancelled:
                 continue
             try:
-                self._prefill(seq)
+                self._start(seq)
             except Exception as exc:  # one bad request never stops the others
                 log.exception("prefill failed")
                 self._fail(seq, exc)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence) -> None:
         pc = seq.pc = self.pool.take(seq.ids)
-        seq.cached = pc.reuse(seq.ids)
-        todo = seq.ids[seq.cached :]
-        if todo:
-            pc.advance(todo, prefill(self.model, pc.cache, todo, self.prefill_step_size))
-            pc.snapshot()  # the request's next turn can resume exactly from the end of this prompt
-        detok = self.tokenizer.detokenizer()
-        if seq.accept(pc.logits, self.tokenizer, detok):
+        seq.cached = seq.prefilled = pc.reuse(seq.ids)
+        seq.decoder = Decoder(self.tokenizer, seq.sampler, seq.ids, seq.max_tokens, seq.stop, seq.stop_token_ids,
+                              seq.logprobs or 0)
+        if seq.cached < len(seq.ids):
+            seq.chunks = prefill_chunks(self.model, pc.cache, seq.ids[seq.cached :], self.prefill_step_size)
+            self.prefilling = self.prefilling + [seq]
+        else:
+            self._begin_decoding(seq)
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the first prefilling request, which then goes to the back of the turn order."""
+        seq, rest = self.prefilling[0], self.prefilling[1:]
+        try:
+            chunk, logits = next(seq.chunks)
+            seq.pc.advance(chunk, logits)
+            seq.prefilled += len(chunk)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self.prefilling = rest
+            self._fail(seq, exc)
+            return
+        if seq.prefilled < len(seq.ids):
+            self.prefilling = rest + [seq]
+            return
+        self.prefilling = rest
+        seq.chunks = None
+        seq.pc.snapshot()  # the request's next turn can resume exactly from the end of this prompt
+        self._begin_decoding(seq)
+
+    def _begin_decoding(self, seq: Sequence) -> None:
+        if seq.accept(seq.pc.logits):
             self._release(seq)
         else:
-            self.active.append((seq, detok))
+            self.active = self.active + [seq]
 
     def _step(self) -> None:
-        seqs = [s for s, _ in self.active]
+        seqs = self.active
         try:
-            logits = decode_step(self.model, [s.pc.cache for s in seqs], [s.last_token for s in seqs])
+            logits = decode_step(self.model, [s.pc.cache for s in seqs], [s.decoder.last_token for s in seqs])
         except Exception as exc:
             log.exception("decode step failed")
+            self.active = []
             for s in seqs:
                 self._fail(s, exc)
-            self.active = []
             return
         still = []
-        for b, (seq, detok) in enumerate(self.active):
-            seq.pc.advance([seq.last_token], logits[b])
-            if seq.accept(logits[b], self.tokenizer, detok):
+        for b, seq in enumerate(seqs):
+            seq.pc.advance([seq.decoder.last_token], logits[b])
+            if seq.accept(logits[b]):
                 self._release(seq)
             else:
-                still.append((seq, detok))
+                still.append(seq)
         self.active = still
 
     def _drop_cancelled(self) -> None:
-        for seq, _ in self.active:
+        for seq in self.prefilling + self.active:
             if seq.cancelled:
                 self._release(seq)
-        self.active = [(s, d) for s, d in self.active if not s.cancelled]
+        self.prefilling = [s for s in self.prefilling if not s.cancelled]
+        self.active = [s for s in self.active if not s.cancelled]
 
     def _release(self, seq: Sequence) -> None:
         # the cache is consistent (its tokens are exactly what it consumed), so even a cancelled request's is reusable
+        seq.chunks = None
         if seq.pc is not None:
             self.pool.put(seq.pc)
             seq.pc = None
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
-        seq.pc = None  # its state may be half-updated: never reuse it
-        seq.emit(Event("", -1, 0.0, None, "error", len(seq.ids), 0, seq.n, error=f"{type(exc).__name__}: {exc}"))
+        seq.pc = seq.chunks = None  # its state may be half-updated: never reuse it
+        seq.fail(f"{type(exc).__name__}: {exc}")
+
+    def _abort_all(self) -> None:
+        """After the loop: every request still admitted or waiting gets a 503, so no HTTP handler waits forever."""
+        unfinished, self.prefilling, self.active = self.prefilling + self.active, [], []
+        with self._lock:
+            while not self._waiting.empty():
+                unfinished.append(self._waiting.get_nowait())
+        for seq in unfinished:
+            seq.pc = seq.chunks = None
+            if not seq.cancelled:
+                seq.fail("the server is shutting down", 503)

@@ -1,0 +1,178 @@
+/* CPU kernels in plain C for kimi_lm (built into one shared library and bound by kimi_lm/cpu/native.py).
+ *
+ * Decode: in a CPU decode step the products stream weights at memory bandwidth, and the ~40 small tensor ops between
+ * them (conv, norms, gates, the delta rule) each cost 5-15 us of dispatch in place, more than their arithmetic.
+ * One C call does the same math in fp32, in the same order of roundings as the PyTorch path it replaces
+ * (kimi_lm/model/kda.py, KimiDeltaAttention._decode, which stays as the reference and the fallback); only the
+ * order of fp32 summations differs. The same for the MoE glue and one-row products of packed weights.
+ *
+ * Prefill: the KDA recurrence as a scan over value-column slices of the state (kda_scan), what surrounds it, RMSNorm,
+ * SwiGLU and the MoE routing/grouping/combining for many tokens, each split over PyTorch's OpenMP threads
+ * (parallel_for).
+ *
+ * Built with the system C compiler (-O3 -march=native -fopenmp-simd -fno-trapping-math: SIMD pragmas only, no OpenMP
+ * runtime linked) and called through ctypes. Tensors arrive as raw pointers to contiguous memory; `bf16` says whether
+ * the model-dtype tensors hold bfloat16 (else float32).
+ *
+ * The files, one concern each (all compiled together into the one library):
+ *   common.h   this header: model-dtype loads and stores, the vector math (exp, log, sigmoid, SiLU, softplus),
+ *              and what the files share (the packed products, parallel_for, work-item sizes)
+ *   threads.c  parallel_for on PyTorch's OpenMP team or on pthreads (use_openmp)
+ *   gemv.c     products of oneDNN's packed weights: product_f32, product_rows_f32, packed_gemv
+ *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm
+ *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows
+ *   norm.c     rms_norm over many rows
+ *   math.c     elementwise: the vector math below, exported for the tests
+ * Only the functions the ctypes bindings call are exported; what one file lends another is INTERNAL (hidden).
+ *
+ * Reference math: spec shared/specs/kimi_linear.md sections 5-6; fla v0.4.0 fla/layers/kda.py and
+ * fla/ops/kda/naive.py; DeepSeek-V3 inference/model.py (Gate); Cephes (expf, logf).
+ */
+#ifndef KIMI_LM_KERNELS_COMMON_H
+#define KIMI_LM_KERNELS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* shared among the files of the library, not exported from it */
+#define INTERNAL __attribute__((visibility("hidden")))
+
+/* ---- the model dtype: bfloat16 or float32 ----------------------------------------------------------------------- */
+
+static inline float bits_to_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+/* round to nearest even, as torch's float -> bfloat16 conversion does; NaN stays NaN */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* n values of the model dtype -> fp32 */
+static inline void load_row(float *dst, const void *src, long n, int bf16) {
+    if (bf16) {
+        const uint16_t *s = (const uint16_t *)src;
+#pragma omp simd
+        for (long i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* n fp32 values -> the model dtype */
+static inline void store_row(void *dst, const float *src, long n, int bf16) {
+    if (bf16) {
+        uint16_t *d = (uint16_t *)dst;
+#pragma omp simd
+        for (long i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* element i of a model-dtype array, as fp32 / stored into one */
+static inline float load_one(const void *p, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_one(void *p, long i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* what the model dtype would hold: the rounding a product's output gets before the next op reads it */
+static inline float as_model_dtype(float x, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
+
+/* ---- vector math ------------------------------------------------------------------------------------------------ */
+
+/* exp and log that vectorise. libm's expf/log1pf are scalar calls inside `omp simd` loops (GCC vectorises them only
+ * under -ffast-math), and a prefill spends millions of them: the conv's SiLU, the gates and sigmoids measured 7 ms per
+ * KDA layer at 1024 tokens with libm, 1 ms with these. Both are the Cephes single-precision algorithms (range
+ * reduction plus a polynomial), within 2 ulp of libm over the ranges used here (tests compare them). */
+/* 2^n for n in [-126, 127] */
+static inline float pow2i(int n) {
+    union { uint32_t u; float f; } v = {(uint32_t)(n + 127) << 23};
+    return v.f;
+}
+
+static inline float exp_f32(float x) {
+    x = x < -104.0f ? -104.0f : x; /* exp(-104) rounds to 0; NaN passes through (comparisons are false) */
+    x = x > 89.0f ? 89.0f : x;      /* exp(89) overflows to inf, as does everything above 88.73 */
+    /* x = n ln2 + r with n the nearest integer (adding and removing 1.5 2^23 rounds; floorf does not vectorise) */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    const int e = (int)n, half = e / 2; /* 2^n in two factors: n down to -150 reaches the subnormals */
+    return y * pow2i(half) * pow2i(e - half);
+}
+
+/* log(x) for finite x > 0; branch-free (selects), so that loops calling it vectorise */
+static inline float log_f32(float x) {
+    union { float f; uint32_t u; } v = {x};
+    const int e0 = (int)((v.u >> 23) & 0xff) - 126; /* x = m 2^e, m in [0.5, 1) (normal x) */
+    v.u = (v.u & 0x807fffffu) | 0x3f000000u;
+    const int low = v.f < 0.707106781186547524f;   /* m in [sqrt(1/2), sqrt(2)) after doubling a low m */
+    const float m = (low ? v.f + v.f : v.f) - 1.0f;
+    const float fe = (float)(e0 - low);
+    const float z = m * m;
+    float p = 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    const float y = p * m * z - 2.12194440e-4f * fe - 0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+
+/* log(1 + u) for u >= 0: log(w) for w = 1 + u, corrected for the rounding of w (exact as u -> 0) */
+static inline float log1p_f32(float u) {
+    const float w = 1.0f + u;
+    return log_f32(w) - ((w - 1.0f) - u) / w;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+static inline float silu(float x) { return x / (1.0f + exp_f32(-x)); }
+
+/* torch.nn.functional.softplus (beta 1, threshold 20) */
+static inline float softplus(float x) {
+    const float smooth = log1p_f32(exp_f32(x)); /* computed either way: a select, not a branch, vectorises */
+    return x > 20.0f ? x : smooth;
+}
+
+/* ---- shared with the other files -------------------------------------------------------------------------------- */
+
+/* products of oneDNN's packed weights (gemv.c): one input row, or up to ROWS_MAX rows at once */
+#define ROWS_MAX 8
+INTERNAL void product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y);
+INTERNAL void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y);
+
+/* fn(ctx, item) for every item in [0, items), split among up to `threads` threads (threads.c) */
+typedef void (*item_fn)(const void *ctx, long item);
+INTERNAL void parallel_for(item_fn fn, const void *ctx, long items, int threads);
+
+#define INPUT_ROWS 16 /* tokens per work item of the many-token kernels */
+
+#endif

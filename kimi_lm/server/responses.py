@@ -1,0 +1,249 @@
+"""Engine events -> OpenAI responses: one JSON body, or Server-Sent Events ending in ``data: [DONE]``.
+
+Tokens come back on the engine's thread and cross to the event loop through an ``asyncio.Queue`` (:func:`submit`).
+:func:`events` yields them until every choice has finished and, in its ``finally``, cancels whatever is left: a
+streaming client that disconnects makes Starlette cancel the response generator; a non-streaming one is noticed by
+polling ``request.is_disconnected()`` while waiting. Either way the scheduler drops the request at its next chunk
+or step, even in the middle of a long prefill.
+
+Chat replies go through :class:`~kimi_lm.chat.ToolCallParser` (tool-call markers -> ``tool_calls``, thinking ->
+``reasoning_content``); a reply that made a good tool call finishes with ``"tool_calls"``.
+
+References: OpenAI API reference (chat.completion(.chunk), text_completion, usage, logprobs); vLLM
+``entrypoints/openai/serving_chat.py`` (chunk layout, the usage chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi.responses import StreamingResponse
+
+from kimi_lm.chat import ToolCallParser
+from kimi_lm.server.engine import Event, Sequence
+from kimi_lm.server.protocol import APIError
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+async def submit(engine, make_sequences) -> tuple[asyncio.Queue, list[Sequence]]:
+    """``make_sequences(emit_for)`` builds the sequences (``emit_for(i)``: choice i's callback); they are submitted
+    and their events arrive on the returned queue as (choice index, Event)."""
+    loop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+    def emit_for(i):
+        def emit(ev: Event):
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
+        return emit
+
+    seqs = make_sequences(emit_for)
+    for s in seqs:
+        engine.submit(s)
+    return q, seqs
+
+
+async def events(q: asyncio.Queue, seqs: list[Sequence], request=None):
+    """(index, Event) until every sequence has finished; cancels the rest if the consumer goes away. With
+    ``request``, a client disconnect also ends it (non-streaming responses have no other way to notice)."""
+    left = len(seqs)
+    try:
+        while left:
+            try:
+                i, ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                continue
+            if ev.finish_reason == "error":
+                code, kind = ("server_shutting_down", "server_error") if ev.status == 503 else ("internal_error",
+                                                                                              "server_error")
+                raise APIError(f"generation failed: {ev.error}", None, code, ev.status, kind)
+            left -= ev.finish_reason is not None
+            yield i, ev
+    finally:
+        for s in seqs:
+            s.cancel()
+
+
+def usage(prompt_tokens: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """Ids, timestamps and chunk framing shared by one response's chunks."""
+
+    def __init__(self, prefix: str, obj: str, model: str, include_usage: bool):
+        self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.obj, self.model, self.include_usage = obj, model, include_usage
+
+    def body(self, choices: list[dict], usage_=None, obj: str | None = None) -> dict:
+        out = {"id": self.id, "object": obj or self.obj, "created": self.created, "model": self.model,
+               "choices": choices}
+        if usage_ is not None:
+            out["usage"] = usage_
+        return out
+
+    def chunk(self, choices: list[dict], usage_=None) -> str:
+        return sse(self.body(choices, usage_ if self.include_usage else None))
+
+    async def stream(self, body_chunks):
+        """SSE of ``body_chunks`` (an async iterator of strings), an error event if generation fails, then
+        ``[DONE]``."""
+        try:
+            async for text in body_chunks:
+                yield text
+        except APIError as exc:
+            yield sse(exc.body())
+            return
+        yield "data: [DONE]\n\n"
+
+
+def _token_text(tok, t: int) -> tuple[str, list[int]]:
+    b = tok.token_bytes(t) if 0 <= t < tok.n_vocab else b""
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------------
+class ChatReplies:
+    """Turns each choice's events into chat deltas: content, reasoning and tool calls."""
+
+    def __init__(self, tok, n: int, forced: str, first_call: int, top_logprobs: int | None):
+        self.tok, self.top_logprobs = tok, top_logprobs
+        self.parsers = [ToolCallParser(first_call, thinking=tok.has_thinking) for _ in range(n)]
+        self.called = [False] * n
+        for p in self.parsers:  # the forced opening is part of the reply: the parser must see it
+            p.feed(forced)
+
+    def delta(self, i: int, ev: Event) -> tuple[dict, str | None]:
+        """Event -> (delta message with ToolCall objects, finish_reason)."""
+        d = self.parsers[i].feed(ev.text)
+        if ev.finish_reason:
+            d += self.parsers[i].finish()
+        delta = {}
+        if d.content:
+            delta["content"] = d.content
+        if d.reasoning:
+            delta["reasoning_content"] = d.reasoning
+        calls = [c for c in d.tool_calls if c.error is None]
+        if calls:
+            delta["tool_calls"] = calls
+            self.called[i] = True
+        finish = ev.finish_reason
+        return delta, "tool_calls" if finish == "stop" and self.called[i] else finish
+
+    def logprobs(self, ev: Event) -> dict:
+        text, b = _token_text(self.tok, ev.token)
+        top = [{"token": _token_text(self.tok, t)[0], "logprob": lp, "bytes": _token_text(self.tok, t)[1]}
+               for t, lp in ev.top_logprobs or []]
+        return {"token": text, "logprob": ev.logprob, "bytes": b, "top_logprobs": top}
+
+
+def chat_stream(reply: Reply, replies: ChatReplies, q, seqs) -> StreamingResponse:
+    async def chunks():
+        n_calls = [0] * len(seqs)
+        completion, last = 0, None
+        for i in range(len(seqs)):
+            yield reply.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}])
+        async for i, ev in events(q, seqs):
+            delta, finish = replies.delta(i, ev)
+            if "tool_calls" in delta:
+                calls = delta["tool_calls"]
+                delta["tool_calls"] = [{"index": n_calls[i] + j, **c.to_message()} for j, c in enumerate(calls)]
+                n_calls[i] += len(calls)
+            lp = {"content": [replies.logprobs(ev)]} if replies.top_logprobs is not None else None
+            if delta or finish or lp:
+                yield reply.chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}])
+            completion += finish is not None and ev.completion_tokens
+            last = ev
+        if reply.include_usage:
+            yield reply.chunk([], usage(last.prompt_tokens, completion, last.cached_tokens))
+
+    return StreamingResponse(reply.stream(chunks()), media_type="text/event-stream")
+
+
+async def chat_body(reply: Reply, replies: ChatReplies, q, seqs, prompt_tokens: int, request) -> dict:
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None} for i in range(len(seqs))]
+    calls = [[] for _ in seqs]
+    lps = [[] for _ in seqs]
+    completion = cached = 0
+    async for i, ev in events(q, seqs, request):
+        delta, finish = replies.delta(i, ev)
+        msg = choices[i]["message"]
+        msg["content"] += delta.get("content", "")
+        if "reasoning_content" in delta:
+            msg["reasoning_content"] = msg.get("reasoning_content", "") + delta["reasoning_content"]
+        calls[i] += delta.get("tool_calls", [])
+        if replies.top_logprobs is not None:
+            lps[i].append(replies.logprobs(ev))
+        if finish:
+            choices[i]["finish_reason"] = finish
+            completion += ev.completion_tokens
+            cached = ev.cached_tokens
+    for i, c in enumerate(choices):
+        if calls[i]:
+            c["message"]["tool_calls"] = [t.to_message() for t in calls[i]]
+            c["message"]["content"] = c["message"]["content"] or None
+        if replies.top_logprobs is not None:
+            c["logprobs"] = {"content": lps[i]}
+    return reply.body(choices, usage(prompt_tokens, completion, cached), obj="chat.completion")
+
+
+# ---- completions --------------------------------------------------------------------------------------------------
+def _completion_logprobs(tok, ev: Event, offset: int) -> dict:
+    return {"tokens": [_token_text(tok, ev.token)[0]], "token_logprobs": [ev.logprob], "text_offset": [offset],
+            "top_logprobs": [{_token_text(tok, t)[0]: lp for t, lp in ev.top_logprobs or []}]}
+
+
+def completion_stream(reply: Reply, tok, q, seqs, echo: list[str], logprobs: int | None,
+                      prompt_tokens: int) -> StreamingResponse:
+    async def chunks():
+        offsets = [len(e) for e in echo]
+        completion = cached = 0
+        for i, e in enumerate(echo):
+            if e:
+                yield reply.chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])
+        async for i, ev in events(q, seqs):
+            lp = _completion_logprobs(tok, ev, offsets[i]) if logprobs is not None else None
+            offsets[i] += len(ev.text)
+            yield reply.chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            if ev.finish_reason:
+                completion += ev.completion_tokens
+                cached += ev.cached_tokens
+        if reply.include_usage:
+            yield reply.chunk([], usage(prompt_tokens, completion, cached))
+
+    return StreamingResponse(reply.stream(chunks()), media_type="text/event-stream")
+
+
+async def completion_body(reply: Reply, tok, q, seqs, echo: list[str], logprobs: int | None, prompt_tokens: int,
+                          request) -> dict:
+    choices = [{"index": i, "text": e, "logprobs": None, "finish_reason": None} for i, e in enumerate(echo)]
+    merged = [{"tokens": [], "token_logprobs": [], "text_offset": [], "top_logprobs": []} for _ in choices]
+    completion = cached = 0
+    async for i, ev in events(q, seqs, request):
+        if logprobs is not None:
+            for key, v in _completion_logprobs(tok, ev, len(choices[i]["text"])).items():
+                merged[i][key] += v
+        choices[i]["text"] += ev.text
+        if ev.finish_reason:
+            choices[i]["finish_reason"] = ev.finish_reason
+            completion += ev.completion_tokens
+            cached += ev.cached_tokens
+    if logprobs is not None:
+        for c, m in zip(choices, merged):
+            c["logprobs"] = m
+    return reply.body(choices, usage(prompt_tokens, completion, cached))
+

@@ -3,7 +3,7 @@
     for r in kimi_lm.stream_generate(model, tokenizer, prompt, max_tokens=64, temperature=0.7, seed=0):
         print(r.text, end="")        # one response per token: text delta, token id, logprob, finish_reason, tok/s
 
-The prompt (text or ids) is prefilled in chunks of ``prefill_step_size`` tokens (:func:`prefill_chunks`): identical
+The prompt (text or ids) is prefilled in chunks of ``prefill_step_size`` tokens (:func:`forward_chunk`): identical
 logits to one pass (the caches carry everything across chunks) with activations bounded by the chunk. Decoding feeds
 one token per step. After each forward, :class:`Decoder` (shared with the server's scheduler) samples the token,
 detokenises it and decides the end: a stop token (``<|im_end|>`` / EOS, never emitted), a stop string (not emitted;
@@ -131,21 +131,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-def prefill_chunks(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP
-                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Feed ``ids`` through ``cache`` ``step`` tokens per forward; after each, yield (the chunk, its last position's
-    logits [V] fp32). The server's scheduler runs one chunk at a time between other requests' decode steps."""
-    device = model.device
-    for s in range(0, len(ids), step):
-        chunk = ids[s : s + step]
-        yield chunk, model(torch.tensor([chunk], device=device), cache=cache, logits_to_keep=1)[0, -1].float()
+def forward_chunk(model, cache, chunk: list[int]) -> torch.Tensor:
+    """Feed ``chunk`` through ``cache``; the last position's logits [V] fp32 (only that row is computed)."""
+    return model(torch.tensor([chunk], device=model.device), cache=cache, logits_to_keep=1)[0, -1].float()
 
 
 def prefill(model, cache, ids: list[int], step: int = DEFAULT_PREFILL_STEP) -> torch.Tensor:
     """Feed ``ids`` through ``cache`` in chunks of ``step``; returns the last position's logits [V] fp32."""
-    logits = None
-    for _, logits in prefill_chunks(model, cache, ids, step):
-        pass
+    for s in range(0, len(ids), step):
+        logits = forward_chunk(model, cache, ids[s : s + step])
     return logits
 
 

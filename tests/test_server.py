@@ -3,48 +3,22 @@ serving the tiny chat checkpoint (tests/tiny_chat.py). Greedy outputs are compar
 
 import gc
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-import uvicorn
-from openai import OpenAI
 
 import kimi_lm
 from kimi_lm.cache import ModelCache
 from kimi_lm.chat import count_tool_calls, parse_assistant_message
 from kimi_lm.server import ServerConfig, create_app
 from kimi_lm.server.engine import Engine
+from serving import Server
 from tiny_chat import chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 NAME = "tiny-kimi"
-
-
-class Server:
-    """uvicorn on 127.0.0.1 and a free port, in a thread."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def client(self, api_key="unused") -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +299,23 @@ def test_tool_call_round_trip(tool_server):
     rendered = tool_server.tokenizer.apply_chat_template(history, tools=TOOLS)
     assert "## Return of functions.get_weather:0\nsunny, 21 C" in rendered
     assert again.usage.prompt_tokens == len(tool_server.tokenizer.encode(rendered))
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/v1/nope", 404, "not_found"),
+    ("POST", "/chat/completion", 404, "not_found"),
+    ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ("DELETE", "/v1/models", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods_answer_openai_errors(setup, method, path, status, code):
+    *_, servers = setup
+    r = httpx.request(method, servers["main"].url + path)
+    err = r.json()["error"]  # not FastAPI's {"detail": ...}
+    assert r.status_code == status and err["code"] == code and err["type"] == "invalid_request_error"
+    assert path in err["message"] and "/v1/chat/completions" in err["message"]
+
+
+def test_health_shows_prefilling_and_decoding(setup):
+    *_, servers = setup
+    h = httpx.get(servers["main"].url + "/health").json()
+    assert h["model"] == NAME and h["prefilling"] == [] and h["decoding"] == 0 and h["waiting"] == 0

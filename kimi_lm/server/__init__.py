@@ -36,7 +36,7 @@ from kimi_lm.server.translate import DEFAULT_MAX_PROMPT_TOKENS, ServerConfig
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-__all__ = ["Engine", "ServerConfig", "create_app", "main"]
+__all__ = ["Engine", "ServerConfig", "create_app", "exposure_warning", "main"]
 
 
 def _parser() -> Parser:

@@ -1,0 +1,168 @@
+"""The scheduler under long prompts (issue 19, item 1), on the bundled 8M model: prefill runs in chunks interleaved
+with other requests' decode steps, is visible in /health, stops when its client disconnects, is refused above
+--max-prompt-tokens, and shutdown ends in-flight work at once.
+
+The long prompt is a few thousand tokens prefilled 128 at a time (~30 chunks): long enough that a short request
+finishing while it is still prefilling proves the interleaving, short enough for a few seconds a test."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import kimi_lm
+from kimi_lm.server import ServerConfig, create_app, exposure_warning
+from kimi_lm.server.engine import MAX_POOL_BYTES, Engine, pool_bytes_for
+from serving import Server, wait_until
+
+NAME = "default"
+STEP = 128
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return kimi_lm.load(kimi_lm.DEFAULT_MODEL), kimi_lm.load_tokenizer(kimi_lm.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def long_ids(bundled):
+    _, tok = bundled
+    text = (kimi_lm.DEFAULT_MODEL / "config.json").read_text() * 40
+    ids = tok.encode(text)[:4096]
+    assert len(ids) == 4096
+    return ids
+
+
+@pytest.fixture(scope="module")
+def served(bundled):
+    model, tok = bundled
+    engine = Engine(model, tok, max_batch_size=8, prefill_step_size=STEP)
+    server = Server(create_app(engine, ServerConfig(NAME, 1 << 20, default_temperature=0.0, max_prompt_tokens=8192)))
+    yield engine, server
+    server.close()
+    engine.close()
+    engine.pool.entries.clear()  # other modules count live caches
+
+
+def health(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()
+
+
+def test_short_request_is_served_while_a_long_prompt_prefills_and_a_disconnect_stops_the_prefill(served, long_ids):
+    engine, server = served
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": long_ids, "max_tokens": 1, "stream": True}):
+        wait_until(lambda: health(server)["prefilling"], 10, "the long prompt to start prefilling")
+        t0 = time.perf_counter()
+        short = server.client().completions.create(model=NAME, prompt="The for statement", max_tokens=4)
+        short_s = time.perf_counter() - t0
+        [progress] = health(server)["prefilling"]  # the short request did not wait for the long prefill
+        assert short.usage.completion_tokens >= 1 and progress["prompt_tokens"] == len(long_ids)
+        assert 0 < progress["prefilled"] < len(long_ids), progress
+    # the client has gone: the prefill stops at the next chunk boundary instead of running to the end
+    wait_until(lambda: not health(server)["prefilling"], 3, "the abandoned prefill to stop")
+    left = [pc for pc in engine.pool.entries if pc.tokens and pc.tokens == long_ids[: len(pc.tokens)]]
+    assert left and max(len(pc.tokens) for pc in left) < len(long_ids)
+    print(f"short request while a {len(long_ids)}-token prompt prefilled: {short_s:.2f} s")
+
+
+def test_non_streaming_client_that_times_out_cancels_its_prefill(served, long_ids):
+    _, server = served
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": long_ids[::-1], "max_tokens": 1}, timeout=1.0)
+    wait_until(lambda: not health(server)["prefilling"], 3, "the abandoned prefill to stop")
+
+
+def test_prompt_above_max_prompt_tokens_is_a_400_before_any_work(served, bundled):
+    engine, server = served
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": [5] * 8193, "max_tokens": 1})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "prompt_too_long" and err["param"] == "prompt"
+    assert "8193" in err["message"] and "--max-prompt-tokens" in err["message"]
+    assert health(server)["prefilling"] == []
+
+
+def test_engine_stop_mid_prefill_answers_503_and_returns_at_once(bundled, long_ids):
+    model, tok = bundled
+    engine = Engine(model, tok, prefill_step_size=STEP)
+    server = Server(create_app(engine, ServerConfig(NAME, 1 << 20)))
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(r=httpx.post(
+        server.url + "/v1/completions", json={"prompt": long_ids, "max_tokens": 4}, timeout=30)))
+    request.start()
+    try:
+        wait_until(lambda: engine.stats()["prefilling"], 10, "the prefill to start")
+        t0 = time.perf_counter()
+        engine.close()
+        assert time.perf_counter() - t0 < 2
+        request.join(timeout=5)
+        r = answer["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
+        assert not engine._thread.is_alive()
+    finally:
+        server.close()
+        engine.pool.entries.clear()
+
+
+def test_pool_is_sized_from_the_model(bundled):
+    model, tok = bundled
+    size = pool_bytes_for(model, 32)
+    assert 0 < size < 256 << 20 < MAX_POOL_BYTES  # the 16 MB model gets MBs of prefix cache, not 2 GiB
+    engine = Engine(model, tok, max_batch_size=32)
+    try:
+        assert engine.pool.max_bytes == size
+    finally:
+        engine.close()
+
+
+def test_exposure_warning():
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("0.0.0.0", "key") is None
+    assert "--api-key" in exposure_warning("0.0.0.0", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_prints_what_it_serves_and_sigterm_mid_prefill_exits_in_seconds(long_ids):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_lm", "serve", "--port", str(port), "--prefill-step-size",
+                             str(STEP // 2), "--log-level", "warning"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("kimi-lm serve: ") and "'default_model'" in line, line
+        assert "kimi_linear" in line and "bfloat16" in line and f"http://127.0.0.1:{port}/v1" in line
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _up(url), 30, "the server to answer")
+        answer = {}
+        threading.Thread(target=lambda: answer.update(r=httpx.post(
+            url + "/v1/completions", json={"prompt": long_ids, "max_tokens": 4}, timeout=30)), daemon=True).start()
+        wait_until(lambda: httpx.get(url + "/health").json()["prefilling"], 10, "the prefill to start")
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert time.perf_counter() - t0 < 5
+        wait_until(lambda: "r" in answer, 5, "the in-flight request's answer")
+        assert answer["r"].status_code == 503
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def _up(url) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -1,6 +1,10 @@
-"""The C kernels (kimi_lm/ops/native.py) against the PyTorch code they stand in for (the oracle)."""
+"""The C kernels (kimi_lm/cpu/native.py, sources in kimi_lm/cpu/kernels/) against the PyTorch code they stand in for
+(the oracle)."""
 
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ import torch
 import kimi_lm
 from conftest import rel_err
 from kimi_lm.model.moe import SparseMoE
-from kimi_lm.ops import native, onednn
+from kimi_lm.cpu import native, onednn
 from kimi_lm.ops.kda import kda_forward
 from kimi_lm.ops.kda_naive import kda_recurrent_naive
 from test_kda_ops import make_inputs
@@ -351,6 +355,37 @@ def test_build_is_cached_and_atomic(tmp_path):
     first = native.build(tmp_path)
     assert first.exists() and native.build(tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_build_compiles_every_c_file_into_one_library_named_by_all_sources(monkeypatch, tmp_path):
+    """One compiler call takes all the .c files (the header only through them); a change to any source, the header
+    included, names (so builds) a new library."""
+    sources = tmp_path / "kernels"
+    shutil.copytree(native.SOURCE_DIR, sources)
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    commands = []
+
+    def compiler(command, **kwargs):  # stands in for the compiler: writes an empty "library"
+        commands.append(command)
+        Path(command[command.index("-o") + 1]).write_bytes(b"")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(native.subprocess, "run", compiler)
+    first = native.build(tmp_path / "cache")
+    c_files = sorted(str(p) for p in sources.glob("*.c"))
+    assert len(c_files) > 1 and [a for a in commands[0] if a.endswith((".c", ".h"))] == c_files
+    with open(sources / "common.h", "a") as f:
+        f.write("\n")
+    second = native.build(tmp_path / "cache")
+    assert len(commands) == 2 and second != first and first.exists() and second.exists()
+
+
+def test_library_exports_only_its_entry_points():
+    """What one C file lends another (``INTERNAL`` in common.h) stays inside the library: ctypes cannot find it."""
+    lib = native.library()
+    assert hasattr(lib, "kda_scan") and hasattr(lib, "elementwise")
+    for name in ("parallel_for", "product_f32", "product_rows_f32", "load_row", "exp_f32"):
+        assert not hasattr(lib, name), name
 
 
 def test_build_falls_back_to_portable_flags_and_then_reuses_that_build(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""The CPU kernels in C (``kernels.c``): built once with the system C compiler, called through ctypes.
+"""The CPU kernels in C (``kernels/``): built once with the system C compiler, called through ctypes.
 
 Decode: a CPU decode step of a small model is bound by per-op overhead, not arithmetic: each small PyTorch op costs
 5–15 µs in place (dispatch, allocation, and code evicted from the caches by the weight stream), and a KDA layer's
@@ -13,10 +13,11 @@ The PyTorch path stays beside each kernel as the reference (tests compare the tw
 library cannot be built: no C compiler, a compile error (warned once), ``KIMI_LM_NATIVE=0``, or inputs it does not
 cover (training, non-CPU tensors, other dtypes).
 
-The library is compiled with ``-O3 -march=native`` into ``$KIMI_LM_CACHE`` (default ``~/.cache/kimi_lm``)/native,
-named by a hash of the source, the compiler, its flags and this CPU's feature flags (a home directory shared by
-different machines never loads code built for another CPU), written to a temporary name and renamed into place.
-Only the bundled source is ever compiled; nothing from a checkpoint.
+The sources are one file per concern (``kernels/common.h`` lists them: threads, packed products, KDA, MoE, norms),
+compiled together into one shared library with ``-O3 -march=native`` into ``$KIMI_LM_CACHE`` (default
+``~/.cache/kimi_lm``)/native, named by a hash of the sources, the compiler, its flags and this CPU's feature flags (a
+home directory shared by different machines never loads code built for another CPU), written to a temporary name and
+renamed into place. Only the bundled sources are ever compiled; nothing from a checkpoint.
 
 Reference: ``ctypes`` (foreign functions release the GIL during the call); GCC ``-fopenmp-simd``; the GCC OpenMP
 ABI (``GOMP_parallel``).
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCE_DIR = Path(__file__).with_name("kernels")  # the C files and their header, compiled into one library
 # -fopenmp-simd: the kernels' `omp simd` loops vectorise; no OpenMP runtime is linked (PyTorch brings its own).
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not if-convert (so
 # not vectorise) a loop with a select between two computed values (softplus). Values are unchanged.
@@ -72,16 +73,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _sources() -> list[Path]:
+    """The library's C files and headers, in a fixed order (the hash's and the compiler's)."""
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
+
+
 def build(target: Path | None = None) -> Path:
-    """Compile ``kernels.c`` (if not already there) and return the shared library's path. Raises
-    ``RuntimeError`` with the compiler's message when no compiler works."""
+    """Compile the C files of ``kernels/`` into one shared library (if not already there) and return its path.
+    Raises ``RuntimeError`` with the compiler's message when no compiler works."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    source, fingerprint = SOURCE.read_bytes(), _cpu_fingerprint().encode()
+    sources = _sources()
+    files = [part for p in sources for part in (p.name.encode(), p.read_bytes())]
+    fingerprint = _cpu_fingerprint().encode()
     paths = {}
     for flags in (FLAGS, PORTABLE_FLAGS):
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), fingerprint]))
+        key = hashlib.sha256(b"\0".join([*files, compiler.encode(), " ".join(flags).encode(), fingerprint]))
         paths[flags] = (target or cache_dir()) / f"kernels-{key.hexdigest()[:20]}.so"
     # a library built before (with either set of flags) is used as it is: no failing compile retried per process
     for path in paths.values():
@@ -92,13 +100,14 @@ def build(target: Path | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True)
+            c_files = [str(p) for p in sources if p.suffix == ".c"]
+            result = subprocess.run([compiler, *flags, *c_files, "-o", str(built), "-lm"], capture_output=True,
+                                    text=True)
             if result.returncode == 0:
                 os.replace(built, path)  # atomic: another process never sees a half-written library
                 return path
             attempts.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
-    raise RuntimeError("compiling " + SOURCE.name + " failed:\n" + "\n".join(attempts))
+    raise RuntimeError(f"compiling {SOURCE_DIR} failed:\n" + "\n".join(attempts))
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import kimi_lm
 from kimi_lm.config import preset
+from kimi_lm.errors import UsageError
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.moe import SparseMoE
 from kimi_lm.train import train as trainer
@@ -264,6 +266,102 @@ def test_bad_data_path_is_one_line_exit_2(tmp_path):
                            "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope: no such file or directory" in proc.stderr
+
+
+# ---- errors that name the option, file and line at fault (issue 19, items 5 and 6) --------------------------------
+def test_seq_len_over_half_the_text_is_the_too_little_text_error(corpus, tmp_path, capsys):
+    """One document shorter than two sequences used to crash in pack() (a negative cut) instead of explaining."""
+    (tmp_path / "one.txt").write_text((corpus / "text" / "while.txt").read_text())
+    for seq_len in ("4096", "100000"):
+        argv = ["--data", str(tmp_path / "one.txt"), "--tokenizer", str(corpus / "tok"), "--out", str(tmp_path / "r"),
+                "--seq-len", seq_len, "--quiet"]
+        assert trainer.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "one.txt: " in err and f"too little text for --seq-len {seq_len}" in err
+    tok = kimi_lm.load_tokenizer(corpus / "tok")
+    with pytest.raises(UsageError, match="too little text"):
+        PackedData.from_paths([tmp_path / "one.txt"], tok, seq_len=4096)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"messages": [{"content": "no role"}]}', "cannot render with the tokenizer's chat template: messages must"),
+    ('{"messages": "hello"}', "expected a JSON object with a 'messages' list, found 'messages' as a JSON str"),
+    ('{"text": "hello"}', "found keys ['text']"),
+    ("[1, 2]", "found a JSON list"),
+    ('{"messages": [', "not JSON"),
+])
+def test_bad_jsonl_line_names_file_and_line(corpus, tmp_path, line, expected):
+    good = '{"messages": [{"role": "user", "content": "hi"}]}'
+    (tmp_path / "chat.jsonl").write_text(f"{good}\n\n{line}\n{good}\n")  # the bad record is on line 3
+    tok = kimi_lm.load_tokenizer(corpus / "tok")
+    with pytest.raises(UsageError) as info:
+        PackedData.from_paths([tmp_path], tok, seq_len=8)
+    assert str(info.value).startswith(f"{tmp_path / 'chat.jsonl'}:3: ") and expected in str(info.value)
+
+
+def test_non_utf8_text_names_file_and_line(corpus, tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"fine\nalso fine\n\xff\xfe bad\n")
+    with pytest.raises(UsageError, match=r"notes.txt:3: not UTF-8 text \(invalid start byte at byte 15\)"):
+        PackedData.from_paths([tmp_path], kimi_lm.load_tokenizer(corpus / "tok"), seq_len=8)
+
+
+def test_config_errors_name_what_is_wrong(corpus, tmp_path, capsys):
+    tok = kimi_lm.load_tokenizer(corpus / "tok")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "huge": "--config huge: unknown preset; known presets: kimi-linear-48b-a3b, bench, tiny",
+        "missing.json": "--config missing.json: no such file",
+        str(tmp_path / "nowhere" / "config.json"): "config.json: no such file",
+        str(tmp_path / "empty"): "empty: this directory has no config.json",
+        "tiny-k2": "--config tiny-k2: kimi-lm train trains Kimi Linear models",
+    }
+    for spec, expected in cases.items():
+        with pytest.raises(UsageError, match=re.escape(expected)):
+            trainer.build_config(spec, tok, None)
+    assert run(corpus, tmp_path / "r", "--config", "huge") == 2  # through the command: one line, before any data work
+    err = capsys.readouterr().err
+    assert err == "kimi-lm train: error: --config huge: unknown preset; known presets: kimi-linear-48b-a3b, bench, " \
+                  "tiny (or a config.json path)\n"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--attn-res-block-size", "0.3"], "--attn-res-block-size must be 0 (off) or a positive number of layers"),
+    (["--eval-fraction", "1"], "--eval-fraction must be >= 0 and < 1"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--tokenizer", "no-such-dir"], "--tokenizer no-such-dir: no such directory"),
+    (["--resume"], ": no checkpoint to resume from"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_option_errors_name_the_option(corpus, tmp_path, capsys, extra, expected):
+    assert run(corpus, tmp_path / "r", *extra) == 2  # extra options after run()'s: a later --tokenizer wins
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "--config" not in err
+
+
+def test_usage_errors_are_usage_errors_not_checkpoint_errors(tmp_path):
+    args = trainer.build_parser().parse_args(["--data", "x", "--out", str(tmp_path), "--steps", "0"])
+    with pytest.raises(UsageError, match="--steps must be >= 1"):
+        trainer.check_args(args)
+    with pytest.raises(UsageError, match="unrecognized"):
+        trainer.build_parser().parse_args(["--data", "x", "--out", "y", "--bogus"])
+    (tmp_path / "file").write_text("")
+    args = trainer.build_parser().parse_args(["--data", str(tmp_path / "file"), "--out", str(tmp_path / "file")])
+    with pytest.raises(UsageError, match="--out .*file: exists and is not a directory"):
+        trainer.train(args)
+
+
+def test_resume_names_a_damaged_metrics_line(trained, tmp_path, corpus, capsys):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:20]  # a line cut short, as by a full disk
+    (resumed / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert run(corpus, resumed, "--steps", "31", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl:5: not a metrics record of kimi-lm train" in err
+    assert run(corpus, trained, "--steps", "30", "--resume") == 2
+    assert "--steps 30: " in capsys.readouterr().err  # nothing left to train names the option to raise
 
 
 # ---- the bundled model ---------------------------------------------------------------------------------------------

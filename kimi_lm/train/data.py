@@ -23,13 +23,16 @@ import random
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
+
+from kimi_lm.errors import UsageError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 CHAT_SUFFIX = ".jsonl"
 
 
-class DataError(ValueError):
-    """A --data path that cannot be read as training text."""
+class DataError(UsageError):
+    """A --data path that cannot be read as training text (the message names the file, and the line in a .jsonl)."""
 
 
 def find_files(paths: list[str | Path]) -> list[Path]:
@@ -58,7 +61,8 @@ def read_documents(files: list[Path], tokenizer) -> list[list[int]]:
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(f"{f}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise DataError(f"{f}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except OSError as exc:
             raise DataError(f"{f}: cannot read ({exc.strerror})") from None
         if f.suffix == CHAT_SUFFIX:
@@ -73,16 +77,28 @@ def read_documents(files: list[Path], tokenizer) -> list[list[int]]:
 
 
 def _chat_text(tokenizer, line: str, f: Path, number: int) -> str:
+    where = f"{f}:{number}"
     try:
-        messages = json.loads(line)["messages"]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"{f}:{number}: expected a JSON object with a 'messages' list ({exc})") from None
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        if not isinstance(record, dict):
+            found = f"a JSON {type(record).__name__}"
+        elif "messages" in record:
+            found = f"'messages' as a JSON {type(record['messages']).__name__}"
+        else:
+            found = f"keys {sorted(record)}"
+        raise DataError(f"{where}: expected a JSON object with a 'messages' list, found {found}")
+    try:
+        return tokenizer.apply_chat_template(record["messages"], add_generation_prompt=False)
+    except (ValueError, TypeError, TemplateError) as exc:  # a malformed message fails in the template's checks or code
+        raise DataError(f"{where}: cannot render with the tokenizer's chat template: {exc}") from None
 
 
 def pack(tokens: list[int], seq_len: int) -> torch.Tensor:
     """[N, seq_len + 1] windows starting every seq_len tokens (the tail that does not fill one is dropped)."""
-    n = (len(tokens) - 1) // seq_len
+    n = max(len(tokens) - 1, 0) // seq_len  # an empty split has no window (not -1 of them)
     t = torch.tensor(tokens[: n * seq_len + 1], dtype=torch.long)
     return t.unfold(0, seq_len + 1, seq_len) if n else t.new_empty(0, seq_len + 1)
 
@@ -104,14 +120,15 @@ class PackedData:
             held_tokens += len(docs[-held])
         train_docs, eval_docs = docs[: len(docs) - held], docs[len(docs) - held :]
         if len(docs) == 1:  # a single document: hold out its tail instead
-            cut = total - want_eval
+            cut = max(total - want_eval, 0)  # want_eval exceeds the text when --seq-len is over half of it
             train_docs, eval_docs = [docs[0][:cut]], [docs[0][cut:]]
         train = pack([t for d in train_docs for t in d], seq_len)
         eval = pack([t for d in eval_docs for t in d], seq_len)
         if len(train) == 0 or len(eval) == 0:
             raise DataError(
-                f"{', '.join(map(str, paths))}: {total} tokens is too little text for --seq-len {seq_len} "
-                f"(need at least two sequences: one to train on, one held out)"
+                f"{', '.join(map(str, paths))}: {total} tokens is too little text for --seq-len {seq_len} and "
+                f"--eval-fraction {eval_fraction} (need at least two sequences of {seq_len + 1} tokens: one to train "
+                f"on, one held out; pass a smaller --seq-len or more text)"
             )
         return cls(train, eval, seed)
 

@@ -36,11 +36,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kimi_lm import DEFAULT_MODEL
-from kimi_lm.config import PRESETS, KimiLinearConfig, load_config, preset
-from kimi_lm.errors import CheckpointError
+from kimi_lm.config import K2_PRESETS, PRESETS, KimiLinearConfig, load_config, preset
+from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.train.balance import ExpertBiasBalancer
-from kimi_lm.train.data import DataError, PackedData, find_files
+from kimi_lm.train.data import PackedData, find_files
 from kimi_lm.train.init import init_weights
 from kimi_lm.train.optim import Optimizers, wsd
 
@@ -49,13 +49,23 @@ STATE, OPTIM = "trainer_state.json", "optimizer.safetensors"
 
 
 def build_config(spec: str, tokenizer, attn_res_block_size: float | None) -> KimiLinearConfig:
-    if spec in PRESETS:
+    """The config ``--config`` names (a preset, a config.json or a directory with one), sized to the tokenizer."""
+    path = Path(spec)
+    if spec in PRESETS + K2_PRESETS:
         cfg = preset(spec)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--config {spec}: this directory has no config.json")
+        cfg = load_config(path / "config.json")
+    elif path.is_file():
+        cfg = load_config(path)
+    elif path.suffix == ".json" or len(path.parts) > 1:  # meant as a path
+        raise UsageError(f"--config {spec}: no such file")
     else:
-        path = Path(spec)
-        cfg = load_config(path / "config.json" if path.is_dir() else path)
+        raise UsageError(f"--config {spec}: unknown preset; known presets: {', '.join(PRESETS)} "
+                         f"(or a config.json path)")
     if not isinstance(cfg, KimiLinearConfig):
-        raise CheckpointError(f"--config {spec}: kimi-lm train trains Kimi Linear models; this is {cfg.model_type}")
+        raise UsageError(f"--config {spec}: kimi-lm train trains Kimi Linear models; this is {cfg.model_type}")
     special = tokenizer.special_tokens
     cfg = dataclasses.replace(
         cfg, vocab_size=tokenizer.num_base_tokens + 256, bos_token_id=special.get("[BOS]"),
@@ -87,6 +97,20 @@ def load_run(ckpt: Path):
         optim = {name: f.read(name) for name in f.keys()}
     model = load(ckpt, dtype=torch.float32)  # trainable nn.Linear weights
     return model.train().requires_grad_(True), step, optim
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a resumed run keeps those up to its checkpoint)."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            int(record["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}:{number}: not a metrics record of kimi-lm train ({exc}); move the file "
+                                  f"away to resume without the earlier metrics") from None
+        records.append(record)
+    return records
 
 
 def evaluate(model, data: PackedData, batch_size: int, max_batches: int, autocast) -> float:
@@ -126,32 +150,38 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    find_files(args.data)  # a bad --data path fails before anything is loaded
+    # every argument is checked before the data is tokenized and the model built, which can take minutes
+    find_files(args.data)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
     existing = checkpoints(out) if out.is_dir() else []
+    if args.resume and not existing:
+        raise UsageError(f"--out {out}: no checkpoint to resume from (expected step-* directories from kimi-lm train)")
+    if existing and not args.resume:
+        raise UsageError(f"--out {out}: already holds checkpoints; pass --resume to continue or choose a new --out")
+    if args.tokenizer and not args.resume and not Path(args.tokenizer).is_dir():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such directory")
     # a resumed run keeps the tokenizer it started with: the one saved in its checkpoint
-    tok_dir = existing[-1] if args.resume and existing else Path(args.tokenizer) if args.tokenizer else DEFAULT_MODEL
+    tok_dir = existing[-1] if args.resume else Path(args.tokenizer) if args.tokenizer else DEFAULT_MODEL
     tokenizer = load_tokenizer(tok_dir)
     tok_files = {n: (tok_dir / n).read_bytes() for n in TOKENIZER_FILES if (tok_dir / n).is_file()}
+    cfg = None if args.resume else build_config(args.config, tokenizer, args.attn_res_block_size)
     data = PackedData.from_paths(args.data, tokenizer, args.seq_len, args.eval_fraction, args.seed)
     if args.resume:
-        if not existing:
-            raise CheckpointError(f"{out}: no checkpoint to resume from (expected step-* directories from kimi-lm train)")
         model, start, optim_state = load_run(existing[-1])
     else:
-        if existing:
-            raise CheckpointError(f"{out}: already holds checkpoints; pass --resume to continue or choose a new --out")
-        cfg = build_config(args.config, tokenizer, args.attn_res_block_size)
         model = init_weights(KimiLinearForCausalLM(cfg), generator=torch.Generator().manual_seed(args.seed)).train()
         start, optim_state = 0, None
     if start >= args.steps:
-        raise CheckpointError(f"{existing[-1]}: already trained {start} steps; pass a larger --steps to continue")
+        raise UsageError(f"--steps {args.steps}: {existing[-1]} has already trained {start} steps; pass a larger "
+                         f"--steps to continue")
     optim = Optimizers(model, lr=args.lr, weight_decay=args.weight_decay)
     if optim_state is not None:
         optim.load_state_tensors(optim_state)
     balancer = ExpertBiasBalancer(model, args.bias_update_rate)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    metrics = read_metrics(metrics_path) if metrics_path.exists() else []
     metrics = [m for m in metrics if m["step"] <= start]  # a resumed run rewrites what followed its checkpoint
     metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
     bf16 = args.dtype == "bf16"
@@ -223,7 +253,7 @@ def train(args) -> dict:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block: main() prints it
-        raise CheckpointError(message)
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,18 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    """Option values that are wrong whatever the data: UsageError naming the flag."""
     for flag, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                              ("--seq-len", args.seq_len, 2), ("--warmup", args.warmup, 0),
                              ("--eval-every", args.eval_every, 0), ("--save-every", args.save_every, 0),
                              ("--eval-batches", args.eval_batches, 1)):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--decay-ratio", args.decay_ratio), ("--min-lr-ratio", args.min_lr_ratio),
-                        ("--eval-fraction", args.eval_fraction)):
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--decay-ratio", args.decay_ratio), ("--min-lr-ratio", args.min_lr_ratio)):
         if not 0 <= value <= 1:
-            raise ValueError(f"{flag} must be between 0 and 1, got {value}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
+            raise UsageError(f"{flag} must be between 0 and 1, got {value}")
+    if not 0 <= args.eval_fraction < 1:  # 1 would hold out everything and leave nothing to train on
+        raise UsageError(f"--eval-fraction must be >= 0 and < 1, got {args.eval_fraction}")
+    for flag, value, positive in (("--lr", args.lr, True), ("--grad-clip", args.grad_clip, True),
+                                  ("--weight-decay", args.weight_decay, False),
+                                  ("--bias-update-rate", args.bias_update_rate, False)):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise UsageError(f"{flag} must be {'> 0' if positive else '>= 0'}, got {value}")
+    block = args.attn_res_block_size  # checked here so the error names the flag, not the config it overrides
+    if block is not None and not (block >= 0 and math.isfinite(block) and (2 * block).is_integer()):
+        raise UsageError(f"--attn-res-block-size must be 0 (off) or a positive number of layers in steps of 0.5, "
+                         f"got {block}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,11 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         check_args(args)
         summary = train(args)
-    except (CheckpointError, DataError, ValueError, FloatingPointError) as exc:
+    except (ValueError, FloatingPointError) as exc:  # KimiLMError (UsageError, CheckpointError) is a ValueError
         print(f"kimi-lm train: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"kimi-lm train: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+    except OSError as exc:  # e.g. a full disk or an unwritable --out while writing a checkpoint
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kimi-lm train: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)

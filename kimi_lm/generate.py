@@ -222,7 +222,7 @@ def _parser() -> Parser:
     add_model_args(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", "-p", default="hello", help="the prompt ('-' reads stdin)")
-    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file ('-': stdin)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 text file ('-': stdin; unset: use --prompt)")
     p.add_argument("--system", help="system message (with the chat template; unset: none)")
     add_sampling_args(p, max_tokens=256)
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop when the text contains STR (not printed; default: no stop strings)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kimi_lm.errors import UsageError
 from kimi_lm.generate import DEFAULT_PREFILL_STEP, Parser, add_model_args, load_model_and_tokenizer, run_command
 from kimi_lm.prompt_cache import PromptCache, save_prompt_cache
 
@@ -53,8 +54,10 @@ def _main(argv) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     document = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
     out = Path(args.out)
+    if out.is_dir():  # checked before the prefill, not after minutes of it
+        raise UsageError(f"--out {out}: is a directory; give the cache file's name, e.g. {out / 'prompt.safetensors'}")
     if not out.parent.is_dir():
-        raise ValueError(f"{out}: the folder {out.parent} does not exist")
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     model, tokenizer = load_model_and_tokenizer(args)
     use_template = not args.ignore_chat_template and tokenizer.chat_template is not None
     ids = tokenizer.encode(cached_text(tokenizer, document, args.system, use_template))

@@ -5,11 +5,10 @@ every tensor is read once, straight from the file into its final memory with pla
 cache never counts toward the process and peak memory is about the size of the model, not twice it). Only
 safetensors are read: nothing is ever unpickled and no checkpoint code is executed.
 
-Parameter names equal the checkpoint's names except for the cases in ``NAME_RULES`` (one declarative table):
-per-expert matrices (Kimi Linear ``w1/w3/w2``, K2 ``gate_proj/up_proj/down_proj``, with their FP8 scales) are
-stacked into ``gate_up_proj`` / ``down_proj`` and a dense layer written by transformers under
-``block_sparse_moe.*`` is read as ``mlp.*``. ``SKIP`` lists what is dropped: ``rotary_emb.inv_freq`` (recomputed from
-config) and multi-token-prediction layers (index ≥ ``num_hidden_layers``).
+Names: checkpoint tensor names become parameter names through ``kimi_lm.names`` (one declarative table, shared
+with the writers): per-expert matrices (Kimi Linear ``w1/w3/w2``, K2 ``gate_proj/up_proj/down_proj``, with their FP8
+scales; mlx-lm's ``switch_mlp``) are stacked into ``gate_up_proj`` / ``down_proj``, and ``names.SKIP`` lists what is
+dropped (``rotary_emb.inv_freq``, multi-token-prediction layers).
 
 FP8 block checkpoints (``quantization_config.quant_method`` ``fp8``): a module is quantized iff the checkpoint has a
 ``weight_scale_inv`` for it; those modules are swapped for ``kimi_lm.quant.fp8_block`` ones before loading, and their
@@ -23,59 +22,17 @@ spec ``kimi_k2_and_quantization.md`` §2.6 (K2 tensor names) and §4 (FP8 layout
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from kimi_lm import names
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
-from kimi_lm.ops import malloc
+from kimi_lm.cpu import malloc
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
 
-# checkpoint name (regex) -> (parameter name template, placement)
-#   placement "copy": whole tensor; "gate"/"up": rows [0, I) / [I, 2I) of stacked expert E; "down": stacked expert E
-#   (a trailing "_scale_inv" group carries an FP8 block scale to the stacked scale tensor, same placement)
-NAME_RULES: list[tuple[re.Pattern, str, str]] = [
-    (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight"),
-     r"\1.block_sparse_moe.experts.gate_up_proj", "gate"),
-    (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.w3\.weight"),
-     r"\1.block_sparse_moe.experts.gate_up_proj", "up"),
-    (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight"),
-     r"\1.block_sparse_moe.experts.down_proj", "down"),
-    # transformers' save_pretrained renames every `mlp.` to `block_sparse_moe.`, the dense first layer included
-    (re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(gate_proj|up_proj|down_proj)\.weight"),
-     r"\1.mlp.\2.weight", "copy"),
-    # Kimi K2 / DeepSeek-V3 routed experts
-    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight(_scale_inv)?"),
-     r"\1.mlp.experts.gate_up_proj\3", "gate"),
-    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.up_proj\.weight(_scale_inv)?"),
-     r"\1.mlp.experts.gate_up_proj\3", "up"),
-    (re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.down_proj\.weight(_scale_inv)?"),
-     r"\1.mlp.experts.down_proj\3", "down"),
-]
-# Kimi Linear in the MLX layout (mlx-lm ``kimi_linear.sanitize`` output): experts stacked along a leading axis, the
-# MoE block under ``mlp.`` (K2 keeps its own ``mlp.gate`` names, so these apply to Kimi Linear only), convs as MLX
-# Conv1d [D, W, 1], kv_b_proj split per head; each packed weight brings ``.scales`` (and ``.biases`` for affine)
-MLX_KIMI_LINEAR_RULES: list[tuple[re.Pattern, str, str]] = [
-    *[(re.compile(rf"(model\.layers\.\d+)\.mlp\.switch_mlp\.{proj}_proj\.{part}"),
-       rf"\1.block_sparse_moe.experts.{stacked}{suffix}", placement)
-      for proj, stacked, placement in (("gate", "gate_up_proj", "gate_all"), ("up", "gate_up_proj", "up_all"),
-                                       ("down", "down_proj", "copy"))
-      for part, suffix in (("weight", ""), ("scales", "_scales"), ("biases", "_biases"))],
-    (re.compile(r"(model\.layers\.\d+)\.mlp\.(gate\.\w+|shared_experts\..+)"), r"\1.block_sparse_moe.\2", "copy"),
-    (re.compile(r"(model\.layers\.\d+)\.mlp\.e_score_correction_bias"),
-     r"\1.block_sparse_moe.gate.e_score_correction_bias", "copy"),
-    (re.compile(r"(model\.layers\.\d+)\.self_attn\.([qkv])_conv\.conv\.weight"), r"\1.self_attn.\2_conv1d.weight", "conv"),
-    (re.compile(r"(model\.layers\.\d+)\.self_attn\.(embed_q|unembed_out)\.(\w+)"),
-     r"\1.self_attn.kv_b_proj.\2.\3", "copy"),
-]
-# per-expert placements (their regex's group 2 is the expert index)
-_PER_EXPERT = ("gate", "up", "down")
-# Tensors present in some checkpoints that carry nothing the forward pass needs.
-SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Kept in fp32 whatever the model dtype: they feed exp() / selection / dequantization and are tiny (spec §8.3).
 FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "_scale_inv")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -200,8 +157,8 @@ def write_safetensors(path: Path, entries: dict[str, tuple[torch.dtype, list[int
     """Write a safetensors file tensor by tensor: ``entries`` name -> (dtype, shape) fixes the header, then
     ``produce(name)`` supplies each tensor in turn, so only one is in memory at a time. Returns the data bytes."""
     header, offset = {}, 0
-    names = sorted(entries)
-    for name in names:
+    order = sorted(entries)
+    for name in order:
         dtype, shape = entries[name]
         nbytes = dtype.itemsize * _numel(shape)
         header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -212,7 +169,7 @@ def write_safetensors(path: Path, entries: dict[str, tuple[torch.dtype, list[int
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     with open(path, "wb") as fh:
         fh.write(len(raw).to_bytes(8, "little") + raw)
-        for name in names:
+        for name in order:
             t = produce(name)
             if t.dtype != entries[name][0] or list(t.shape) != list(entries[name][1]):
                 raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)}, header says {entries[name]}")
@@ -247,23 +204,9 @@ def weight_files(path: Path) -> dict[str, Path]:
     return {name: shard for shard in shards for name in SafetensorsFile(shard).keys()}
 
 
-def _target_name(name: str, config=None) -> tuple[str, str, int]:
-    """Checkpoint tensor name -> (parameter name, placement, expert index or -1)."""
-    rules = NAME_RULES if isinstance(config, KimiK2Config) else NAME_RULES + MLX_KIMI_LINEAR_RULES
-    for pattern, template, placement in rules:
-        m = pattern.fullmatch(name)
-        if m:
-            expert = int(m.group(2)) if placement in _PER_EXPERT else -1
-            return m.expand(template), placement, expert
-    return name, "copy", -1
-
-
-def _skipped(name: str, config) -> bool:
-    if any(p.fullmatch(name) for p in SKIP):
-        return True
-    m = _LAYER.match(name)  # multi-token-prediction layers follow the last decoder layer
-    n, extra = config.num_hidden_layers, config.num_nextn_predict_layers
-    return m is not None and n <= int(m.group(1)) < n + extra
+def _target_name(name: str, config) -> tuple[str, str, int]:
+    """Checkpoint tensor name -> (parameter name, placement, expert index or -1), by the names table."""
+    return names.to_parameter(name, names.family(config))
 
 
 def _model_class(config):
@@ -303,13 +246,14 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
-    files = {name: file for name, file in files.items() if not _skipped(name, config)}
+    files = {name: file for name, file in files.items() if not names.skipped(name, config)}
     targets = {name: _target_name(name, config) for name in files}
     fp8 = _fp8_modules(config, targets, files)
     with torch.device("meta"):
         model = _model_class(config)(config)
         quantize_modules(model, lambda name, module: name in fp8)
         specs = _mlx_specs(path, config, model.state_dict(), targets, files)
+        unpacked = _dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
         swap_modules(model, specs, split_kvb, dtype=dtype)
     expected = model.state_dict()
@@ -317,63 +261,85 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
         expected.pop("lm_head.weight", None)
     loaded: dict[str, torch.Tensor] = {}
     expert_slots: dict[str, set] = {}  # stacked parameter -> {(placement, expert)} filled so far
+    parts: dict[tuple[str, str], dict] = {}  # (packed key, placement) -> {"weight"/"scales"/"biases": tensor}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
 
+    def place(file, name, target, placement, expert, read_into=None, t=None) -> None:
+        """Put one checkpoint tensor (``t``, or read straight into place by ``read_into``) into its parameter."""
+        ref = expected[target]
+        want_dtype = (ref.dtype if ref.dtype in _KEEP_DTYPES else torch.float32 if target.endswith(FP32_SUFFIXES)
+                      else dtype)
+        if placement != "copy" and placement != "conv" and expert >= ref.shape[0]:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}")
+        if placement in ("copy", "conv"):
+            t = read_into(None) if t is None else t
+            t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
+            loaded[target] = t.to(device=device, dtype=want_dtype)
+            if loaded[target] is not t:
+                trim.freed(t.numel() * t.element_size())
+            return
+        if target not in loaded:
+            loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
+            expert_slots[target] = set()
+        dest = names.expert_slice(loaded[target], placement, expert)
+        if t is None and dest.device.type == "cpu" and dest.is_contiguous() and read_into(dest) is not None:
+            pass  # read straight into the stacked tensor, no temporary
+        else:
+            t = read_into(None) if t is None else t
+            dest.copy_(t)
+            trim.freed(t.numel() * t.element_size())
+        if placement in names.PER_EXPERT:
+            expert_slots[target].add((placement, expert))
+        else:  # MLX: all experts' gate (or up) rows at once
+            expert_slots[target].update((placement.removesuffix("_all"), e) for e in range(ref.shape[0]))
+
     trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
-    for file, names in by_file.items():
+    for file, in_file in by_file.items():
         with SafetensorsFile(file) as f:
-            for name in names:
+            for name in in_file:
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
                 target, placement, expert = targets[name]
+                key, part = _packed_part(target)
+                if key in unpacked:  # packed in the file, float in the model: gather weight, scales, biases
+                    got = parts.setdefault((key, placement), {})
+                    got[part] = f.read(name)
+                    spec, param = unpacked[key]
+                    if len(got) == (3 if spec.has_biases else 2):
+                        t = _dequantize_part(file, name, spec, got, checkpoint_shape=names.checkpoint_shape(
+                            expected[param].shape, placement), dtype=dtype)
+                        place(file, name, param, placement, expert, t=t)
+                        del parts[(key, placement)]
+                    continue
                 if target not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} (no such parameter in a {config.model_type} model with this "
                         f"config.json; check num_hidden_layers, layer types and expert counts)"
                     )
-                ref = expected[target]
                 shape, file_dtype = f.shape(name), f.dtype(name)
-                want_shape = _file_shape(ref, placement)
+                want_shape = names.checkpoint_shape(expected[target].shape, placement)
                 if shape != want_shape:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {want_shape}"
                                           + _scale_hint(target, placement, expected))
-                _check_dtype(file, name, file_dtype, ref.dtype, config)
-                if placement != "copy" and expert >= ref.shape[0]:
-                    raise CheckpointError(
-                        f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}"
-                    )
-                want_dtype = (ref.dtype if ref.dtype in _KEEP_DTYPES else torch.float32 if target.endswith(FP32_SUFFIXES)
-                              else dtype)
-                if placement in ("copy", "conv"):
-                    t = f.read(name)
-                    t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
-                    loaded[target] = t.to(device=device, dtype=want_dtype)
-                    if loaded[target] is not t:
-                        trim.freed(t.numel() * t.element_size())
-                    continue
-                if target not in loaded:
-                    loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
-                    expert_slots[target] = set()
-                dest = _expert_slice(loaded[target], placement, expert)
-                if dest.device.type == "cpu" and ST_DTYPES[file_dtype] == want_dtype and dest.is_contiguous():
-                    f.read_into(name, dest)  # straight into the stacked tensor, no temporary
-                else:
-                    t = f.read(name)
-                    dest.copy_(t)
-                    trim.freed(t.numel() * t.element_size())
-                if placement in _PER_EXPERT:
-                    expert_slots[target].add((placement, expert))
-                else:  # MLX: all experts' gate (or up) rows at once
-                    expert_slots[target].update((placement.removesuffix("_all"), e) for e in range(ref.shape[0]))
+                _check_dtype(file, name, file_dtype, expected[target].dtype, config)
+
+                def read_into(dest, f=f, name=name, file_dtype=file_dtype):
+                    if dest is None:
+                        return f.read(name)
+                    return f.read_into(name, dest) if ST_DTYPES[file_dtype] == dest.dtype else None
+
+                place(file, name, target, placement, expert, read_into=read_into)
 
     missing = [n for n in expected if n not in loaded]
+    missing += [f"{key} ({', '.join(sorted(got))} found; scales and weight needed)" for (key, _), got in parts.items()]
     for target, slots in expert_slots.items():
         ref = expected[target]
-        parts = ("gate", "up") if "gate_up_proj" in target else ("down",)
-        want = {(p, e) for p in parts for e in range(ref.shape[0])}
-        missing += [f"{target} (expert {e}, {p})" for p, e in sorted(want - slots, key=lambda s: (s[1], s[0]))]
+        halves = ("gate", "up") if "gate_up_proj" in target else ("down",)
+        want = {(h, e) for h in halves for e in range(ref.shape[0])}
+        missing += [f"{target} (expert {e}, {h})" for h, e in sorted(want - slots, key=lambda s: (s[1], s[0]))]
     if missing:
         shown = ", ".join(missing[:8]) + (f" ... and {len(missing) - 8} more" if len(missing) > 8 else "")
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {shown}")
@@ -383,6 +349,49 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model
+
+
+def _dequantized_on_load(model, specs: dict) -> dict:
+    """Packed weights the model holds as float, taken out of ``specs``: packed key -> (spec, float parameter).
+
+    Two cases, both of what mlx-lm writes: a stacked expert weight whose other half stayed float (experts narrower
+    than the group size: mlx-lm quantizes ``switch_mlp.{gate,up}_proj`` and keeps ``down_proj``, or the reverse), and
+    a one-row Linear read as a vector (the AttnRes pseudo-queries ``*_res_proj``, which no packed module can serve).
+    They are few and small, so the loader dequantizes them to the compute dtype."""
+    out = {}
+    for key in list(specs):
+        stem, _, half = key.rpartition(".")
+        if half in ("gate_up_proj", "down_proj") and stem.endswith(".experts"):
+            other = f"{stem}.{'down_proj' if half == 'gate_up_proj' else 'gate_up_proj'}"
+            if other not in specs:
+                out[key] = (specs.pop(key), key)
+        elif ".kv_b_proj." not in key:  # kv_b_proj halves are split modules of their own, made by swap_modules
+            module = model.get_submodule(key)
+            if isinstance(module, torch.nn.Linear) and module.out_features == 1:
+                out[key] = (specs.pop(key), f"{key}.weight")
+    return out
+
+
+def _packed_part(target: str) -> tuple[str, str]:
+    """Parameter name of a packed tensor -> (packed key, "weight" | "scales" | "biases"): ``x.scales`` -> ``x``;
+    stacked experts ``x.gate_up_proj_scales`` -> ``x.gate_up_proj``."""
+    for sep in ("_", "."):
+        for part in ("scales", "biases"):
+            if target.endswith(sep + part):
+                return target.removesuffix(sep + part), part
+    return target.removesuffix(".weight"), "weight"
+
+
+def _dequantize_part(file, name, spec, got: dict, checkpoint_shape: list[int], dtype) -> torch.Tensor:
+    if "weight" not in got or "scales" not in got:
+        raise CheckpointError(f"{file}: tensor {name!r}: packed weight and scales do not come together")
+    try:
+        t = spec.dequantize(got["weight"], got["scales"], got.get("biases"), dtype)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{file}: tensor {name!r} cannot be dequantized as {spec} ({exc})") from None
+    if list(t.shape) != checkpoint_shape:
+        raise CheckpointError(f"{file}: tensor {name!r} dequantizes to shape {list(t.shape)}, expected {checkpoint_shape}")
+    return t
 
 
 def _check_dtype(file: Path, name: str, file_dtype: str, param_dtype: torch.dtype, config) -> None:
@@ -416,19 +425,8 @@ def _scale_hint(target: str, placement: str, expected: dict) -> str:
     weight = target.removesuffix("_scale_inv")  # "x.weight" or stacked "x.experts.gate_up_proj"
     if weight not in expected:
         return ""
-    w_shape = list(expected[weight].shape) if placement == "copy" else _expert_shape(expected[weight], placement)
+    w_shape = list(expected[weight].shape) if placement == "copy" else names.expert_shape(expected[weight].shape, placement)
     return f" = ceil(out/128) x ceil(in/128) for its weight of shape {w_shape}"
-
-
-def _file_shape(ref: torch.Tensor, placement: str) -> list[int]:
-    """The shape the checkpoint stores for a placement into parameter ``ref``."""
-    if placement == "copy":
-        return list(ref.shape)
-    if placement == "conv":
-        return [ref.shape[0], ref.shape[2], ref.shape[1]]
-    if placement in ("gate_all", "up_all"):
-        return [ref.shape[0], ref.shape[1] // 2, *ref.shape[2:]]
-    return _expert_shape(ref, placement)
 
 
 def _mlx_quantization(path: Path) -> dict | None:
@@ -490,20 +488,3 @@ def _in_features(key: str, float_state: dict, config) -> int:
     if ref is None:
         raise ValueError(f"no module {key!r} in a {config.model_type} model with this config.json")
     return ref.shape[-1]
-
-
-def _expert_shape(stacked: torch.Tensor, placement: str) -> list[int]:
-    if placement == "down":
-        return list(stacked.shape[1:])
-    return [stacked.shape[1] // 2, stacked.shape[2]]
-
-
-def _expert_slice(stacked: torch.Tensor, placement: str, expert: int) -> torch.Tensor:
-    half = stacked.shape[1] // 2
-    if placement in ("gate_all", "up_all"):  # every expert's gate (or up) rows at once
-        return stacked[:, :half] if placement == "gate_all" else stacked[:, half:]
-    if placement == "gate":
-        return stacked[expert, :half]
-    if placement == "up":
-        return stacked[expert, half:]
-    return stacked[expert]

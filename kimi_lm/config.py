@@ -15,7 +15,8 @@ the math but are not implemented raise :class:`CheckpointError` instead of being
 
 ``KimiK2Config`` does the same for Kimi K2 / DeepSeek-V3 (``model_type`` ``kimi_k2`` or ``deepseek_v3``): the
 official keys (``rope_scaling``, ``rope_theta``, ``torch_dtype``) and what transformers 5.x writes
-(``rope_parameters``, ``dtype``, ``num_local_experts``). ``load_config`` picks the class from ``model_type``.
+(``rope_parameters``, ``dtype``, ``num_local_experts``). ``load_config`` picks the class from ``model_type``. How a raw
+dict is read and checked (aliases, unimplemented keys, field types, YaRN, FP8 block) is in ``config_checks``.
 
 References: ``shared/specs/kimi_linear.md`` §1 (every field of the official config and what the forward uses);
 ``shared/specs/kimi_k2_and_quantization.md`` §1 (K2 fields), §2.4 (YaRN keys), §4 (``quantization_config``).
@@ -24,15 +25,14 @@ References: ``shared/specs/kimi_linear.md`` §1 (every field of the official con
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from kimi_lm.config_checks import (K2_MODEL_TYPES, SUPPORTED_MODEL_TYPES, build, check_field_types, check_fp8_config,
+                                   normalise_keys, normalise_rope_scaling, read_config_json)
 from kimi_lm.errors import CheckpointError
 
-K2_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
-SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES)
 
 # DeepSeek / transformers-native spellings -> official Kimi Linear key.
 _ALIASES = {
@@ -98,12 +98,14 @@ class KimiLinearConfig(_SharedConfig):
     # MLA (full-attention layers)
     num_attention_heads: int = 32
     num_key_value_heads: int = 32
+    head_dim: int | None = None  # unused by NoPE MLA; written (hidden / heads, as the official file) for mlx-lm
     q_lora_rank: int | None = None
     kv_lora_rank: int = 512
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     mla_use_nope: bool = True
+    rope_theta: float = 10000.0  # unused (NoPE); the official file and mlx-lm's ModelArgs carry it
     # MoE
     num_experts: int = 256
     num_experts_per_token: int = 8
@@ -154,22 +156,23 @@ class KimiLinearConfig(_SharedConfig):
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiLinearConfig":
         """Normalise either config style to official keys and validate it; unknown keys are ignored."""
         d = dict(raw)
-        _normalise_keys(cls, d, _ALIASES, _UNIMPLEMENTED, source)
+        normalise_keys(cls, d, _ALIASES, _UNIMPLEMENTED, source)
         n_layers = d.get("num_hidden_layers", cls.num_hidden_layers)
         if "linear_attn_config" not in d or d["linear_attn_config"] is None:
             d["linear_attn_config"] = _linear_attn_config_from_transformers(d, n_layers, source)
         if "mlp_layer_types" in d and "first_k_dense_replace" not in d:
             d["first_k_dense_replace"] = _first_k_dense_from_mlp_types(d["mlp_layer_types"], source)
-        return _build(cls, d, source)
+        return build(cls, d, source)
 
     def to_dict(self) -> dict:
-        """The official (remote-code) config.json layout."""
+        """The official (remote-code) config.json layout, with every key mlx-lm's and transformers' loaders need."""
         d = dataclasses.asdict(self)
+        d["head_dim"] = self.head_dim or self.hidden_size // self.num_attention_heads
         d["architectures"] = ["KimiLinearForCausalLM"]
         return d
 
     def validate(self, source: str = "config.json") -> None:
-        _check_field_types(self, source)
+        check_field_types(self, source)
         lac = self.linear_attn_config
         if not isinstance(lac, dict):
             raise CheckpointError(f"{source}: linear_attn_config must be an object, found {type(lac).__name__}")
@@ -198,75 +201,6 @@ class KimiLinearConfig(_SharedConfig):
                 f"{source}: attn_res_block_size must be a positive number of layers in steps of 0.5 (one sublayer), "
                 f"or null; found {S!r}"
             )
-
-
-def read_config_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config.json not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON config ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
-
-
-# sizes that must be ≥ 1 (counts such as num_nextn_predict_layers or first_k_dense_replace may be 0)
-_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "kv_lora_rank", "v_head_dim", "moe_intermediate_size", "num_experts", "n_routed_experts",
-             "num_experts_per_token", "num_experts_per_tok", "moe_layer_freq")
-# annotation text of a config field -> the JSON value types it accepts (bool is not an int here)
-_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,)}
-
-
-def _check_field_types(cfg, source: str) -> None:
-    """Every scalar field holds a value of its annotated type (``| None`` allows null); positive sizes."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        accepted = tuple(t for k in kinds for t in _FIELD_TYPES.get(k, (object,)))
-        wrong_bool = isinstance(value, bool) and bool not in accepted
-        if not isinstance(value, accepted) or wrong_bool:
-            raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected {str(f.type)!r}")
-        if f.name in _POSITIVE and value <= 0:
-            raise CheckpointError(f"{source}: config key {f.name!r} = {value!r}, expected a positive integer")
-
-
-def _build(cls, d: dict, source: str):
-    """The config from normalised official keys (others ignored), validated."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    cfg = cls(**{k: v for k, v in d.items() if k in names})
-    cfg.validate(source)
-    return cfg
-
-
-def _normalise_keys(cls, d: dict, aliases: dict, implemented: dict, source: str) -> None:
-    """In place: check model_type, copy alias spellings to the official key, and refuse any key whose value
-    changes the math in a way this class does not implement (``implemented``: key -> accepted values)."""
-    _check_model_type(cls, d.get("model_type"), source)
-    for alias, key in aliases.items():
-        if alias in d and key not in d:
-            d[key] = d[alias]
-    for key, ok in implemented.items():
-        if key in d and d[key] not in ok:
-            raise CheckpointError(
-                f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
-                f"(supported: {' or '.join(repr(v) for v in ok if v is not None)})"
-            )
-
-
-def _check_model_type(cls, model_type, source: str) -> None:
-    if model_type in cls.MODEL_TYPES:
-        return
-    if model_type in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not a {cls.__name__}; read it with load_config()")
-    raise CheckpointError(
-        f"{source}: model_type {model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}"
-    )
 
 
 def _linear_attn_config_from_transformers(d: dict, n_layers: int, source: str) -> dict:
@@ -370,17 +304,17 @@ class KimiK2Config(_SharedConfig):
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiK2Config":
         """Normalise the official or the transformers spelling and validate it; unknown keys are ignored."""
         d = dict(raw)
-        _normalise_keys(cls, d, _K2_ALIASES, _K2_IMPLEMENTED, source)
+        normalise_keys(cls, d, _K2_ALIASES, _K2_IMPLEMENTED, source)
         if d.get("rope_parameters") is not None:  # transformers 5: theta and scaling in one dict
             rp = dict(d["rope_parameters"])
             d.setdefault("rope_theta", rp.pop("rope_theta", cls.rope_theta))
             d.setdefault("rope_scaling", rp)
         if not d.get("q_lora_rank"):
             d["q_lora_rank"] = None  # 0 / null: a single q_proj (DeepSeek-V2-Lite style)
-        d["rope_scaling"] = _normalise_rope_scaling(
+        d["rope_scaling"] = normalise_rope_scaling(
             d.get("rope_scaling"), d.get("max_position_embeddings", cls.max_position_embeddings), source
         )
-        return _build(cls, d, source)
+        return build(cls, d, source)
 
     def to_dict(self) -> dict:
         """The official config.json layout (``rope_scaling``, ``torch_dtype``)."""
@@ -390,7 +324,7 @@ class KimiK2Config(_SharedConfig):
         return d
 
     def validate(self, source: str = "config.json") -> None:
-        _check_field_types(self, source)
+        check_field_types(self, source)
         E, g = self.n_routed_experts, self.n_group
         if g < 1 or E % g or not 1 <= self.topk_group <= g or (g > 1 and E // g < 2):
             raise CheckpointError(
@@ -405,43 +339,7 @@ class KimiK2Config(_SharedConfig):
         if self.qk_rope_head_dim % 2:
             raise CheckpointError(f"{source}: qk_rope_head_dim must be even (pairs are rotated); found {self.qk_rope_head_dim}")
         if self.quantization_config is not None:
-            _check_fp8_config(self.quantization_config, source)
-
-
-def _normalise_rope_scaling(rs: dict | None, max_positions: int, source: str) -> dict | None:
-    """None for plain RoPE, else a YaRN dict with every key transformers would fill in (spec §2.4)."""
-    if rs is None:
-        return None
-    if not isinstance(rs, dict):
-        raise CheckpointError(f"{source}: rope_scaling must be an object or null; found {rs!r}")
-    kind = rs.get("type", rs.get("rope_type", "default"))
-    if kind == "default":
-        return None
-    if kind != "yarn":
-        raise CheckpointError(f"{source}: rope_scaling.type {kind!r} is not supported (supported: 'yarn', 'default')")
-    out = {k: v for k, v in rs.items() if k not in ("type", "rope_type", "rope_theta")}
-    out["type"] = "yarn"
-    out.setdefault("original_max_position_embeddings", max_positions)
-    if out.get("factor") is None:  # transformers: the context extension itself
-        out["factor"] = max_positions / out["original_max_position_embeddings"]
-    # transformers treats missing *and* falsy betas as the YaRN paper's 32 / 1
-    out["beta_fast"] = out.get("beta_fast") or 32
-    out["beta_slow"] = out.get("beta_slow") or 1
-    return out
-
-
-def _check_fp8_config(q: dict, source: str) -> None:
-    method = q.get("quant_method") if isinstance(q, dict) else q
-    if method != "fp8":
-        raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not supported (supported: 'fp8')")
-    checks = {"fmt": ("e4m3",), "weight_block_size": ([128, 128],), "activation_scheme": ("dynamic",)}
-    for key, ok in checks.items():
-        value = q.get(key, ok[0])
-        if (list(value) if isinstance(value, (list, tuple)) else value) not in ok:
-            raise CheckpointError(
-                f"{source}: quantization_config.{key} {value!r} is not supported (supported: {ok[0]!r}, the "
-                f"DeepSeek-V3 / Kimi K2 FP8 format)"
-            )
+            check_fp8_config(self.quantization_config, source)
 
 
 def load_config(path: str | Path) -> "KimiLinearConfig | KimiK2Config":

@@ -9,7 +9,8 @@ index's weight map and ``total_size`` updated, ``quantization_config`` dropped f
 (tokenizer, chat template, remote code) copied. transformers and kimi-lm read the result like any bf16 checkpoint.
 
 Each output shard is streamed tensor by tensor (``checkpoint.write_safetensors``), so memory stays at about one
-tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete: DST is never half-written.
+tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete (``files.atomic_dir``): DST is
+never half-written, and gets ordinary permissions (0755 under the usual umask).
 
     kimi-lm convert --quantize SRC DST --q-mode {affine,mxfp4,mxfp8,nvfp4} [--q-bits N] [--q-group-size G]
 
@@ -31,9 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -42,10 +41,11 @@ from tqdm import tqdm
 from kimi_lm.checkpoint import ST_DTYPES, SafetensorsFile, weight_files, write_safetensors
 from kimi_lm.config import load_config
 from kimi_lm.errors import CheckpointError
+from kimi_lm.files import atomic_dir
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
-from kimi_lm.quant.mlx_layout import dequantize_from_mlx, is_mlx_layout, quantize_to_mlx
+from kimi_lm.quant.mlx_layout import copy_extras, dequantize_from_mlx, is_mlx_layout, quantize_to_mlx
 from kimi_lm.quant.packed import MODES, QuantSpec
-from kimi_lm.verify import SUMS, write_sums
+from kimi_lm.verify import write_sums
 
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,9 +65,7 @@ def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progres
     shards: dict[Path, list[str]] = {}
     for name, file in files.items():
         shards.setdefault(file, []).append(name)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         with contextlib.ExitStack() as stack:
             opened: dict[Path, SafetensorsFile] = {}
 
@@ -101,15 +99,8 @@ def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progres
         for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
             raw[key] = dtype_name
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-        for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
-            if item.name in ("config.json", INDEX, SUMS) or item.suffix == ".safetensors":
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        copy_extras(src, tmp)
         write_sums(tmp, progress=progress)  # SHA256SUMS: `kimi-lm verify DST` (or sha256sum -c) checks the copy
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(shards), "fp8_weights": n_fp8,
             "bytes": total}
 

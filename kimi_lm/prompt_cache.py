@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kimi_lm.cache import KDACache, MLACache, ModelCache
+from kimi_lm.files import atomic_path
 
 FORMAT = "kimi-lm prompt cache"
 VERSION = "1"
@@ -223,14 +222,8 @@ def save_prompt_cache(path: str | Path, pc: PromptCache, metadata: dict[str, str
     meta.update(format=FORMAT, version=VERSION, fingerprint=pc.fingerprint, num_tokens=str(len(pc.tokens)),
                 max_kv_size="" if pc.max_kv_size is None else str(pc.max_kv_size))
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def load_prompt_cache(path: str | Path, model) -> PromptCache:

@@ -5,34 +5,31 @@
 The directory holds ``config.json`` (the official remote-code keys, ``KimiLinearConfig.to_dict``), safetensors
 shards ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (weight map and ``total_size``),
 the tokenizer files if ``tokenizer_dir`` is given, and any ``files`` the caller adds (trainer state). Tensor names
-are the checkpoint's: the stacked experts are split back into per-expert ``experts.E.w1/w3/w2`` with the loader's
-own slicing (``checkpoint._expert_slice``), so writing and reading are exact inverses; A_log, dt_bias and the
-router bias stay fp32 as the loader keeps them.
+are the checkpoint's, from the loader's own table read backwards (``names.to_checkpoint``): the stacked experts are
+split back into per-expert ``experts.E.w1/w3/w2`` with the loader's slicing (``names.expert_slice``), so writing and
+reading are exact inverses; A_log, dt_bias and the router bias stay fp32 as the loader keeps them.
 
-Everything is written into a temporary directory beside the target and renamed into place only when complete, so
-a crash never leaves a half-written checkpoint; ``overwrite=True`` swaps an existing directory out the same way.
+Everything is written into a temporary directory beside the target and renamed into place only when complete
+(``files.atomic_dir``), so a crash never leaves a half-written checkpoint; ``overwrite=True`` swaps an existing
+directory out the same way.
 
-Reference: the loader's ``NAME_RULES`` (``checkpoint.py``); Hugging Face sharded-safetensors index format.
+Reference: ``kimi_lm.names`` (the name table); Hugging Face sharded-safetensors index format.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from kimi_lm.checkpoint import FP32_SUFFIXES, _expert_slice, plan_shards, write_safetensors
+from kimi_lm import names
+from kimi_lm.checkpoint import FP32_SUFFIXES, plan_shards, write_safetensors
+from kimi_lm.files import atomic_dir
 
 INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
-# stacked parameter suffix -> the per-expert checkpoint matrices it holds, as (name, loader placement)
-UNSTACK = {
-    "block_sparse_moe.experts.gate_up_proj": [("w1", "gate"), ("w3", "up")],
-    "block_sparse_moe.experts.down_proj": [("w2", "down")],
-}
 
 
 def checkpoint_tensors(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -41,17 +38,15 @@ def checkpoint_tensors(model, dtype: torch.dtype | None = None) -> dict[str, tor
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    for name, t in state.items():
-        if dtype is not None and t.is_floating_point() and not name.endswith(FP32_SUFFIXES):
+    family = names.family(model.config)
+    for param, t in state.items():
+        if dtype is not None and t.is_floating_point() and not param.endswith(FP32_SUFFIXES):
             t = t.to(dtype)
-        stacked = next((s for s in UNSTACK if name.endswith(s)), None)
-        if stacked is None:
-            out[name] = t
-            continue
-        prefix = name[: -len("gate_up_proj" if stacked.endswith("gate_up_proj") else "down_proj")]
-        for e in range(t.shape[0]):
-            for w, placement in UNSTACK[stacked]:
-                out[f"{prefix}{e}.{w}.weight"] = _expert_slice(t, placement, e)
+        for name, placement in names.to_checkpoint(param, family):
+            if placement in names.PER_EXPERT:
+                out.update({name.format(E=e): names.expert_slice(t, placement, e) for e in range(t.shape[0])})
+            else:
+                out[name] = t
     return out
 
 
@@ -61,23 +56,18 @@ def save(model, path, *, dtype: torch.dtype | None = None, tokenizer_dir=None, f
     ``files``: extra ``name -> bytes | str | Path`` written into the same directory before it appears.
     ``config``: the config.json to write instead of ``model.config.to_dict()``."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists")
     tensors = checkpoint_tensors(model, dtype)
     shards = plan_shards(sorted(tensors), lambda name: tensors[name].nbytes, max_shard_bytes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary, readable directory
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         config = dict(config or model.config.to_dict())
         config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         weight_map, total = {}, 0
-        for i, names in enumerate(shards):
+        for i, in_shard in enumerate(shards):
             shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            entries = {n: (tensors[n].dtype, list(tensors[n].shape)) for n in names}
+            entries = {n: (tensors[n].dtype, list(tensors[n].shape)) for n in in_shard}
             total += write_safetensors(tmp / shard, entries, lambda n: tensors[n], metadata={"format": "pt"})
-            weight_map.update({n: shard for n in names})
+            weight_map.update({n: shard for n in in_shard})
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_dir is not None:
@@ -89,22 +79,7 @@ def save(model, path, *, dtype: torch.dtype | None = None, tokenizer_dir=None, f
                 shutil.copy2(content, tmp / name)
             else:
                 (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        tmp.rename(path)
-        return
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    path.rename(old)  # two renames: the target is missing only for an instant, never half-written
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_to_transformers(src, dst, dtype: torch.dtype = torch.bfloat16) -> dict:

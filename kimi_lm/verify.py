@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from kimi_lm.errors import CheckpointError
+from kimi_lm.files import write_file
 
 SUMS = "SHA256SUMS"
 _BLOCK = 8 << 20
@@ -49,15 +48,7 @@ def write_sums(directory, progress: bool = True) -> Path:
     directory = Path(directory)
     names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != SUMS and not p.name.startswith("."))
     digests = _hash_files(directory, names, progress)
-    fd, tmp = tempfile.mkstemp(prefix=f".{SUMS}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(f"{digests[n]}  {n}\n" for n in names)
-        os.replace(tmp, directory / SUMS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return directory / SUMS
+    return write_file(directory / SUMS, "".join(f"{digests[n]}  {n}\n" for n in names))
 
 
 def read_sums(path: Path) -> dict[str, str]:

@@ -3,22 +3,22 @@
     quantize_to_mlx(src, dst, QuantSpec(...))      official bf16/fp32 -> what ``mlx_lm.convert -q`` writes
     dequantize_from_mlx(src, dst, dtype)           MLX layout (packed or float) -> official float layout
 
-Names: the loader's table (``checkpoint._target_name``: official and MLX names -> kimi-lm parameter names) is the
-one source of truth; ``mlx_name`` is its inverse for the handful of renames mlx-lm's ``kimi_linear.sanitize`` makes
-(experts stacked as ``mlp.switch_mlp.{gate,up,down}_proj``, ``block_sparse_moe.`` -> ``mlp.``, the router bias as
-``mlp.e_score_correction_bias``, convs as MLX Conv1d [D, W, 1] under ``{q,k,v}_conv.conv``, ``kv_b_proj`` split
-into per-head ``embed_q`` [H, latent, nope] / ``unembed_out`` [H, v, latent]), and every name it produces is checked
-against the table, so the two cannot drift apart.
+Names: ``kimi_lm.names``, the loader's own table, read in both directions: official name -> parameter -> MLX name
+and back (experts stacked as ``mlp.switch_mlp.{gate,up,down}_proj``, ``block_sparse_moe.`` -> ``mlp.``, the router
+bias as ``mlp.e_score_correction_bias``, convs as MLX Conv1d [D, W, 1] under ``{q,k,v}_conv.conv``, ``kv_b_proj``
+split into per-head ``embed_q`` [H, latent, nope] / ``unembed_out`` [H, v, latent]).
 
 Quantization policy = mlx-lm 0.32.2 ``quantize_model`` with ``kimi_linear.Model.quant_predicate``: every module with
 ``to_quantized`` (Linear, Embedding, SwitchLinear, MultiLinear) whose input width is a multiple of the *global* group
-size is quantized; ``mlp.gate`` (the router) at affine 8-bit group 64 with biases, recorded in config.json as the
+size is quantized, except one-row weights, which the model reads as vectors (the AttnRes pseudo-queries
+``*_res_proj`` [1, hidden]: mlx-lm has no AttnRes, and a port would hold them as plain arrays, not Linears); ``mlp.gate`` (the router) at affine 8-bit group 64 with biases, recorded in config.json as the
 per-module override ``{"group_size": 64, "bits": 8}`` (no mode: mlx-lm's loader reads a missing mode as affine);
 norms, convs, ``A_log``, ``dt_bias`` and the correction bias stay float. config.json gets ``quantization`` =
 ``quantization_config`` and is written with sorted keys and indent 4 like ``mlx_lm.utils.save_config``.
 
 Memory: one output module at a time (a layer's stacked experts), as ``checkpoint.write_safetensors`` streams.
-Output goes to a temporary folder next to DST, renamed only when complete, with ``SHA256SUMS``.
+Output goes to a temporary folder next to DST (``files.atomic_dir``), renamed only when complete, with
+``SHA256SUMS``.
 
 Reference: mlx-lm 0.32.2 ``utils.quantize_model`` / ``save_model`` / ``save_config``, ``models/kimi_linear.py``
 (``sanitize``, ``quant_predicate``), ``models/mla.py``; spec ``kimi_k2_and_quantization.md`` §5–§6.
@@ -30,7 +30,6 @@ import contextlib
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,30 +37,31 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from kimi_lm.checkpoint import (SafetensorsFile, _mlx_quantization, _mlx_specs, _model_class, _skipped, _target_name,
-                                ST_DTYPES, plan_shards, weight_files, write_safetensors)
+from kimi_lm import names
+from kimi_lm.checkpoint import (SafetensorsFile, _mlx_quantization, _mlx_specs, _model_class, ST_DTYPES, plan_shards,
+                                weight_files, write_safetensors)
 from kimi_lm.config import KimiLinearConfig, load_config
 from kimi_lm.errors import CheckpointError
+from kimi_lm.files import atomic_dir
 from kimi_lm.quant.packed import QuantSpec
 from kimi_lm.verify import SUMS, write_sums
 
 INDEX = "model.safetensors.index.json"
 ROUTER_OVERRIDE = {"group_size": 64, "bits": 8}  # exactly the dict kimi_linear.quant_predicate returns
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's make_shards default (5 GB)
-_EXPERT_PROJ = {"gate": ("gate_up_proj", "w1"), "up": ("gate_up_proj", "w3"), "down": ("down_proj", "w2")}
+# official per-expert placement -> the placement of mlx-lm's stacked tensor holding it
+_STACKED = {"gate": "gate_all", "up": "up_all", "down": "copy"}
 
 
-def mlx_name(target: str) -> str:
-    """kimi-lm parameter name -> mlx-lm name (the non-stacked, non-kv_b cases; see ``_groups`` for those)."""
-    for pattern, template in (
-        (r"(model\.layers\.\d+)\.block_sparse_moe\.gate\.e_score_correction_bias", r"\1.mlp.e_score_correction_bias"),
-        (r"(model\.layers\.\d+)\.block_sparse_moe\.(gate\.weight|shared_experts\..+)", r"\1.mlp.\2"),
-        (r"(model\.layers\.\d+)\.self_attn\.([qkv])_conv1d\.weight", r"\1.self_attn.\2_conv.conv.weight"),
-    ):
-        m = re.fullmatch(pattern, target)
-        if m:
-            return m.expand(template)
-    return target
+def mlx_name(target: str, placement: str = "copy") -> str:
+    """kimi-lm parameter name -> the mlx-lm tensor name holding it (for ``gate_up_proj``: its gate_all / up_all half)."""
+    return next(n for n, p in names.to_checkpoint(target, names.KIMI_LINEAR, names.MLX) if p in (placement, "conv"))
+
+
+def official_name(target: str, placement: str = "copy", expert: int = 0) -> str:
+    """kimi-lm parameter name -> official checkpoint name (for stacked experts: expert ``expert``'s gate/up/down)."""
+    name = next(n for n, p in names.to_checkpoint(target, names.KIMI_LINEAR, names.HF) if p == placement)
+    return name.format(E=expert)
 
 
 @dataclass
@@ -80,8 +80,10 @@ class _Group:
 
 def _quantizable(name: str, shape: list[int]) -> bool:
     """Modules with mlx ``to_quantized``: Linear / Embedding / SwitchLinear / MultiLinear weights (≥ 2-D ``.weight``,
-    not the Conv1d under ``.conv``); norms are 1-D, A_log / dt_bias / the correction bias are not ``.weight``."""
-    return name.endswith(".weight") and len(shape) >= 2 and not name.endswith(".conv.weight")
+    not the Conv1d under ``.conv``); norms are 1-D, A_log / dt_bias / the correction bias are not ``.weight``, and a
+    one-row weight [1, hidden] is a vector the model reads directly (an AttnRes pseudo-query), not a matrix."""
+    return (name.endswith(".weight") and len(shape) >= 2 and not name.endswith(".conv.weight")
+            and not (len(shape) == 2 and shape[0] == 1))
 
 
 def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
@@ -89,13 +91,13 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
     by_target: dict[str, list] = {}
     experts: dict[tuple[str, str], dict[int, str]] = {}
     for name in sorted(files):
-        if _skipped(name, config) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        if names.skipped(name, config) or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
         if name.endswith(".scales") or ".switch_mlp." in name or ".embed_q." in name or ".unembed_out." in name:
             raise CheckpointError(f"{files[name]}: tensor {name!r} is already in the MLX layout; --quantize reads an "
                                   f"official float checkpoint (use --dequantize first)")
-        target, placement, expert = _target_name(name, config)
-        if placement in _EXPERT_PROJ:
+        target, placement, expert = names.to_parameter(name, names.KIMI_LINEAR)
+        if placement in names.PER_EXPERT:
             experts.setdefault((target, placement), {})[expert] = name
         else:
             by_target[name] = [target, placement]
@@ -120,8 +122,9 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
                 w = read(name).view(H, -1, config.kv_lora_rank)  # per head: k_nope rows, then v rows
                 return (w[:, :nope].transpose(1, 2) if part == "q" else w[:, nope:]).contiguous()
 
-            groups.append(_Group(f"{base}.embed_q.weight", dtype, [H, config.kv_lora_rank, nope], lambda f=kvb: f("q")))
-            groups.append(_Group(f"{base}.unembed_out.weight", dtype, [H, v, config.kv_lora_rank],
+            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.embed_q.weight"), dtype, [H, config.kv_lora_rank, nope],
+                                 lambda f=kvb: f("q")))
+            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.unembed_out.weight"), dtype, [H, v, config.kv_lora_rank],
                                  lambda f=kvb: f("v")))
         elif target.endswith("_conv1d.weight"):
             if len(shape) != 3:
@@ -130,19 +133,18 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
                                  lambda name=name: read(name).transpose(1, 2).contiguous(), target=target))
         else:
             groups.append(_Group(mlx_name(target), dtype, shape, lambda name=name: read(name), target=target))
-    for (target, placement), names in sorted(experts.items()):
-        n = 1 + max(names)
-        missing = sorted(set(range(n)) - set(names))
+    for (target, placement), by_expert in sorted(experts.items()):
+        n = 1 + max(by_expert)
+        missing = sorted(set(range(n)) - set(by_expert))
         if missing or n != config.num_experts:
-            raise CheckpointError(f"{src}: {target} ({placement}) has experts {sorted(names)[:4]}..., expected "
+            raise CheckpointError(f"{src}: {target} ({placement}) has experts {sorted(by_expert)[:4]}..., expected "
                                   f"0..{config.num_experts - 1}" + (f"; missing {missing[:8]}" if missing else ""))
-        first = names[0]
+        first = by_expert[0]
         dtype, shape = ST_DTYPES[shard(files[first]).dtype(first)], shard(files[first]).shape(first)
-        layer = target.split(".block_sparse_moe.")[0]
-        groups.append(_Group(f"{layer}.mlp.switch_mlp.{placement}_proj.weight", dtype, [n, *shape],
-                             lambda names=names, n=n: torch.stack([read(names[e]) for e in range(n)]), target=target))
+        groups.append(_Group(mlx_name(target, _STACKED[placement]), dtype, [n, *shape],
+                             lambda got=by_expert, n=n: torch.stack([read(got[e]) for e in range(n)]), target=target))
     for g in groups:  # the loader's table must read every MLX name back to the parameter it was made from
-        back = _target_name(g.name, config)[0]
+        back = names.to_parameter(g.name, names.KIMI_LINEAR)[0]
         if g.target is not None and back != g.target:
             raise AssertionError(f"MLX name {g.name} maps back to {back}, not {g.target}")  # a bug here, not the input
     return sorted(groups, key=lambda g: g.name)
@@ -184,25 +186,18 @@ def _nbytes(entry) -> int:
     return n
 
 
-def _copy_extras(src: Path, tmp: Path) -> None:
+def copy_extras(src: Path, tmp: Path) -> None:
+    """Every file of a checkpoint but its weights, index, config and sums (tokenizer, chat template, remote code)."""
     for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
         if item.name in ("config.json", INDEX, SUMS) or item.suffix == ".safetensors":
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
-@contextlib.contextmanager
 def _atomic_dir(dst: Path):
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; choose a new output directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        yield tmp
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_dir(dst)
 
 
 def _check_source(src: Path):
@@ -276,7 +271,7 @@ def quantize_to_mlx(src, dst, spec: QuantSpec, progress: bool = True, max_shard_
         raw["quantization_config"] = block  # mlx-lm writes both (hf model tree #957)
         raw.pop("_name_or_path", None)
         (tmp / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=4))
-        _copy_extras(src, tmp)
+        copy_extras(src, tmp)
         write_sums(tmp, progress=progress)
     errors = sorted(report.pop("errors"), reverse=True)
     return {"src": str(src), "dst": str(dst), "mode": spec.mode, "bits": spec.bits, "group_size": spec.group_size,
@@ -290,8 +285,8 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
     """MLX-layout Kimi Linear checkpoint ``src`` (packed or float) -> official float layout in ``dst``."""
     src, dst = Path(src), Path(dst)
     config = _check_source(src)
-    files = {n: f for n, f in weight_files(src).items() if not _skipped(n, config)}
-    targets = {name: _target_name(name, config) for name in files}
+    files = {n: f for n, f in weight_files(src).items() if not names.skipped(n, config)}
+    targets = {name: names.to_parameter(name, names.KIMI_LINEAR) for name in files}
     with torch.device("meta"):
         float_state = _model_class(config)(config).state_dict()
     specs = _mlx_specs(src, config, float_state, targets, files)  # the loader's reading of the quantization block
@@ -334,13 +329,11 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
             n_packed += packed
             out_dtype = dtype if packed else ST_DTYPES[shard(files[name]).dtype(name)]
             ref = float_state.get(target)
-            if placement in ("gate_all", "up_all") or ".switch_mlp.down_proj." in name:
-                layer = target.split(".block_sparse_moe.")[0]
-                proj = {"gate_all": "w1", "up_all": "w3"}.get(placement, "w2")
-                E, rows, cols = ref.shape
-                shape = [rows // 2, cols] if proj != "w2" else [rows, cols]
-                for e in range(E):
-                    plan[f"{layer}.block_sparse_moe.experts.{e}.{proj}.weight"] = (
+            if ref is not None and ref.dim() == 3 and target.endswith(("gate_up_proj", "down_proj")):  # stacked experts
+                per_expert = {"gate_all": "gate", "up_all": "up"}.get(placement, "down")
+                shape = names.expert_shape(ref.shape, per_expert)
+                for e in range(ref.shape[0]):
+                    plan[official_name(target, per_expert, e)] = (
                         (out_dtype, shape), files[name], lambda name=name, e=e: dense(name)[e].clone())
             elif ".kv_b_proj.embed_q." in target:
                 base = target.split(".embed_q.")[0]
@@ -379,7 +372,7 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
         for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
             raw[key] = dtype_name
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-        _copy_extras(src, tmp)
+        copy_extras(src, tmp)
         write_sums(tmp, progress=progress)
     return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(by_shard), "packed_weights": n_packed,
             "tensors": len(plan), "bytes": total}

@@ -1,0 +1,172 @@
+"""Checkpoint tensor names <-> kimi-lm parameter names: the one table, read in both directions.
+
+Parameter names equal checkpoint names except for the rows of ``RULES``. Each row pairs a checkpoint-name template
+with a parameter-name template and a *placement* (how the checkpoint tensor sits in the parameter):
+
+    copy       the whole tensor
+    gate, up   rows [0, I) / [I, 2I) of expert E of a stacked ``gate_up_proj`` [E, 2I, hidden]
+    down       expert E of a stacked ``down_proj`` [E, hidden, I]
+    gate_all   every expert's gate (or up) rows at once: mlx-lm stacks experts along a leading axis
+    up_all
+    conv       an MLX Conv1d weight [D, W, 1] for a PyTorch one [D, 1, W] (a transpose)
+
+Templates use ``{name}`` placeholders whose patterns are in ``_SLOTS`` (``{L}`` a decoder layer, ``{E}`` an expert
+index, ...). Reading a checkpoint (``to_parameter``) matches the checkpoint template; writing one (``to_checkpoint``)
+matches the parameter template and fills in the checkpoint template, leaving ``{E}`` for per-expert rows. A row is
+used for one model family and one *layout*: ``hf`` (the official / transformers names, what ``save`` and
+``convert --dequantize`` / ``--to-hf`` write) or ``mlx`` (mlx-lm's ``kimi_linear.sanitize`` output, what
+``convert --quantize`` writes). Loading accepts every layout of its family; read-only rows are never written.
+
+``SKIP`` lists what loading drops: ``rotary_emb.inv_freq`` (recomputed from the config) and multi-token-prediction
+layers (index >= ``num_hidden_layers``).
+
+Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
+(mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
+writes a dense first layer under ``block_sparse_moe.``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+KIMI_LINEAR, KIMI_K2 = "kimi_linear", "kimi_k2"
+HF, MLX = "hf", "mlx"
+PER_EXPERT = ("gate", "up", "down")  # placements whose checkpoint tensor is one expert (``{E}`` in the name)
+
+_SLOTS = {
+    "L": r"model\.layers\.\d+",  # a decoder layer
+    "E": r"\d+",  # an expert index
+    "P": r"gate_proj|up_proj|down_proj",  # a dense SwiGLU projection
+    "S": r"|_scale_inv",  # an FP8 block scale rides with its weight
+    "X": r"[qkv]",  # a KDA short convolution
+    "H": r"embed_q|unembed_out",  # mlx-lm's per-head halves of kv_b_proj
+    "W": r"\w+",  # one name component
+    "R": r".+",  # the rest of the name
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    checkpoint: str
+    parameter: str
+    placement: str
+    family: str
+    layout: str
+    read_only: bool = False  # accepted when loading, never written
+
+    def _compile(self, template: str) -> re.Pattern:
+        parts = re.split(r"\{(\w)\}", template)  # literal, slot, literal, slot, ...
+        return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_SLOTS[p]})"
+                                  for i, p in enumerate(parts)))
+
+    def __post_init__(self):
+        object.__setattr__(self, "_ckpt_re", self._compile(self.checkpoint))
+        object.__setattr__(self, "_param_re", self._compile(self.parameter))
+
+
+def _mlx_experts() -> list[Rule]:
+    """mlx-lm's ``switch_mlp``: each projection stacked over experts, packed ones with ``.scales`` / ``.biases``."""
+    rules = []
+    for proj, stacked, placement in (("gate", "gate_up_proj", "gate_all"), ("up", "gate_up_proj", "up_all"),
+                                     ("down", "down_proj", "copy")):
+        for part, suffix in (("weight", ""), ("scales", "_scales"), ("biases", "_biases")):
+            rules.append(Rule(f"{{L}}.mlp.switch_mlp.{proj}_proj.{part}",
+                              f"{{L}}.block_sparse_moe.experts.{stacked}{suffix}", placement, KIMI_LINEAR, MLX))
+    return rules
+
+
+RULES: list[Rule] = [
+    # Kimi Linear, official names: per-expert w1 (gate), w3 (up), w2 (down) stacked into two parameters
+    Rule("{L}.block_sparse_moe.experts.{E}.w1.weight", "{L}.block_sparse_moe.experts.gate_up_proj", "gate",
+         KIMI_LINEAR, HF),
+    Rule("{L}.block_sparse_moe.experts.{E}.w3.weight", "{L}.block_sparse_moe.experts.gate_up_proj", "up",
+         KIMI_LINEAR, HF),
+    Rule("{L}.block_sparse_moe.experts.{E}.w2.weight", "{L}.block_sparse_moe.experts.down_proj", "down",
+         KIMI_LINEAR, HF),
+    # transformers' save_pretrained renames every `mlp.` to `block_sparse_moe.`, the dense first layer included
+    Rule("{L}.block_sparse_moe.{P}.weight", "{L}.mlp.{P}.weight", "copy", KIMI_LINEAR, HF, read_only=True),
+    # Kimi K2 / DeepSeek-V3 routed experts, with their FP8 block scales
+    Rule("{L}.mlp.experts.{E}.gate_proj.weight{S}", "{L}.mlp.experts.gate_up_proj{S}", "gate", KIMI_K2, HF),
+    Rule("{L}.mlp.experts.{E}.up_proj.weight{S}", "{L}.mlp.experts.gate_up_proj{S}", "up", KIMI_K2, HF),
+    Rule("{L}.mlp.experts.{E}.down_proj.weight{S}", "{L}.mlp.experts.down_proj{S}", "down", KIMI_K2, HF),
+    # Kimi Linear in mlx-lm's layout: the MoE block under `mlp.`, convs as MLX Conv1d, kv_b_proj split per head
+    *_mlx_experts(),
+    Rule("{L}.mlp.e_score_correction_bias", "{L}.block_sparse_moe.gate.e_score_correction_bias", "copy",
+         KIMI_LINEAR, MLX),
+    Rule("{L}.mlp.gate.{W}", "{L}.block_sparse_moe.gate.{W}", "copy", KIMI_LINEAR, MLX),
+    Rule("{L}.mlp.shared_experts.{R}", "{L}.block_sparse_moe.shared_experts.{R}", "copy", KIMI_LINEAR, MLX),
+    Rule("{L}.self_attn.{X}_conv.conv.weight", "{L}.self_attn.{X}_conv1d.weight", "conv", KIMI_LINEAR, MLX),
+    Rule("{L}.self_attn.{H}.{W}", "{L}.self_attn.kv_b_proj.{H}.{W}", "copy", KIMI_LINEAR, MLX),
+]
+# Tensors some checkpoints carry that the forward pass does not need.
+SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def family(config) -> str:
+    """The table's family of a config: Kimi K2 / DeepSeek-V3 or Kimi Linear."""
+    return KIMI_LINEAR if config.model_type == "kimi_linear" else KIMI_K2
+
+
+def to_parameter(name: str, fam: str) -> tuple[str, str, int]:
+    """Checkpoint tensor name (any layout of the family) -> (parameter name, placement, expert index or -1)."""
+    for rule in RULES:
+        if rule.family == fam and (m := rule._ckpt_re.fullmatch(name)):
+            expert = int(m.group("E")) if rule.placement in PER_EXPERT else -1
+            return rule.parameter.format(**m.groupdict()), rule.placement, expert
+    return name, "copy", -1
+
+
+def to_checkpoint(param: str, fam: str, layout: str = HF) -> list[tuple[str, str]]:
+    """Parameter name -> [(checkpoint name, placement)] in ``layout``; per-expert names keep ``{E}`` to be filled
+    with the expert index (``name.format(E=e)``). A stacked gate_up_proj gives two entries (gate, then up)."""
+    out = []
+    for rule in RULES:
+        if rule.family == fam and rule.layout == layout and not rule.read_only and (m := rule._param_re.fullmatch(param)):
+            if out and out[0][1] not in ("gate", "gate_all"):
+                break  # a parameter has one checkpoint tensor, except gate_up_proj's two halves
+            out.append((rule.checkpoint.format(**m.groupdict(), E="{E}"), rule.placement))
+    return out or [(param, "copy")]
+
+
+def skipped(name: str, config) -> bool:
+    """True for checkpoint tensors loading drops (``SKIP``, multi-token-prediction layers)."""
+    if any(p.fullmatch(name) for p in SKIP):
+        return True
+    m = _LAYER.match(name)  # multi-token-prediction layers follow the last decoder layer
+    n, extra = config.num_hidden_layers, config.num_nextn_predict_layers
+    return m is not None and n <= int(m.group(1)) < n + extra
+
+
+# ---- placements: where a checkpoint tensor sits in its parameter ------------------------------------------------
+def expert_shape(stacked_shape, placement: str) -> list[int]:
+    """One expert's matrix of a stacked [E, 2I, hidden] gate_up_proj (gate or up half) or [E, hidden, I] down_proj."""
+    if placement == "down":
+        return list(stacked_shape[1:])
+    return [stacked_shape[1] // 2, stacked_shape[2]]
+
+
+def checkpoint_shape(param_shape, placement: str) -> list[int]:
+    """The shape the checkpoint stores for one ``placement`` into a parameter of ``param_shape``."""
+    if placement == "copy":
+        return list(param_shape)
+    if placement == "conv":
+        return [param_shape[0], param_shape[2], param_shape[1]]
+    if placement in ("gate_all", "up_all"):
+        return [param_shape[0], param_shape[1] // 2, *param_shape[2:]]
+    return expert_shape(param_shape, placement)
+
+
+def expert_slice(stacked: torch.Tensor, placement: str, expert: int) -> torch.Tensor:
+    """The view of ``stacked`` a gate / up / down (one expert) or gate_all / up_all (every expert) tensor fills."""
+    half = stacked.shape[1] // 2
+    if placement in ("gate_all", "up_all"):
+        return stacked[:, :half] if placement == "gate_all" else stacked[:, half:]
+    if placement == "gate":
+        return stacked[expert, :half]
+    if placement == "up":
+        return stacked[expert, half:]
+    return stacked[expert]

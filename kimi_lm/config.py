@@ -151,6 +151,12 @@ class KimiLinearConfig(_SharedConfig):
         """Layer ``layer_idx`` (0-based) is KDA iff ``layer_idx + 1`` is in the 1-based ``kda_layers``."""
         return (layer_idx + 1) in self.linear_attn_config["kda_layers"]
 
+    # family-neutral names of sizes the two families spell differently (``KimiK2Config`` has the same)
+    routed_experts = property(lambda self: self.num_experts)
+    experts_per_token = property(lambda self: self.num_experts_per_token)
+    shared_experts = property(lambda self: self.num_shared_experts)
+    max_context = property(lambda self: self.model_max_length)
+
     # ---- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiLinearConfig":
@@ -298,6 +304,15 @@ class KimiK2Config(_SharedConfig):
     num_nextn_predict_layers: int = 1  # multi-token-prediction layers stored after the last layer; never loaded
     quantization_config: dict | None = None
     dtype: str | None = "bfloat16"
+
+    # family-neutral names of sizes the two families spell differently (``KimiLinearConfig`` has the same)
+    routed_experts = property(lambda self: self.n_routed_experts)
+    experts_per_token = property(lambda self: self.num_experts_per_tok)
+    shared_experts = property(lambda self: self.n_shared_experts)
+    max_context = property(lambda self: self.max_position_embeddings)
+
+    def is_kda_layer(self, layer_idx: int) -> bool:
+        return False  # every layer is MLA
 
     # ---- (de)serialisation -------------------------------------------------------------------------------------
     @classmethod

@@ -5,18 +5,14 @@ token), weight bytes by component, the constant KDA state, the MLA latent cache 
 and, for a list of devices, whether it fits and the longest context that does. ``--json`` prints the same as one JSON
 object, ``--plot`` draws memory against context; :func:`estimate` returns it all as an :class:`Estimate`.
 
-Every number is derived from the config through one tensor inventory (:func:`tensors`: each checkpoint tensor with
-its shape), never from a fitted constant. Exact: parameter counts, weight bytes of each format including scales and
+Every number is derived from the config class through one tensor inventory (``memory.tensors``: the model built on
+the meta device, named by the loader's table), never from a fitted constant. Exact: parameter counts, weight bytes of each format including scales and
 biases, KDA state and MLA cache bytes (what the cache objects report as ``nbytes``). Estimates, with their
 assumptions stated where they are computed: the prefill activation peak, training activations, and how much of a
 device is usable (:data:`DEVICES`).
 
-Bits per quantized weight: FP8 block = 8, plus one fp32 scale per 128×128 tile (partial tiles at the edges count
-whole); MXFP4 = 4 + 8/32 = 4.25 (an E8M0 byte per 32); affine b-bit with group g = b + 32/g (bf16 scale and bias per
-group). What stays unquantized follows the converters: FP8 as in the DeepSeek-V3 / Kimi K2 checkpoints (linear layers
-only; embeddings, lm_head, router and norms stay bf16); MLX formats as mlx-lm (every Linear and Embedding whose input
-width divides the group; Kimi Linear's router at affine 8-bit, group 64; K2's router is no Linear and stays bf16).
-A_log, dt_bias and e_score_correction_bias are fp32 in every format.
+Formats, the inventory and the per-part formulas are in :mod:`kimi_lm.memory`; this module adds the devices, the
+fit and the command line.
 
 References: shared/specs/kimi_linear.md §1–§2 (config, tensor names and shapes, 49,122,681,728 parameters), §4.3
 and §5.9 (MLA latent and KDA caches); shared/specs/kimi_k2_and_quantization.md §1–§2 (K2 config, tensors), §4 (FP8
@@ -28,203 +24,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kimi_lm.config import PRESETS, KimiLinearConfig, preset, read_config_json
+from kimi_lm.config import K2_PRESETS, PRESETS, KimiK2Config, KimiLinearConfig, config_from_dict, preset, read_config_json
 from kimi_lm.errors import CheckpointError
+from kimi_lm.files import atomic_path
+from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor, kda_state_bytes, make_quant,  # noqa: F401
+                            mha_bytes_per_token, mla_bytes_per_token, n_kda, prefill_activation_bytes, recorded_quant,
+                            tensor_bytes, tensors, train_activation_bytes, train_state_bytes)
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-COMPONENTS = ("embeddings", "kda", "mla", "dense_mlp", "router", "shared_experts", "experts", "norms", "attn_res",
-              "lm_head")
 PREFILL_CHUNK = 2048  # prompt tokens per forward during prefill (mlx-lm's default --prefill-step-size)
-KDA_CHUNK = 64  # chunk length of chunked KDA (fla), sets the number of per-chunk states
-
-# No K2 config class exists yet: the keys read here, as in shared/reference/kimi-k2-instruct.config.json.
-KIMI_K2_CONFIG = {
-    "model_type": "kimi_k2", "vocab_size": 163840, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "num_attention_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 384, "num_experts_per_tok": 8,
-    "n_shared_experts": 1, "topk_method": "noaux_tc", "max_position_embeddings": 131072,
-    "num_nextn_predict_layers": 0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-}
-ALL_PRESETS = [*PRESETS, "kimi-k2"]
+ALIASES = {"kimi-k2": "kimi-k2-instruct"}  # the estimator's earlier name for the K2 preset
+ALL_PRESETS = [*PRESETS, *K2_PRESETS, *ALIASES]
 
 
-# ---- weight formats ------------------------------------------------------------------------------------------------
+# ---- the model: a config class, the format its files record, its dtype ---------------------------------------------
 @dataclass(frozen=True)
-class Quant:
-    """Storage format. Grouped (MLX) formats add ``scale_bytes`` per ``group`` weights along the input axis."""
+class Source:
+    """What the estimate is of: a config (``kimi_lm.config`` class) and what config.json says about storage."""
 
     name: str
-    bits: int  # per stored weight
-    group: int = 0
-    scale_bytes: int = 0  # per group: E8M0 / E4M3 byte, or scale + bias in the model dtype (affine)
-    block: int = 0  # FP8: square tile sharing one fp32 scale
-
-    @property
-    def is_float(self) -> bool:
-        return not (self.group or self.block)
-
-    def label(self) -> str:
-        return f"{self.name} (group {self.group})" if self.group else self.name
-
-
-QUANT_NAMES = ["bf16", "fp16", "fp32", "fp8", "mxfp4", "mxfp8", "nvfp4"] + [f"affine{b}" for b in (8, 6, 5, 4, 3, 2)]
-_MX = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}  # bits, fixed group; one scale byte per group
-
-
-def make_quant(name: str, group_size: int | None = None, dtype_bytes: int = 2) -> Quant:
-    """``dtype_bytes``: the model dtype, in which affine scales and biases are stored."""
-    if name in _MX:
-        bits, group = _MX[name]
-        if group_size not in (None, group):
-            raise CheckpointError(f"group size {group_size}: {name} uses groups of {group} only")
-        return Quant(name, bits, group, 1)
-    if m := re.fullmatch(r"affine([2-68])", name):  # MLX affine: 2-6 or 8 bits
-        group = group_size or 64  # the MLX default
-        if group not in (32, 64, 128):
-            raise CheckpointError(f"group size {group}: affine quantization takes groups of 32, 64 or 128")
-        return Quant(name, int(m[1]), group, 2 * dtype_bytes)
-    if name not in QUANT_NAMES:
-        raise CheckpointError(f"unknown quantization {name!r}; known: {', '.join(QUANT_NAMES)}")
-    if group_size is not None:
-        raise CheckpointError(f"group size applies to affine and MX formats, not {name}")
-    return Quant(name, 8, block=128) if name == "fp8" else Quant(name, 8 * DTYPE_BYTES[name])
-
-
-def _recorded_quant(raw: dict, dtype_bytes: int, source: str) -> tuple[Quant | None, Quant | None]:
-    """(weights, router) formats a config.json records: DeepSeek's FP8 ``quantization_config`` or mlx-lm's
-    ``quantization`` dict (top-level group_size/bits/mode, a missing mode meaning affine, per-module dicts)."""
-    q = raw.get("quantization") or raw.get("quantization_config")
-    if not q:
-        return None, None
-    if q.get("quant_method") == "fp8":
-        if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
-            raise CheckpointError(f"{source}: FP8 weight_block_size {q['weight_block_size']} is not [128, 128]")
-        return make_quant("fp8"), None
-    if "bits" not in q:
-        raise CheckpointError(f"{source}: quantization {q.get('quant_method')!r} is not supported by the estimator")
-    mode = q.get("mode", "affine")
-    weights = make_quant(f"affine{q['bits']}" if mode == "affine" else mode, q.get("group_size"), dtype_bytes)
-    gates = [v for k, v in q.items() if isinstance(v, dict) and k.endswith(".gate")]  # the only per-module dicts
-    router = make_quant(f"affine{gates[0]['bits']}", gates[0].get("group_size"), dtype_bytes) if gates else None
-    return weights, router
-
-
-# ---- architecture: the sizes the counts need, from either family's config ----------------------------------------
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    family: str  # kimi_linear | kimi_k2 (DeepSeek-V3 layout)
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    intermediate_size: int  # dense MLP
-    tie_embeddings: bool
+    config: KimiLinearConfig | KimiK2Config
     dtype: str  # bf16 | fp16 | fp32: activations and every weight not quantized or kept in fp32
-    max_context: int
-    heads: int  # MLA
-    q_lora_rank: int  # 0: a plain q_proj
-    kv_lora_rank: int
-    qk_nope: int
-    qk_rope: int
-    v_head_dim: int
-    experts: int
-    experts_per_token: int
-    shared_experts: int
-    moe_intermediate_size: int
-    router_bias: bool  # e_score_correction_bias (noaux_tc routing)
-    moe_layers: tuple[bool, ...]
-    kda_layers: tuple[bool, ...]  # False: MLA
-    kda_heads: int = 0
-    kda_head_dim: int = 0
-    conv_kernel: int = 0
-    attn_res: bool = False  # Block Attention Residuals: a pseudo-query + key norm before every sublayer and the head
     recorded_quant: Quant | None = None  # the format config.json says the weights are stored in
     router_quant: Quant | None = None  # under MLX formats (None: the router stays in the model dtype)
+    measured: int | None = None  # tensor bytes of the checkpoint's shards, when it is a directory
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
-
-    @property
-    def n_kda(self) -> int:
-        return sum(self.kda_layers)
-
-    @property
-    def n_mla(self) -> int:
-        return self.num_layers - self.n_kda
 
 
 def _short_dtype(name: str | None) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", None: "bf16"}.get(name, name)
 
 
-def arch_from_kimi_linear(cfg: KimiLinearConfig, raw: dict | None = None, name: str = "kimi-linear") -> Arch:
-    dtype = _short_dtype(cfg.dtype)
+def make_source(config, raw: dict | None = None, name: str = "config", measured: int | None = None) -> Source:
+    """A Source from a config object and (optionally) its raw config.json, for its quantization block."""
+    dtype = _short_dtype(config.dtype)
     if dtype not in DTYPE_BYTES:
-        raise CheckpointError(f"{name}: unsupported dtype {cfg.dtype!r}")
-    recorded, router = _recorded_quant(raw or {}, DTYPE_BYTES[dtype], name)
-    layers = range(cfg.num_hidden_layers)
-    return Arch(
-        name=name, family="kimi_linear", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_hidden_layers, intermediate_size=cfg.intermediate_size,
-        tie_embeddings=cfg.tie_word_embeddings, dtype=dtype, max_context=cfg.model_max_length,
-        heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
-        qk_nope=cfg.qk_nope_head_dim, qk_rope=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        experts=cfg.num_experts, experts_per_token=cfg.num_experts_per_token, shared_experts=cfg.num_shared_experts,
-        moe_intermediate_size=cfg.moe_intermediate_size, router_bias=True,
-        moe_layers=tuple(cfg.is_moe_layer(i) for i in layers), kda_layers=tuple(cfg.is_kda_layer(i) for i in layers),
-        kda_heads=cfg.kda_num_heads, kda_head_dim=cfg.kda_head_dim, conv_kernel=cfg.conv_kernel_size,
-        attn_res=bool(cfg.attn_res_block_size), recorded_quant=recorded,
-        # mlx-lm's Kimi Linear quant_predicate: router gate at affine 8-bit, group 64
-        router_quant=router or make_quant("affine8", 64, DTYPE_BYTES[dtype]),
-    )
-
-
-def arch_from_deepseek(raw: dict, name: str = "kimi-k2") -> Arch:
-    """Kimi K2 / DeepSeek-V3 keys. Multi-token-prediction layers (``num_nextn_predict_layers``) are not loaded, so
-    not counted."""
-    def need(key):
-        if raw.get(key) is None:
-            raise CheckpointError(f"{name}: config key {key!r} is missing")
-        return raw[key]
-
-    n, first, freq = need("num_hidden_layers"), need("first_k_dense_replace"), raw.get("moe_layer_freq", 1)
-    dtype = _short_dtype(raw.get("torch_dtype") or raw.get("dtype"))
-    if dtype not in DTYPE_BYTES:
-        raise CheckpointError(f"{name}: unsupported torch_dtype {dtype!r}")
-    return Arch(
-        name=name, family="kimi_k2", vocab_size=need("vocab_size"), hidden_size=need("hidden_size"), num_layers=n,
-        intermediate_size=need("intermediate_size"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        dtype=dtype, max_context=need("max_position_embeddings"), heads=need("num_attention_heads"),
-        q_lora_rank=raw.get("q_lora_rank") or 0, kv_lora_rank=need("kv_lora_rank"),
-        qk_nope=need("qk_nope_head_dim"), qk_rope=need("qk_rope_head_dim"), v_head_dim=need("v_head_dim"),
-        experts=need("n_routed_experts"), experts_per_token=need("num_experts_per_tok"),
-        shared_experts=raw.get("n_shared_experts") or 0, moe_intermediate_size=need("moe_intermediate_size"),
-        router_bias=raw.get("topk_method", "noaux_tc") == "noaux_tc",
-        moe_layers=tuple(i >= first and i % freq == 0 for i in range(n)), kda_layers=(False,) * n,
-        recorded_quant=_recorded_quant(raw, DTYPE_BYTES[dtype], name)[0],
-    )
-
-
-def arch_from_dict(raw: dict, name: str) -> Arch:
-    model_type = raw.get("model_type")
-    if model_type == "kimi_linear":
-        return arch_from_kimi_linear(KimiLinearConfig.from_dict(raw, source=name), raw, name)
-    if model_type in ("kimi_k2", "deepseek_v3"):
-        return arch_from_deepseek(raw, name)
-    raise CheckpointError(f"{name}: model_type {model_type!r} is not supported (kimi_linear, kimi_k2, deepseek_v3)")
+        raise CheckpointError(f"{name}: unsupported dtype {config.dtype!r}")
+    raw = raw if raw is not None else {"quantization_config": getattr(config, "quantization_config", None)}
+    weights, router = recorded_quant(raw, DTYPE_BYTES[dtype], name)
+    if isinstance(config, KimiLinearConfig):  # mlx-lm's Kimi Linear quant_predicate: router gate at affine 8-bit g64
+        router = router or make_quant("affine8", 64, DTYPE_BYTES[dtype])
+    return Source(name, config, dtype, weights, router, measured)
 
 
 def shard_bytes(directory: Path) -> int | None:
@@ -241,190 +90,43 @@ def shard_bytes(directory: Path) -> int | None:
     return total if shards else None
 
 
-def load_arch(config) -> tuple[Arch, int | None]:
-    """(Arch, shard bytes or None) from a preset name, config.json, checkpoint directory, dict or KimiLinearConfig."""
-    if isinstance(config, KimiLinearConfig):
-        return arch_from_kimi_linear(config, None, "config"), None
+def load_source(config) -> Source:
+    """A preset name, config.json, checkpoint directory, dict or config object -> Source."""
+    if isinstance(config, (KimiLinearConfig, KimiK2Config)):
+        return make_source(config)
     if isinstance(config, dict):
-        return arch_from_dict(config, "config"), None
+        return make_source(config_from_dict(config, source="config"), config)
     name, path = str(config), Path(config)
-    if name == "kimi-k2":
-        return arch_from_deepseek(KIMI_K2_CONFIG, name), None
-    if name in PRESETS:
-        return arch_from_kimi_linear(preset(name), None, name), None
+    if name in ALL_PRESETS:
+        return make_source(preset(ALIASES.get(name, name)), name=name)
     if path.is_dir():
-        return arch_from_dict(read_config_json(path / "config.json"), path.resolve().name), shard_bytes(path)
+        raw = read_config_json(path / "config.json")
+        return make_source(config_from_dict(raw, str(path / "config.json")), raw, path.resolve().name, shard_bytes(path))
     if path.is_file():
-        return arch_from_dict(read_config_json(path), path.name.removesuffix(".json").removesuffix(".config")), None
+        raw = read_config_json(path)
+        return make_source(config_from_dict(raw, str(path)), raw, path.name.removesuffix(".json").removesuffix(".config"))
     if name.endswith(".json") or "/" in name or os.sep in name:
         raise CheckpointError(f"{name}: no such config file or checkpoint directory")
     raise CheckpointError(f"unknown preset {name!r}; known presets: {', '.join(ALL_PRESETS)}")
 
 
-# ---- tensor inventory ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tensor:
-    """``count`` tensors of one shape (a layer's routed experts share an entry); ``active`` of them run per token."""
-
-    name: str
-    shape: tuple[int, ...]
-    component: str
-    kind: str = "linear"  # or embedding | lm_head | router | norm | conv | fp32
-    count: int = 1
-    active: int | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape) * self.count
-
-    @property
-    def active_numel(self) -> int:
-        return self.numel if self.active is None else math.prod(self.shape) * self.active
-
-
-def tensors(a: Arch) -> list[Tensor]:
-    """Every weight tensor of the checkpoint, by its checkpoint name; linear weights are [out, in]."""
-    d, out = a.hidden_size, []
-    moe, (w_gate, w_up, w_down) = (("block_sparse_moe", ("w1", "w3", "w2")) if a.family == "kimi_linear"
-                                   else ("mlp", ("gate_proj", "up_proj", "down_proj")))
-
-    def add(name, shape, component, kind="linear", count=1, active=None):
-        out.append(Tensor(name, tuple(shape), component, kind, count, active))
-
-    add("model.embed_tokens.weight", (a.vocab_size, d), "embeddings", "embedding")
-    for i in range(a.num_layers):
-        p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", (d,), "norms", "norm")
-        add(p + "post_attention_layernorm.weight", (d,), "norms", "norm")
-        for sub in ("self_attention", "mlp") if a.attn_res else ():  # attention_residuals.md (Kimi K3 names)
-            add(p + f"{sub}_res_proj.weight", (1, d), "attn_res", "norm")
-            add(p + f"{sub}_res_norm.weight", (d,), "attn_res", "norm")
-        if a.kda_layers[i]:  # kimi_linear.md §2.3
-            H, K, D = a.kda_heads, a.kda_head_dim, a.kda_heads * a.kda_head_dim
-            for x in "qkv":
-                add(p + f"self_attn.{x}_proj.weight", (D, d), "kda")
-                add(p + f"self_attn.{x}_conv1d.weight", (D, 1, a.conv_kernel), "kda", "conv")
-            for gate in "fg":  # forget and output gates: low rank = head_dim
-                add(p + f"self_attn.{gate}_a_proj.weight", (K, d), "kda")
-                add(p + f"self_attn.{gate}_b_proj.weight", (D, K), "kda")
-            add(p + "self_attn.A_log", (1, 1, H, 1), "kda", "fp32")
-            add(p + "self_attn.dt_bias", (D,), "kda", "fp32")
-            add(p + "self_attn.b_proj.weight", (H, d), "kda")
-            add(p + "self_attn.o_norm.weight", (K,), "kda", "norm")
-            add(p + "self_attn.o_proj.weight", (d, D), "kda")
-        else:  # kimi_linear.md §2.4, kimi_k2_and_quantization.md §2.6
-            if a.q_lora_rank:
-                add(p + "self_attn.q_a_proj.weight", (a.q_lora_rank, d), "mla")
-                add(p + "self_attn.q_a_layernorm.weight", (a.q_lora_rank,), "mla", "norm")
-                add(p + "self_attn.q_b_proj.weight", (a.heads * (a.qk_nope + a.qk_rope), a.q_lora_rank), "mla")
-            else:
-                add(p + "self_attn.q_proj.weight", (a.heads * (a.qk_nope + a.qk_rope), d), "mla")
-            add(p + "self_attn.kv_a_proj_with_mqa.weight", (a.kv_lora_rank + a.qk_rope, d), "mla")
-            add(p + "self_attn.kv_a_layernorm.weight", (a.kv_lora_rank,), "mla", "norm")
-            add(p + "self_attn.kv_b_proj.weight", (a.heads * (a.qk_nope + a.v_head_dim), a.kv_lora_rank), "mla")
-            add(p + "self_attn.o_proj.weight", (d, a.heads * a.v_head_dim), "mla")
-        if not a.moe_layers[i]:
-            for w, shape in (("gate", (a.intermediate_size, d)), ("up", (a.intermediate_size, d)),
-                             ("down", (d, a.intermediate_size))):
-                add(p + f"mlp.{w}_proj.weight", shape, "dense_mlp")
-            continue
-        E, I, Is = a.experts, a.moe_intermediate_size, a.moe_intermediate_size * a.shared_experts
-        add(p + f"{moe}.gate.weight", (E, d), "router", "router")
-        if a.router_bias:
-            add(p + f"{moe}.gate.e_score_correction_bias", (E,), "router", "fp32")
-        for w, shape in ((w_gate, (I, d)), (w_up, (I, d)), (w_down, (d, I))):
-            add(p + f"{moe}.experts.{{0..{E - 1}}}.{w}.weight", shape, "experts", count=E, active=a.experts_per_token)
-        for w, shape in (("gate", (Is, d)), ("up", (Is, d)), ("down", (d, Is))) if Is else ():
-            add(p + f"{moe}.shared_experts.{w}_proj.weight", shape, "shared_experts")
-    add("model.norm.weight", (d,), "norms", "norm")
-    if a.attn_res:
-        add("model.output_attn_res_proj.weight", (1, d), "attn_res", "norm")
-        add("model.output_attn_res_norm.weight", (d,), "attn_res", "norm")
-    if not a.tie_embeddings:
-        add("lm_head.weight", (a.vocab_size, d), "lm_head", "lm_head")
-    return out
-
-
-def tensor_bytes(t: Tensor, q: Quant, a: Arch) -> int:
-    """Bytes of ``t`` stored as ``q``, leaving unquantized what the converters leave unquantized."""
-    if t.kind == "fp32":
-        return 4 * t.numel
-    if q.is_float:
-        return t.numel * q.bits // 8
-    plain = t.numel * a.dtype_bytes
-    if q.block:  # FP8: one fp32 scale per 128×128 tile of a [out, in] weight, partial edge tiles included
-        if t.kind != "linear":
-            return plain
-        rows, cols = t.shape
-        return t.numel + 4 * math.ceil(rows / q.block) * math.ceil(cols / q.block) * t.count
-    if t.kind == "router":
-        q = a.router_quant  # Kimi Linear: affine 8-bit (mlx-lm's predicate); K2: None, its gate is no nn.Linear
-    elif t.kind not in ("linear", "embedding", "lm_head"):
-        q = None  # norms and convs
-    if q is None or t.shape[-1] % q.group:  # mlx-lm only quantizes when the input width divides the group
-        return plain
-    return t.numel * q.bits // 8 + t.numel // q.group * q.scale_bytes
-
-
-# ---- caches, activations, training state ---------------------------------------------------------------------------
-def kda_state_bytes(a: Arch) -> int:
-    """Per sequence, all KDA layers: conv tails (the last W−1 inputs of q, k and v, model dtype) + fp32 state."""
-    conv = 3 * a.kda_heads * a.kda_head_dim * (a.conv_kernel - 1) * a.dtype_bytes
-    return a.n_kda * (conv + a.kda_heads * a.kda_head_dim * a.kda_head_dim * 4)
-
-
-def mla_bytes_per_token(a: Arch, cache_bytes: int, layers: int | None = None) -> int:
-    """Per sequence and token: absorbed MLA caches the latent and the shared key part (512 + 64) per layer."""
-    return (a.n_mla if layers is None else layers) * (a.kv_lora_rank + a.qk_rope) * cache_bytes
-
-
-def mha_bytes_per_token(a: Arch, cache_bytes: int) -> int:
-    """Plain multi-head attention in every layer: per-head K (nope + rope) and V, as HF's expanded MLA cache."""
-    return a.num_layers * a.heads * (a.qk_nope + a.qk_rope + a.v_head_dim) * cache_bytes
-
-
-def prefill_activation_bytes(a: Arch, batch: int, tokens: int) -> int:
-    """Estimated activation peak of one forward over ``tokens`` new tokens per sequence.
-
-    The residual stream (input and output of a layer) plus the largest working set of: a KDA layer (q/k/v before and
-    after the conv, output gate, output; fp32 forget gate and two chunk intermediates; per-chunk states), an MLA
-    layer in absorbed form with a fused attention kernel (no tokens × context score matrix is built), a MoE layer
-    (fp32 router scores, the top-k experts' hiddens and outputs, the shared expert), the dense MLP, or the logits of
-    every token of the chunk (the forward returns them all).
-    """
-    s, n, d = a.dtype_bytes, batch * tokens, a.hidden_size
-    work = [n * a.vocab_size * s, n * 3 * a.intermediate_size * s]
-    if a.n_kda:
-        H, K = a.kda_heads, a.kda_head_dim
-        work.append(n * H * K * (8 * s + 3 * 4) + n * H * KDA_CHUNK * 4
-                    + batch * H * math.ceil(tokens / KDA_CHUNK) * K * K * s)
-    if a.n_mla:
-        latent = a.kv_lora_rank + a.qk_rope
-        per_head = a.qk_nope + a.qk_rope + latent + a.kv_lora_rank + a.v_head_dim  # q, absorbed q, out, W_UV out
-        work.append(n * (a.q_lora_rank + latent + a.heads * per_head) * s)
-    if any(a.moe_layers):
-        I, k = a.moe_intermediate_size, a.experts_per_token
-        work.append(n * (a.experts * 4 + (k * (3 * I + d) + 3 * I * a.shared_experts) * s))
-    return 2 * n * d * s + max(work)
-
-
-def train_state_bytes(a: Arch, optimizer: str) -> dict[str, int]:
-    """Full-parameter training: weights and grads in the model dtype, an fp32 master copy when that is narrower,
-    AdamW's two fp32 moments, or with Muon one fp32 momentum for matrices (AdamW for embeddings, head, vectors)."""
-    ts, plain = tensors(a), make_quant(a.dtype)
-    weights = sum(tensor_bytes(t, plain, a) for t in ts)
-    master = sum(4 * t.numel for t in ts if t.kind != "fp32") if a.dtype_bytes < 4 else 0
-    muon = optimizer == "muon"
-    opt = sum(t.numel * (4 if muon and t.kind in ("linear", "router") else 8) for t in ts)
-    return {"weights": weights, "grads": weights, "master_weights": master, "optimizer_states": opt}
-
-
-def train_activation_bytes(a: Arch, batch: int, seq: int) -> int:
-    """Estimate, with activation checkpointing per layer: each layer's input kept, one layer recomputed (forward +
-    backward working set) and fp32 logits with their gradient for the loss."""
-    n = batch * seq
-    return (a.num_layers * n * a.hidden_size * a.dtype_bytes + 2 * prefill_activation_bytes(a, batch, seq)
-            + 2 * n * a.vocab_size * 4)
+def summary(src: Source, q: Quant) -> dict:
+    """The config values every number is derived from (``Estimate.arch``), in family-neutral names."""
+    c, n = src.config, src.config.num_hidden_layers
+    kda = isinstance(c, KimiLinearConfig) and n_kda(c) > 0
+    return dict(
+        name=src.name, family=c.model_type if c.model_type == "kimi_linear" else "kimi_k2", vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size, num_layers=n, intermediate_size=c.intermediate_size,
+        tie_embeddings=c.tie_word_embeddings, dtype=src.dtype, max_context=c.max_context, heads=c.num_attention_heads,
+        q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank, qk_nope=c.qk_nope_head_dim,
+        qk_rope=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, experts=c.routed_experts,
+        experts_per_token=c.experts_per_token, shared_experts=c.shared_experts,
+        moe_intermediate_size=c.moe_intermediate_size, router_bias=True,
+        kda_heads=c.kda_num_heads if kda else 0, kda_head_dim=c.kda_head_dim if kda else 0,
+        conv_kernel=c.conv_kernel_size if kda else 0, attn_res=bool(getattr(c, "attn_res_block_size", None)),
+        kda_layers=[i for i in range(n) if c.is_kda_layer(i)], moe_layers=[i for i in range(n) if c.is_moe_layer(i)],
+        router_quant=src.router_quant.label() if src.router_quant and not q.is_float and not q.block else None,
+    )
 
 
 # ---- devices -------------------------------------------------------------------------------------------------------
@@ -535,17 +237,18 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
     4k, 128k and the model's maximum); ``batch``: sequences; ``devices``: names or sizes (default :data:`DEVICES`).
     Bad input raises :class:`CheckpointError`.
     """
-    a, measured = load_arch(config)
-    if quant is None and group_size is None and a.recorded_quant and not train:
-        q = a.recorded_quant
+    src = load_source(config)
+    cfg, measured, dtype_bytes = src.config, src.measured, src.dtype_bytes
+    if quant is None and group_size is None and src.recorded_quant and not train:
+        q = src.recorded_quant
     else:
-        q = make_quant(quant or a.dtype, group_size, a.dtype_bytes)
-        if q != (a.recorded_quant or make_quant(a.dtype)):
+        q = make_quant(quant or src.dtype, group_size, dtype_bytes)
+        if q != (src.recorded_quant or make_quant(src.dtype)):
             measured = None  # the shards hold another format
     if isinstance(context, str):
         contexts = parse_context(context)
     elif context is None:
-        contexts = [4 * KIB, 128 * KIB] + ([a.max_context] if a.max_context > 128 * KIB else [])
+        contexts = [4 * KIB, 128 * KIB] + ([cfg.max_context] if cfg.max_context > 128 * KIB else [])
     else:
         contexts = [context] if isinstance(context, int) else list(context)
     if not contexts or any(not isinstance(c, int) or c <= 0 for c in contexts):
@@ -557,27 +260,28 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
         raise CheckpointError(f"unknown optimizer {optimizer!r}; known: adamw, muon")
     if train and not q.is_float:
         raise CheckpointError(f"training is estimated for unquantized weights, not {q.name}")
-    cache_dtype = _short_dtype(cache_dtype) if cache_dtype else a.dtype
+    cache_dtype = _short_dtype(cache_dtype) if cache_dtype else src.dtype
     if cache_dtype not in DTYPE_BYTES:
         raise CheckpointError(f"unknown cache dtype {cache_dtype!r}; known: {', '.join(DTYPE_BYTES)}")
     cb = DTYPE_BYTES[cache_dtype]
 
-    ts = tensors(a)
+    ts = tensors(cfg)
     params = {c: sum(t.numel for t in ts if t.component == c) for c in COMPONENTS}
-    wbytes = {c: sum(tensor_bytes(t, q, a) for t in ts if t.component == c) for c in COMPONENTS}
+    wbytes = {c: sum(tensor_bytes(t, q, dtype_bytes, src.router_quant) for t in ts if t.component == c)
+              for c in COMPONENTS}
     active = sum(t.active_numel for t in ts)
     weights = measured if measured is not None else sum(wbytes.values())
-    kda, per_token = kda_state_bytes(a), mla_bytes_per_token(a, cb)
-    state = train_state_bytes(a, optimizer) if train else None
+    kda, per_token = kda_state_bytes(cfg, dtype_bytes), mla_bytes_per_token(cfg, cb)
+    state = train_state_bytes(cfg, dtype_bytes, optimizer) if train else None
     resident = sum(state.values()) if train else weights
 
     def at(T: int) -> tuple[int, int]:  # (cache, activations) for the batch at context T
         if train:
-            return 0, train_activation_bytes(a, batch, T)
-        return batch * (kda + T * per_token), prefill_activation_bytes(a, batch, min(T, prefill_chunk))
+            return 0, train_activation_bytes(cfg, dtype_bytes, batch, T)
+        return batch * (kda + T * per_token), prefill_activation_bytes(cfg, dtype_bytes, batch, min(T, prefill_chunk))
 
     def longest(usable: int) -> int:  # memory grows with context: binary search up to the model's maximum
-        lo, hi = 0, a.max_context
+        lo, hi = 0, cfg.max_context
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if resident + sum(at(mid)) <= usable else (lo, mid - 1)
@@ -588,8 +292,8 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
         cache, act = at(T)
         per_context.append(dict(context=T, cache_bytes=cache, activation_bytes=act, total_bytes=resident + cache + act))
     cmp = {"contexts": contexts, "this_model": [batch * (kda + T * per_token) for T in contexts],
-           "all_mla": [batch * T * mla_bytes_per_token(a, cb, a.num_layers) for T in contexts],
-           "mha": [batch * T * mha_bytes_per_token(a, cb) for T in contexts]}
+           "all_mla": [batch * T * mla_bytes_per_token(cfg, cb, cfg.num_hidden_layers) for T in contexts],
+           "mha": [batch * T * mha_bytes_per_token(cfg, cb) for T in contexts]}
     cmp["saving_vs_all_mla"] = [1 - h / m for h, m in zip(cmp["this_model"], cmp["all_mla"])]
     cmp["saving_vs_mha"] = [1 - h / m for h, m in zip(cmp["this_model"], cmp["mha"])]
     dev = {}
@@ -597,16 +301,14 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
         name, capacity, usable, label = parse_device(spec)
         dev[name] = dict(label=label, capacity_bytes=capacity, usable_bytes=usable,
                          fits=per_context[0]["total_bytes"] <= usable, max_context=longest(usable))
-    notes = [f"context {T:,} is beyond the model's maximum of {a.max_context:,} tokens"
-             for T in contexts if T > a.max_context]
-    summary = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if not f.name.endswith("quant")}
-    summary.update(kda_layers=[i for i, x in enumerate(a.kda_layers) if x],  # 0-based
-                   moe_layers=[i for i, x in enumerate(a.moe_layers) if x],
-                   router_quant=a.router_quant.label() if a.router_quant and not q.is_float and not q.block else None)
+    notes = [f"context {T:,} is beyond the model's maximum of {cfg.max_context:,} tokens"
+             for T in contexts if T > cfg.max_context]
+    arch = summary(src, q)
     return Estimate(
-        model=a.name, family=a.family, arch=summary, quant=q.label(), weights_dtype=a.dtype, cache_dtype=cache_dtype,
-        batch=batch, contexts=contexts, model_max_context=a.max_context, total_params=sum(params.values()),
-        active_params=active, active_params_no_embeddings=active - params["embeddings"], weights_bytes=weights,
+        model=src.name, family=arch["family"], arch=arch, quant=q.label(), weights_dtype=src.dtype,
+        cache_dtype=cache_dtype, batch=batch, contexts=contexts, model_max_context=cfg.max_context,
+        total_params=sum(params.values()), active_params=active,
+        active_params_no_embeddings=active - params["embeddings"], weights_bytes=weights,
         weights_source="config" if measured is None else "shards", kda_state_bytes=kda,
         mla_cache_bytes_per_token=per_token, cache_bytes=per_context[0]["cache_bytes"],
         activation_bytes=per_context[0]["activation_bytes"], total_bytes=per_context[0]["total_bytes"],
@@ -675,7 +377,14 @@ def render(e: Estimate) -> str:
 
 def plot(config, path: str | Path, **kw) -> None:
     """Total memory against context (1k…1M, log-log) for this model, the same with every layer MLA and with plain
-    MHA, and a line at each device's usable memory. Written atomically: a temp file beside it, then renamed."""
+    MHA, and a line at each device's usable memory. Written atomically (``files.atomic_path``)."""
+    fig = figure(config, **kw)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def figure(config, **kw):
+    """The matplotlib Figure :func:`plot` writes."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -697,11 +406,15 @@ def plot(config, path: str | Path, **kw) -> None:
     for label, key, style in series:
         ys += [(b + c) / GIB for b, c in zip(base, e.comparison[key])]
         ax.plot(xs, ys[-len(xs):], style, lw=2, label=label)
+    lines: dict[float, list[str]] = {}  # usable GiB -> device labels: devices of one size share a line and a label
     for d in e.devices.values():  # devices whose line falls in the plotted range
         y = d["usable_bytes"] / GIB
         if min(ys) / 1.5 <= y <= max(ys) * 1.5:
-            ax.axhline(y, color="grey", lw=0.8, alpha=0.6)
-            ax.text(xs[0], y, f" {d['label']} (usable {y:.0f} GiB)", fontsize=7, va="bottom", color="dimgrey")
+            lines.setdefault(y, []).append(d["label"])
+    for y, labels in sorted(lines.items()):
+        ax.axhline(y, color="grey", lw=0.8, alpha=0.6)
+        ax.text(xs[0], y, f" {' / '.join(labels)} (usable {y:.0f} GiB)", fontsize=7, va="bottom", color="dimgrey",
+                in_layout=False)
     ax.set(xscale="log", yscale="log", xlabel="context (tokens per sequence)", ylabel="memory (GiB)",
            title=f"{e.model}: weights {e.quant}, cache {e.cache_dtype}, batch {e.batch}")
     ax.set_xticks(xs[::2], [fmt_tokens(x) for x in xs[::2]])
@@ -710,26 +423,22 @@ def plot(config, path: str | Path, **kw) -> None:
     ax.grid(True, which="both", alpha=0.2)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="weights + activations + cache",
               title_fontsize=8)
-    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    _separate_labels(fig, ax)
+    return fig
 
 
-def write_atomic(path: str | Path, write) -> None:
-    """``write(file)`` into a temp file beside ``path``, then rename: readers never see a half-written file."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _separate_labels(fig, ax) -> None:
+    """Device lines close together would print their labels on top of each other: from the lowest up, a label that
+    overlaps one already placed moves right, past it."""
+    fig.canvas.draw()  # the final layout: pixel extents of the texts are known from here on
+    renderer, placed = fig.canvas.get_renderer(), []
+    for text in sorted(ax.texts, key=lambda t: t.get_position()[1]):
+        box = text.get_window_extent(renderer)
+        while clash := [p for p in placed if box.overlaps(p)]:
+            text.set_x(ax.transData.inverted().transform((max(p.x1 for p in clash) + 8, box.y0))[0])
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+
 
 
 # ---- command line --------------------------------------------------------------------------------------------------
@@ -773,12 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         e = estimate(args.model, context=args.context, **kw)
         if args.plot:
             plot(args.model, args.plot, **kw)
-    except CheckpointError as exc:
-        print(f"kimi-lm estimate: error: {exc}", file=sys.stderr)
+    except (CheckpointError, OSError) as exc:  # an OSError names the file: the --plot target
+        msg = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"kimi-lm estimate: error: {msg}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    print(e.to_json() if args.json else render(e))
+    try:
+        print(e.to_json() if args.json else render(e), flush=True)
+    except BrokenPipeError:  # `kimi-lm estimate ... | head`: the reader left; that is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
     return 0
 
 

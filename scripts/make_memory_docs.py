@@ -11,9 +11,11 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from kimi_lm.estimate import (GIB, PREFILL_CHUNK, estimate, fmt_bytes, fmt_tokens, load_arch, plot, tensors,
-                              write_atomic)
+from kimi_lm.estimate import GIB, PREFILL_CHUNK, estimate, fmt_bytes, fmt_tokens, load_source, plot
+from kimi_lm.files import write_file
+from kimi_lm.memory import tensors
 
 CONTEXTS = [4 << 10, 128 << 10, 1 << 20]
 QUANTS = ["bf16", "fp8", "mxfp4", "affine4"]
@@ -25,11 +27,19 @@ def gib(n: int) -> str:
     return f"{n / GIB:,.1f}"
 
 
+def load_arch(model: str) -> SimpleNamespace:
+    """The sizes the page quotes: ``Estimate.arch`` with KDA / MLA layer counts."""
+    a = SimpleNamespace(**estimate(model, devices=[]).arch)
+    a.n_kda = len(a.kda_layers)
+    a.n_mla = a.num_layers - a.n_kda
+    return a
+
+
 def params_section(model: str) -> list[str]:
-    a, _ = load_arch(model)
+    a = load_arch(model)
     e = estimate(model, devices=[])
     d, k, E, I = a.hidden_size, a.experts_per_token, a.experts, a.moe_intermediate_size
-    n_moe = sum(a.moe_layers)
+    n_moe = len(a.moe_layers)
     idle = n_moe * (E - k) * 3 * I * d
     rows = ["| component | parameters | how |", "|---|---:|---|"]
     how = {
@@ -97,10 +107,9 @@ def device_table(model: str) -> list[str]:
 def page() -> str:
     kl, k2 = "kimi-linear-48b-a3b", "kimi-k2"
     e_kl, e_k2 = estimate(kl, devices=[]), estimate(k2, devices=[])
-    a_kl, _ = load_arch(kl)
-    a_k2, _ = load_arch(k2)
+    a_kl, a_k2 = load_arch(kl), load_arch(k2)
     k2_scales = sum(math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128) * t.count  # FP8 tiles
-                    for t in tensors(a_k2) if t.kind == "linear")
+                    for t in tensors(load_source(k2).config) if t.kind == "linear")
     lines = [
         "# Memory: what fits where",
         "",
@@ -115,7 +124,7 @@ def page() -> str:
         "",
         "## Kimi-Linear-48B-A3B",
         "",
-        f"{a_kl.num_layers} layers: {a_kl.n_kda} KDA + {a_kl.n_mla} MLA (3:1), MoE in {sum(a_kl.moe_layers)} of them "
+        f"{a_kl.num_layers} layers: {a_kl.n_kda} KDA + {a_kl.n_mla} MLA (3:1), MoE in {len(a_kl.moe_layers)} of them "
         f"({a_kl.experts} experts, top-{a_kl.experts_per_token}, {a_kl.shared_experts} shared), hidden "
         f"{a_kl.hidden_size}, max context {a_kl.max_context:,}. The total matches the official checkpoint "
         "(49,122,681,728 in 20,493 tensors, 91.50 GB in bf16).",
@@ -162,7 +171,7 @@ def page() -> str:
         "## Kimi K2 (Instruct)",
         "",
         f"{a_k2.num_layers} MLA layers (q-LoRA {a_k2.q_lora_rank}, {a_k2.heads} heads), MoE in "
-        f"{sum(a_k2.moe_layers)} ({a_k2.experts} experts, top-{a_k2.experts_per_token}, {a_k2.shared_experts} shared), "
+        f"{len(a_k2.moe_layers)} ({a_k2.experts} experts, top-{a_k2.experts_per_token}, {a_k2.shared_experts} shared), "
         f"hidden {a_k2.hidden_size}, max context {a_k2.max_context:,}; shipped as FP8 blocks.",
         "",
         *params_section(k2),
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     out = Path(p.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "memory.md", lambda f: f.write(page().encode()))
+    write_file(out / "memory.md", page())
     plot("kimi-linear-48b-a3b", out / "memory.png", quant="mxfp4",
              devices=["rtx-24gb", "a100-40gb", "h100-80gb", "h200-141gb", "mac-64gb", "mac-128gb", "mac-512gb"])
     print(f"wrote {out / 'memory.md'} and {out / 'memory.png'}")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kimi_lm.config import KimiLinearConfig, preset
-from kimi_lm.estimate import (GIB, KIB, KIMI_K2_CONFIG, MIB, Tensor, arch_from_kimi_linear, estimate, load_arch, main,
-                              make_quant, tensor_bytes, tensors)
+from kimi_lm.config import KimiK2Config, KimiLinearConfig, load_config, preset
+from kimi_lm.estimate import GIB, KIB, MIB, estimate, figure, load_source, main
+from kimi_lm.memory import Tensor, make_quant, tensor_bytes, tensors
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # the official config files, copied from the checkpoints
 KL_JSON = REFERENCE / "kimi-linear-48b-a3b-instruct.config.json"
@@ -32,10 +32,10 @@ def test_kimi_linear_48b_total_params_match_the_checkpoint():
     e = estimate(_kl_source())
     assert e.total_params == 49_122_681_728
     assert estimate("kimi-linear-48b-a3b").total_params == e.total_params
-    a, _ = load_arch(_kl_source())
-    assert sum(t.count for t in tensors(a)) == 20_493  # tensor count of the official shards
+    cfg = load_config(KL_JSON)
+    assert sum(t.count for t in tensors(cfg)) == 20_493  # tensor count of the official shards
     per_layer = {}
-    for t in tensors(a):
+    for t in tensors(cfg):
         if t.name.startswith("model.layers.0.self_attn.") or t.name.startswith("model.layers.3.self_attn."):
             per_layer[t.component] = per_layer.get(t.component, 0) + t.numel
     assert per_layer == {"kda": 39_514_272, "mla": 29_114_880}  # kimi_linear.md §2.3, §2.4
@@ -60,9 +60,8 @@ def test_kimi_linear_bf16_weights_are_two_bytes_each_plus_fp32_vectors():
 
 # ---- quantization formats ------------------------------------------------------------------------------------------
 def _bits_per_weight(quant, shape=(4096, 2304), group=None):
-    a, _ = load_arch("kimi-linear-48b-a3b")
     t = Tensor("w", shape, "kda")
-    return 8 * tensor_bytes(t, make_quant(quant, group), a) / t.numel
+    return 8 * tensor_bytes(t, make_quant(quant, group), 2) / t.numel
 
 
 def test_mxfp4_is_4_25_bits_and_affine_is_b_plus_32_over_g():
@@ -74,8 +73,7 @@ def test_mxfp4_is_4_25_bits_and_affine_is_b_plus_32_over_g():
 
 
 def test_fp8_block_is_one_byte_plus_one_fp32_per_128x128_tile():
-    a, _ = load_arch("kimi-k2")
-    q = make_quant("fp8")
+    q, a = make_quant("fp8"), 2  # bf16 model
     assert tensor_bytes(Tensor("w", (7168, 2048), "experts"), q, a) == 7168 * 2048 + 4 * 56 * 16
     # K2's kv_a_proj_with_mqa: 576 rows = 4.5 tiles, the partial tile has its own scale ([5, 56] scales)
     assert tensor_bytes(Tensor("w", (576, 7168), "mla"), q, a) == 576 * 7168 + 4 * 5 * 56
@@ -98,7 +96,7 @@ def test_mxfp4_leaves_router_at_8_bits_and_small_tensors_unquantized():
 
 def test_affine_skips_tensors_whose_width_does_not_divide_the_group():
     cfg = dataclasses.replace(preset("tiny"), hidden_size=96)  # 96 % 64 != 0
-    a = arch_from_kimi_linear(cfg)
+    a = load_source(cfg).dtype_bytes  # fp32
     t = Tensor("w", (32, 96), "kda")
     assert tensor_bytes(t, make_quant("affine4", 64, 4), a) == 32 * 96 * 4
     assert tensor_bytes(t, make_quant("affine4", 32, 4), a) == 32 * 96 // 2 + 3 * 32 * 8
@@ -107,16 +105,16 @@ def test_affine_skips_tensors_whose_width_does_not_divide_the_group():
 # ---- Kimi K2 -------------------------------------------------------------------------------------------------------
 def test_k2_preset_matches_the_reference_config():
     ref = json.loads(K2_JSON.read_text())
-    assert {k: ref.get(k) for k in KIMI_K2_CONFIG} == KIMI_K2_CONFIG
+    assert preset("kimi-k2-instruct") == KimiK2Config.from_dict(ref)  # the estimator reads the config class's preset
+    assert load_source("kimi-k2").config == preset("kimi-k2-instruct")
     assert estimate(str(K2_JSON)).total_params == estimate("kimi-k2").total_params
 
 
 def test_k2_total_params_explain_the_published_count():
     e = estimate("kimi-k2")
     assert e.total_params == 1_026_408_232_448  # ≈ "1T"
-    a, _ = load_arch("kimi-k2")
     scales = sum(math.ceil(t.shape[0] / 128) * math.ceil(t.shape[1] / 128) * t.count
-                 for t in tensors(a) if t.kind == "linear")
+                 for t in tensors(preset("kimi-k2-instruct")) if t.kind == "linear")
     # The checkpoint listing counts every tensor element: weights + FP8 scales + 61 rotary inv_freq tensors of [56].
     assert e.total_params + scales + 61 * 56 == 1_026_470_731_056
     assert round(e.weights_bytes / GIB, 1) == 958.5  # FP8 shards: "958.5 GB"
@@ -190,7 +188,7 @@ def test_training_adamw_and_muon():
 
 # ---- config sources ------------------------------------------------------------------------------------------------
 def test_preset_equals_the_official_config():
-    assert load_arch(str(KL_JSON))[0].kda_layers == load_arch("kimi-linear-48b-a3b")[0].kda_layers
+    assert load_source(str(KL_JSON)).config.linear_attn_config == preset("kimi-linear-48b-a3b").linear_attn_config
     assert estimate(str(KL_JSON), "mxfp4").weights_bytes == estimate("kimi-linear-48b-a3b", "mxfp4").weights_bytes
 
 
@@ -308,7 +306,7 @@ def _write_checkpoint(directory: Path, cfg: KimiLinearConfig, dtype) -> None:
     from safetensors.torch import save_file
 
     out = {}
-    for t in tensors(arch_from_kimi_linear(cfg)):
+    for t in tensors(cfg):
         names = [t.name.replace(f"{{0..{t.count - 1}}}", str(i)) for i in range(t.count)] if t.count > 1 else [t.name]
         for name in names:
             out[name] = torch.randn(t.shape).to(torch.float32 if t.kind == "fp32" else dtype)
@@ -344,3 +342,46 @@ def test_cache_bytes_match_the_real_cache(batch, tokens):
     with torch.no_grad():  # one decode step more
         m(torch.randint(0, cfg.vocab_size, (batch, 1)), cache=cache)
     assert cache.nbytes == estimate(cfg, context=tokens + 1, batch=batch).cache_bytes
+
+
+def test_plot_labels_of_close_devices_do_not_overlap():
+    """Issue 19 item 8: A100 80GB and H100 80GB (same usable memory) printed their labels on top of each other."""
+    pytest.importorskip("matplotlib")
+    import itertools
+
+    for model, quant in (("kimi-linear-48b-a3b", "mxfp4"), ("kimi-linear-48b-a3b", "bf16")):
+        fig = figure(model, quant=quant)
+        renderer = fig.canvas.get_renderer()
+        texts = fig.axes[0].texts
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert not [(a.get_text(), b.get_text()) for (a, x), (b, y) in itertools.combinations(zip(texts, boxes), 2)
+                    if x.overlaps(y)]
+    assert any("A100 80GB / H100 80GB" in t.get_text() for t in texts)  # one line of the same size, one label
+
+
+def test_estimate_piped_into_head_exits_cleanly():
+    """Issue 19 item 6: ``kimi-lm estimate ... | head -1`` printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(f"{sys.executable} -m kimi_lm.estimate kimi-linear-48b-a3b --json | head -c 10",
+                         shell=True, capture_output=True, text=True)
+    contexts = ",".join(str(i) for i in range(1, 5001))  # a table far longer than the pipe's buffer
+    big = subprocess.run(f"{sys.executable} -m kimi_lm.estimate tiny --devices 1G --context {contexts} | head -1",
+                         shell=True, capture_output=True, text=True)
+    assert "Traceback" not in out.stderr + big.stderr and "Broken pipe" not in big.stderr, big.stderr[-500:]
+
+
+def test_inventory_is_the_model_state_dict():
+    """The inventory is the meta-device model through the names table: every parameter element counted once."""
+    torch = pytest.importorskip("torch")
+    from kimi_lm.checkpoint import _model_class
+
+    for name in ("tiny", "tiny-k2", "kimi-k2-instruct"):
+        cfg = preset(name)
+        with torch.device("meta"):
+            model = _model_class(cfg)(cfg)
+        assert sum(t.numel for t in tensors(cfg)) == sum(t.numel() for t in model.state_dict().values())
+    cfg = dataclasses.replace(preset("tiny"), attn_res_block_size=1)
+    res = [t for t in tensors(cfg) if t.component == "attn_res"]
+    assert {t.kind for t in res} == {"vector", "norm"} and len(res) == 4 * 6 + 2

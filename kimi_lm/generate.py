@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from kimi_lm.chat import partial_suffix_len
-from kimi_lm.cli_args import (DEFAULT_PREFILL_STEP, Parser, add_model_args, add_sampling_args,  # noqa: F401
+from kimi_lm.cli_args import (DEFAULT_PREFILL_STEP, Parser, add_model_args, add_sampling_args,
                               load_model_and_tokenizer, print_stats, read_prompt, run_command, sampling_kwargs)
 from kimi_lm.errors import UsageError
 from kimi_lm.prompt_cache import PromptCache, PromptCacheError, load_prompt_cache

@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import kimi_lm
 from kimi_lm.server import ServerConfig, create_app, exposure_warning

@@ -43,9 +43,8 @@ from kimi_lm.config import load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.files import atomic_dir
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
-from kimi_lm.quant.mlx_layout import copy_extras, dequantize_from_mlx, is_mlx_layout, quantize_to_mlx
+from kimi_lm.quant.mlx_layout import dequantize_from_mlx, finish_float_copy, is_mlx_layout, quantize_to_mlx
 from kimi_lm.quant.packed import MODES, QuantSpec
-from kimi_lm.verify import write_sums
 
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -93,14 +92,7 @@ def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progres
             index["weight_map"] = dict(sorted(weight_map.items()))
             index.setdefault("metadata", {})["total_size"] = total
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        raw = json.loads((src / "config.json").read_text())
-        raw.pop("quantization_config", None)
-        dtype_name = str(dtype).removeprefix("torch.")
-        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
-            raw[key] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-        copy_extras(src, tmp)
-        write_sums(tmp, progress=progress)  # SHA256SUMS: `kimi-lm verify DST` (or sha256sum -c) checks the copy
+        dtype_name = finish_float_copy(src, tmp, dtype, progress)
     return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(shards), "fp8_weights": n_fp8,
             "bytes": total}
 

@@ -186,6 +186,21 @@ def _nbytes(entry) -> int:
     return n
 
 
+def finish_float_copy(src: Path, tmp: Path, dtype: torch.dtype, progress: bool) -> str:
+    """The rest of a dequantized copy of ``src`` in ``tmp``: config.json without its quantization blocks and with the
+    new dtype, every other file, SHA256SUMS (``kimi-lm verify DST`` or ``sha256sum -c`` checks the copy)."""
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("quantization", None)
+    raw.pop("quantization_config", None)
+    dtype_name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
+        raw[key] = dtype_name
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+    copy_extras(src, tmp)
+    write_sums(tmp, progress=progress)
+    return dtype_name
+
+
 def copy_extras(src: Path, tmp: Path) -> None:
     """Every file of a checkpoint but its weights, index, config and sums (tokenizer, chat template, remote code)."""
     for item in src.iterdir():  # tokenizer, chat template, generation config, remote code ...
@@ -365,15 +380,7 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
             weight_map.update({name: file.name for name in entries})
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                              "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        raw = json.loads((src / "config.json").read_text())
-        raw.pop("quantization", None)
-        raw.pop("quantization_config", None)
-        dtype_name = str(dtype).removeprefix("torch.")
-        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
-            raw[key] = dtype_name
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-        copy_extras(src, tmp)
-        write_sums(tmp, progress=progress)
+        dtype_name = finish_float_copy(src, tmp, dtype, progress)
     return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(by_shard), "packed_weights": n_packed,
             "tensors": len(plan), "bytes": total}
 

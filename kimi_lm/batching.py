@@ -12,8 +12,8 @@ temporary batched cache:
   which costs more than the per-row attention. Each row equals the sequence decoded alone (up to float rounding of
   the batched matmuls).
 
-Only NoPE MLA (Kimi Linear) is batched: a rotary model (K2) takes positions from the cache length, which differs per
-row; :func:`can_batch` says so and the scheduler then steps such models one sequence at a time.
+Positions are explicit (``ModelCache.positions``): the batched cache gives each row its own, so rotary MLA (K2)
+batches exactly like NoPE MLA (Kimi Linear).
 
 Reference: vLLM / SGLang continuous batching (iteration-level scheduling, Orca, OSDI '22); mlx-lm ``BatchKVCache``
 (left-padded batch caches with per-row offsets).
@@ -45,7 +45,7 @@ class BatchedMLACache:
 
     def __init__(self, rows: list):
         self.rows = rows
-        self.length = max(r.length for r in rows)  # only read as a position offset; NoPE ignores it
+        self.length = max(r.length for r in rows)
 
     def append(self, latent: torch.Tensor) -> list[torch.Tensor]:
         """latent [B, 1, W] -> every row's history, [S_b, W] each (views into the rows' own buffers)."""
@@ -61,6 +61,11 @@ class BatchedModelCache(ModelCache):
         super().__init__(layers, len(rows))
         self.rows = rows
 
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """Each row's own next positions, [B, T]."""
+        offsets = torch.tensor([r.offset for r in self.rows], device=device)
+        return offsets[:, None] + torch.arange(T, device=device)[None]
+
     def scatter(self) -> None:
         """Write the stepped state back into every row's own cache."""
         for layer in self.layers:
@@ -68,11 +73,6 @@ class BatchedModelCache(ModelCache):
                 layer.scatter()
         for r in self.rows:
             r.offset += 1
-
-
-def can_batch(model) -> bool:
-    """Rotary MLA positions come from each cache's length, which a padded batch cannot give per row."""
-    return getattr(model.config, "model_type", None) == "kimi_linear"
 
 
 @torch.no_grad()
@@ -83,7 +83,7 @@ def decode_step(model, caches: list[ModelCache], tokens: list[int]) -> torch.Ten
     """
     device = model.device
     ids = torch.tensor(tokens, device=device).view(-1, 1)
-    if len(caches) == 1 or not can_batch(model):
+    if len(caches) == 1:
         return torch.cat([model(ids[b : b + 1], cache=c)[:, -1] for b, c in enumerate(caches)]).float()
     batched = BatchedModelCache(caches)
     logits = model(ids, cache=batched)[:, -1].float()

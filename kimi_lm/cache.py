@@ -6,6 +6,10 @@
   per token for the real model, never the expanded per-head keys and values. Storage doubles when full so a decode
   step writes in place instead of re-copying the whole history.
 
+``ModelCache`` holds the layers' states and the absolute position of each sequence's next token (``positions``): rotary
+MLA (K2) rotates by it, so a sliding window (which stops a layer's stored length from growing) and a batch of
+sequences of different lengths (``kimi_lm.batching``) keep exact positions.
+
 ``nbytes`` counts the bytes that hold state (for the MLA cache: the tokens written so far), which is what the
 memory estimator predicts.
 """
@@ -61,12 +65,17 @@ class MLACache:
 
 
 class ModelCache:
-    """Per-layer caches of one batch of sequences, plus how many tokens they have consumed."""
+    """Per-layer caches of one batch of sequences, plus how many tokens they have consumed (``offset``, the same for
+    every row)."""
 
     def __init__(self, layers: list, batch_size: int):
         self.layers = layers
         self.batch_size = batch_size
         self.offset = 0
+
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        """Absolute positions [B or 1, T] of the next T tokens of each sequence."""
+        return torch.arange(self.offset, self.offset + T, device=device)[None]
 
     @property
     def nbytes(self) -> int:

@@ -86,9 +86,6 @@ def make_cache(model, batch_size: int = 1, max_kv_size: int | None = None) -> Mo
     if max_kv_size is not None:
         if max_kv_size < 1:
             raise ValueError(f"max_kv_size must be a positive number of tokens, got {max_kv_size}")
-        if model.config.model_type != "kimi_linear":
-            # rotary MLA (Kimi K2) takes positions from the cache length, which a sliding window stops advancing
-            raise ValueError(f"max_kv_size is supported for Kimi Linear (NoPE MLA) only, not {model.config.model_type}")
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, MLACache):
                 b = layer.buffer

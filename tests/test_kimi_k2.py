@@ -169,9 +169,9 @@ def test_cache_holds_rotated_key(official):
     cache = attn.make_cache(1, torch.float32, "cpu")
     attn(x[:, :5], cache)
     attn(x[:, 5:], cache)
-    k_pe = attn._project(x)[1][..., attn.latent_dim :]  # kv_a_proj_with_mqa(x) (fused with q_a_proj when packed)
+    k_pe = attn.project(x)[1][..., attn.latent_dim :]  # kv_a_proj_with_mqa(x) (fused with q_a_proj when packed)
     stored = cache.buffer[:, :12, attn.latent_dim :]
-    assert torch.allclose(stored, attn.rope(k_pe, 0), atol=1e-6)
+    assert torch.allclose(stored, attn.rope(k_pe, torch.arange(12)[None]), atol=1e-6)
     assert not torch.allclose(stored, k_pe, atol=1e-3)
 
 

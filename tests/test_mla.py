@@ -8,6 +8,11 @@ from kimi_lm.config import preset
 from kimi_lm.model.mla import MultiheadLatentAttention
 
 
+def POS(n: int) -> torch.Tensor:
+    """Positions 0 … n − 1 as the [1, n] tensor the layer takes."""
+    return torch.arange(n)[None]
+
+
 @pytest.fixture
 def mla():
     torch.manual_seed(0)
@@ -21,9 +26,9 @@ def mla():
 @pytest.mark.parametrize("T,past", [(1, 0), (1, 30), (7, 0), (5, 40), (16, 9)])
 def test_absorbed_equals_naive(mla, T, past):
     x = torch.randn(2, past + T, preset("tiny").hidden_size)
-    q_in, kv_in = mla._project(x)
-    latent = mla.latent(kv_in)  # [2, past + T, 40]
-    q = mla._queries(q_in[:, past:])
+    q_in, kv_in = mla.project(x)
+    latent = mla.latent(kv_in, POS(past + T))  # [2, past + T, 40]
+    q = mla._queries(q_in[:, past:], POS(past + T)[:, past:])
     with torch.no_grad():
         naive = mla.attend_naive(q, latent, past)
         absorbed = mla.attend_absorbed(q, latent, past)
@@ -32,15 +37,17 @@ def test_absorbed_equals_naive(mla, T, past):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_decode_path(mla, dtype, monkeypatch):
-    """fp32 one-token decode over exactly its history goes through SDPA's fused kernel (one read of the history);
-    bf16 keeps the two matmuls. Both against the naive form."""
+    """The CPU backend's fp32 one-token decode over exactly its history goes through SDPA's fused kernel (one read of
+    the history); bf16 keeps the two matmuls. Both against the plain layer's naive form."""
+    from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
+
     past = 25
-    layer = mla.to(dtype)
+    layer = CpuMultiheadLatentAttention(mla.to(dtype))
     x = torch.randn(2, past + 1, preset("tiny").hidden_size).to(dtype)
     with torch.no_grad():
-        q_in, kv_in = layer._project(x)
-        latent = layer.latent(kv_in)
-        q = layer._queries(q_in[:, past:])
+        q_in, kv_in = layer.project(x)
+        latent = layer.latent(kv_in, POS(past + 1))
+        q = layer._queries(q_in[:, past:], POS(past + 1)[:, past:])
         naive = layer.attend_naive(q, latent, past)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         calls = []
@@ -67,22 +74,23 @@ def test_absorbed_ignores_padding_rows_past_the_history(mla, T):
     be masked out, whatever they hold."""
     past = 30
     x = torch.randn(2, past + T, preset("tiny").hidden_size)
-    q_in, kv_in = mla._project(x)
-    latent = mla.latent(kv_in)
+    q_in, kv_in = mla.project(x)
+    latent = mla.latent(kv_in, POS(past + T))
     padded = torch.cat([latent, 5 * torch.randn(2, 64 - past - T, latent.shape[-1])], dim=1)
-    q = mla._queries(q_in[:, past:])
+    q = mla._queries(q_in[:, past:], POS(past + T)[:, past:])
     with torch.no_grad():
         assert rel_err(mla.attend_absorbed(q, padded, past), mla.attend_absorbed(q, latent, past)) < 1e-6
 
 
-def test_bf16_cache_pads_to_64_and_matches_exact_length():
+def test_bf16_cache_pads_to_64_and_matches_exact_length(mla):
     from kimi_lm.cache import MLACache
-    from kimi_lm.model.mla import _bucketed
+    from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 
+    layer = CpuMultiheadLatentAttention(mla)
     cache = MLACache(1, 8, torch.bfloat16)
     history = cache.append(torch.randn(1, 70, 8).to(torch.bfloat16))
-    padded = _bucketed(cache, history)
+    padded = layer.decode_history(cache, history)
     assert padded.shape[1] == 128 and torch.equal(padded[:, :70], history)
     assert not padded[:, 70:].any()  # spare rows start as zeros
     fp32 = MLACache(1, 8, torch.float32)
-    assert _bucketed(fp32, fp32.append(torch.randn(1, 70, 8))).shape[1] == 70
+    assert layer.decode_history(fp32, fp32.append(torch.randn(1, 70, 8))).shape[1] == 70

@@ -11,8 +11,7 @@ from torch import nn
 
 import kimi_lm
 from conftest import load_rss_growth, rel_err
-from kimi_lm.model.moe import StackedExperts
-from kimi_lm.ops import malloc, onednn
+from kimi_lm.cpu import malloc, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(torch.float32, "cpu"), reason="no oneDNN in this torch build")
 
@@ -37,65 +36,15 @@ def test_fused_linear_is_its_parts_side_by_side_and_saves_them_by_name():
     owner = nn.Module()
     owner.a, owner.b, owner.c = (nn.Linear(64, n, bias=False) for n in (32, 8, 3))
     plain = copy.deepcopy(owner)
-    for name in ("a", "b", "c"):
-        setattr(owner, name, onednn.OneDNNLinear(getattr(owner, name)))
-    assert onednn.fuse(owner, "abc", ("a", "b", "c"))
-    assert not hasattr(owner, "a") and owner.abc.sizes == [32, 8, 3]
+    owner.abc = onednn.OneDNNFusedLinear({n: onednn.OneDNNLinear(getattr(owner, n)) for n in ("a", "b", "c")}, "abc")
+    del owner.a, owner.b, owner.c
+    assert owner.abc.sizes == [32, 8, 3]
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = torch.cat([plain.a(x), plain.b(x), plain.c(x)], dim=-1)
         assert rel_err(owner.abc(x), expected) <= 1e-6
     state, want = owner.state_dict(), plain.state_dict()
     assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
-
-
-def test_fuse_leaves_unpacked_parts_alone():
-    owner = nn.Module()
-    owner.a = onednn.OneDNNLinear(nn.Linear(8, 4, bias=False))
-    owner.b = nn.Linear(8, 4, bias=False)  # e.g. a quantized module: not packable
-    assert not onednn.fuse(owner, "ab", ("a", "b"))
-    assert isinstance(owner.a, onednn.OneDNNLinear) and isinstance(owner.b, nn.Linear)
-
-
-@pytest.mark.parametrize("tokens", [1, 9])
-def test_packed_experts_equal_stacked_experts(tokens):
-    torch.manual_seed(0)
-    experts = StackedExperts(6, 48, 20)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.2)
-    packed = onednn.OneDNNStackedExperts(experts)
-    x = torch.randn(tokens, 48)
-    idx = torch.stack([torch.randperm(6)[:3] for _ in range(tokens)])
-    weights = torch.rand(tokens, 3)
-    with torch.no_grad():
-        assert rel_err(packed(x, idx, weights), experts(x, idx, weights)) <= 1e-6
-    state = packed.state_dict()
-    assert torch.equal(state["gate_up_proj"], experts.gate_up_proj) and torch.equal(state["down_proj"], experts.down_proj)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_loaded_model_packed_equals_plain(official_checkpoint, token_ids, dtype, tol):
-    """The default (packed, fused) model against the plain nn.Linear one: full forward, and prefill + cached decode
-    (whose absorbed MLA reads kv_b's halves from the copies the packed model keeps). bf16 may round partial sums
-    differently where the plain model's kernels are not oneDNN's (equal on the AVX-512 machine this was written on)."""
-    if not onednn.available(dtype, "cpu"):
-        pytest.skip(f"no oneDNN {dtype} on this CPU")
-    packed = kimi_lm.load(official_checkpoint, dtype=dtype)
-    plain = kimi_lm.load(official_checkpoint, dtype=dtype, pack_weights=False)
-    assert all("_absorb_weights" in m.__dict__ for m in packed.modules() if type(m).__name__ == "MultiheadLatentAttention")
-    assert isinstance(packed.lm_head, onednn.OneDNNLinear) and isinstance(plain.lm_head, nn.Linear)
-    assert packed.state_dict().keys() == plain.state_dict().keys()
-    assert all(torch.equal(packed.state_dict()[k], v) for k, v in plain.state_dict().items())
-    with torch.no_grad():
-        assert rel_err(packed(token_ids), plain(token_ids)) <= tol
-        caches = packed.make_cache(token_ids.shape[0]), plain.make_cache(token_ids.shape[0])
-        split = token_ids.shape[1] - 3
-        outs = [[m(token_ids[:, :split], cache=c)[:, -1:]] for m, c in zip((packed, plain), caches)]
-        for t in range(split, token_ids.shape[1]):
-            for out, m, c in zip(outs, (packed, plain), caches):
-                out.append(m(token_ids[:, t : t + 1], cache=c))
-        assert rel_err(torch.cat(outs[0], 1), torch.cat(outs[1], 1)) <= tol
 
 
 def test_packed_model_refuses_dtype_changes_but_allows_no_ops(official_checkpoint):
@@ -110,7 +59,7 @@ def test_malloc_settings_apply_once_and_can_be_skipped():
         pytest.skip("glibc only")
     assert malloc.keep_freed_memory() and malloc.keep_freed_memory()  # idempotent
     env = {**os.environ, "KIMI_LM_MALLOC": "default"}
-    out = subprocess.run([sys.executable, "-c", "from kimi_lm.ops import malloc; print(malloc.keep_freed_memory())"],
+    out = subprocess.run([sys.executable, "-c", "from kimi_lm.cpu import malloc; print(malloc.keep_freed_memory())"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -1,25 +1,85 @@
-"""The CPU backend: applied to a built plain model from outside, as quantization is (a module swap).
+"""The CPU backend: fast paths applied to a built plain model from outside, as quantization is (a module swap).
 
-    model = kimi_lm.checkpoint.load(path, dtype)   # plain PyTorch modules (kimi_lm.model), the oracle
+    model = kimi_lm.checkpoint.load(path, dtype)   # plain PyTorch modules (kimi_lm.model): the oracle
     kimi_lm.cpu.prepare(model)                     # the same model, its hot modules swapped for CPU fast paths
 
-``kimi_lm.load`` calls ``prepare`` on CPU unless asked for the plain model (``backend=None``).
+``kimi_lm.load`` calls ``prepare`` on CPU unless asked for the plain model (``backend=None``). What it swaps:
+
+    nn.Linear                 -> onednn.OneDNNLinear            weight packed once for oneDNN (+ a C one-row reader)
+    StackedExperts            -> moe.OneDNNStackedExperts       each expert packed; few-row experts in one C call
+    KimiDeltaAttention        -> kda.CpuKimiDeltaAttention      fused input product; decode/prefill math in C
+    MultiheadLatentAttention  -> mla.CpuMultiheadLatentAttention fused input product; absorbed halves kept
+    SparseMoE                 -> moe.CpuSparseMoE               routing, grouping, combining in C
+    MLP                       -> layers.CpuMLP                  gate|up as one product, SwiGLU in C
+    RMSNorm                   -> layers.CpuRMSNorm              one C pass
+    affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed)
+
+plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
+what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
+applies (oneDNN for the dtype, the C kernels built, plain float weights), so a quantized or unusual model keeps its
+plain modules. The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
+
+Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=default`` keeps glibc's defaults,
+``KIMI_LM_CACHE`` moves the compiled kernels' directory. Only this package reads them; model code reads none.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from kimi_lm.cpu import malloc, native, onednn
+from kimi_lm.cpu.kda import CpuKimiDeltaAttention
+from kimi_lm.cpu.kda import applies as kda_applies
+from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
+from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
+from kimi_lm.cpu.moe import CpuSparseMoE, OneDNNStackedExperts
+from kimi_lm.model.kda import KimiDeltaAttention
+from kimi_lm.model.layers import MLP, RMSNorm
+from kimi_lm.model.mla import MultiheadLatentAttention
+from kimi_lm.model.moe import SparseMoE
+from kimi_lm.quant.packed import use_int4_kernels
+
+
+def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
+    """The backend module for a plain layer module, or None to keep it."""
+    kind = type(module)
+    if kind is KimiDeltaAttention:
+        return CpuKimiDeltaAttention(module) if kda_applies(module) else None
+    if kind is MultiheadLatentAttention:
+        return CpuMultiheadLatentAttention(module)
+    if kind is MLP:
+        parts = (module.gate_proj, module.up_proj)
+        packed = all(type(p) is onednn.OneDNNLinear for p in parts) and parts[0].packed.dtype == parts[1].packed.dtype
+        return CpuMLP(module) if packed else None
+    if not kernels:
+        return None
+    if kind is SparseMoE:
+        return CpuSparseMoE(module)
+    if kind is RMSNorm:
+        return CpuRMSNorm(module)
+    return None
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Set up a loaded inference model (eval, no grads) for fast CPU execution, in place; returns it."""
-    from kimi_lm.ops import malloc, onednn
-    from kimi_lm.quant.packed import use_int4_kernels
-
+    """Swap ``model``'s modules for the CPU backend's (see the module docstring), in place; returns the model.
+    Expects an inference model (``eval()``, no grads) on the CPU, as ``kimi_lm.checkpoint.load`` returns it."""
     use_int4_kernels(model)  # affine 4-bit modules on PyTorch's CPU int4 kernel (same bytes)
     malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if onednn.available(model.dtype, "cpu"):
-        onednn.use_onednn_linears(model)
+        onednn.pack_linears(model, OneDNNStackedExperts)
+    kernels = native.library() is not None
+    trim = malloc.ReleaseEvery(16 << 20)
+    swapped: list[str] = []
+    for name in [name for name, _ in model.named_modules()]:  # names: each replaced module is freed as it goes
+        if any(name.startswith(s + ".") for s in swapped):
+            continue  # a part of a module already swapped (its new module adopted or fused it)
+        module = model.get_submodule(name)
+        new = _layer_swap(module, kernels)
+        if new is None:
+            continue
+        swapped.append(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        trim.freed(onednn.module_nbytes(module))  # the separately packed parts fusing replaced
     malloc.release_free_memory()  # what the replaced plain weights occupied: not 2x at rest
     return model

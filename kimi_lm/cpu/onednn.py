@@ -8,8 +8,8 @@ bf16 instead of ≈ 8–10, and 1024-token GEMMs are 10–20 % faster. The resul
 (fp32 sums are merely reassociated: ≤ 1e-6 relative).
 
 Each oneDNN call also costs ≈ 13 µs of set-up, so modules whose products read the same input (KDA's six input
-projections, MLA's two, an MLP's gate and up) merge them into one packed matrix (``fuse``, called by the loader
-through each module's ``fuse_projections``). A packed module keeps only the packed weight (no second copy).
+projections, MLA's two, an MLP's gate and up) merge them into one packed matrix (``OneDNNFusedLinear``, made by the
+CPU backend's layer modules in ``kimi_lm.cpu``). A packed module keeps only the packed weight (no second copy).
 ``state_dict`` still yields the plain ``weight`` (so a loaded model can be saved), and ``dense_weight`` gives it
 back for code that needs the matrix itself.
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kimi_lm.model.moe import StackedExperts
-from kimi_lm.ops import malloc, native
+from kimi_lm.cpu import malloc, native
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -93,67 +93,10 @@ class OneDNNLinear(nn.Module):
         destination[prefix + "weight"] = self.dense_weight()
 
     def _apply(self, fn, recurse=True):
-        return _refuse_conversion(self, fn, self.packed.dtype)
+        return refuse_conversion(self, fn, self.packed.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed.dtype}, packed"
-
-
-# Rows per expert up to which it runs in C rather than oneDNN (the C kernel reads each weight once for up to 8 rows,
-# single-threaded per expert, experts shared among threads). Measured on 2 cores, all 16 experts with n rows each,
-# n = 1 / 2 / 4 / 8: bench preset (512 -> 256) bf16 0.23 / 0.32 / 0.56 / 0.98 ms in C vs 0.60 / 1.11 / 1.16 / 1.22 on
-# oneDNN, fp32 0.54 / 0.74 / 1.08 / 2.45 vs 1.31 / 2.58 / 2.57 / 3.01; Kimi-Linear-48B's experts (2304 -> 1024) bf16
-# 5.1 / 5.7 / 8.8 / 17.2 vs 10.0 / 9.1 / 8.9 / 10.9 (there 8 rows are compute, and oneDNN's two threads win).
-EXPERT_ROWS_IN_C = 4
-
-
-class OneDNNStackedExperts(StackedExperts):
-    """``StackedExperts`` with each expert's gate|up and down matrices packed for oneDNN (same routing and math)."""
-
-    def __init__(self, experts: StackedExperts):
-        nn.Module.__init__(self)  # not StackedExperts.__init__: that would allocate the stacked weights again
-        self.intermediate_size = experts.intermediate_size
-        self.gate_up_packed = [pack(w) for w in experts.gate_up_proj.unbind(0)]
-        self.down_packed = [pack(w) for w in experts.down_proj.unbind(0)]
-        for e, (gate_up, down) in enumerate(zip(self.gate_up_packed, self.down_packed)):  # seen by .buffers()
-            self.register_buffer(f"gate_up_packed_{e}", gate_up, persistent=False)
-            self.register_buffer(f"down_packed_{e}", down, persistent=False)
-        E, two_I, hidden = experts.gate_up_proj.shape
-        self.gate_up_gemv = [native.for_packed(p, two_I, hidden) for p in self.gate_up_packed]
-        self.down_gemv = [native.for_packed(p, hidden, two_I // 2) for p in self.down_packed]
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.gate_up_packed)
-
-    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.gate_up_packed[e], self.gate_up_gemv[e])
-
-    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return packed_linear(h, self.down_packed[e], self.down_gemv[e])
-
-    def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        """Experts with a few rows (a decode step of several sequences) run in one C call that reads their packed
-        weights in place (``native.moe_experts_rows``) instead of two oneDNN calls each (mostly set-up at 1–4
-        rows); experts with more rows, and weights without a reader, go to oneDNN."""
-        few = [e for e, n in enumerate(counts) if 0 < n <= EXPERT_ROWS_IN_C and self.gate_up_gemv[e] is not None
-               and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()]
-        if not few or not native.supports(xs):
-            return super().grouped(xs, counts)
-        in_c = native.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)
-        outputs, start, few = [], 0, set(few)
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(in_c[start : start + n] if e in few else self.expert(e, xs[start : start + n]))
-                start += n
-        return outputs
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
-        destination[prefix + "down_proj"] = torch.stack([p.to_dense() for p in self.down_packed])
-
-    def _apply(self, fn, recurse=True):
-        return _refuse_conversion(self, fn, self.gate_up_packed[0].dtype)
 
 
 class OneDNNFusedLinear(nn.Module):
@@ -178,27 +121,13 @@ class OneDNNFusedLinear(nn.Module):
             destination[owner + part + ".weight"] = w.clone()
 
     def _apply(self, fn, recurse=True):
-        return _refuse_conversion(self, fn, self.packed.dtype)
+        return refuse_conversion(self, fn, self.packed.dtype)
 
     def extra_repr(self) -> str:
         return f"{' | '.join(self.part_names)}: {self.sizes}, dtype={self.packed.dtype}, packed"
 
 
-def fuse(module: nn.Module, name: str, part_names: tuple[str, ...]) -> bool:
-    """Replace ``module``'s packed linears ``part_names`` (same input) by one fused module ``module.<name>``.
-    Leaves everything as it is (returns False) unless every part is an ``OneDNNLinear`` of the same dtype."""
-    parts = {n: getattr(module, n, None) for n in part_names}
-    if not all(isinstance(p, OneDNNLinear) for p in parts.values()):
-        return False
-    if len({p.packed.dtype for p in parts.values()}) != 1:
-        return False
-    setattr(module, name, OneDNNFusedLinear(parts, name))
-    for n in part_names:
-        delattr(module, n)
-    return True
-
-
-def _refuse_conversion(module: nn.Module, fn, dtype: torch.dtype) -> nn.Module:
+def refuse_conversion(module: nn.Module, fn, dtype: torch.dtype) -> nn.Module:
     """``Module._apply`` for packed modules: a no-op conversion (``.cpu()``, ``.to(same dtype)``) is fine; a real one
     (``.float()``, ``.cuda()``) cannot be done to a packed weight, so it is refused instead of half-applied."""
     probe = fn(torch.zeros(1, dtype=dtype))
@@ -208,9 +137,9 @@ def _refuse_conversion(module: nn.Module, fn, dtype: torch.dtype) -> nn.Module:
                        f"{probe.device}; load the checkpoint again with kimi_lm.load(path, dtype=..., device=...)")
 
 
-def use_onednn_linears(model: nn.Module) -> int:
-    """Swap every plain bias-free ``nn.Linear`` and ``StackedExperts`` of ``model`` (not a weight tied to another
-    module) for its packed version. Returns how many were swapped."""
+def pack_linears(model: nn.Module, experts_class=None) -> int:
+    """Swap every plain bias-free ``nn.Linear`` of ``model`` (not a weight tied to an embedding) for ``OneDNNLinear``,
+    and every plain ``StackedExperts`` for ``experts_class(experts)`` if given. Returns how many were swapped."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     swapped = 0
     trim = malloc.ReleaseEvery(16 << 20)
@@ -220,23 +149,18 @@ def use_onednn_linears(model: nn.Module) -> int:
         module = model.get_submodule(name)
         if type(module) is nn.Linear and module.bias is None and id(module.weight) not in tied:
             new: nn.Module = OneDNNLinear(module)
-        elif type(module) is StackedExperts:
-            new = OneDNNStackedExperts(module)
+        elif type(module) is StackedExperts and experts_class is not None:
+            new = experts_class(module)
         else:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1
-        nbytes = _nbytes(module)
+        nbytes = module_nbytes(module)
         del module  # the last reference to the plain weight: its pages go back every 16 MiB, not at the end
         trim.freed(nbytes)
-    for module in model.modules():  # then merge the products that share an input (modules say which)
-        if hasattr(module, "fuse_projections"):
-            before = _nbytes(module)
-            module.fuse_projections()
-            trim.freed(before)  # the separately packed parts (and the dense copies fusing made) are gone
     return swapped
 
 
-def _nbytes(module: nn.Module) -> int:
+def module_nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

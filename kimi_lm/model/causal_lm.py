@@ -32,17 +32,21 @@ class CausalLM(nn.Module):
         and the full [T, 163840] matrix of the real model is 1.3 GB per 2048-token chunk in fp32.
         """
         check_forward_inputs(input_ids, cache, logits_to_keep)
-        h = self.decoder_stack(self.model.embed_tokens(input_ids), cache)
+        T = input_ids.shape[1]
+        positions = (torch.arange(T, device=input_ids.device)[None] if cache is None
+                     else cache.positions(T, input_ids.device))  # [B or 1, T]
+        h = self.decoder_stack(self.model.embed_tokens(input_ids), cache, positions)
         if cache is not None:
             cache.offset += input_ids.shape[1]
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(h))
 
-    def decoder_stack(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
-        """Embedding [B, T, D] -> input of the final norm [B, T, D]: the layers in order, each with its cache."""
+    def decoder_stack(self, h: torch.Tensor, cache: ModelCache | None, positions: torch.Tensor) -> torch.Tensor:
+        """Embedding [B, T, D] at ``positions`` [B or 1, T] -> input of the final norm [B, T, D]: the layers in order,
+        each with its cache."""
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, None if cache is None else cache[i])
+            h = layer(h, None if cache is None else cache[i], positions)
         return h
 
     def make_cache(self, batch_size: int = 1) -> ModelCache:

@@ -49,8 +49,9 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cache=None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cache)
+    def forward(self, h: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, D] at absolute ``positions`` [B or 1, T] (rotary MLA needs them) -> [B, T, D]."""
+        h = h + self.self_attn(self.input_layernorm(h), cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -64,7 +64,8 @@ class DecoderLayer(nn.Module):
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
         return ffn(self.post_attention_layernorm(h))
 
-    def forward(self, h: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, D] -> [B, T, D]; ``positions`` unused: KDA and NoPE MLA encode no positions."""
         h = h + self.attention(h, cache)
         return h + self.feed_forward(h)
 
@@ -84,10 +85,10 @@ class KimiLinearForCausalLM(CausalLM):
     def __init__(self, config: KimiLinearConfig):
         super().__init__(config, KimiLinearModel(config))
 
-    def decoder_stack(self, h: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+    def decoder_stack(self, h: torch.Tensor, cache: ModelCache | None, positions: torch.Tensor) -> torch.Tensor:
         """The layers, or with Block AttnRes: embedding [B, T, D] -> input of the final norm [B, T, D]."""
         if not self.config.attn_res_block_size:
-            return super().decoder_stack(h, cache)
+            return super().decoder_stack(h, cache, positions)
         state = BlockAttnRes(h, block_size_in_sublayers(self.config.attn_res_block_size), self.config.rms_norm_eps)
         for i, layer in enumerate(self.model.layers):
             x = state.input(layer.self_attention_res_proj, layer.self_attention_res_norm)

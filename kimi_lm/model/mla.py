@@ -38,17 +38,6 @@ from kimi_lm.model.rope import RotaryEmbedding
 ABSORB_MAX_QUERY = 16
 
 
-def _bucketed(cache, history: torch.Tensor) -> torch.Tensor:
-    """The cached history to attend over in absorbed form: for bf16/fp16, rounded up to a multiple of 64 tokens
-    with spare (masked) buffer rows. Half-precision matmuls run on oneDNN, which JIT-builds a kernel for every new
-    shape (≈ 0.5 ms here), and a decode step's history grows by one token per step; with 64-token buckets one
-    kernel serves 64 steps. fp32 runs on MKL, which builds nothing per shape, so it keeps the exact length."""
-    if history.dtype == torch.float32 or not hasattr(cache, "padded"):
-        return history
-    padded = cache.padded(64)
-    return history if padded is None else padded
-
-
 class MultiheadLatentAttention(nn.Module):
     def __init__(self, config: KimiLinearConfig, rope: RotaryEmbedding | None = None):
         """``config``: any config with the MLA keys (Kimi Linear or K2); ``rope``: None for NoPE."""
@@ -74,53 +63,44 @@ class MultiheadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.latent_dim, eps=1e-6)
         self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=False)
-        self.in_proj = None  # inference: the query and latent projections of x as one product (ops/onednn.py)
 
-    def fuse_projections(self) -> None:
-        from kimi_lm.ops.onednn import OneDNNLinear, fuse
-
-        fuse(self, "in_proj", ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa"))
-        # weights are final: keep the absorbed form's two halves of kv_b contiguous (the naive form's product reads
-        # kv_b itself, packed for oneDNN); a quantized kv_b is rebuilt per call instead (``_absorb``)
-        kv_b = self.kv_b_proj
-        if type(kv_b) is nn.Linear or type(kv_b) is OneDNNLinear:
-            weight = kv_b.weight.detach() if type(kv_b) is nn.Linear else kv_b.dense_weight()
-            self.__dict__["_absorb_weights"] = self._split_kv_b(weight, contiguous=True)
-
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)): the two products that read x."""
-        if self.in_proj is not None:
-            return self.in_proj(x).split(self.in_proj.sizes, dim=-1)
         return (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x), self.kv_a_proj_with_mqa(x)
 
     def make_cache(self, batch_size: int, dtype: torch.dtype, device) -> MLACache:
         return MLACache(batch_size, self.latent_dim + self.pe_dim, dtype, device)
 
-    def _queries(self, q_in: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """q_in = the first output of ``_project`` for tokens at positions start … start + T − 1
-        -> q [B, T, H, 192] (q_pe rotated)."""
+    def _queries(self, q_in: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """q_in = the first output of ``project`` for tokens at ``positions`` [B or 1, T] -> q [B, T, H, 192]
+        (q_pe rotated)."""
         q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
         q = q.reshape(*q_in.shape[:2], self.num_heads, self.nope_dim + self.pe_dim)  # [B, T, H, 192]
         if self.rope is None:
             return q
         q_nope, q_pe = q.split([self.nope_dim, self.pe_dim], dim=-1)
-        return torch.cat([q_nope, self.rope(q_pe, start)], dim=-1)
+        return torch.cat([q_nope, self.rope(q_pe, positions)], dim=-1)
 
-    def latent(self, kv_in: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def latent(self, kv_in: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """kv_in = kv_a_proj_with_mqa(x) -> what the cache stores per token: [ĉ | k_pe],
         [B, T, kv_lora_rank + qk_rope_head_dim] (k_pe rotated)."""
         c, k_pe = kv_in.split([self.latent_dim, self.pe_dim], dim=-1)
         if self.rope is not None:
-            k_pe = self.rope(k_pe, start)
+            k_pe = self.rope(k_pe, positions)
         return torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
 
-    def forward(self, x: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, T, hidden]. With a cache, the T new tokens attend to all cached ones too."""
+    def forward(self, x: torch.Tensor, cache: MLACache | None = None, positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x [B, T, hidden] at absolute ``positions`` [B or 1, T] -> [B, T, hidden]. With a cache, the T new tokens
+        attend to all cached ones too. ``positions`` default to the tokens following the cached ones (the model passes
+        them explicitly: a sliding window stops its cache's length at the window, not the position)."""
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
-        q_in, kv_in = self._project(x)
-        q = self._queries(q_in, past)
-        latent = self.latent(kv_in, past)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=x.device)[None]
+        q_in, kv_in = self.project(x)
+        q = self._queries(q_in, positions)
+        latent = self.latent(kv_in, positions)
         if cache is not None:
             latent = cache.append(latent)  # [B, past + T, 576]
         if isinstance(latent, list):
@@ -128,10 +108,14 @@ class MultiheadLatentAttention(nn.Module):
             # history [S_b, 576], so nothing is padded or copied
             o = self.attend_absorbed(q, latent)
         elif cache is not None and T <= ABSORB_MAX_QUERY:
-            o = self.attend_absorbed(q, _bucketed(cache, latent), past)
+            o = self.attend_absorbed(q, self.decode_history(cache, latent), past)
         else:
             o = self.attend_naive(q, latent, past)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    def decode_history(self, cache: MLACache, history: torch.Tensor) -> torch.Tensor:
+        """The cached history [B, S, 576] the absorbed form attends over (a backend may pad it; see ``kimi_lm.cpu``)."""
+        return history
 
     def _split_kv_b(self, w: torch.Tensor, contiguous: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b's [H·(nope + v), latent] weight -> (W_UK [H, nope, latent], W_UVᵀ [H, latent, v]), views or copies."""
@@ -139,18 +123,11 @@ class MultiheadLatentAttention(nn.Module):
         w_uk, w_uv_t = w[:, : self.nope_dim], w[:, self.nope_dim :].transpose(1, 2)
         return (w_uk.contiguous(), w_uv_t.contiguous()) if contiguous else (w_uk, w_uv_t)
 
-    def _absorb(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, nope, latent], W_UVᵀ [H, latent, v]) in ``dtype`` for the absorbed form.
-
-        A packed inference model (``fuse_projections``) keeps contiguous copies made once at load: each decode product
-        then reads exactly its half of kv_b (one extra copy of kv_b in memory). Otherwise they are cut from the weight
-        per call: strided views in fp32 (MKL reads them in place), contiguous copies in half precision (the CPU
-        half-precision matmul copies a strided operand first anyway). A quantized kv_b_proj (kimi_lm.quant) is
-        rebuilt dense on the fly, as DeepSeek's reference does (weight_dequant), rather than kept as a second copy.
-        """
-        kept = self.__dict__.get("_absorb_weights")
-        if kept is not None and kept[0].dtype == dtype:
-            return kept
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, latent], W_UVᵀ [H, latent, v]) in ``dtype`` for the absorbed form, cut from kv_b's weight:
+        strided views in fp32, contiguous copies in half precision (a half-precision CPU matmul copies a strided
+        operand first anyway). A quantized kv_b_proj (kimi_lm.quant) is rebuilt dense on the fly, as DeepSeek's
+        reference does (weight_dequant), rather than kept as a second copy."""
         proj = self.kv_b_proj
         w = proj.dense_weight(dtype) if hasattr(proj, "dense_weight") else proj.weight.to(dtype)
         return self._split_kv_b(w, contiguous=dtype != torch.float32)
@@ -185,12 +162,12 @@ class MultiheadLatentAttention(nn.Module):
         """q [B, T, H, 192], latent [B, S, 576] (or a list of B histories [S_b, 576] of different lengths, each row's
         T queries being its last T positions) -> o [B, T, H, v_dim], attending in latent space.
 
-        The kv_b absorption runs once for all rows (weights from ``_absorb``); only the attention over each row's own
+        The kv_b absorption runs once for all rows (weights from ``absorbed_weights``); only the attention over each row's own
         history is per row.
         """
         B, T, H, _ = q.shape
         nope, C = self.nope_dim, self.latent_dim
-        w_uk, w_uv_t = self._absorb(latent[0].dtype if isinstance(latent, list) else latent.dtype)
+        w_uk, w_uv_t = self.absorbed_weights(latent[0].dtype if isinstance(latent, list) else latent.dtype)
         q_nope, q_pe = q.split([nope, self.pe_dim], dim=-1)
         q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, nope), w_uk)  # W_UKᵀ q_nope, per head
         q_latent = q_latent.view(H, B, T, C).transpose(0, 1)  # [B, H, T, 512]
@@ -198,29 +175,20 @@ class MultiheadLatentAttention(nn.Module):
         # Per sequence: each cached row block latent[b] is contiguous while the batch stride of a view into the
         # growing cache buffer is not (bmm would copy the whole cache first), and ragged rows differ in length.
         o_latent = torch.stack([
-            self._attend_latent(q_full[b], latent[b], T, latent[b].shape[0] - T if past is None else past)
+            self.attend_latent(q_full[b], latent[b], T, latent[b].shape[0] - T if past is None else past)
             for b in range(B)])  # Σ_s p_s ĉ_s: [B, H·T, 512]
         o_latent = o_latent.reshape(B, H, T, C).transpose(0, 1).reshape(H, B * T, C)
         o = torch.bmm(o_latent, w_uv_t)  # W_UV ô: [H, B·T, v_dim]
         return o.reshape(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # [B, T, H, v_dim]
 
-    def _attend_latent(self, q_full: torch.Tensor, history: torch.Tensor, T: int, past: int) -> torch.Tensor:
-        """One sequence: q_full [H·T, 576] against its history [S, 576] -> Σ_s p_s ĉ_s [H·T, 512]."""
+    def attend_latent(self, q_full: torch.Tensor, history: torch.Tensor, T: int, past: int) -> torch.Tensor:
+        """One sequence: q_full [H·T, 576] against its history [S, 576] (rows past ``past + T`` are padding)
+        -> Σ_s p_s ĉ_s [H·T, 512]."""
         S = history.shape[0]
-        if T == 1 and S == past + 1 and history.dtype == torch.float32:
-            # fp32 decode over exactly its history: SDPA's fused CPU kernel reads the history once per block for both
-            # products instead of twice (measured cold, 4 heads at 1k tokens: 515 -> 421 µs; 32 heads: 3.3 -> 2.9 ms
-            # at 4k, 30 -> 21 ms at 32k). In bf16 it is slower than the two matmuls below, so fp32 only.
-            o = F.scaled_dot_product_attention(q_full[None, None], history[None, None], history[None, None],
-                                               scale=self.scale)
-            return o[0, 0, :, : self.latent_dim]
         # both products take all 576 cached columns: a half-precision CPU matmul would copy a strided operand first
         scores = (q_full @ history.T).view(-1, T, S).float() * self.scale  # [H, T, S]
-        if T == 1:  # one query sees all its history: only spare bucket rows (if any) are masked, in one fill
-            scores[..., past + 1 :] = float("-inf")
-        else:
-            mask = self._causal_mask(T, S, past, q_full.device)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
+        mask = self._causal_mask(T, S, past, q_full.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).to(history.dtype).view(-1, S)
         return (probs @ history)[:, : self.latent_dim]

@@ -9,9 +9,8 @@ Router (DeepSeek-V3 "noaux_tc", spec §6.1), per token in fp32:
 
 Experts are stored stacked ([E, 2I, hidden] gate|up and [E, hidden, I] down; the checkpoint's per-expert
 ``w1/w3/w2`` are stacked on load). Dispatch sorts the (token, expert) pairs by expert and runs one matmul pair per
-active expert on its contiguous slice of tokens: no Python loop over tokens. One token (a decode step) on CPU is
-routed, SwiGLU'd and summed by C kernels (``TopkRouter.route_one``, ``SparseMoE._decode_native``;
-ops/kernels.c), the PyTorch code being their reference and fallback.
+active expert on its contiguous slice of tokens: no Python loop over tokens. This is the plain PyTorch form and the
+oracle of the CPU backend's ``kimi_lm.cpu.moe.CpuSparseMoE`` (routing, grouping and combining in C).
 
 References: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); transformers ``KimiLinearTopkRouter``; spec §6.
 """
@@ -22,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.model.layers import MLP, derived, swiglu
-from kimi_lm.ops import native
+from kimi_lm.model.layers import MLP
 
 
 class TopkRouter(nn.Module):
@@ -36,36 +34,13 @@ class TopkRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.renormalize, self.scaling = renormalize, scaling
 
-    def fp32_weight(self) -> torch.Tensor:
-        """The weight in fp32 (a bf16 model's router keeps its fp32 copy between decode steps)."""
-        w = self.weight
-        return w if w.dtype == torch.float32 else derived(self, "fp32", w, torch.Tensor.float)
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, overrides only this)."""
-        return F.linear(x.float(), self.fp32_weight())
-
-    def route_one(self, x: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
-        """``forward`` for one token x [1, hidden] as one C call (ops/native.py): (the k experts, weights [1, k]);
-        None where that does not apply (a quantized router, no kernels, autograd)."""
-        if type(self).logits is not TopkRouter.logits:
-            return None
-        w = self.fp32_weight()
-        if not native.supports(x, w, self.e_score_correction_bias):
-            return None
-        return native.moe_route(x, w, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                                self.renormalize, self.scaling)
+        """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, replaces only this)."""
+        return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k])."""
-        logits = self.logits(x)  # [N, E] fp32
-        # Inference: the selection below in one C call. Exact score ties (sigmoids saturated at 1.0) go to the lowest
-        # expert index there, while torch.topk's tie order is its own; a module in training mode keeps torch's
-        # choices, which the bias balancer (train/balance.py) counts.
-        if not self.training and native.supports(logits, self.e_score_correction_bias):
-            return native.moe_route_logits(logits, self.e_score_correction_bias, self.top_k, self.n_group,
-                                           self.topk_group, self.renormalize, self.scaling)
-        scores = logits.sigmoid()
+        scores = self.logits(x).sigmoid()  # [N, E] fp32
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(x.shape[0], self.n_group, -1)  # [N, groups, E / groups]
@@ -102,15 +77,8 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert e on x [n, hidden]."""
-        return self.down(e, swiglu(self.gate_up(e, x)))
-
-    def decode(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """One token: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]. The SwiGLU of all k runs at once
-        (fewer small ops per decode step)."""
-        gate, up = torch.cat([self.gate_up(e, x) for e in experts]).chunk(2, dim=-1)
-        h = F.silu(gate) * up  # [k, I]
-        out = torch.cat([self.down(e, h[i : i + 1]) for i, e in enumerate(experts)])  # [k, hidden]
-        return (weights @ out.float()).to(x.dtype)
+        gate, up = self.gate_up(e, x).chunk(2, dim=-1)
+        return self.down(e, F.silu(gate) * up)
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """xs [rows, hidden] grouped by expert (``counts`` rows each) -> each active expert's output, in order."""
@@ -121,31 +89,19 @@ class StackedExperts(nn.Module):
                 start += n
         return outputs
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                add: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x) (+ ``add``, the shared expert's output),
-        [N, hidden]."""
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden], idx / weights [N, k] -> Σ_k weight · expert(x), [N, hidden]."""
         N, k = idx.shape
-        if N == 1:  # decode: just the k chosen experts, no sorting
-            y = self.decode(x, idx[0].tolist(), weights)
-            return y if add is None else y + add
         flat = idx.flatten()
-        if native.supports(x) and idx.dtype == torch.int64 and idx.is_contiguous():  # the grouping below in one C call
-            xs, counts, slot_row = native.moe_dispatch(x, idx, self.num_experts)
-        else:
-            order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-            # row gathers as embedding lookups: on CPU ~2x faster than index_select and ~3x faster than x[rows]
-            xs = F.embedding(order // k, x)
-            slot_row = order.argsort()  # where each (token, slot) pair's output row is in the expert-sorted order
-        outputs = self.grouped(xs, counts)
-        if native.supports(weights, *outputs, *(() if add is None else (add,))):
-            return native.moe_combine(outputs, counts, flat, slot_row, weights, add)  # what follows, in one C call
+        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        # row gathers as embedding lookups: on CPU ~2x faster than index_select and ~3x faster than x[rows]
+        outputs = self.grouped(F.embedding(order // k, x), counts)
+        slot_row = order.argsort()  # where each (token, slot) pair's output row is in the expert-sorted order
         # back to (token, slot) order with a gather (cheaper than a scatter-add), then a weighted sum over slots
         # (the weighted sum runs in fp32, as the reference does, whatever the model dtype)
         out = F.embedding(slot_row, torch.cat(outputs)).view(N, k, -1).float()
-        y = (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
-        return y if add is None else y + add
+        return (weights.unsqueeze(1) @ out).squeeze(1).to(x.dtype)
 
 
 class SparseMoE(nn.Module):
@@ -159,27 +115,10 @@ class SparseMoE(nn.Module):
         self.shared_experts = MLP(hidden_size, intermediate_size * num_shared) if num_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if flat.shape[0] == 1 and (routed := self.gate.route_one(flat)) is not None:
-            return self._decode_native(flat, *routed).view(shape)
+        """x [..., hidden] -> [..., hidden]: routed experts' weighted sum plus the shared expert(s)."""
+        flat = x.reshape(-1, x.shape[-1])
         weights, idx = self.gate(flat)
-        shared = None if self.shared_experts is None else self.shared_experts(flat)
-        return self.experts(flat, idx, weights, add=shared).view(shape)
-
-    def _decode_native(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """One token, its routing done: the expert products as in ``StackedExperts.decode``, the SwiGLU and the
-        weighted sum plus the shared expert as one C call each. x [1, hidden] -> [1, hidden]."""
-        if type(self.experts).grouped is not StackedExperts.grouped:  # experts with their own few-rows path (C)
-            counts = [0] * self.experts.num_experts
-            for e in experts:
-                counts[e] = 1
-            by_expert = self.experts.grouped(x.expand(len(experts), -1).contiguous(), counts)  # ascending experts
-            rank = {e: i for i, e in enumerate(sorted(experts))}
-            out = [by_expert[rank[e]] for e in experts]  # k × [1, hidden]
-        else:
-            gate_up = [self.experts.gate_up(e, x) for e in experts]  # k × [1, 2I]
-            h = native.swiglu_rows(gate_up)  # [k, I]
-            out = [self.experts.down(e, h[i : i + 1]) for i, e in enumerate(experts)]  # k × [1, hidden]
-        shared = None if self.shared_experts is None else self.shared_experts(x)
-        return native.weighted_sum_rows(out, weights, shared)
+        y = self.experts(flat, idx, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(x.shape)

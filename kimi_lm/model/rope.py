@@ -83,12 +83,10 @@ class RotaryEmbedding:
     def from_config(cls, config) -> "RotaryEmbedding":
         return cls(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling, config.rope_interleave)
 
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, T, ..., dim] for tokens at positions start … start + T − 1 -> rotated x, same shape and dtype."""
-        T = x.shape[1]
-        pos = torch.arange(start, start + T, dtype=torch.float32, device=x.device)
-        angles = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # [T, dim/2]
-        shape = (T,) + (1,) * (x.dim() - 3) + (self.dim // 2,)
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ..., dim] for tokens at absolute ``positions`` [B or 1, T] -> rotated x, same shape and dtype."""
+        angles = positions.to(x.device, torch.float32)[..., None] * self.inv_freq.to(x.device)  # [B or 1, T, dim/2]
+        shape = angles.shape[:2] + (1,) * (x.dim() - 3) + (self.dim // 2,)
         cos = (angles.cos() * self.cos_sin_factor).view(shape)
         sin = (angles.sin() * self.cos_sin_factor).view(shape)
         xf = x.float()

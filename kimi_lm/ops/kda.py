@@ -31,8 +31,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kimi_lm.ops import native
-
 CHUNK_SIZE = 64
 SUB_CHUNK = 16
 # exp(±80) is well inside fp32 range (±88.7): factors up to e^80 keep full relative precision.
@@ -195,19 +193,14 @@ def kda_forward(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """KDA over T tokens, ``kda_chunked``'s contract: the C scan (``native.kda_scan``, the recurrence itself, one pass
-    over the state per token with the state in L1) for CPU inference, else ``kda_chunked`` (autograd, other devices,
-    no compiler, key dims above the kernel's limit). On 2 CPU cores at T = 1024, 4 heads of 128 the scan takes
-    ≈ 3 ms against ≈ 15–18 ms for the chunked form: the chunked form's extra arithmetic is small, but it spends its
-    time in ~70 tensor ops over [B, H, N, C, K] intermediates.
-    """
-    q32, k32, v32, g32, beta32 = (x.float().contiguous() for x in (q, k, v, g, beta))
-    given = () if initial_state is None else (initial_state,)
-    if k.shape[-1] > native.SCAN_MAX_K or not native.supports(q32, k32, v32, g32, beta32, *given):
+    """KDA over T tokens with ``kda_chunked``'s contract: one token (a decode step) takes the recurrent step (the
+    chunked form would pad it to a whole chunk), more take the chunked form. Neither changes ``initial_state``."""
+    if q.shape[1] != 1:
         return kda_chunked(q, k, v, g, beta, initial_state)
-    B, T, H, K = k.shape
-    state = q32.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.float().clone()
-    return native.kda_scan(q32, k32, v32, decay_exp(g32), beta32, state), state
+    B, _, H, K = k.shape
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float().clone()
+    o = kda_step(q[:, 0].float(), k[:, 0].float(), v[:, 0], g[:, 0].float(), beta[:, 0].float(), state)
+    return o.unsqueeze(1), state
 
 
 def kda_step(

@@ -1,0 +1,131 @@
+"""The CPU backend's mixture of experts: oneDNN-packed experts and the MoE block with routing, grouping and combining
+in C (``cpu/native.py``), swapped in for ``kimi_lm.model.moe``'s modules by ``kimi_lm.cpu.prepare``.
+
+``CpuSparseMoE`` computes what ``SparseMoE`` computes (the oracle in the tests) for inference:
+
+* one token (a decode step): the router in one C call (``moe_route``: product, sigmoid, group-limited top-k,
+  weights), the k experts' products (few-row experts in one C call that reads their packed weights in place), the
+  SwiGLU and the weighted sum plus shared expert in one call each;
+* many tokens: the selection from the router logits (``moe_route_logits``), the grouping by expert (a counting sort
+  and row gather, ``moe_dispatch``) and the weighted combine back to tokens with the shared expert
+  (``moe_combine``) in C; the expert products on oneDNN.
+
+Exact score ties (sigmoids saturated at 1.0) go to the lowest expert index in C, where torch.topk's tie order is its
+own; training (the bias balancer counts torch's choices) uses the plain model.
+
+Reference: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); spec ``shared/specs/kimi_linear.md`` §6.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimi_lm.cpu import native
+from kimi_lm.cpu.layers import swiglu
+from kimi_lm.cpu.onednn import pack, packed_linear, refuse_conversion
+from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
+
+# Rows per expert up to which it runs in C rather than oneDNN (the C kernel reads each weight once for up to 8 rows,
+# single-threaded per expert, experts shared among threads). Measured on 2 cores, all 16 experts with n rows each,
+# n = 1 / 2 / 4 / 8: bench preset (512 -> 256) bf16 0.23 / 0.32 / 0.56 / 0.98 ms in C vs 0.60 / 1.11 / 1.16 / 1.22 on
+# oneDNN, fp32 0.54 / 0.74 / 1.08 / 2.45 vs 1.31 / 2.58 / 2.57 / 3.01; Kimi-Linear-48B's experts (2304 -> 1024) bf16
+# 5.1 / 5.7 / 8.8 / 17.2 vs 10.0 / 9.1 / 8.9 / 10.9 (there 8 rows are compute, and oneDNN's two threads win).
+EXPERT_ROWS_IN_C = 4
+
+
+class OneDNNStackedExperts(StackedExperts):
+    """``StackedExperts`` with each expert's gate|up and down matrices packed for oneDNN (same routing and math)."""
+
+    def __init__(self, experts: StackedExperts):
+        nn.Module.__init__(self)  # not StackedExperts.__init__: that would allocate the stacked weights again
+        self.intermediate_size = experts.intermediate_size
+        self.gate_up_packed = [pack(w) for w in experts.gate_up_proj.unbind(0)]
+        self.down_packed = [pack(w) for w in experts.down_proj.unbind(0)]
+        for e, (gate_up, down) in enumerate(zip(self.gate_up_packed, self.down_packed)):  # seen by .buffers()
+            self.register_buffer(f"gate_up_packed_{e}", gate_up, persistent=False)
+            self.register_buffer(f"down_packed_{e}", down, persistent=False)
+        E, two_I, hidden = experts.gate_up_proj.shape
+        self.gate_up_gemv = [native.for_packed(p, two_I, hidden) for p in self.gate_up_packed]
+        self.down_gemv = [native.for_packed(p, hidden, two_I // 2) for p in self.down_packed]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up_packed)
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.gate_up_packed[e], self.gate_up_gemv[e])
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return packed_linear(h, self.down_packed[e], self.down_gemv[e])
+
+    def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Experts with a few rows (a decode step of several sequences) run in one C call that reads their packed
+        weights in place (``native.moe_experts_rows``) instead of two oneDNN calls each (mostly set-up at 1–4
+        rows); experts with more rows, and weights without a reader, go to oneDNN."""
+        few = [e for e, n in enumerate(counts) if 0 < n <= EXPERT_ROWS_IN_C and self.gate_up_gemv[e] is not None
+               and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()]
+        if not few or not native.supports(xs):
+            return super().grouped(xs, counts)
+        in_c = native.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)
+        outputs, start, few = [], 0, set(few)
+        for e, n in enumerate(counts):
+            if n:
+                outputs.append(in_c[start : start + n] if e in few else self.expert(e, xs[start : start + n]))
+                start += n
+        return outputs
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
+        destination[prefix + "down_proj"] = torch.stack([p.to_dense() for p in self.down_packed])
+
+    def _apply(self, fn, recurse=True):
+        return refuse_conversion(self, fn, self.gate_up_packed[0].dtype)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.down(e, swiglu(self.gate_up(e, x)))
+
+
+class CpuSparseMoE(SparseMoE):
+    """``SparseMoE`` for CPU inference: routing, grouping and combining in C (see the module docstring). Adopts the
+    plain module's router, experts and shared experts (same names, same state_dict)."""
+
+    def __init__(self, moe: SparseMoE):
+        nn.Module.__init__(self)
+        self.gate, self.experts, self.shared_experts = moe.gate, moe.experts, moe.shared_experts
+        # a plain router's weight in fp32 for the one-token C router (a bf16 model's router is bf16); a quantized
+        # router (kimi_lm.quant) computes its own logits and only the selection runs in C
+        plain_router = type(moe.gate) is TopkRouter
+        self.register_buffer("router_fp32", moe.gate.weight.detach().float().contiguous() if plain_router else None,
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        gate = self.gate
+        if flat.shape[0] == 1 and self.router_fp32 is not None:
+            experts, weights = native.moe_route(flat, self.router_fp32, gate.e_score_correction_bias, gate.top_k,
+                                                gate.n_group, gate.topk_group, gate.renormalize, gate.scaling)
+            return self._one_token(flat, experts, weights).view(x.shape)
+        weights, idx = native.moe_route_logits(gate.logits(flat).contiguous(), gate.e_score_correction_bias,
+                                               gate.top_k, gate.n_group, gate.topk_group, gate.renormalize, gate.scaling)
+        if flat.shape[0] == 1:
+            return self._one_token(flat, idx[0].tolist(), weights).view(x.shape)
+        xs, counts, slot_row = native.moe_dispatch(flat, idx, self.experts.num_experts)
+        outputs = [o.contiguous() for o in self.experts.grouped(xs, counts)]
+        shared = None if self.shared_experts is None else self.shared_experts(flat).contiguous()
+        return native.moe_combine(outputs, counts, idx.flatten(), slot_row, weights, shared).view(x.shape)
+
+    def _one_token(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """One token, its routing done: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]."""
+        if isinstance(self.experts, OneDNNStackedExperts):  # the k experts' products in one C call where it applies
+            counts = [0] * self.experts.num_experts
+            for e in experts:
+                counts[e] = 1
+            by_expert = self.experts.grouped(x.expand(len(experts), -1).contiguous(), counts)  # ascending experts
+            rank = {e: i for i, e in enumerate(sorted(experts))}
+            out = [by_expert[rank[e]].contiguous() for e in experts]  # k × [1, hidden]
+        else:
+            h = native.swiglu_rows([self.experts.gate_up(e, x).contiguous() for e in experts])  # [k, I]
+            out = [self.experts.down(e, h[i : i + 1]).contiguous() for i, e in enumerate(experts)]  # k × [1, hidden]
+        shared = None if self.shared_experts is None else self.shared_experts(x).contiguous()
+        return native.weighted_sum_rows(out, weights, shared)

@@ -1,0 +1,242 @@
+"""The CPU backend (kimi_lm/cpu) against the plain model it is applied to: every swapped module, and whole models.
+
+The plain module is the oracle: each test builds the prepared module from a plain one with the same weights and
+compares outputs (and the cache state a layer leaves behind) by relative error. fp32 differs only by summation order
+(≤ 1e-5); bf16 by where partial results are rounded (an output rounding, ≤ 1e-2).
+"""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import kimi_lm
+from conftest import rel_err
+from kimi_lm import cpu
+from kimi_lm.cpu import native, onednn
+from kimi_lm.cpu.kda import CpuKimiDeltaAttention
+from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
+from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
+from kimi_lm.cpu.moe import CpuSparseMoE, OneDNNStackedExperts
+from kimi_lm.model.moe import SparseMoE, StackedExperts
+
+pytestmark = pytest.mark.skipif(native.library() is None or not onednn.available(torch.float32, "cpu"),
+                                reason="no C compiler or no oneDNN here: the plain model is all there is")
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if onednn.available(torch.bfloat16, "cpu") else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    """dtype -> (prepared, plain) models with the same weights."""
+    return {dtype: (kimi_lm.load(hf_checkpoint, dtype=dtype), kimi_lm.load(hf_checkpoint, dtype=dtype, backend=None))
+            for dtype in DTYPES}
+
+
+def _layers(models, dtype, pick):
+    prepared, plain = models[dtype]
+    i = next(i for i, layer in enumerate(plain.model.layers) if pick(layer))
+    return prepared.model.layers[i], plain.model.layers[i], plain.config
+
+
+def test_prepare_swaps_every_hot_module_and_keeps_the_state_dict(models):
+    prepared, plain = models[torch.float32]
+    kinds = {type(m) for m in prepared.modules()}
+    assert {CpuKimiDeltaAttention, CpuMultiheadLatentAttention, CpuSparseMoE, CpuMLP, CpuRMSNorm,
+            OneDNNStackedExperts, onednn.OneDNNLinear} <= kinds
+    assert not any(type(m).__module__.startswith("kimi_lm.cpu") for m in plain.modules())  # backend=None: plain
+    assert prepared.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(prepared.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kda_layer_equals_plain_layer(models, dtype):
+    """Without a cache; then chunks through a cache: 50 tokens, 2 (shorter than the conv window: the history shifts),
+    1 (the decode kernel), 70, and decode steps of two rows; outputs, recurrent state and conv history."""
+    ours, plain, config = _layers(models, dtype, lambda layer: layer.is_kda)
+    ours, plain = ours.self_attn, plain.self_attn
+    assert isinstance(ours, CpuKimiDeltaAttention)
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        x = torch.randn(2, 33, config.hidden_size, generator=g).to(dtype)
+        assert rel_err(ours(x), plain(x)) <= TOL[dtype]
+        cache, reference = ours.make_cache(2, dtype, "cpu"), plain.make_cache(2, dtype, "cpu")
+        for T in (50, 2, 1, 70, 1, 1, 1):
+            x = torch.randn(2, T, config.hidden_size, generator=g).to(dtype)
+            assert rel_err(ours(x, cache), plain(x, reference)) <= TOL[dtype], T
+            assert rel_err(cache.state, reference.state) <= 1e-5 if dtype == torch.float32 else 2e-2, T
+            assert rel_err(cache.conv_state, reference.conv_state) <= TOL[dtype], T
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mla_layer_equals_plain_layer(models, dtype):
+    """Prefill without and with a cache, then decode steps (absorbed form; bf16 over a 64-token-bucketed history,
+    fp32 through SDPA)."""
+    ours, plain, config = _layers(models, dtype, lambda layer: not layer.is_kda)
+    ours, plain = ours.self_attn, plain.self_attn
+    assert isinstance(ours, CpuMultiheadLatentAttention) and ours.in_proj is not None and ours.w_uk is not None
+    g = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        x = torch.randn(2, 40, config.hidden_size, generator=g).to(dtype)
+        assert rel_err(ours(x), plain(x)) <= TOL[dtype]
+        cache, reference = ours.make_cache(2, dtype, "cpu"), plain.make_cache(2, dtype, "cpu")
+        for T in (30, 1, 1, 5, 1):
+            x = torch.randn(2, T, config.hidden_size, generator=g).to(dtype)
+            assert rel_err(ours(x, cache), plain(x, reference)) <= TOL[dtype], T
+        assert rel_err(cache.buffer[:, : cache.length], reference.buffer[:, : reference.length]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_and_mlp_equal_plain(models, dtype):
+    """One token (C router, few-row experts in C, weighted sum) and many (C selection, dispatch, combine)."""
+    ours, plain, config = _layers(models, dtype, lambda layer: layer.is_moe)
+    dense_ours, dense_plain, _ = _layers(models, dtype, lambda layer: not layer.is_moe)
+    assert isinstance(ours.block_sparse_moe, CpuSparseMoE) and isinstance(dense_ours.mlp, CpuMLP)
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for shape in [(1, 1), (1, 1), (1, 1), (3, 29), (2, 4)]:
+            x = torch.randn(*shape, config.hidden_size, generator=g).to(dtype)
+            assert rel_err(ours.block_sparse_moe(x), plain.block_sparse_moe(x)) <= TOL[dtype], shape
+            assert rel_err(dense_ours.mlp(x), dense_plain.mlp(x)) <= TOL[dtype], shape
+            assert rel_err(ours.input_layernorm(x), plain.input_layernorm(x)) <= TOL[dtype] / 10, shape
+
+
+@pytest.mark.parametrize("n_group,topk_group,renormalize", [(1, 1, True), (4, 2, True), (4, 2, False), (8, 8, True)])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_routing_in_c_chooses_and_weighs_like_the_plain_router(n_group, topk_group, renormalize, tokens):
+    """Group-limited selection with a correction bias large enough to change choices (selection ≠ weighting), over
+    plain (not packed) experts: the C router for one token, the C selection from the logits for many."""
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 32, 6, 16, 1, n_group, topk_group, renormalize, 2.5).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.3)
+        moe.gate.e_score_correction_bias.normal_(std=0.5)
+    ours = CpuSparseMoE(copy.deepcopy(moe))
+    x = torch.randn(tokens, 64)
+    with torch.inference_mode():
+        assert rel_err(ours(x), moe(x)) <= 1e-5
+        weights, idx = native.moe_route_logits(moe.gate.logits(x), moe.gate.e_score_correction_bias, 6, n_group,
+                                               topk_group, renormalize, 2.5)
+        want_weights, want_idx = moe.gate(x)
+    order, want_order = idx.argsort(1), want_idx.argsort(1)
+    assert torch.equal(idx.gather(1, order), want_idx.gather(1, want_order))
+    torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_packed_experts_equal_stacked_experts(dtype, tokens):
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 32, 24).to(dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=0.2)
+        experts.down_proj.normal_(std=0.2)
+    packed = OneDNNStackedExperts(experts)
+    x = torch.randn(tokens, 32).to(dtype)
+    idx = torch.stack([torch.randperm(4)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3)
+    with torch.no_grad():
+        assert rel_err(packed(x, idx, weights), experts(x, idx, weights)) <= TOL[dtype] / 10
+    state = packed.state_dict()
+    assert torch.equal(state["gate_up_proj"], experts.gate_up_proj) and torch.equal(state["down_proj"], experts.down_proj)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_experts_with_few_rows_in_c_equal_onednn(dtype, monkeypatch):
+    """Experts with 1–4 rows run in one C call (several rows per pass over the weights), the rest on oneDNN; each
+    expert's output as the per-expert oneDNN loop gives it."""
+    torch.manual_seed(0)
+    plain = StackedExperts(8, 96, 40)
+    with torch.no_grad():
+        plain.gate_up_proj.normal_(std=0.1)
+        plain.down_proj.normal_(std=0.1)
+    experts = OneDNNStackedExperts(plain.to(dtype))
+    counts = [1, 0, 3, 4, 9, 2, 0, 6]  # 1-4 rows: C; 6 and 9: oneDNN
+    xs = torch.randn(sum(counts), 96).to(dtype)
+    calls = []
+    real = native.moe_experts_rows
+    monkeypatch.setattr(native, "moe_experts_rows", lambda xs, counts, few, *a: calls.append(few) or real(xs, counts, few, *a))
+    with torch.inference_mode():
+        got = experts.grouped(xs, counts)
+        want = StackedExperts.grouped(experts, xs, counts)
+    assert calls == [[0, 2, 3, 5]]
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel_err(g, w) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_whole_model_fp32_prefill_and_cached_decode_equal_plain(models, token_ids, monkeypatch):
+    """Full forward, a prompt in two chunks, then decode steps of one row (router and expert kernels) and of two
+    (the KDA decode kernel takes both rows: its input comes from the norm kernel contiguous)."""
+    prepared, plain = models[torch.float32]
+    kda_rows = []
+    real = native.kda_decode
+    monkeypatch.setattr(native, "kda_decode", lambda proj, *a: kda_rows.append(proj.shape[0]) or real(proj, *a))
+    with torch.inference_mode():
+        assert rel_err(prepared(token_ids), plain(token_ids)) <= 1e-5
+        for ids in (token_ids[:1, :40], token_ids[:, :40]):
+            caches = [prepared.make_cache(ids.shape[0]), plain.make_cache(ids.shape[0])]
+            for chunk in (ids[:, :20], ids[:, 20:30]):
+                assert rel_err(prepared(chunk, cache=caches[0]), plain(chunk, cache=caches[1])) <= 1e-5
+            for t in range(30, 40):
+                got, want = prepared(ids[:, t : t + 1], cache=caches[0]), plain(ids[:, t : t + 1], cache=caches[1])
+                assert rel_err(got, want) <= 1e-5
+    assert set(kda_rows) == {1, 2}
+
+
+def test_bf16_backend_adds_no_error_beyond_bf16_itself(models, hf_checkpoint, token_ids):
+    """bf16 logits of a tiny random model flip expert choices on single roundings, so the prepared and plain bf16
+    models are compared by their distance from the fp32 model: the backend's must be as small (median, 10 %)."""
+    if torch.bfloat16 not in models:
+        pytest.skip("no bf16 oneDNN here")
+    prepared, plain = models[torch.bfloat16]
+    with torch.inference_mode():
+        exact = models[torch.float32][1](token_ids)
+        ours, reference = ((m(token_ids).float() - exact).abs().median() for m in (prepared, plain))
+    assert ours <= 1.1 * reference
+
+
+MODEL_DIR = Path(kimi_lm.__file__).parent / "model"
+FORBIDDEN = ("ctypes", "os", "kimi_lm.cpu", "kimi_lm.quant", "kimi_lm.checkpoint", "kimi_lm.server", "kimi_lm.cli",
+             "kimi_lm.generate", "kimi_lm.estimate", "kimi_lm.save", "kimi_lm.convert")
+
+
+def test_model_package_is_plain_pytorch():
+    """model/ imports no backend, quantization, checkpoint, server or CLI code (nor ctypes / os), directly or through
+    the kimi_lm modules it does import, and keeps no state in ``__dict__``."""
+    seen, todo = set(), [p for p in MODEL_DIR.glob("*.py")]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        source = path.read_text()
+        assert "__dict__" not in source and "environ" not in source, path
+        for node in ast.walk(ast.parse(source)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN), (path.name, name)
+                if name.startswith("kimi_lm."):
+                    target = Path(kimi_lm.__file__).parent.joinpath(*name.split(".")[1:])
+                    todo += [p for p in (target.with_suffix(".py"), target / "__init__.py") if p.exists()]
+    assert len(seen) > len(list(MODEL_DIR.glob("*.py")))  # it followed model/'s own kimi_lm imports
+
+
+def test_prepare_is_skipped_without_kernels_and_oneDNN_leaves_plain_modules(hf_checkpoint, monkeypatch):
+    """Without the C kernels, only what needs none is swapped (packed linears, fused MLA/MLP products); the model
+    still equals the plain one."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    prepared = kimi_lm.load(hf_checkpoint, dtype=torch.float32)
+    plain = kimi_lm.load(hf_checkpoint, dtype=torch.float32, backend=None)
+    kinds = {type(m) for m in prepared.modules()}
+    assert CpuKimiDeltaAttention not in kinds and CpuSparseMoE not in kinds and CpuRMSNorm not in kinds
+    assert onednn.OneDNNLinear in kinds
+    ids = torch.randint(0, plain.config.vocab_size, (1, 20))
+    with torch.inference_mode():
+        assert rel_err(prepared(ids), plain(ids)) <= 1e-5
+    assert cpu.prepare  # the entry point kimi_lm.load uses

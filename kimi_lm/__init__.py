@@ -39,6 +39,9 @@ def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto",
     """
     from kimi_lm.checkpoint import load as _load
     from kimi_lm.errors import UsageError
+    from kimi_lm.hub import resolve
+
+    path = resolve(path)  # "ORG/NAME[@REVISION]" that is no local path: from the Hugging Face Hub (kimi_lm.hub)
 
     if pack_weights is False:
         backend = None

@@ -112,9 +112,10 @@ def count_tool_calls(messages: list[dict]) -> int:
 class ToolCall:
     id: str  # canonical functions.<name>:<idx>
     name: str
-    arguments: str  # the raw JSON text, as generated
+    arguments: str  # the arguments as JSON text (Kimi format: as generated; XTML: re-serialised)
     parsed: dict | None = None  # the arguments as an object, None if they are not valid JSON
     error: str | None = None  # why the call is unusable (invalid JSON, unterminated, no name)
+    raw: str = ""  # the call's text as generated, markers included (a bad call's text is returned as content)
 
     def to_message(self) -> dict:
         """OpenAI / chat-template form, for the assistant message's ``tool_calls`` list."""
@@ -123,14 +124,19 @@ class ToolCall:
 
 @dataclass
 class ChatDelta:
+    """What a reply parser made certain: text by channel, good tool calls, and calls that could not be read (their
+    text is already in ``content``, where it stood in the reply)."""
+
     content: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_calls: list[ToolCall] = field(default_factory=list)
 
     def __iadd__(self, other: "ChatDelta") -> "ChatDelta":
         self.content += other.content
         self.reasoning += other.reasoning
         self.tool_calls += other.tool_calls
+        self.invalid_calls += other.invalid_calls
         return self
 
 
@@ -155,6 +161,7 @@ class ToolCallParser:
         self._buf = ""
         self._id = ""
         self._args = ""
+        self._raw = ""  # the open call's text as generated
 
     def _markers(self) -> tuple[str, ...]:
         """Markers to look for in the current state. Outside a section, stray call markers are matched too (and
@@ -202,8 +209,10 @@ class ToolCallParser:
             out.reasoning += text
         elif self.state == _CALL_ID:
             self._id += text
+            self._raw += text
         elif self.state == _CALL_ARGS:
             self._args += text
+            self._raw += text
         # _SECTION: only whitespace between calls is expected there; nothing of it is content
 
     def _transition(self, marker: str, out: ChatDelta) -> None:
@@ -218,9 +227,12 @@ class ToolCallParser:
             if in_call:
                 self._close_call(out, error=f"unterminated tool call (a new {CALL_BEGIN} came before {CALL_END})")
             self.state = _CALL_ID
+            self._raw = marker
         elif marker == ARGS_BEGIN and self.state == _CALL_ID:
             self.state = _CALL_ARGS
+            self._raw += marker
         elif marker == CALL_END and in_call:
+            self._raw += marker
             self._close_call(out)
             self.state = _SECTION
         elif marker in SECTION_END and (in_call or self.state == _SECTION):
@@ -230,8 +242,14 @@ class ToolCallParser:
         # anything else is a stray marker outside a section: dropped
 
     def _close_call(self, out: ChatDelta, error: str | None = None) -> None:
-        out.tool_calls.append(self._make_call(self._id.strip(), self._args.strip(), error))
-        self._id = self._args = ""
+        call = self._make_call(self._id.strip(), self._args.strip(), error)
+        call.raw = self._raw
+        if call.error is None:
+            out.tool_calls.append(call)
+        else:  # never dropped: the text stays in the reply as content (vLLM returns unparsable calls the same way)
+            out.content += call.raw
+            out.invalid_calls.append(call)
+        self._id = self._args = self._raw = ""
 
     def _make_call(self, raw_id: str, arguments: str, error: str | None) -> ToolCall:
         index = self.next_index
@@ -271,19 +289,55 @@ def partial_suffix_len(text: str, markers) -> int:
 
 def parse_assistant_message(text: str, first_index: int = 0, thinking: bool = False,
                             in_reasoning: bool = False) -> dict:
-    """A complete generated reply -> assistant message {role, content, [reasoning_content], [tool_calls]}.
-
-    Tool calls whose arguments are unusable are left out of ``tool_calls`` and listed under ``tool_call_errors``.
-    """
+    """A complete generated reply in the Kimi format -> assistant message (see :func:`message_from_delta`)."""
     parser = ToolCallParser(first_index, thinking, in_reasoning)
     delta = parser.feed(text)
     delta += parser.finish()
+    return message_from_delta(delta)
+
+
+def message_from_delta(delta: ChatDelta) -> dict:
+    """A whole reply's :class:`ChatDelta` -> {role, content, [reasoning_content], [tool_calls], [tool_call_errors]}.
+
+    Calls that could not be read stay in ``content`` as the text the model wrote and are listed under
+    ``tool_call_errors`` ({id, error}); ``tool_calls`` holds only usable ones.
+    """
     message: dict = {"role": "assistant", "content": delta.content}
     if delta.reasoning:
         message["reasoning_content"] = delta.reasoning
-    good = [c for c in delta.tool_calls if c.error is None]
-    if good:
-        message["tool_calls"] = [c.to_message() for c in good]
-    if len(good) < len(delta.tool_calls):
-        message["tool_call_errors"] = [{"id": c.id, "error": c.error} for c in delta.tool_calls if c.error]
+    if delta.tool_calls:
+        message["tool_calls"] = [c.to_message() for c in delta.tool_calls]
+    if delta.invalid_calls:
+        message["tool_call_errors"] = [{"id": c.id, "error": c.error} for c in delta.invalid_calls]
     return message
+
+
+def reply_parser(tokenizer, prompt_ids=(), first_index: int = 0):
+    """The streaming reply parser for ``tokenizer``'s chat format, primed by how the prompt ends: an XTML prompt
+    that opened ``think`` (thinking) or ``response``; a Kimi prompt that opened ``<think>`` (K2.5-style templates)."""
+    tail = tokenizer.decode(list(prompt_ids)[-32:]) if len(prompt_ids) else ""
+    if tokenizer.chat_format == "xtml":
+        from kimi_lm.xtml import RESPONSE_OPEN, XtmlReplyParser
+
+        return XtmlReplyParser(first_index, in_reasoning=not tail.endswith(RESPONSE_OPEN))
+    return ToolCallParser(first_index, thinking=tokenizer.has_thinking, in_reasoning=tail.endswith(THINK_BEGIN))
+
+
+def parse_reply(tokenizer, text: str, prompt_ids=(), first_index: int = 0) -> dict:
+    """A finished reply (the text ``generate`` returned for a chat prompt) -> assistant message with the reasoning
+    (``reasoning_content``), the answer (``content``) and ``tool_calls`` apart, in ``tokenizer``'s chat format."""
+    parser = reply_parser(tokenizer, prompt_ids, first_index)
+    delta = parser.feed(text)
+    delta += parser.finish()
+    return message_from_delta(delta)
+
+
+def builtin_template(name: str) -> str:
+    """A chat template shipped with kimi-lm (``kimi_lm/templates/NAME.jinja``), e.g. ``kimi-k2-thinking``."""
+    from importlib.resources import files
+
+    folder = files("kimi_lm") / "templates"
+    names = sorted(p.name.removesuffix(".jinja") for p in folder.iterdir() if p.name.endswith(".jinja"))
+    if name not in names:
+        raise ValueError(f"no built-in chat template {name!r}; built in: {', '.join(names)}")
+    return (folder / f"{name}.jinja").read_text(encoding="utf-8")

@@ -3,8 +3,10 @@
 Each turn renders the whole history with the chat template and generates with one :class:`PromptCache` kept across
 turns, so only the new tokens are prefilled (the cache resumes from the last exactly-restorable boundary; the reply
 the model generated is re-tokenised by the template and may differ from the sampled ids, which the cache handles).
-The reply streams as it is generated; tool calls are shown as ``[tool call functions.NAME:IDX {...}]`` lines and kept
-in the history with their canonical ids, never as raw marker text.
+The reply streams as it is generated, thinking apart from the answer (dimmed, or hidden with ``--hide-thinking``);
+tool calls are shown as ``[tool call functions.NAME:IDX {...}]`` lines and kept in the history with their canonical
+ids, never as raw marker text. The reply's reasoning is kept in the history as ``reasoning_content``: the chat
+format decides whether to render it (K2-Thinking drops it from earlier turns; K3 keeps it).
 
 Lines whose first word is a ``/command`` are handled here and never sent to the model: ``/help`` lists the
 commands, ``/reset`` clears the history, ``/exit`` (or Ctrl-D) quits; an unknown ``/x`` says so. A line that merely
@@ -16,11 +18,11 @@ from __future__ import annotations
 import re
 import sys
 
-from kimi_lm.chat import ToolCallParser, count_tool_calls
+from kimi_lm.chat import count_tool_calls, message_from_delta
 from kimi_lm.cli_args import (Parser, add_model_args, add_sampling_args, load_model_and_tokenizer, print_stats,
                               run_command, sampling_kwargs)
 from kimi_lm.errors import CheckpointError
-from kimi_lm.generate import stream_generate
+from kimi_lm.generate import ReplyPrinter, add_chat_args, stream_generate
 from kimi_lm.prompt_cache import PromptCache
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
@@ -35,37 +37,34 @@ def _parser() -> Parser:
     p.add_argument("--system", help="system message at the start of the conversation (unset: none)")
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--verbose", action="store_true", help="print speed and memory after each reply (default: off)")
+    add_chat_args(p)
     return p
 
 
-def _reply(model, tokenizer, messages: list[dict], pc: PromptCache, kwargs: dict, verbose: bool) -> dict:
+def _reply(model, tokenizer, messages: list[dict], pc: PromptCache, kwargs: dict, args) -> dict:
     """Generate, stream and return the assistant message for the conversation so far."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    parser = ToolCallParser(count_tool_calls(messages), thinking=tokenizer.has_thinking)
-    content, reasoning, calls = "", "", []
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **args.chat_template_config)
+    parser = tokenizer.reply_parser(ids, count_tool_calls(messages))
+    printer = ReplyPrinter(sys.stdout, hide_thinking=args.hide_thinking)
+    whole = parser.feed("")
     last = None
 
     def show(delta) -> None:
-        nonlocal content, reasoning
-        content += delta.content
-        reasoning += delta.reasoning
-        print(delta.reasoning + delta.content, end="", flush=True)
-        for call in delta.tool_calls:
-            calls.append(call)
-            print(f"\n[tool call {call.id} {call.arguments}]" + (f" ({call.error})" if call.error else ""), flush=True)
+        nonlocal whole
+        whole += delta
+        printer.show(delta)
+        for call in delta.invalid_calls:  # its text is in the reply; say why it is not a call
+            print(f"\n[unusable tool call: {call.error}]", flush=True)
 
     for last in stream_generate(model, tokenizer, ids, prompt_cache=pc, **kwargs):
         show(parser.feed(last.text))
     show(parser.finish())
-    print()
-    if verbose:
+    printer.finish()
+    if args.verbose:
         print_stats(last, out=sys.stdout)
-    message = {"role": "assistant", "content": content}
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    good = [c.to_message() for c in calls if c.error is None]
-    if good:
-        message["tool_calls"] = good
+    message = message_from_delta(whole)
+    message.pop("tool_call_errors", None)
     return message
 
 
@@ -81,7 +80,7 @@ def _main(argv) -> int:
     args = _parser().parse_args(argv)
     kwargs = sampling_kwargs(args)
     model, tokenizer = load_model_and_tokenizer(args)
-    if tokenizer.chat_template is None:
+    if not tokenizer.has_chat_format:
         raise CheckpointError(f"{args.model}: no chat template "
                               f"(chat_template.jinja or tokenizer_config.json 'chat_template')")
     start = [{"role": "system", "content": args.system}] if args.system else []
@@ -107,7 +106,7 @@ def _main(argv) -> int:
         if not word:
             continue
         messages.append({"role": "user", "content": line})
-        messages.append(_reply(model, tokenizer, messages, pc, kwargs, args.verbose))
+        messages.append(_reply(model, tokenizer, messages, pc, kwargs, args))
 
 
 def main(argv: list[str] | None = None) -> int:

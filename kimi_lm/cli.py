@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-prompt": ("kimi_lm.cache_prompt", "prefill a prompt once and save the state for generate"),
     "serve": ("kimi_lm.server", "OpenAI-compatible HTTP server (chat, completions, tools, batching)"),
     "train": ("kimi_lm.train.train", "pre-train a Kimi Linear model on text (Muon, WSD, Block AttnRes)"),
+    "download": ("kimi_lm.download", "fetch a model from the Hugging Face Hub (ORG/NAME) into its cache"),
 }
 EXIT_SIGPIPE, EXIT_SIGINT = 128 + 13, 128 + 2
 

@@ -51,8 +51,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from kimi_lm import DEFAULT_MODEL  # the package imports this module's users: resolve at call time
 
     p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="checkpoint directory (config.json, *.safetensors, tiktoken.model); default: the bundled "
-                        "tiny model trained on Python's documentation")
+                   help="checkpoint directory (config.json, *.safetensors, tiktoken.model) or Hugging Face Hub id "
+                        "ORG/NAME[@REVISION], fetched once into the Hub cache; default: the bundled tiny model "
+                        "trained on Python's documentation")
+    p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the config's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
@@ -94,16 +96,18 @@ def sampling_kwargs(args) -> dict:
 
 def load_model_and_tokenizer(args):
     from kimi_lm import load
+    from kimi_lm.hub import resolve
     from kimi_lm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)  # first: it fails fast and cheaply on a wrong directory
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")
-    return load(args.model, dtype=args.dtype, device=device), tokenizer
+    path = resolve(args.model, confirm=not args.yes)  # ORG/NAME from the Hub; args.model stays the name given
+    tokenizer = load_tokenizer(path)  # before the model: it fails fast and cheaply on a wrong directory
+    return load(path, dtype=args.dtype, device=device), tokenizer
 
 
 def read_prompt(source: str) -> str:

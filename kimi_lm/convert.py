@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from kimi_lm.checkpoint import ST_DTYPES, SafetensorsFile, weight_files, write_safetensors
 from kimi_lm.config import load_config
-from kimi_lm.errors import CheckpointError
+from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.files import atomic_dir
+from kimi_lm.hub import resolve
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
 from kimi_lm.quant.mlx_layout import dequantize_from_mlx, finish_float_copy, is_mlx_layout, quantize_to_mlx
 from kimi_lm.quant.packed import MODES, QuantSpec
@@ -129,7 +130,8 @@ def _plan_shard(f: SafetensorsFile, names: list[str], files: dict[str, Path], sh
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kimi-lm convert", description="Rewrite a checkpoint's weights in another format.")
-    p.add_argument("src", help="checkpoint directory to read")
+    p.add_argument("src", help="checkpoint directory to read, or a Hugging Face Hub id ORG/NAME[@REVISION]")
+    p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dequantize", action="store_true",
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.src = str(resolve(args.src, confirm=not args.yes))  # ORG/NAME: from the Hub (kimi_lm.hub)
         if args.quantize:
             return _quantize_main(args)
         if args.to_hf:
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary))
             return 0
         summary = dequantize_checkpoint(args.src, args.dst, _DTYPES[args.dtype], progress=not args.quiet)
-    except CheckpointError as exc:
+    except (CheckpointError, UsageError) as exc:
         print(f"kimi-lm convert: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {summary['dst']}: {summary['shards']} shard(s), {summary['fp8_weights']} FP8 weights dequantized "

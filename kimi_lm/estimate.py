@@ -33,6 +33,7 @@ from pathlib import Path
 from kimi_lm.config import K2_PRESETS, PRESETS, KimiK2Config, KimiLinearConfig, config_from_dict, preset, read_config_json
 from kimi_lm.errors import CheckpointError
 from kimi_lm.files import atomic_path
+from kimi_lm.hub import resolve
 from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor, kda_state_bytes, make_quant,  # noqa: F401
                             mha_bytes_per_token, mla_bytes_per_token, n_kda, prefill_activation_bytes, recorded_quant,
                             tensor_bytes, tensors, train_activation_bytes, train_state_bytes)
@@ -99,6 +100,9 @@ def load_source(config) -> Source:
     name, path = str(config), Path(config)
     if name in ALL_PRESETS:
         return make_source(preset(ALIASES.get(name, name)), name=name)
+    if (hub_path := resolve(config, ("config",))) != path:  # ORG/NAME[@REV]: its config.json from the Hub
+        raw = read_config_json(hub_path / "config.json")
+        return make_source(config_from_dict(raw, f"{name}/config.json"), raw, name, shard_bytes(hub_path))
     if path.is_dir():
         raw = read_config_json(path / "config.json")
         return make_source(config_from_dict(raw, str(path / "config.json")), raw, path.resolve().name, shard_bytes(path))
@@ -449,7 +453,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kimi-lm estimate", description="Memory for a Kimi model at a quantization, context and batch.")
-    p.add_argument("model", help=f"a preset ({', '.join(ALL_PRESETS)}), a config.json or a checkpoint directory")
+    p.add_argument("model", help=f"a preset ({', '.join(ALL_PRESETS)}), a config.json, a checkpoint directory "
+                                 "or a Hugging Face Hub id ORG/NAME[@REVISION] (its config.json alone is fetched)")
     p.add_argument("--quant", help=f"weight format: {', '.join(QUANT_NAMES)} (default: as the config records)")
     p.add_argument("--group-size", type=int, help="affine group: 32, 64 (default) or 128")
     p.add_argument("--context", help="tokens per sequence, comma-separated, e.g. 4k,128k,1M (default: 4k, 128k, max)")

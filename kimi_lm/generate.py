@@ -12,13 +12,18 @@ exactly-restorable prefix is reused and the cache is advanced in place, so a cha
 
 The command mirrors mlx-lm's ``generate``: the prompt goes through the chat template unless
 ``--ignore-chat-template``; text streams to stdout; prompt / generation speed and peak memory go to stderr. Its flag
-helpers live in :mod:`kimi_lm.cli_args`.
+helpers live in :mod:`kimi_lm.cli_args`. A chat reply is split as it streams (:class:`ReplyPrinter`): thinking is
+shown dimmed on a terminal, between ``[thinking]`` / ``[/thinking]`` lines otherwise, or not at all with
+``--hide-thinking``; tool calls print as ``[tool call ID ARGS]`` lines. In Python, :func:`kimi_lm.chat.parse_reply`
+splits a finished reply into ``reasoning_content``, ``content`` and ``tool_calls``.
 
 Reference: mlx-lm ``generate.py`` (stream_generate, GenerationResponse, CLI flags); gpt-fast ``generate.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -216,6 +221,66 @@ def generate(model, tokenizer, prompt, **kwargs) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
+# ---- showing a chat reply ------------------------------------------------------------------------------------------
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+class ReplyPrinter:
+    """Prints a parsed chat reply as it streams (``kimi-lm generate`` and ``chat``): thinking dimmed on a terminal,
+    between ``[thinking]`` and ``[/thinking]`` lines otherwise, or hidden; tool calls as ``[tool call ...]`` lines."""
+
+    def __init__(self, out=None, hide_thinking: bool = False, tty: bool | None = None):
+        self.out = out or sys.stdout
+        self.hide = hide_thinking
+        self.tty = self.out.isatty() if tty is None else tty
+        self.thinking = False  # inside a shown thinking block
+
+    def show(self, delta) -> None:
+        if delta.reasoning and not self.hide:
+            if not self.thinking:
+                self._write(DIM if self.tty else "[thinking]\n")
+                self.thinking = True
+            self._write(delta.reasoning)
+        if delta.content or delta.tool_calls:
+            self._end_thinking()
+        self._write(delta.content)
+        for call in delta.tool_calls:
+            self._write(f"\n[tool call {call.id} {call.arguments}]\n")
+
+    def finish(self) -> None:
+        self._end_thinking()
+        self._write("\n")
+
+    def _end_thinking(self) -> None:
+        if self.thinking:
+            self._write(RESET + "\n\n" if self.tty else "\n[/thinking]\n")
+            self.thinking = False
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
+def add_chat_args(p: Parser) -> None:
+    """Flags of the commands that render a chat (generate, chat)."""
+    p.add_argument("--chat-template-config", type=_json_object, default={}, metavar="JSON",
+                   help='extra chat-template arguments as a JSON object, e.g. \'{"thinking": false}\' or '
+                        '\'{"thinking_effort": "low"}\' (K3) (default: none)')
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="print only the answer, not the model's thinking (default: thinking is shown, dimmed)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 # ---- kimi-lm generate ----------------------------------------------------------------------------------------------
 def _parser() -> Parser:
     p = Parser(prog="kimi-lm generate", description="Generate text from a prompt with a Kimi Linear model.")
@@ -229,23 +294,26 @@ def _parser() -> Parser:
     p.add_argument("--prompt-cache-file", help="continue from a `kimi-lm cache-prompt` file (the prompt follows it; unset: start "
                         "from an empty state)")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt text as is (default: render it with the chat template)")
+    add_chat_args(p)
     return p
 
 
-def _prompt_ids(args, tokenizer, pc: PromptCache | None) -> list[int]:
-    """The full prompt. With a cache file, like mlx-lm: the cached tokens, then this prompt rendered as the
-    continuation of the cached (still open) user message."""
+def _prompt_ids(args, tokenizer, pc: PromptCache | None) -> tuple[list[int], bool]:
+    """The full prompt, and whether it is a chat prompt (its reply is parsed). With a cache file, like mlx-lm: the
+    cached tokens, then this prompt rendered as the continuation of the cached (still open) user message."""
     prompt = read_prompt(args.prompt_file or "-") if args.prompt_file or args.prompt == "-" else args.prompt
     if pc is not None:
         if pc.metadata.get("chat_template") == "open-user-message" and not args.ignore_chat_template:
             marker = "\x00kimi-lm-query\x00"
             text = tokenizer.apply_chat_template([{"role": "user", "content": marker}])
             prompt += text[text.index(marker) + len(marker) :]  # closes the cached user message
-        return pc.tokens + tokenizer.encode(prompt)
-    if not args.ignore_chat_template and tokenizer.chat_template is not None:
+            return pc.tokens + tokenizer.encode(prompt), True
+        return pc.tokens + tokenizer.encode(prompt), False
+    if not args.ignore_chat_template and tokenizer.has_chat_format:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    return tokenizer.encode(prompt)
+        return tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=True,
+                                             **args.chat_template_config), True
+    return tokenizer.encode(prompt), False
 
 
 def _main(argv) -> int:
@@ -256,13 +324,22 @@ def _main(argv) -> int:
     if pc is not None and args.max_kv_size is not None and args.max_kv_size != pc.max_kv_size:
         raise PromptCacheError(f"{args.prompt_cache_file}: made with max_kv_size {pc.max_kv_size}; "
                                f"--max-kv-size {args.max_kv_size} cannot change it")
-    ids = _prompt_ids(args, tokenizer, pc)
+    ids, chat = _prompt_ids(args, tokenizer, pc)
+    parser, printer = (tokenizer.reply_parser(ids), ReplyPrinter(hide_thinking=args.hide_thinking)) if chat else (
+        None, None)
     last = None
     for r in stream_generate(model, tokenizer, ids, prompt_cache=pc, max_kv_size=args.max_kv_size, stop=args.stop,
                              **kwargs):
-        print(r.text, end="", flush=True)
+        if parser:
+            printer.show(parser.feed(r.text))
+        else:
+            print(r.text, end="", flush=True)
         last = r
-    print()
+    if parser:
+        printer.show(parser.finish())
+        printer.finish()
+    else:
+        print()
     print_stats(last)
     return 0
 

@@ -5,6 +5,13 @@ Files read from a checkpoint directory (nothing is executed; ``tokenization_kimi
 * ``tiktoken.model``: one ``<base64 token bytes> <rank>`` per line; ranks are the ids 0 … N−1.
 * ``tokenizer_config.json``: ``added_tokens_decoder`` names special ids; ``eos_token``; optionally ``chat_template``.
 * ``chat_template.jinja`` (preferred over the config's ``chat_template``), rendered by :mod:`kimi_lm.chat`.
+* ``config.json``: only ``model_type``, which selects Kimi K3's XTML chat format for ``kimi_k3``.
+
+Chat format (:attr:`Tokenizer.chat_format`), decided by the checkpoint's own files, never by its directory name:
+``"xtml"`` (Kimi K3, rendered in Python by :mod:`kimi_lm.xtml`) when ``config.json`` says ``kimi_k3``, the chat
+template uses ``<|open|>``/``<|end_of_msg|>``, or there is no template and the tokenizer names K3's control tokens;
+otherwise ``"kimi"`` (``<|im_user|>`` … ``<|im_end|>``, the checkpoint's Jinja template). A K3 tokenizer whose
+config leaves its control tokens unnamed gets K3's names (:data:`kimi_lm.xtml.SPECIAL_TOKENS`).
 
 Special ids are N … N+257 (``num_reserved_special_tokens`` 256 + 2, as the official ``TikTokenTokenizer``): ids named
 in ``added_tokens_decoder`` get their names, the rest are ``<|reserved_token_{id}|>``. ``encode`` allows special
@@ -90,9 +97,17 @@ class Tokenizer:
     """Kimi tokenizer: ``encode``/``decode``, special ids, ``apply_chat_template`` and a streaming detokenizer."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], special_names: dict[int, str] | None = None,
-                 chat_template: str | None = None, eos_token: str = "[EOS]", name: str = "kimi"):
+                 chat_template: str | None = None, eos_token: str = "[EOS]", name: str = "kimi",
+                 model_type: str | None = None):
+        from kimi_lm.xtml import SPECIAL_TOKENS as K3_SPECIAL
+
         n = len(mergeable_ranks)
-        special_names = special_names or {}
+        special_names = dict(special_names or {})
+        if model_type == "kimi_k3":  # K3's control tokens, where the config leaves them unnamed
+            taken = set(special_names.values())
+            for off, token in K3_SPECIAL.items():
+                if n + off not in special_names and token not in taken:
+                    special_names[n + off] = token
         self.special_tokens = {special_names.get(i, f"<|reserved_token_{i}|>"): i
                                for i in range(n, n + NUM_SPECIAL_IDS)}
         self.encoding = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
@@ -103,9 +118,13 @@ class Tokenizer:
         self.chat_template = chat_template
         self.eos_token_id = self.special_tokens.get(eos_token)
         self.im_end_id = self.special_tokens.get("<|im_end|>")
+        self.end_of_msg_id = self.special_tokens.get("<|end_of_msg|>")
+        self.chat_format = _chat_format(model_type, chat_template, self.special_tokens)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path, chat_template: str | None = None) -> "Tokenizer":
+        """``chat_template``: use this template instead of the checkpoint's: a file path, or the name of one that
+        kimi-lm ships (``kimi-k2-thinking``, see :func:`kimi_lm.chat.builtin_template`)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint directory "
@@ -123,9 +142,13 @@ class Tokenizer:
             template = named.get("default")
         if template_file.is_file():
             template = template_file.read_text(encoding="utf-8")
+        if chat_template is not None:
+            template = _template_override(chat_template)
         eos = config.get("eos_token", "[EOS]")
         eos = eos.get("content", "[EOS]") if isinstance(eos, dict) else eos
-        return cls(ranks, names, template if isinstance(template, str) else None, eos_token=eos, name=str(path))
+        model_type = _read_tokenizer_config(path / "config.json").get("model_type")
+        return cls(ranks, names, template if isinstance(template, str) else None, eos_token=eos, name=str(path),
+                   model_type=model_type if isinstance(model_type, str) else None)
 
     # ---- ids <-> text -----------------------------------------------------------------------------------------
     def encode(self, text: str, allow_special_tokens: bool = True) -> list[int]:
@@ -161,14 +184,23 @@ class Tokenizer:
 
     @property
     def stop_token_ids(self) -> set[int]:
-        """Ids that end a chat turn: ``<|im_end|>`` (what the model is trained to emit) and the tokenizer's EOS."""
-        return {i for i in (self.im_end_id, self.eos_token_id) if i is not None}
+        """Ids that end a chat turn: ``<|im_end|>`` (Kimi) or ``<|end_of_msg|>`` (K3), what the model is trained to
+        emit, and the tokenizer's EOS."""
+        return {i for i in (self.im_end_id, self.end_of_msg_id, self.eos_token_id) if i is not None}
 
     @property
     def has_thinking(self) -> bool:
-        """True when the chat template knows ``<think>`` blocks (then generated reasoning is separated)."""
+        """True when the chat format has a thinking channel (K3's ``think``; a template with ``<think>`` blocks):
+        then generated reasoning is separated from the answer."""
         template = self.chat_template or ""
-        return "<think>" in template or "reasoning_content" in template
+        return self.chat_format == "xtml" or "<think>" in template or "reasoning_content" in template
+
+    def reply_parser(self, prompt_ids=(), first_index: int = 0):
+        """A streaming parser (``feed``/``finish`` -> :class:`~kimi_lm.chat.ChatDelta`) for replies to
+        ``prompt_ids`` in this tokenizer's chat format (see :func:`kimi_lm.chat.reply_parser`)."""
+        from kimi_lm.chat import reply_parser
+
+        return reply_parser(self, prompt_ids, first_index)
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
@@ -179,12 +211,29 @@ class Tokenizer:
         """Render ``messages`` with the checkpoint's chat template (jinja2 sandbox); ids if ``tokenize``."""
         from kimi_lm.chat import render_chat_template
 
+        if self.chat_format == "xtml":  # K3: rendered in Python, tokenised per segment as the reference does
+            from kimi_lm.xtml import render_segments
+
+            segments = render_segments(messages, tools, add_generation_prompt, **kwargs)
+            if not tokenize:
+                return "".join(text for text, _ in segments)
+            missing = {text for text, special in segments if special and text not in self.special_tokens}
+            if missing:
+                raise ValueError(f"this tokenizer has no special token {sorted(missing)[0]} that Kimi K3's chat "
+                                 f"format needs (name it in tokenizer_config.json's added_tokens_decoder)")
+            return [i for text, special in segments
+                    for i in ([self.special_tokens[text]] if special else self.encode(text, False))]
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no 'chat_template' "
                              "in tokenizer_config.json); pass the prompt text directly")
         text = render_chat_template(self.chat_template, messages, tools=tools,
                                     add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text) if tokenize else text
+
+    @property
+    def has_chat_format(self) -> bool:
+        """True when :meth:`apply_chat_template` can render a conversation (a template, or K3's XTML)."""
+        return self.chat_format == "xtml" or self.chat_template is not None
 
 
 class StreamingDetokenizer:
@@ -207,9 +256,33 @@ class StreamingDetokenizer:
         return delta
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (``tiktoken.model`` + ``tokenizer_config.json``)."""
-    return Tokenizer.from_dir(path)
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (``tiktoken.model`` + ``tokenizer_config.json``); ``chat_template``
+    (a file, or a built-in name such as ``kimi-k2-thinking``) replaces the checkpoint's template."""
+    from kimi_lm.hub import resolve
+
+    return Tokenizer.from_dir(resolve(path, ("config", "tokenizer")), chat_template)
+
+
+def _template_override(source: str) -> str:
+    from kimi_lm.chat import builtin_template
+
+    if Path(source).is_file():
+        return Path(source).read_text(encoding="utf-8")
+    try:
+        return builtin_template(source)
+    except ValueError as exc:
+        raise CheckpointError(f"chat template {source!r}: not a file, and {exc}") from None
+
+
+def _chat_format(model_type: str | None, template: str | None, special_tokens: dict[str, int]) -> str:
+    """"xtml" for Kimi K3 (config, template content, or K3's control tokens and no template), else "kimi"."""
+    if model_type == "kimi_k3":
+        return "xtml"
+    if template is not None:
+        return "xtml" if "<|open|>" in template and "<|end_of_msg|>" in template else "kimi"
+    k3_tokens = ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>")
+    return "xtml" if all(t in special_tokens for t in k3_tokens) else "kimi"
 
 
 def _read_tokenizer_config(path: Path) -> dict:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kimi_lm.errors import CheckpointError
+from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.files import write_file
+from kimi_lm.hub import resolve
 
 SUMS = "SHA256SUMS"
 _BLOCK = 8 << 20
@@ -98,7 +99,8 @@ def verify(directory, progress: bool = True) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kimi-lm verify", description="Check a checkpoint directory against SHA256SUMS.")
-    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("dir", help="checkpoint directory, or a Hugging Face Hub id ORG/NAME[@REVISION] to fetch and check")
+    p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("--write", action="store_true", help=f"create {SUMS} from the files present instead of checking")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -113,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             path = write_sums(args.dir, progress=not args.quiet)
             print(f"wrote {path}")
         else:
-            n = verify(args.dir, progress=not args.quiet)
+            n = verify(resolve(args.dir, confirm=not args.yes), progress=not args.quiet)
             print(f"{args.dir}: all {n} file(s) match {SUMS}")
-    except CheckpointError as exc:
+    except (CheckpointError, UsageError) as exc:
         print(f"kimi-lm verify: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,10 @@ merges like "12345" exist that Kimi's ``\p{N}{1,3}`` rule must never let the enc
 base vocabulary with the real model's offsets (``<|im_end|>`` = base + 2, …); the model's embedding has base + 256
 rows, so — as in Kimi Linear, whose ids 163840/163841 exceed the 163840-row embedding — the last two special ids
 cannot be fed to the model.
+
+:func:`k3_chat_checkpoint` is the same tiny model with a Kimi K3 tokenizer instead: K3's special tokens (``<|open|>``,
+``<|close|>``, ``<|sep|>``, ``<|end_of_msg|>`` at base + 3, 4, 5, 2) and no Jinja template, so the XTML chat format
+is selected from the tokenizer's own files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from checkpoints import randomize_
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.train.bpe import write_tokenizer
+from kimi_lm.xtml import SPECIAL_TOKENS as K3_SPECIAL_TOKENS
 
 TEMPLATE = Path(__file__).parent / "data" / "kimi-linear-48b-a3b-instruct.chat_template.jinja"
 CORPUS = (
@@ -84,6 +89,31 @@ def chat_checkpoint(tmp_path_factory, seed: int = 0) -> Path:
         ranks = train_bpe(CORPUS, merges=60)
         directory = build_model_dir(tmp_path_factory.mktemp(f"chat_{key}"), len(ranks) + 256, seed)
         write_tokenizer(directory, ranks, TEMPLATE.read_text())
+        _BUILT[key] = directory
+    return _BUILT[key]
+
+
+def write_k3_tokenizer(directory: Path, ranks: dict[bytes, int], named: bool = True,
+                       model_type: str | None = None) -> int:
+    """A K3-layout tokenizer: ``tiktoken.model`` + ``tokenizer_config.json`` naming K3's special ids (or none, with
+    ``named=False``); with ``model_type``, a ``config.json`` that says it."""
+    n = write_tokenizer(directory, ranks)
+    decoder = {str(n + off): {"content": name, "special": True} for off, name in K3_SPECIAL_TOKENS.items()}
+    config = {"added_tokens_decoder": decoder if named else {}, "bos_token": "[BOS]", "eos_token": "[EOS]",
+              "tokenizer_class": "TikTokenTokenizer"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if model_type:
+        (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return n
+
+
+def k3_chat_checkpoint(tmp_path_factory, seed: int = 0) -> Path:
+    """The tiny chat model with a K3 tokenizer (XTML chat format), built once per session and seed."""
+    key = f"k3_seed{seed}"
+    if key not in _BUILT:
+        ranks = train_bpe(CORPUS, merges=60)
+        directory = build_model_dir(tmp_path_factory.mktemp(f"chat_{key}"), len(ranks) + 256, seed)
+        write_k3_tokenizer(directory, ranks)
         _BUILT[key] = directory
     return _BUILT[key]
 

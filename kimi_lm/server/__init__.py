@@ -130,7 +130,7 @@ def _main(argv) -> int:
     args = _parser().parse_args(argv)
     _check_flags(args)
     model, tokenizer = _load_without_a_thread_team(args)
-    if tokenizer.chat_template is None:
+    if not tokenizer.has_chat_format:
         logging.warning("%s has no chat template: /v1/chat/completions will answer 400", args.model)
     pool = pool_bytes_for(model, args.max_batch_size) if args.prompt_cache_bytes is None else args.prompt_cache_bytes
     engine = Engine(model, tokenizer, args.max_batch_size, args.max_kv_size, pool, args.prefill_step_size)

@@ -86,7 +86,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         k = (req.top_logprobs or 0) if req.logprobs else None
         q, seqs = await responses.submit(
             engine, lambda emit_for: translate.sequences(engine, config, req, prompt.ids, "messages", k, emit_for))
-        replies = responses.ChatReplies(tok, len(seqs), prompt.forced, prompt.first_call, k)
+        replies = responses.ChatReplies(tok, len(seqs), prompt.ids, prompt.forced, prompt.first_call, k)
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         reply = responses.Reply("chatcmpl", "chat.completion.chunk", config.model_name, include_usage)
         if req.stream:

@@ -69,7 +69,8 @@ class Message(_Body):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-    reasoning_content: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thinking (SGLang / older vLLM name)
+    reasoning: str | None = None  # the same (vLLM's current name)
 
 
 class FunctionDef(_Body):
@@ -134,7 +135,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    chat_template_kwargs: dict | None = None
+    chat_template_kwargs: dict | None = None  # e.g. {"thinking": false}, {"thinking_effort": "low"}
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    response_format: dict | None = None  # rendered by Kimi K3's format; the Kimi templates have no place for it
 
 
 class CompletionRequest(_Sampling):

@@ -6,8 +6,13 @@ streaming client that disconnects makes Starlette cancel the response generator;
 polling ``request.is_disconnected()`` while waiting. Either way the scheduler drops the request at its next chunk
 or step, even in the middle of a long prefill.
 
-Chat replies go through :class:`~kimi_lm.chat.ToolCallParser` (tool-call markers -> ``tool_calls``, thinking ->
-``reasoning_content``); a reply that made a good tool call finishes with ``"tool_calls"``.
+Chat replies go through the tokenizer's reply parser (:class:`~kimi_lm.chat.ToolCallParser`, or
+:class:`~kimi_lm.xtml.XtmlReplyParser` for Kimi K3): tool-call markers -> ``tool_calls``; thinking -> both
+``reasoning`` (vLLM's current name) and ``reasoning_content`` (SGLang's and older vLLM's), the same text, on messages
+and stream deltas. A reply that made a usable tool call finishes with ``"tool_calls"``. A tool call that cannot be
+read (invalid JSON arguments, no name, unterminated) is not dropped: its text, markers included, stays in
+``content`` where the model wrote it (what vLLM does when its tool parser fails), the server logs a warning, and
+only usable calls appear in ``tool_calls``.
 
 References: OpenAI API reference (chat.completion(.chunk), text_completion, usage, logprobs); vLLM
 ``entrypoints/openai/serving_chat.py`` (chunk layout, the usage chunk).
@@ -17,15 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
 from fastapi.responses import StreamingResponse
 
-from kimi_lm.chat import ToolCallParser
 from kimi_lm.server.engine import Event, Sequence
 from kimi_lm.server.protocol import APIError
 
+log = logging.getLogger("kimi_lm.server")
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
@@ -118,9 +124,10 @@ def _token_text(tok, t: int) -> tuple[str, list[int]]:
 class ChatReplies:
     """Turns each choice's events into chat deltas: content, reasoning and tool calls."""
 
-    def __init__(self, tok, n: int, forced: str, first_call: int, top_logprobs: int | None):
+    def __init__(self, tok, n: int, prompt_ids: list[int], forced: str, first_call: int, top_logprobs: int | None):
         self.tok, self.top_logprobs = tok, top_logprobs
-        self.parsers = [ToolCallParser(first_call, thinking=tok.has_thinking) for _ in range(n)]
+        prompt = prompt_ids[: len(prompt_ids) - len(tok.encode(forced))] if forced else prompt_ids
+        self.parsers = [tok.reply_parser(prompt, first_call) for _ in range(n)]
         self.called = [False] * n
         for p in self.parsers:  # the forced opening is part of the reply: the parser must see it
             p.feed(forced)
@@ -134,10 +141,11 @@ class ChatReplies:
         if d.content:
             delta["content"] = d.content
         if d.reasoning:
-            delta["reasoning_content"] = d.reasoning
-        calls = [c for c in d.tool_calls if c.error is None]
-        if calls:
-            delta["tool_calls"] = calls
+            delta["reasoning"] = delta["reasoning_content"] = d.reasoning
+        for bad in d.invalid_calls:
+            log.warning("unusable tool call returned as content: %s: %r", bad.error, bad.raw[:200])
+        if d.tool_calls:
+            delta["tool_calls"] = d.tool_calls
             self.called[i] = True
         finish = ev.finish_reason
         return delta, "tool_calls" if finish == "stop" and self.called[i] else finish
@@ -183,8 +191,8 @@ async def chat_body(reply: Reply, replies: ChatReplies, q, seqs, prompt_tokens: 
         delta, finish = replies.delta(i, ev)
         msg = choices[i]["message"]
         msg["content"] += delta.get("content", "")
-        if "reasoning_content" in delta:
-            msg["reasoning_content"] = msg.get("reasoning_content", "") + delta["reasoning_content"]
+        if "reasoning" in delta:
+            msg["reasoning"] = msg["reasoning_content"] = msg.get("reasoning", "") + delta["reasoning"]
         calls[i] += delta.get("tool_calls", [])
         if replies.top_logprobs is not None:
             lps[i].append(replies.logprobs(ev))

@@ -6,6 +6,13 @@ choice) and every failure is an :class:`APIError` naming the parameter. The chat
 (with tools and a forced tool-call opening for ``tool_choice``), and the sampling fields become one
 :class:`~kimi_lm.sample.Sampler` per choice (choice ``i`` seeded with ``seed + i``).
 
+Thinking switches: ``chat_template_kwargs`` go to the template as they are (``{"thinking": false}``, K3's
+``{"thinking_effort": "low"}``); ``reasoning_effort`` is mapped onto them (:data:`EFFORTS`): ``"none"`` sets
+``thinking=False`` (and ``enable_thinking=False``), other values pick K3's ``thinking_effort``. A template without a
+thinking switch (K2-Thinking always thinks) ignores them, as vLLM does. With Kimi K3's format, ``tool_choice`` and
+``response_format`` are written into the prompt as the reference encoder does (a named function: only that tool is
+declared, and a call is required).
+
 References: OpenAI API reference (chat/completions, completions); vLLM ``entrypoints/openai/serving_chat.py``.
 """
 
@@ -20,6 +27,7 @@ from kimi_lm.server.engine import Sequence
 from kimi_lm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_PROMPT_TOKENS = 32768
+EFFORTS = {"minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}  # -> K3
 
 
 @dataclass
@@ -47,9 +55,24 @@ class ChatPrompt:
     first_call: int  # index of the reply's first tool call (calls are numbered across the conversation)
 
 
+def template_kwargs(tok, req: ChatCompletionRequest) -> dict:
+    """``chat_template_kwargs`` with ``reasoning_effort`` mapped onto the template's thinking switches."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    effort = req.reasoning_effort
+    if effort == "none":
+        kwargs.setdefault("thinking", False)
+        kwargs.setdefault("enable_thinking", False)
+    elif effort is not None and tok.chat_format == "xtml":
+        kwargs.setdefault("thinking_effort", EFFORTS[effort])
+    if tok.chat_format == "xtml" and "enable_thinking" in kwargs:  # the common name for K3's "thinking"
+        kwargs.setdefault("thinking", kwargs.pop("enable_thinking"))
+    return kwargs
+
+
 def chat_prompt(tok, req: ChatCompletionRequest) -> ChatPrompt:
     """Render the messages (and tools) with the chat template and encode them."""
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    xtml = tok.chat_format == "xtml"
     for m in messages:
         for call in m.get("tool_calls") or []:  # the template wants arguments as the JSON text the model wrote
             if isinstance(call["function"]["arguments"], dict):
@@ -58,21 +81,27 @@ def chat_prompt(tok, req: ChatCompletionRequest) -> ChatPrompt:
     choice = req.tool_choice
     first = count_tool_calls(messages)
     forced = ""
+    kwargs = template_kwargs(tok, req)
     if choice not in (None, "none", "auto") and not tools:
         raise APIError("tool_choice needs tools", "tool_choice")
-    if choice == "required":  # the reply must open a call; the model picks the function
-        forced = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions."
-    elif choice not in (None, "none", "auto"):
+    if choice not in (None, "none", "auto", "required"):
         name = choice.function["name"]
         if name not in {t["function"]["name"] for t in tools}:
             raise APIError(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
-        forced = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions.{name}:{first}{ARGS_BEGIN}"
+    if xtml:  # K3 states tool_choice and response_format in the prompt
+        if choice not in (None, "none", "auto", "required"):
+            tools, choice = [t for t in tools if t["function"]["name"] == choice.function["name"]], "required"
+        kwargs.update(tool_choice=choice, response_format=req.response_format)
+    elif choice == "required":  # the reply must open a call; the model picks the function
+        forced = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions."
+    elif choice not in (None, "none", "auto"):
+        forced = f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions.{choice.function['name']}:{first}{ARGS_BEGIN}"
     try:
-        text = tok.apply_chat_template(messages, tools=None if choice == "none" else tools,
-                                       add_generation_prompt=True, **(req.chat_template_kwargs or {}))
+        ids = tok.apply_chat_template(messages, tools=None if choice == "none" and not xtml else tools,
+                                      add_generation_prompt=True, tokenize=True, **kwargs)
     except ValueError as exc:
-        raise APIError(str(exc), "messages") from None
-    return ChatPrompt(tok.encode(text + forced), forced, first)
+        raise APIError(str(exc), "chat_template_kwargs" if "thinking_effort" in str(exc) else "messages") from None
+    return ChatPrompt(ids + tok.encode(forced), forced, first)
 
 
 def completion_prompts(tok, req: CompletionRequest) -> list[list[int]]:

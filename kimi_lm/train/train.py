@@ -38,6 +38,7 @@ from tqdm import tqdm
 from kimi_lm import DEFAULT_MODEL
 from kimi_lm.config import K2_PRESETS, PRESETS, KimiLinearConfig, load_config, preset
 from kimi_lm.errors import CheckpointError, UsageError
+from kimi_lm.hub import resolve
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.train.balance import ExpertBiasBalancer
 from kimi_lm.train.data import PackedData, find_files
@@ -159,6 +160,9 @@ def train(args) -> dict:
         raise UsageError(f"--out {out}: no checkpoint to resume from (expected step-* directories from kimi-lm train)")
     if existing and not args.resume:
         raise UsageError(f"--out {out}: already holds checkpoints; pass --resume to continue or choose a new --out")
+    if not args.resume:  # ORG/NAME[@REVISION] that is no local path: from the Hugging Face Hub (kimi_lm.hub)
+        args.config = str(resolve(args.config, ("config",)))
+        args.tokenizer = args.tokenizer and str(resolve(args.tokenizer, ("config", "tokenizer")))
     if args.tokenizer and not args.resume and not Path(args.tokenizer).is_dir():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such directory")
     # a resumed run keeps the tokenizer it started with: the one saved in its checkpoint
@@ -258,11 +262,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kimi-lm train", description="Pre-train a Kimi Linear model on text files.")
-    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json (default tiny)")
+    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}), a config.json or a Hub id "
+                                                    "ORG/NAME (its config.json; default tiny)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text files (.txt/.md/.rst), chat files (.jsonl with 'messages') or directories of them")
-    p.add_argument("--tokenizer", help="directory with tiktoken.model + tokenizer_config.json (default: the bundled "
-                                       "model's; --resume uses the checkpoint's)")
+    p.add_argument("--tokenizer", help="directory with tiktoken.model + tokenizer_config.json, or a Hub id ORG/NAME "
+                                       "(default: the bundled model's; --resume uses the checkpoint's)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)

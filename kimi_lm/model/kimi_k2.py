@@ -10,11 +10,12 @@
 
 Kimi K2 is this architecture with ``model_type`` ``kimi_k2`` (384 experts, 64 heads, one dense layer, n_group 1).
 Module and parameter names follow the checkpoints (``model.layers.N.self_attn.*``, ``model.layers.N.mlp.*``); the
-per-expert matrices are stacked on load (``checkpoint.NAME_RULES``). FP8 checkpoints load with their projections
+per-expert matrices are stacked on load (the name table, ``kimi_lm.names``). FP8 checkpoints load with their projections
 swapped for ``kimi_lm.quant.fp8_block`` modules; this file knows nothing about it.
 
 Notable features: absorbed MLA decode over a 576-wide cache of [latent | rotated k_pe]; grouped expert dispatch
 shared with Kimi Linear; ``make_cache`` returning per-layer state objects that report ``nbytes``.
+Plain PyTorch, single device: the CPU backend (``kimi_lm.cpu.prepare``) and quantization swap modules from outside.
 
 References: DeepSeek-V3 technical report and ``inference/model.py``; transformers ``modeling_deepseek_v3.py`` (the
 parity oracle in tests/test_kimi_k2.py); spec ``shared/specs/kimi_k2_and_quantization.md`` §1–§3.

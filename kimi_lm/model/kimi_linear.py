@@ -11,10 +11,11 @@ final norm; without it the forward is the plain residual stream above, unchanged
 
 Module and parameter names follow the official checkpoint (``model.layers.N.self_attn.*``,
 ``model.layers.N.block_sparse_moe.*``, ``model.layers.0.mlp.*``); the few differences (stacked experts) are in the
-loader's table (``checkpoint.py``).
+name table (``kimi_lm.names``).
 
 Notable features: chunked KDA prefill and recurrent decode in fp32; absorbed MLA decode over a 576-wide latent
 cache; grouped expert dispatch; ``make_cache`` returning per-layer state objects that report ``nbytes``.
+Plain PyTorch, single device: the CPU backend (``kimi_lm.cpu.prepare``) and quantization swap modules from outside.
 
 Reference: spec ``shared/specs/kimi_linear.md`` §3–§6; transformers ``modeling_kimi_linear.py``.
 """

@@ -14,7 +14,14 @@ Tool calls, as Kimi models write them (spec §7.3)::
 ``<|tool_call_section_begin|>`` spelling, a section that opens while still inside ``<think>`` (no ``</think>``), and a
 call without a section. Marker text never reaches ``content``: text that could be the start of a marker is held back
 until it is decided. Ids are canonical ``functions.<name>:<idx>`` with a conversation-wide index (K2 goes silent on
-rewritten ids such as ``call_…``); arguments that are not a JSON object are reported in ``ToolCall.error``.
+rewritten ids such as ``call_…``). A call that cannot be used (arguments that are not a JSON object, no name,
+unterminated) is never dropped: its text, markers included, goes to ``content`` where the model wrote it, and the
+call is listed in ``ChatDelta.invalid_calls`` with its ``error`` (vLLM also returns an unparsable reply as content).
+
+Formats: the checkpoint's Jinja template (Kimi Linear, K2-Instruct, K2-Thinking: the official K2-Thinking template
+ships in ``kimi_lm/templates/``, see :func:`builtin_template`); Kimi K3's XTML is rendered and parsed by
+:mod:`kimi_lm.xtml`. :func:`reply_parser` / :func:`parse_reply` pick the parser for a tokenizer's format, so callers
+get ``reasoning_content``, ``content`` and ``tool_calls`` apart without knowing which format the model speaks.
 
 References: transformers ``utils/chat_template_utils.py`` (sandbox environment); vLLM and mlx-lm ``kimi_k2`` tool
 parsers; llama.cpp#17376 (singular section token); vLLM#32216 (tool calls without ``</think>``).

@@ -272,8 +272,10 @@ THINK_OPEN, THINK_CLOSE = _mark(OPEN, "think"), _mark(CLOSE, "think")
 RESPONSE_OPEN, RESPONSE_CLOSE = _mark(OPEN, "response"), _mark(CLOSE, "response")
 TOOLS_OPEN, TOOLS_CLOSE = _mark(OPEN, "tools"), _mark(CLOSE, "tools")
 CALL_CLOSE, MESSAGE_CLOSE = _mark(CLOSE, "call"), _mark(CLOSE, "message")
-_CALL = re.compile(r"\s*<\|open\|>call(?P<attrs>(?:(?!<\|sep\|>).)*)<\|sep\|>(?P<body>.*?)<\|close\|>call<\|sep\|>\s*", re.S)
-_ARG = re.compile(r"<\|open\|>argument(?P<attrs>(?:(?!<\|sep\|>).)*)<\|sep\|>(?P<value>.*?)<\|close\|>argument<\|sep\|>", re.S)
+_CALL = re.compile(r"\s*<\|open\|>call(?P<attrs>(?:(?!<\|sep\|>).)*)<\|sep\|>(?P<body>.*?)"
+                   r"<\|close\|>call<\|sep\|>\s*", re.S)
+_ARG = re.compile(r"<\|open\|>argument(?P<attrs>(?:(?!<\|sep\|>).)*)<\|sep\|>(?P<value>.*?)"
+                  r"<\|close\|>argument<\|sep\|>", re.S)
 _JSON = re.compile(r"\s*<\|open\|>json(?:(?!<\|sep\|>).)*<\|sep\|>(?P<value>.*?)<\|close\|>json<\|sep\|>\s*", re.S)
 _ATTR = re.compile(r'(\w+)="([^"]*)"')
 _REASONING, _OUTSIDE, _RESPONSE, _TOOLS = "reasoning", "outside", "response", "tools"

@@ -1,5 +1,5 @@
 """Generation on a tiny random checkpoint: greedy = step-by-step argmax of full forwards, chunked prefill, stops,
-sliding-window MLA cache, and the `generate` / `chat` commands end to end."""
+sliding-window MLA cache, and the `generate` / `chat` commands end to end (thinking shown apart, a K3 checkpoint)."""
 
 import io
 import os
@@ -12,9 +12,10 @@ import torch
 import kimi_lm
 from conftest import rel_err
 from kimi_lm.cli import main as cli_main
-from kimi_lm.generate import prefill
+from kimi_lm.chat import ChatDelta, ToolCall, parse_reply
+from kimi_lm.generate import ReplyPrinter, prefill
 from kimi_lm.prompt_cache import RotatingMLACache, make_cache
-from tiny_chat import chat_checkpoint, ckpt, model, one_thread, tok  # noqa: F401 (fixtures; one_thread autouse)
+from tiny_chat import chat_checkpoint, ckpt, k3_chat_checkpoint, model, one_thread, tok  # noqa: F401 (fixtures)
 
 
 
@@ -164,3 +165,67 @@ def test_generate_defaults_to_the_bundled_model(capsys):
     assert cli_main(["generate", "--prompt", 'Explain the "while" statement.', "--max-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert len(out.strip()) > 0
+
+
+# ---- thinking in generate / chat ------------------------------------------------------------------------------------
+def _printed(deltas, **kw):
+    out = io.StringIO()
+    printer = ReplyPrinter(out, **kw)
+    for d in deltas:
+        printer.show(d)
+    printer.finish()
+    return out.getvalue()
+
+
+THOUGHT = [ChatDelta(reasoning="hmm "), ChatDelta(reasoning="ok"), ChatDelta(content="Answer."),
+           ChatDelta(tool_calls=[ToolCall("functions.f:0", "f", "{}")])]
+
+
+def test_reply_printer_shows_thinking_apart():
+    assert _printed(THOUGHT, tty=False) == "[thinking]\nhmm ok\n[/thinking]\nAnswer.\n[tool call functions.f:0 {}]\n\n"
+    assert _printed(THOUGHT, tty=True) == "\x1b[2mhmm ok\x1b[0m\n\nAnswer.\n[tool call functions.f:0 {}]\n\n"
+    assert _printed(THOUGHT, tty=False, hide_thinking=True) == "Answer.\n[tool call functions.f:0 {}]\n\n"
+    assert _printed([ChatDelta(reasoning="cut off")], tty=False) == "[thinking]\ncut off\n[/thinking]\n\n"
+
+
+@pytest.fixture(scope="module")
+def k3_ckpt(tmp_path_factory):
+    return k3_chat_checkpoint(tmp_path_factory)
+
+
+def test_generate_on_a_k3_checkpoint_renders_xtml_and_splits_thinking(k3_ckpt, capsys):
+    k3 = kimi_lm.load_tokenizer(k3_ckpt)
+    flags = ["generate", "--model", str(k3_ckpt), "--prompt", "hello", "--max-tokens", "6", "--dtype", "float32"]
+    ids = k3.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True)
+    assert cli_main(flags) == 0
+    out, err = capsys.readouterr()
+    assert f"Prompt: {len(ids)} tokens" in err
+    # the prompt opened the think channel: a random model's reply is all thinking, shown in a [thinking] block
+    text = kimi_lm.generate(kimi_lm.load(k3_ckpt, dtype=torch.float32), k3, ids, max_tokens=6, temperature=0)
+    reasoning = parse_reply(k3, text, ids).get("reasoning_content", "")
+    assert out == (f"[thinking]\n{reasoning}\n[/thinking]\n\n" if reasoning else "\n")
+    assert cli_main(flags + ["--hide-thinking"]) == 0
+    assert capsys.readouterr().out == "\n"
+    off = k3.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True, thinking=False)
+    assert cli_main(flags + ["--chat-template-config", '{"thinking": false}']) == 0
+    assert f"Prompt: {len(off)} tokens" in capsys.readouterr().err
+    assert cli_main(flags + ["--chat-template-config", "[1]"]) == 2
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_chat_on_a_k3_checkpoint_keeps_reasoning_in_history(k3_ckpt, monkeypatch, capsys):
+    from kimi_lm import chat_repl
+
+    seen = []
+    real = chat_repl._reply
+
+    def spy(model, tokenizer, messages, pc, kwargs, args):
+        message = real(model, tokenizer, messages, pc, kwargs, args)
+        seen.append(message)
+        return message
+
+    monkeypatch.setattr(chat_repl, "_reply", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n/exit\n"))
+    assert cli_main(["chat", "--model", str(k3_ckpt), "--max-tokens", "4", "--dtype", "float32"]) == 0
+    assert len(seen) == 2 and all(m["role"] == "assistant" and "<|" not in m["content"] for m in seen)
+    assert all("reasoning_content" in m or m["content"] for m in seen)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server end to end: the real ``openai`` client against uvicorn on a random localhost port,
-serving the tiny chat checkpoint (tests/tiny_chat.py). Greedy outputs are compared with ``kimi_lm.generate``."""
+serving the tiny chat checkpoint (tests/tiny_chat.py). Greedy outputs are compared with ``kimi_lm.generate``;
+scripted replies check tool calls, reasoning (K2-Thinking's template, Kimi K3's XTML) and their JSON fields."""
 
 import gc
 import json
@@ -16,7 +17,7 @@ from kimi_lm.chat import count_tool_calls, parse_assistant_message
 from kimi_lm.server import ServerConfig, create_app
 from kimi_lm.server.engine import Engine
 from serving import Server
-from tiny_chat import chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_chat import chat_checkpoint, k3_chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 NAME = "tiny-kimi"
 
@@ -319,3 +320,139 @@ def test_health_shows_prefilling_and_decoding(setup):
     *_, servers = setup
     h = httpx.get(servers["main"].url + "/health").json()
     assert h["model"] == NAME and h["prefilling"] == [] and h["decoding"] == 0 and h["waiting"] == 0
+
+
+# ---- reasoning: K2-Thinking (official template) and Kimi K3 (XTML), scripted replies ---------------------------------
+def _scripted(model, tok, reply: str):
+    engine = Engine(ScriptedModel(model, tok.encode(reply)), tok, prompt_cache_bytes=0)
+    return engine, Server(create_app(engine, ServerConfig(NAME, 4096)))
+
+
+def _chat(server, stream=False, **body):
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 400, "stream": stream,
+            **body}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+CALL_SECTION = ('<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
+                '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>')
+BAD_CALL = ('<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": Paris}'
+            '<|tool_call_end|>')
+
+
+@pytest.fixture(scope="module")
+def k2_thinking_tok(setup, tmp_path_factory):
+    return kimi_lm.load_tokenizer(chat_checkpoint(tmp_path_factory), chat_template="kimi-k2-thinking")
+
+
+@pytest.mark.parametrize("reply, reasoning, content, calls", [
+    ("<think>Need the weather.</think>Checking." + CALL_SECTION, "Need the weather.", "Checking.", 1),
+    ("<think>Need the weather." + CALL_SECTION, "Need the weather.", "", 1),  # the section closes the thinking
+    ("<think>hmm</think>" + "<|tool_calls_section_begin|>" + BAD_CALL + "<|tool_calls_section_end|>", "hmm",
+     BAD_CALL, 0),  # a malformed call is returned as content, not dropped
+])
+def test_k2_thinking_reasoning_and_tool_calls(setup, k2_thinking_tok, reply, reasoning, content, calls):
+    model, *_ = setup
+    engine, server = _scripted(model, k2_thinking_tok, reply + "<|im_end|>")
+    try:
+        body = _chat(server, tools=TOOLS)
+        msg, choice = body["choices"][0]["message"], body["choices"][0]
+        assert msg["reasoning"] == msg["reasoning_content"] == reasoning
+        assert (msg["content"] or "") == content and len(msg.get("tool_calls") or []) == calls
+        assert choice["finish_reason"] == ("tool_calls" if calls else "stop")
+        if calls:
+            assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+        chunks = _chat(server, stream=True, tools=TOOLS)
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+        assert "".join(d.get("reasoning") or "" for d in deltas) == reasoning
+        assert "".join(d.get("content") or "" for d in deltas) == content
+        assert sum(len(d.get("tool_calls") or []) for d in deltas) == calls
+        assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    finally:
+        server.close()
+        engine.close()
+
+
+def test_k2_thinking_prompt_drops_history_thinking(setup, k2_thinking_tok):
+    model, *_ = setup
+    engine, server = _scripted(model, k2_thinking_tok, "<think>x</think>ok<|im_end|>")
+    try:
+        history = [{"role": "user", "content": "2+2?"},
+                   {"role": "assistant", "content": "4", "reasoning": "adding"},
+                   {"role": "user", "content": "3+3?"}]
+        body = _chat(server, messages=history)
+        rendered = k2_thinking_tok.apply_chat_template(history)
+        assert "<think></think>4<|im_end|>" in rendered and "adding" not in rendered
+        assert body["usage"]["prompt_tokens"] == len(k2_thinking_tok.encode(rendered))
+    finally:
+        server.close()
+        engine.close()
+
+
+K3_REPLY = ('Need the weather.<|close|>think<|sep|><|open|>response<|sep|>Checking.<|close|>response<|sep|>'
+            '<|open|>tools<|sep|><|open|>call tool="get_weather" index="1"<|sep|>'
+            '<|open|>argument key="city" type="string"<|sep|>Paris<|close|>argument<|sep|><|close|>call<|sep|>'
+            '<|close|>tools<|sep|><|close|>message<|sep|><|end_of_msg|>')
+
+
+@pytest.fixture(scope="module")
+def k3_server(tmp_path_factory):
+    path = k3_chat_checkpoint(tmp_path_factory)
+    model, tok = kimi_lm.load(path, dtype=torch.float32), kimi_lm.load_tokenizer(path)
+    engine, server = _scripted(model, tok, K3_REPLY)
+    server.tokenizer = tok
+    yield server
+    server.close()
+    engine.close()
+
+
+def test_k3_chat_reasoning_tool_calls_and_stop_token(k3_server):
+    tok = k3_server.tokenizer
+    body = _chat(k3_server, tools=TOOLS)
+    choice = body["choices"][0]
+    msg = choice["message"]
+    assert msg["reasoning"] == msg["reasoning_content"] == "Need the weather." and msg["content"] == "Checking."
+    assert msg["tool_calls"] == [{"id": "functions.get_weather:0", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert choice["finish_reason"] == "tool_calls"  # ended by <|end_of_msg|>
+    assert body["usage"]["completion_tokens"] == len(tok.encode(K3_REPLY))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, tokenize=True)
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+    chunks = _chat(k3_server, stream=True, tools=TOOLS)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Need the weather."
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+    assert [(t["index"], t["function"]["name"]) for d in deltas for t in d.get("tool_calls") or []] == [
+        (0, "get_weather")]
+    assert not any("<|" in (d.get("content") or "") + (d.get("reasoning") or "") for d in deltas)
+
+
+@pytest.mark.parametrize("body, kwargs", [
+    ({"reasoning_effort": "none"}, {"thinking": False}),
+    ({"chat_template_kwargs": {"thinking": False}}, {"thinking": False}),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, {"thinking": False}),
+    ({"reasoning_effort": "low"}, {"thinking_effort": "low"}),
+    ({"reasoning_effort": "medium"}, {"thinking_effort": "high"}),
+    ({"tool_choice": "required", "tools": TOOLS}, {"tool_choice": "required", "tools": TOOLS}),
+    ({"response_format": {"type": "json_object"}}, {"response_format": {"type": "json_object"}}),
+])
+def test_k3_thinking_switches_reach_the_prompt(k3_server, body, kwargs):
+    tok = k3_server.tokenizer
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    got = _chat(k3_server, **body)["usage"]["prompt_tokens"]
+    assert got == len(tok.apply_chat_template(messages, tokenize=True, **kwargs))
+    if "thinking_effort" not in kwargs:  # "low" and "max" happen to be the same number of tokens
+        assert got != len(tok.apply_chat_template(messages, tokenize=True))
+
+
+def test_k3_bad_thinking_effort_is_a_400(k3_server):
+    r = httpx.post(k3_server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking_effort": "huge"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"

@@ -16,8 +16,9 @@ from tiny_chat import CORPUS, TEMPLATE, train_bpe, write_k3_tokenizer, write_tok
 O, C, S, E = "<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>"
 EFFORT_MAX = f'{O}message role="system" type="thinking-effort"{S}' + EFFORT_BODY.format("max") + f"{C}message{S}{E}"
 HI = f'{O}message role="user"{S}hi{C}message{S}{E}'
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 CALLS = [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
          {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET", "n": 2}'}}]
 

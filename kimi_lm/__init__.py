@@ -31,7 +31,9 @@ __version__ = "0.1.0"
 
 
 def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto", pack_weights: bool | None = None):
-    """Load a checkpoint directory (config.json + safetensors; see :func:`kimi_lm.checkpoint.load`) for inference.
+    """Load a checkpoint directory (config.json + safetensors; see :func:`kimi_lm.checkpoint.load`) for inference,
+    or a Hugging Face Hub id ``"ORG/NAME[@REVISION]"`` that is no local path (fetched into the Hub cache once;
+    :mod:`kimi_lm.hub`).
 
     ``backend``: "auto" applies the fast path of ``device`` (on CPU ``kimi_lm.cpu.prepare``: packed products, C
     kernels; the model is then for inference at this dtype and device only); None returns the plain PyTorch model
@@ -41,12 +43,11 @@ def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto",
     from kimi_lm.errors import UsageError
     from kimi_lm.hub import resolve
 
-    path = resolve(path)  # "ORG/NAME[@REVISION]" that is no local path: from the Hugging Face Hub (kimi_lm.hub)
-
     if pack_weights is False:
         backend = None
     if backend not in ("auto", "cpu", None):
         raise UsageError(f"backend must be 'auto', 'cpu' or None; got {backend!r}")
+    path = resolve(path)  # "ORG/NAME[@REVISION]" that is no local path: from the Hugging Face Hub (kimi_lm.hub)
     model = _load(path, dtype=dtype, device=device)
     if backend is not None and torch.device(device).type == "cpu":
         from kimi_lm import cpu

@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--to-hf", action="store_true",
                       help="Kimi Linear (no AttnRes) -> official layout + config that transformers loads")
     p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16",
-                   help="output dtype for --dequantize and --to-hf")
+                   help="output dtype for --dequantize and --to-hf (default bfloat16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -460,7 +460,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="tokens per sequence, comma-separated, e.g. 4k,128k,1M (default: 4k, 128k, max)")
     p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
     p.add_argument("--cache-dtype", help="MLA cache: bf16, fp16, fp32 or fp8 (default: the model dtype)")
-    p.add_argument("--prefill-chunk", default=str(PREFILL_CHUNK), help=f"prompt tokens per step ({PREFILL_CHUNK})")
+    p.add_argument("--prefill-chunk", default=str(PREFILL_CHUNK), help=f"prompt tokens per step (default {PREFILL_CHUNK})")
     p.add_argument("--train", action="store_true", help="full-parameter training; context = sequence length")
     p.add_argument("--optimizer", default="adamw", help="with --train: adamw (default) or muon")
     p.add_argument("--devices", help=f"comma-separated: {', '.join(DEVICES)}, sizes like 48G, or NxDEVICE")

@@ -269,25 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="directory with tiktoken.model + tokenizer_config.json, or a Hub id ORG/NAME "
                                        "(default: the bundled model's; --resume uses the checkpoint's)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps in all (default 200)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of Muon and AdamW (default 3e-3)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (default 0.1)")
     p.add_argument("--warmup", type=int, default=20, help="warmup steps (default 20)")
     p.add_argument("--decay-ratio", type=float, default=0.2, help="fraction of steps in the final decay (default 0.2)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="decoupled weight decay of Muon and AdamW (default 0.1)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this (default 1.0)")
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-loss-free MoE bias step u (default 1e-3)")
     p.add_argument("--attn-res-block-size", type=float,
                    help="Block AttnRes: Transformer layers per block (K3's unit, 0.5 steps; 0 = off; default: config)")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="steps between held-out evaluations; 0 = after the last step only (default 50)")
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches per evaluation (default 16)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of tokens held out (default 0.05)")
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100,
+                   help="steps between checkpoints; 0 = the last step only (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order and held-out split (default 0)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32; default fp32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

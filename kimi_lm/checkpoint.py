@@ -30,6 +30,7 @@ from kimi_lm import names
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.cpu import malloc
+from kimi_lm.quant import compressed_tensors
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
 
@@ -253,6 +254,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
         model = _model_class(config)(config)
         quantize_modules(model, lambda name, module: name in fp8)
         specs = _mlx_specs(path, config, model.state_dict(), targets, files)
+        specs.update(ct_specs := compressed_tensors.plan(config, model, targets, files))  # INT4 / MXFP4 as MLX
         unpacked = _dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
         swap_modules(model, specs, split_kvb, dtype=dtype)
@@ -299,6 +301,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
     for file, in_file in by_file.items():
         with SafetensorsFile(file) as f:
+            compressed_tensors.reinterpret(f.header, ct_specs)
             for name in in_file:
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
@@ -333,6 +336,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
 
                 place(file, name, target, placement, expert, read_into=read_into)
 
+    compressed_tensors.fill_biases(loaded, ct_specs)
     missing = [n for n in expected if n not in loaded]
     missing += [f"{key} ({', '.join(sorted(got))} found; scales and weight needed)" for (key, _), got in parts.items()]
     for target, slots in expert_slots.items():

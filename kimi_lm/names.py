@@ -78,6 +78,23 @@ def _mlx_experts() -> list[Rule]:
     return rules
 
 
+def _compressed_tensors() -> list[Rule]:
+    """compressed-tensors packed weights (``kimi_lm.quant.compressed_tensors``), read as MLX ``weight`` / ``scales``:
+    per-expert ones (K2-Thinking ``mlp.experts.E.*_proj``, K3 ``block_sparse_moe.experts.E.w*``) into the stacked
+    ``*_proj`` / ``*_proj_scales``, any other Linear's as its own. ``weight_shape`` is checked there, never loaded."""
+    rules = []
+    for fam, experts, projs in ((KIMI_K2, "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
+                                (KIMI_LINEAR, "block_sparse_moe.experts", ("w1", "w3", "w2"))):
+        for proj, placement in zip(projs, ("gate", "up", "down")):
+            stacked = "down_proj" if placement == "down" else "gate_up_proj"
+            for part, suffix in (("weight_packed", ""), ("weight_scale", "_scales")):
+                rules.append(Rule(f"{{L}}.{experts}.{{E}}.{proj}.{part}", f"{{L}}.{experts}.{stacked}{suffix}",
+                                  placement, fam, HF, read_only=True))
+        rules += [Rule("{R}.weight_packed", "{R}.weight", "copy", fam, HF, read_only=True),
+                  Rule("{R}.weight_scale", "{R}.scales", "copy", fam, HF, read_only=True)]
+    return rules
+
+
 RULES: list[Rule] = [
     # Kimi Linear, official names: per-expert w1 (gate), w3 (up), w2 (down) stacked into two parameters
     Rule("{L}.block_sparse_moe.experts.{E}.w1.weight", "{L}.block_sparse_moe.experts.gate_up_proj", "gate",
@@ -92,6 +109,7 @@ RULES: list[Rule] = [
     Rule("{L}.mlp.experts.{E}.gate_proj.weight{S}", "{L}.mlp.experts.gate_up_proj{S}", "gate", KIMI_K2, HF),
     Rule("{L}.mlp.experts.{E}.up_proj.weight{S}", "{L}.mlp.experts.gate_up_proj{S}", "up", KIMI_K2, HF),
     Rule("{L}.mlp.experts.{E}.down_proj.weight{S}", "{L}.mlp.experts.down_proj{S}", "down", KIMI_K2, HF),
+    *_compressed_tensors(),
     # Kimi Linear in mlx-lm's layout: the MoE block under `mlp.`, convs as MLX Conv1d, kv_b_proj split per head
     *_mlx_experts(),
     Rule("{L}.mlp.e_score_correction_bias", "{L}.block_sparse_moe.gate.e_score_correction_bias", "copy",

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from kimi_lm.errors import UsageError
-from kimi_lm.generate import DEFAULT_PREFILL_STEP, Parser, add_model_args, load_model_and_tokenizer, run_command
+from kimi_lm.cli_args import Parser, add_model_args, load_model_and_tokenizer, read_prompt, run_command
+from kimi_lm.generate import DEFAULT_PREFILL_STEP
 from kimi_lm.prompt_cache import PromptCache, save_prompt_cache
 
 _MARKER = "\x00kimi-lm-document\x00"
@@ -52,7 +53,7 @@ def _main(argv) -> int:
     for flag, value in (("--prefill-step-size", args.prefill_step_size), ("--max-kv-size", args.max_kv_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    document = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+    document = read_prompt(args.prompt_file)  # a binary or missing file: an error naming it
     out = Path(args.out)
     if out.is_dir():  # checked before the prefill, not after minutes of it
         raise UsageError(f"--out {out}: is a directory; give the cache file's name, e.g. {out / 'prompt.safetensors'}")

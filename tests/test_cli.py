@@ -50,13 +50,16 @@ def test_every_option_has_help_that_shows_its_default(module):
                 f"{action.option_strings}: does not say what happens when it is not given: {text!r}")
 
 
-def test_binary_prompt_file_is_an_error_naming_the_file(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["generate", "cache-prompt"])
+def test_binary_prompt_file_is_an_error_naming_the_file(command, tmp_path, capsys):
     path = tmp_path / "weights.bin"
     path.write_bytes(bytes(range(256)) * 4)
-    assert cli_main(["generate", "--prompt-file", str(path)]) == 2
+    extra = ["--out", str(tmp_path / "state.safetensors")] if command == "cache-prompt" else []
+    assert cli_main([command, "--prompt-file", str(path), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kimi-lm generate: error: ") and str(path) in err and "not UTF-8 text" in err
+    assert err.startswith(f"kimi-lm {command}: error: ") and str(path) in err and "not UTF-8 text" in err
     assert err.count("\n") == 1
+    assert not (tmp_path / "state.safetensors").exists()
 
 
 def test_prompt_file_is_read(tmp_path, capsys):

@@ -20,6 +20,9 @@ from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import CpuSparseMoE, OneDNNStackedExperts
+from kimi_lm.model.kda import KimiDeltaAttention
+from kimi_lm.model.layers import MLP, RMSNorm
+from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE, StackedExperts
 
 pytestmark = pytest.mark.skipif(native.library() is None or not onednn.available(torch.float32, "cpu"),
@@ -47,6 +50,9 @@ def test_prepare_swaps_every_hot_module_and_keeps_the_state_dict(models):
     kinds = {type(m) for m in prepared.modules()}
     assert {CpuKimiDeltaAttention, CpuMultiheadLatentAttention, CpuSparseMoE, CpuMLP, CpuRMSNorm,
             OneDNNStackedExperts, onednn.OneDNNLinear} <= kinds
+    left_plain = [name for name, m in prepared.named_modules()
+                  if type(m) in (RMSNorm, MLP, SparseMoE, KimiDeltaAttention, MultiheadLatentAttention)]
+    assert not left_plain  # nested ones too: the shared expert inside an MoE block, MLA's latent norms
     assert not any(type(m).__module__.startswith("kimi_lm.cpu") for m in plain.modules())  # backend=None: plain
     assert prepared.state_dict().keys() == plain.state_dict().keys()
     assert all(torch.equal(prepared.state_dict()[k], v) for k, v in plain.state_dict().items())

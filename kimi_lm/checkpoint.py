@@ -22,6 +22,7 @@ spec ``kimi_k2_and_quantization.md`` §2.6 (K2 tensor names) and §4 (FP8 layout
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ ST_DTYPES = {
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "U32": torch.uint32, "BOOL": torch.bool,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+log = logging.getLogger(__name__)
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
@@ -211,6 +213,10 @@ def _target_name(name: str, config) -> tuple[str, str, int]:
 
 
 def _model_class(config):
+    if config.model_type == "kimi_k3":
+        from kimi_lm.model.kimi_k3 import KimiK3ForCausalLM
+
+        return KimiK3ForCausalLM
     if isinstance(config, KimiK2Config):
         from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
 
@@ -247,6 +253,10 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
+    fam = names.family(config)
+    vision = sum(names.vision_tensor(name, fam) for name in files)
+    if vision:  # a multimodal wrapper (Kimi K3): the text model only
+        log.info("%s: skipping %d vision tensors (vision_tower., mm_projector.); loading the text model", path, vision)
     files = {name: file for name, file in files.items() if not names.skipped(name, config)}
     targets = {name: _target_name(name, config) for name in files}
     fp8 = _fp8_modules(config, targets, files)
@@ -317,6 +327,10 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
                         place(file, name, param, placement, expert, t=t)
                         del parts[(key, placement)]
                     continue
+                if target.startswith("?"):  # a wrapper family's tensor without the wrapper's prefix
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} lacks the {names.WRAPPER_PREFIX!r} prefix that every text-model "
+                        f"tensor of a {config.model_type} checkpoint has (vision tensors aside)")
                 if target not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} (no such parameter in a {config.model_type} model with this "

@@ -367,6 +367,10 @@ def load_config(path: str | Path) -> "KimiLinearConfig | KimiK2Config":
 
 
 def config_from_dict(raw: dict, source: str = "config.json") -> "KimiLinearConfig | KimiK2Config":
+    if raw.get("model_type") == "kimi_k3":  # the multimodal wrapper; its text model is kimi_lm.config_k3
+        from kimi_lm.config_k3 import KimiK3Config
+
+        return KimiK3Config.from_dict(raw, source)
     if raw.get("model_type") in K2_MODEL_TYPES:
         return KimiK2Config.from_dict(raw, source)
     return KimiLinearConfig.from_dict(raw, source)  # raises for unsupported types, listing every supported one
@@ -387,6 +391,10 @@ def preset(name: str) -> "KimiLinearConfig | KimiK2Config":
     """Named configurations: the real models, a benchmark size and tiny debug sizes for tests."""
     if name in K2_PRESETS:
         return _k2_preset(name)
+    if name in K3_PRESETS:
+        from kimi_lm.config_k3 import k3_preset
+
+        return k3_preset(name)
     if name == "kimi-linear-48b-a3b":
         return KimiLinearConfig()
     if name == "bench":  # ~66M parameters, ~29M active: the CPU benchmark config (8 layers, 3:1 KDA:MLA)
@@ -403,7 +411,7 @@ def preset(name: str) -> "KimiLinearConfig | KimiK2Config":
             num_experts=8, num_experts_per_token=2, moe_intermediate_size=32, kda_heads=2, kda_head_dim=16,
             bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32",
         )
-    raise CheckpointError(f"unknown preset {name!r}; known presets: {PRESETS + K2_PRESETS}")
+    raise CheckpointError(f"unknown preset {name!r}; known presets: {PRESETS + K2_PRESETS + K3_PRESETS}")
 
 
 def _k2_preset(name: str) -> KimiK2Config:
@@ -431,3 +439,4 @@ def _k2_preset(name: str) -> KimiK2Config:
 
 PRESETS = ["kimi-linear-48b-a3b", "bench", "tiny"]
 K2_PRESETS = ["kimi-k2-instruct", "tiny-k2"]
+K3_PRESETS = ["kimi-k3", "tiny-k3"]  # kimi_lm.config_k3

@@ -18,7 +18,7 @@ from pathlib import Path
 from kimi_lm.errors import CheckpointError
 
 K2_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
-SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES, "kimi_k3")
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -78,6 +78,37 @@ def normalise_keys(cls, d: dict, aliases: dict, implemented: dict, source: str) 
                 f"{source}: config key {key!r} = {d[key]!r} changes the model's math and is not implemented "
                 f"(supported: {' or '.join(repr(v) for v in ok if v is not None)})"
             )
+
+
+def unwrap_text_config(raw: dict, text_model_types: tuple[str, ...], source: str) -> dict:
+    """A multimodal wrapper's config.json (Kimi K3 ``kimi_k3``: ``text_config`` + ``vision_config``) -> the dict its
+    text config class reads: ``text_config``'s keys, the wrapper's ``model_type``, ``quantization_config`` from
+    ``text_config`` or else the top level (K3 has it nested; transformers dumps also copy it up), token ids and
+    ``tie_word_embeddings`` from the top level where the text part lacks them, and every top-level key but
+    ``text_config`` under ``"wrapper"`` (``wrap_text_config`` writes them back). Tensors sit under
+    ``names.WRAPPER_PREFIX``; the vision model is not loaded."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{source}: model_type {raw.get('model_type')!r} is a multimodal wrapper; it needs a "
+                              f"'text_config' object, found {text!r}")
+    if text.get("model_type") not in (None, *text_model_types):
+        raise CheckpointError(f"{source}: text_config.model_type {text.get('model_type')!r} is not supported inside "
+                              f"{raw.get('model_type')!r} (expected {' or '.join(map(repr, text_model_types))})")
+    d = dict(text)
+    for key in ("quantization_config", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if d.get(key) is None and raw.get(key) is not None:
+            d[key] = raw[key]
+    d["model_type"] = raw.get("model_type")
+    d["wrapper"] = {k: v for k, v in raw.items() if k != "text_config"}
+    return d
+
+
+def wrap_text_config(text: dict, wrapper: dict | None, model_type: str, text_model_type: str) -> dict:
+    """The inverse of ``unwrap_text_config``: the wrapper's keys with ``text`` as its ``text_config``."""
+    out = {k: v for k, v in (wrapper or {}).items() if k != "text_config"}
+    out["model_type"] = model_type
+    out["text_config"] = {**{k: v for k, v in text.items() if k != "wrapper"}, "model_type": text_model_type}
+    return out
 
 
 def check_model_type(cls, model_type, source: str) -> None:

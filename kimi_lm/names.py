@@ -20,6 +20,14 @@ used for one model family and one *layout*: ``hf`` (the official / transformers 
 ``SKIP`` lists what loading drops: ``rotary_emb.inv_freq`` (recomputed from the config) and multi-token-prediction
 layers (index >= ``num_hidden_layers``).
 
+Multimodal wrappers (Kimi K3 ``kimi_k3``) hold the text model under ``language_model.`` (``WRAPPER_PREFIX``) beside
+vision tensors (``vision_tower.``, ``mm_projector.``). Such a family names its text family in ``TEXT_FAMILY`` (its
+rows are used) and every one of its checkpoint names carries the prefix; ``vision_tensor`` tells what loading skips.
+
+Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
+(mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
+writes a dense first layer under ``block_sparse_moe.``).
+
 Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
 (mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
 writes a dense first layer under ``block_sparse_moe.``).
@@ -32,7 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-KIMI_LINEAR, KIMI_K2 = "kimi_linear", "kimi_k2"
+KIMI_LINEAR, KIMI_K2, KIMI_K3 = "kimi_linear", "kimi_k2", "kimi_k3"
+# multimodal wrapper family -> the family of its text model, whose rows it uses under WRAPPER_PREFIX
+TEXT_FAMILY = {KIMI_K3: KIMI_LINEAR}
+WRAPPER_PREFIX = "language_model."
+_VISION = re.compile(r"(vision_tower|vision_model|mm_projector|multi_modal_projector)\.")
 HF, MLX = "hf", "mlx"
 PER_EXPERT = ("gate", "up", "down")  # placements whose checkpoint tensor is one expert (``{E}`` in the name)
 
@@ -125,12 +137,25 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def family(config) -> str:
-    """The table's family of a config: Kimi K2 / DeepSeek-V3 or Kimi Linear."""
-    return KIMI_LINEAR if config.model_type == "kimi_linear" else KIMI_K2
+    """The table's family of a config: Kimi K2 / DeepSeek-V3, Kimi Linear or a multimodal wrapper (``TEXT_FAMILY``)."""
+    if config.model_type in (KIMI_LINEAR, *TEXT_FAMILY):
+        return config.model_type
+    return KIMI_K2
+
+
+def vision_tensor(name: str, fam: str) -> bool:
+    """True for a multimodal wrapper's vision tensors (text-only loading skips them)."""
+    return fam in TEXT_FAMILY and _VISION.match(name) is not None
 
 
 def to_parameter(name: str, fam: str) -> tuple[str, str, int]:
-    """Checkpoint tensor name (any layout of the family) -> (parameter name, placement, expert index or -1)."""
+    """Checkpoint tensor name (any layout of the family) -> (parameter name, placement, expert index or -1).
+    A wrapper family's names must carry ``WRAPPER_PREFIX``; one without it comes back unchanged, prefixed with "?"
+    (no parameter has such a name, so the loader reports it as unexpected)."""
+    if fam in TEXT_FAMILY:
+        if not name.startswith(WRAPPER_PREFIX):
+            return "?" + name, "copy", -1
+        name, fam = name.removeprefix(WRAPPER_PREFIX), TEXT_FAMILY[fam]
     for rule in RULES:
         if rule.family == fam and (m := rule._ckpt_re.fullmatch(name)):
             expert = int(m.group("E")) if rule.placement in PER_EXPERT else -1
@@ -141,6 +166,8 @@ def to_parameter(name: str, fam: str) -> tuple[str, str, int]:
 def to_checkpoint(param: str, fam: str, layout: str = HF) -> list[tuple[str, str]]:
     """Parameter name -> [(checkpoint name, placement)] in ``layout``; per-expert names keep ``{E}`` to be filled
     with the expert index (``name.format(E=e)``). A stacked gate_up_proj gives two entries (gate, then up)."""
+    if fam in TEXT_FAMILY:
+        return [(WRAPPER_PREFIX + name, p) for name, p in to_checkpoint(param, TEXT_FAMILY[fam], layout)]
     out = []
     for rule in RULES:
         if rule.family == fam and rule.layout == layout and not rule.read_only and (m := rule._param_re.fullmatch(param)):
@@ -151,7 +178,11 @@ def to_checkpoint(param: str, fam: str, layout: str = HF) -> list[tuple[str, str
 
 
 def skipped(name: str, config) -> bool:
-    """True for checkpoint tensors loading drops (``SKIP``, multi-token-prediction layers)."""
+    """True for checkpoint tensors loading drops (``SKIP``, multi-token-prediction layers, a wrapper's vision
+    tensors)."""
+    if vision_tensor(name, family(config)):
+        return True
+    name = name.removeprefix(WRAPPER_PREFIX) if family(config) in TEXT_FAMILY else name
     if any(p.fullmatch(name) for p in SKIP):
         return True
     m = _LAYER.match(name)  # multi-token-prediction layers follow the last decoder layer

@@ -93,10 +93,21 @@ class KimiDeltaAttention(nn.Module):
         q, k, v = (t.view(B, T, H, K) for t in (q, k, v))
         q = l2_normalize(q, scale=K**-0.5)
         k = l2_normalize(k)
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log.view(H, 1), self.dt_bias.view(H, K))
+        g = self.log_decay(x)
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
         o, final_state = kda_forward(q, k, v, g, beta, initial_state=None if cache is None else cache.state)
         if cache is not None:
             cache.state.copy_(final_state)
-        z = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
+        z = self.output_gate(x).view(B, T, H, K)
         return self.o_proj(self.o_norm(o, z, x.dtype).reshape(B, T, D))
+
+    # the two gates, as methods: Kimi K3's variant (model/kimi_k3.py) replaces them and nothing else
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> g [B, T, H, K] fp32, the per-step log decay."""
+        H, K = self.num_heads, self.head_dim
+        f = self.f_b_proj(self.f_a_proj(x)).view(*x.shape[:2], H, K)
+        return kda_gate(f, self.A_log.view(H, 1), self.dt_bias.view(H, K))
+
+    def output_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, hidden] -> z [B, T, H·K], the gate of the output norm (sigmoid applied there)."""
+        return self.g_b_proj(self.g_a_proj(x))

@@ -111,7 +111,12 @@ class MultiheadLatentAttention(nn.Module):
             o = self.attend_absorbed(q, self.decode_history(cache, latent), past)
         else:
             o = self.attend_naive(q, latent, past)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+        return self.o_proj(self.output_gate(x, o.reshape(B, T, self.num_heads * self.v_dim)))
+
+    def output_gate(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The heads' output o [B, T, H·v] before o_proj, given the layer input x: unchanged here; Kimi K3's variant
+        (model/kimi_k3.py) gates it."""
+        return o
 
     def decode_history(self, cache: MLACache, history: torch.Tensor) -> torch.Tensor:
         """The cached history [B, S, 576] the absorbed form attends over (a backend may pad it; see ``kimi_lm.cpu``)."""

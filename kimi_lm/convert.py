@@ -43,6 +43,7 @@ from kimi_lm.config import load_config
 from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.files import atomic_dir
 from kimi_lm.hub import resolve
+from kimi_lm.quant import compressed_tensors as ct
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
 from kimi_lm.quant.mlx_layout import dequantize_from_mlx, finish_float_copy, is_mlx_layout, quantize_to_mlx
 from kimi_lm.quant.packed import MODES, QuantSpec
@@ -81,8 +82,10 @@ def dequantize_checkpoint(src, dst, dtype: torch.dtype = torch.bfloat16, progres
             for file, plan in tqdm(plans.items(), desc="dequantize", unit="shard", disable=not progress):
 
                 def produce(name: str, f=shard(file), plan=plan) -> torch.Tensor:
-                    t = f.read(name)
                     scale = plan[name][1]
+                    if scale is not None and scale.endswith(ct.PACKED):
+                        return ct.dense(scale, files, shard, dtype)
+                    t = f.read(name)
                     return t if scale is None else dequantize_rows(t, shard(files[scale]).read(scale).float(), dtype)
 
                 entries = {name: entry for name, (entry, _) in plan.items()}
@@ -102,6 +105,10 @@ def _plan_shard(f: SafetensorsFile, names: list[str], files: dict[str, Path], sh
     """name -> ((output dtype, shape), FP8 scale tensor name or None) for every tensor one output shard holds."""
     plan = {}
     for name in names:
+        if name.endswith((f".{ct.PACKED}", f".{ct.SCALE}", f".{ct.SHAPE}")):
+            if name.endswith(f".{ct.PACKED}"):  # compressed-tensors INT4: dense weight from packed, scale, shape
+                plan[name.removesuffix("_packed")] = ((dtype, ct.dense_shape(name, files, shard)), name)
+            continue
         if name.endswith("_scale_inv"):
             if name.removesuffix("_scale_inv") not in files:
                 raise CheckpointError(f"{f.path}: block scale {name!r} has no weight {name.removesuffix('_scale_inv')!r}")

@@ -90,3 +90,34 @@ def to_k25_layout(int4_dir: Path, dst: Path) -> Path:
     weight_map.update({k: "vision.safetensors" for k in vision})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+def write_random_int4_checkpoint(cfg, dst: Path, n_shards: int = 2) -> Path:
+    """A K2-Thinking-style checkpoint of random weights for ``cfg`` (no reference model: for memory tests)."""
+    from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in KimiK2ForCausalLM(cfg).state_dict().items()}
+    torch.manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        base = name.rsplit(".", 1)[0]
+        per_expert = {"gate_up_proj": (("gate_proj", "up_proj"), (shape[1] // 2, *shape[2:])),
+                      "down_proj": (("down_proj",), shape[1:])}.get(name.rsplit(".", 1)[1]) if ".experts." in name else None
+        if per_expert:
+            for e in range(shape[0]):
+                for proj in per_expert[0]:
+                    p, s, sh = int4_pack(torch.randn(per_expert[1]) * 0.02)
+                    tensors.update({f"{base}.{e}.{proj}.weight_packed": p, f"{base}.{e}.{proj}.weight_scale": s,
+                                    f"{base}.{e}.{proj}.weight_shape": sh})
+        else:  # bf16 as in the release (the router bias fp32)
+            tensors[name] = torch.randn(shape).to(torch.float32 if "bias" in name else torch.bfloat16)
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_text(json.dumps({**cfg.to_dict(), "quantization_config": INT4_CONFIG}))
+    names, weight_map = sorted(tensors), {}
+    for i in range(n_shards):
+        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in names[i::n_shards]}, dst / shard)
+        weight_map.update({k: shard for k in names[i::n_shards]})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst

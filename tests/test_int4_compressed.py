@@ -141,3 +141,47 @@ def test_config_parse_accepts_mxfp4_and_refuses_activation_quantization():
     g["input_activations"] = {"num_bits": 8}
     with pytest.raises(CheckpointError, match="activation quantization"):
         compressed_tensors.parse(q, "c")
+
+
+def test_memory_after_load_is_close_to_the_files(tmp_path):
+    """Experts stay packed: the loader's resident growth (peak and after) ≤ 1.2× the files (bf16 compute).
+
+    Measured without the CPU backend: its move of affine 4-bit weights onto PyTorch's int4 kernel (``cpu.prepare``)
+    adds a ``scales_zeros`` table beside scales and biases and converts through int32 codes (printed, not asserted)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from conftest import LOAD_RSS_SCRIPT
+    from k2_int4_checkpoints import write_random_int4_checkpoint
+
+    cfg = dataclasses.replace(preset("tiny-k2"), hidden_size=1024, moe_intermediate_size=512, n_routed_experts=32,
+                              n_group=1, topk_group=1, num_hidden_layers=4, dtype="bfloat16")
+    ckpt = write_random_int4_checkpoint(cfg, tmp_path / "ckpt")
+    disk = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    got = {}
+    for backend in ("None", "'cpu'"):
+        script = LOAD_RSS_SCRIPT.replace("dtype=dtype)", f"dtype=dtype, backend={backend})")
+        out = subprocess.run([sys.executable, "-c", script, str(ckpt), "tiny-k2", "default"], capture_output=True,
+                             text=True, check=True)
+        got[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+    print({b: {k: round(r[k] / disk, 3) for k in ("after", "peak")} for b, r in got.items()})
+    assert got["None"]["peak"] <= 1.2 * disk and got["None"]["after"] <= 1.2 * disk
+
+
+def test_convert_dequantize_writes_the_bf16_reference(int4, tmp_path):
+    from kimi_lm.convert import main
+
+    assert main(["--dequantize", str(int4), str(tmp_path / "bf16"), "--quiet"]) == 0
+    out = {k: v for shard in (tmp_path / "bf16").glob("*.safetensors") for k, v in load_file(shard).items()}
+    src = {k: v for shard in int4.glob("model-*.safetensors") for k, v in load_file(shard).items()}
+    w = out[f"{NAME}.weight"]
+    assert w.dtype == torch.bfloat16 and not any(k.endswith(("weight_packed", "weight_scale", "weight_shape")) for k in out)
+    assert torch.equal(w, int4_unpack(*(src[f"{NAME}.{p}"] for p in ("weight_packed", "weight_scale", "weight_shape")))
+                       .to(torch.bfloat16))
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+    # bf16 rounds (code × bf16 scale needs up to 12 bits); in fp32 the dense model is the packed one exactly
+    assert main(["--dequantize", str(int4), str(tmp_path / "fp32"), "--dtype", "float32", "--quiet"]) == 0
+    packed, dense = kimi_lm.load(int4, dtype=torch.float32, backend=None), kimi_lm.load(tmp_path / "fp32", dtype=torch.float32)
+    with torch.no_grad():
+        assert rel_err(dense(IDS), packed(IDS)) < 1e-5

@@ -225,3 +225,31 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape, dtype=torch.bfl
     nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(out_f, -1)[:, :in_f]
     w = (nibbles - 8).float() * scale.float().repeat_interleave(32, dim=1)[:, :in_f]
     return w.to(dtype)
+
+
+def dense_shape(packed: str, files: dict, shard) -> list[int]:
+    """[out, in] of a ``pack-quantized`` weight, from its ``weight_shape`` (``shard(path)`` opens a file once)."""
+    name = packed.removesuffix(PACKED) + SHAPE
+    for need in (name, packed.removesuffix(PACKED) + SCALE):
+        if need not in files:
+            raise CheckpointError(f"{files[packed]}: tensor {packed!r} has no {need!r} beside it")
+    f = shard(files[name])
+    if f.shape(name) != [2] or f.dtype(name) not in ("I32", "I64"):
+        raise CheckpointError(f"{files[name]}: tensor {name!r} is {f.dtype(name)} {f.shape(name)}, expected I32 or I64 [2]")
+    out_f, in_f = (int(v) for v in f.read(name).tolist())
+    p = shard(files[packed])
+    if p.dtype(packed) != "I32" or p.shape(packed) != [out_f, -(-in_f // 8)]:
+        raise CheckpointError(f"{files[packed]}: tensor {packed!r} is {p.dtype(packed)} {p.shape(packed)}, expected "
+                              f"I32 [{out_f}, {-(-in_f // 8)}] for weight_shape [{out_f}, {in_f}]")
+    return [out_f, in_f]
+
+
+def dense(packed: str, files: dict, shard, dtype) -> torch.Tensor:
+    """The float weight of one ``pack-quantized`` module (``convert --dequantize``)."""
+    shape = dense_shape(packed, files, shard)
+    scale = packed.removesuffix(PACKED) + SCALE
+    s = shard(files[scale]).read(scale)
+    if list(s.shape) != [shape[0], -(-shape[1] // 32)]:
+        raise CheckpointError(f"{files[scale]}: tensor {scale!r} has shape {list(s.shape)}, expected "
+                              f"[{shape[0]}, {-(-shape[1] // 32)}]")
+    return dequantize(shard(files[packed]).read(packed), s, shape, dtype)

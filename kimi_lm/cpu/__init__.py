@@ -69,15 +69,14 @@ def prepare(model: nn.Module) -> nn.Module:
         onednn.pack_linears(model, OneDNNStackedExperts)
     kernels = native.library() is not None
     trim = malloc.ReleaseEvery(16 << 20)
-    swapped: list[str] = []
     for name in [name for name, _ in model.named_modules()]:  # names: each replaced module is freed as it goes
-        if any(name.startswith(s + ".") for s in swapped):
-            continue  # a part of a module already swapped (its new module adopted or fused it)
-        module = model.get_submodule(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a part an earlier swap fused away (q_proj into in_proj); adopted parts keep their names
         new = _layer_swap(module, kernels)
         if new is None:
             continue
-        swapped.append(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
         trim.freed(onednn.module_nbytes(module))  # the separately packed parts fusing replaced

@@ -354,9 +354,7 @@ class KimiK2Config(_SharedConfig):
         if self.qk_rope_head_dim % 2:
             raise CheckpointError(f"{source}: qk_rope_head_dim must be even (pairs are rotated); found {self.qk_rope_head_dim}")
         if isinstance(self.quantization_config, dict) and self.quantization_config.get("quant_method") == "compressed-tensors":
-            from kimi_lm.quant.compressed_tensors import parse  # K2-Thinking / K2.5 native INT4 experts
-
-            parse(self.quantization_config, source)
+            pass  # K2-Thinking / K2.5 native INT4: checked by the loader (kimi_lm.quant.compressed_tensors.plan)
         elif self.quantization_config is not None:
             check_fp8_config(self.quantization_config, source)
 

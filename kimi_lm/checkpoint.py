@@ -1,9 +1,12 @@
 """Checkpoint loading: config.json + safetensors (single file or shards with an index) -> model.
 
-The model class follows ``model_type`` (Kimi Linear, or Kimi K2 / DeepSeek-V3). It is built on the meta device and
-every tensor is read once, straight from the file into its final memory with plain reads (no memory map, so the page
-cache never counts toward the process and peak memory is about the size of the model, not twice it). Only
-safetensors are read: nothing is ever unpickled and no checkpoint code is executed.
+The model class follows ``model_type`` (Kimi Linear, or Kimi K2 / DeepSeek-V3). It is built on the meta device.
+With ``mmap`` (the default on CPU) each shard is memory-mapped and every tensor the model keeps as stored (packed
+codes and scales, floats at the compute dtype) is a view of the file's pages (``kimi_lm.mapped``): nothing is read
+at load, pages come in as a forward pass first touches them and stay shared with the page cache, so a model larger
+than RAM runs, paged. Tensors that need a conversion, and every tensor without ``mmap``, are read once, straight
+from the file into their final memory with plain reads. Only safetensors are read: nothing is ever unpickled and no
+checkpoint code is executed.
 
 Names: checkpoint tensor names become parameter names through ``kimi_lm.names`` (one declarative table, shared
 with the writers): per-expert matrices (Kimi Linear ``w1/w3/w2``, K2 ``gate_proj/up_proj/down_proj``, with their FP8
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kimi_lm import names
+from kimi_lm import mapped, names
 from kimi_lm.config import KimiK2Config, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.cpu import malloc
@@ -65,9 +68,9 @@ def resolve_dtype(dtype, config) -> torch.dtype:
 class SafetensorsFile:
     """The header of one ``.safetensors`` file, and reads of its tensors into memory the caller owns."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fh = None
+    def __init__(self, path: Path, mmap: bool = False):
+        self.path, self.mmap = Path(path), mmap
+        self._fh = self._mapping = None
         size = self.path.stat().st_size
         try:
             with open(self.path, "rb") as fh:
@@ -96,15 +99,23 @@ class SafetensorsFile:
                 raise ValueError(f"tensor data ends at byte {pos} but the file holds {size - 8 - n} data bytes")
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise CheckpointError(f"{self.path}: not a valid safetensors file ({exc})") from None
-        self.header, self.data_start = header, 8 + n
+        self.header, self.data_start, self.size = header, 8 + n, size
 
     def __enter__(self) -> "SafetensorsFile":
         self._fh = open(self.path, "rb", buffering=0)
+        if self.mmap:
+            try:
+                self._mapping = mapped.Mapping(self.path, self.size)
+            except (OSError, ValueError) as exc:
+                self._fh.close()
+                raise CheckpointError(f"{self.path}: cannot be memory-mapped ({exc}); load with mmap=False") from None
         return self
 
     def __exit__(self, *exc) -> None:
         self._fh.close()
-        self._fh = None
+        if self._mapping is not None:
+            self._mapping.close()  # tensors mapped from the file keep their mappings
+        self._fh = self._mapping = None
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -128,10 +139,17 @@ class SafetensorsFile:
             got += n
         return out
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, mapped: bool = False) -> torch.Tensor:
+        """Tensor ``name`` in memory of its own; ``mapped`` (in a file opened with ``mmap``): a view of the file's
+        pages instead, unless its offset is not aligned for its dtype."""
         dtype = self.dtype(name)
         if dtype not in ST_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which kimi-lm cannot read")
+        if mapped and self._mapping is not None:
+            begin, end = self.header[name]["data_offsets"]
+            t = self._mapping.view(self.data_start + begin, end - begin, ST_DTYPES[dtype], self.shape(name))
+            if t is not None:
+                return t
         return self.read_into(name, torch.empty(self.shape(name), dtype=ST_DTYPES[dtype]))
 
 
@@ -241,12 +259,13 @@ def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> s
     return modules
 
 
-def load(path, dtype=torch.bfloat16, device="cpu"):
+def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
     """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the plain model (``kimi_lm.model``
     modules, quantized ones swapped in where the checkpoint is quantized) in eval mode, no grads. Only loads: the
     runtime set-up for a device (``kimi_lm.cpu.prepare``) is applied by ``kimi_lm.load``.
 
-    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass."""
+    ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass.
+    ``mmap`` (default: on for CPU): tensors kept as stored are views of the memory-mapped files (``kimi_lm.mapped``)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
@@ -268,6 +287,9 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
         unpacked = _dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
         swap_modules(model, specs, split_kvb, dtype=dtype)
+        use_mmap = torch.device(device).type == "cpu" if mmap is None else mmap
+        if use_mmap:  # mlx-lm's gate / up expert halves kept apart, so that they stay mapped
+            targets = mapped.split_targets(targets, mapped.split_experts(model, targets))
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -287,7 +309,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
             raise CheckpointError(
                 f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}")
         if placement in ("copy", "conv"):
-            t = read_into(None) if t is None else t
+            t = read_into(None, want_dtype if placement == "copy" else None) if t is None else t
             t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
             loaded[target] = t.to(device=device, dtype=want_dtype)
             if loaded[target] is not t:
@@ -310,7 +332,7 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
 
     trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
     for file, in_file in by_file.items():
-        with SafetensorsFile(file) as f:
+        with SafetensorsFile(file, mmap=use_mmap) as f:
             compressed_tensors.reinterpret(f.header, ct_specs)
             for name in in_file:
                 if name not in f.header:
@@ -343,9 +365,9 @@ def load(path, dtype=torch.bfloat16, device="cpu"):
                                           + _scale_hint(target, placement, expected))
                 _check_dtype(file, name, file_dtype, expected[target].dtype, config)
 
-                def read_into(dest, f=f, name=name, file_dtype=file_dtype):
-                    if dest is None:
-                        return f.read(name)
+                def read_into(dest, keep=None, f=f, name=name, file_dtype=file_dtype):
+                    if dest is None:  # mapped (a view of the file) when kept as stored (``keep``: its dtype)
+                        return f.read(name, mapped=ST_DTYPES[file_dtype] == keep)
                     return f.read_into(name, dest) if ST_DTYPES[file_dtype] == dest.dtype else None
 
                 place(file, name, target, placement, expert, read_into=read_into)

@@ -464,6 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", help="full-parameter training; context = sequence length")
     p.add_argument("--optimizer", default="adamw", help="with --train: adamw (default) or muon")
     p.add_argument("--devices", help=f"comma-separated: {', '.join(DEVICES)}, sizes like 48G, or NxDEVICE")
+    p.add_argument("--ram", help="this machine's RAM (e.g. 24G): resident vs memory-mapped bytes, fits or runs paged")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="also write memory against context as a PNG")
     return p
@@ -487,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         e = estimate(args.model, context=args.context, **kw)
         if args.plot:
             plot(args.model, args.plot, **kw)
+        if args.ram:  # resident vs mapped bytes against RAM (kimi_lm.paging)
+            from kimi_lm.paging import ram_report
+
+            ram, ram_text = ram_report(args.model, args.ram, e, args.quant, args.group_size)
     except (CheckpointError, OSError) as exc:  # an OSError names the file: the --plot target
         msg = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
         print(f"kimi-lm estimate: error: {msg}", file=sys.stderr)
@@ -494,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     try:
-        print(e.to_json() if args.json else render(e), flush=True)
+        text = e.to_json() if args.json else render(e)
+        if args.ram:
+            text = json.dumps({**json.loads(text), "ram": ram}) if args.json else f"{text}\n{ram_text}"
+        print(text, flush=True)
     except BrokenPipeError:  # `kimi-lm estimate ... | head`: the reader left; that is not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
     return 0

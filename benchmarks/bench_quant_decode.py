@@ -1,11 +1,15 @@
-"""Decode speed and weight memory of MLX-quantized Kimi Linear models (4-bit, kept packed) vs the same model in bf16.
+"""Decode and prefill speed of MLX-quantized Kimi Linear models (kept packed) vs the same model in bf16, all prepared
+by the CPU backend as ``kimi_lm.load`` prepares them.
 
-    python benchmarks/bench_quant_decode.py [--preset bench] [--modes affine,mxfp4] [--tokens 32]
+    python benchmarks/bench_quant_decode.py [--config bench|real-layers] [--modes mxfp4,affine4,...] [--tokens 32]
 
-Random weights, the ``bench`` preset (8 layers, 16 experts). Each quantized copy is made with mlx-lm's kimi_linear
+Random weights; ``--config`` as in bench_kimi_linear.py (``bench``: 8 layers, hidden 512, 16 experts top-4;
+``real-layers``: Kimi-Linear-48B's layer sizes in 4 layers). Each quantized copy is made with mlx-lm's kimi_linear
 policy (every Linear / Embedding / expert stack whose input width divides the group; router at affine 8-bit g64) by
-``quant.packed.swap_modules(pack=True)``, then prepared as ``kimi_lm.load`` prepares it (affine 4-bit onto the CPU
-int4 kernel). "affine" is mlx-lm's default 4-bit (group 64). Prints a table, then one JSON line.
+``quant.packed.swap_modules(pack=True)``, then ``kimi_lm.cpu.prepare``. Modes: mxfp4, nvfp4, mxfp8, affine<bits>
+(group 64; affine4 on quant.c), affine4-int4 (affine 4-bit on PyTorch's int4 kernel). Models are measured in
+interleaved rounds (best of ``--repeats``): load from other processes hits every model alike. Prints a table, then
+one JSON line.
 """
 
 from __future__ import annotations
@@ -13,14 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+from kimi_lm import cpu
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.moe import StackedExperts, TopkRouter
 from kimi_lm.quant.packed import QuantSpec, swap_modules, use_int4_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kimi_linear import real_layers_config  # noqa: E402
 
 
 def mlx_policy(model, spec: QuantSpec) -> dict:
@@ -37,50 +47,72 @@ def mlx_policy(model, spec: QuantSpec) -> dict:
     return specs
 
 
-def decode_tok_s(model, tokens: int) -> float:
-    cache = model.make_cache(1)
+def spec_of(mode: str) -> QuantSpec:
+    if mode in ("mxfp4", "mxfp8", "nvfp4"):
+        return QuantSpec(mode, 8 if mode == "mxfp8" else 4, 16 if mode == "nvfp4" else 32)
+    return QuantSpec("affine", int(mode.removeprefix("affine").removesuffix("-int4")), 64)
+
+
+def speeds(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """(prefill tok/s of the prompt, decode tok/s of ``tokens`` steps after it)."""
     ids = torch.tensor([[1]])
-    with torch.no_grad():
-        model(torch.randint(3, 100, (1, 16)), cache)  # prefill
-        for _ in range(3):
+    with torch.inference_mode():
+        cache = model.make_cache(1)
+        t0 = time.perf_counter()
+        model(prompt, cache)
+        prefill = prompt.shape[1] / (time.perf_counter() - t0)
+        for _ in range(2):
             model(ids, cache)
         t0 = time.perf_counter()
         for _ in range(tokens):
             model(ids, cache)
-        return tokens / (time.perf_counter() - t0)
+        return prefill, tokens / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="bench")
-    p.add_argument("--modes", default="affine,mxfp4", help="comma-separated: affine (4-bit g64), mxfp4")
+    p.add_argument("--config", choices=["bench", "real-layers"], default="bench")
+    p.add_argument("--modes", default="mxfp4,affine4,affine4-int4,affine8,mxfp8,nvfp4")
+    p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    cfg = preset(args.preset)
+    torch.set_num_threads(args.threads)
+    cfg = preset("bench") if args.config == "bench" else real_layers_config()
     dense = KimiLinearForCausalLM(cfg).to(torch.bfloat16).eval().requires_grad_(False)
     for prm in dense.parameters():
         prm.normal_(0, 0.02)
     nbytes = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
-    models = {"bf16": dense}
+    models = {}
     for mode in args.modes.split(","):
-        spec = QuantSpec("mxfp4", 4, 32) if mode == "mxfp4" else QuantSpec("affine", 4, 64)
         packed = copy.deepcopy(dense)
-        swap_modules(packed, mlx_policy(packed, spec), pack=True, dtype=torch.bfloat16)
-        use_int4_kernels(packed)
-        models[f"{mode} 4-bit"] = packed
-    best = dict.fromkeys(models, 0.0)
-    for _ in range(args.repeats):  # interleaved, best of: load from other processes hits every model alike
+        swap_modules(packed, mlx_policy(packed, spec_of(mode)), pack=True, dtype=torch.bfloat16)
+        if mode.endswith("-int4"):
+            use_int4_kernels(packed)
+        cpu.INT4_KERNEL = mode.endswith("-int4")
+        models[mode] = cpu.prepare(packed)
+    cpu.INT4_KERNEL = True
+    sizes = {"bf16": nbytes(dense)} | {m: nbytes(model) for m, model in models.items()}
+    models = {"bf16": cpu.prepare(dense)} | models
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt))
+    best = {name: [0.0, 0.0] for name in models}
+    for _ in range(args.repeats):  # interleaved, best of
         for name, model in models.items():
-            best[name] = max(best[name], decode_tok_s(model, args.tokens))
-    rows = [(name, nbytes(model) / 2**20, best[name]) for name, model in models.items()]
-    print(f"{'weights':<14}{'MiB':>10}{'decode tok/s':>14}{'vs bf16':>9}")
-    for name, mib, tps in rows:
-        print(f"{name:<14}{mib:>10.1f}{tps:>14.1f}{tps / rows[0][2]:>8.2f}x")
-    print(json.dumps({"preset": args.preset, "bf16_mib": round(rows[0][1], 1), "bf16_tok_s": round(rows[0][2], 2),
-                      "quantized": [{"mode": n, "mib": round(m, 1), "tok_s": round(t, 2),
-                                     "speedup": round(t / rows[0][2], 3)} for n, m, t in rows[1:]]}))
+            best[name] = [max(a, b) for a, b in zip(best[name], speeds(model, prompt, args.tokens))]
+    bf_pre, bf_dec = best["bf16"]
+    print(f"config {args.config}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode steps")
+    print(f"{'weights':<14}{'MiB':>9}{'decode tok/s':>14}{'vs bf16':>9}{'prefill tok/s':>15}{'vs bf16':>9}")
+    rows = []
+    for name, (pre, dec) in best.items():
+        print(f"{name:<14}{sizes[name] / 2**20:>9.1f}{dec:>14.1f}{dec / bf_dec:>8.2f}x{pre:>15.0f}{pre / bf_pre:>8.2f}x")
+        rows.append({"mode": name, "mib": round(sizes[name] / 2**20, 1), "decode_tok_s": round(dec, 2),
+                     "decode_vs_bf16": round(dec / bf_dec, 3), "prefill_tok_s": round(pre, 1),
+                     "prefill_vs_bf16": round(pre / bf_pre, 3)})
+    print(json.dumps({"benchmark": "quant_decode", "config": args.config, "threads": args.threads,
+                      "prompt": args.prompt, "tokens": args.tokens, "models": rows}))
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,12 @@
     SparseMoE                 -> moe.CpuSparseMoE               routing, grouping, combining in C
     MLP                       -> layers.CpuMLP                  gate|up as one product, SwiGLU in C
     RMSNorm                   -> layers.CpuRMSNorm              one C pass
-    affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed)
+    PackedLinear              -> quant.CpuPackedLinear         MLX-quantized (affine 2-8 bit, MXFP4, MXFP8, NVFP4):
+    PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
+    PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
+    SparseMoE (packed experts)-> quant.CpuPackedSparseMoE       its one-token step on those
+    affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed), where
+                                 ``INT4_KERNEL`` says that is the faster
 
 plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
 what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kimi_lm.cpu import malloc, native, onednn
+from kimi_lm.cpu import malloc, native, onednn, quant
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.kda import applies as kda_applies
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
@@ -38,6 +43,9 @@ from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE
 from kimi_lm.quant.packed import use_int4_kernels
+
+
+INT4_KERNEL = True  # affine 4-bit on PyTorch's int4 kernel rather than kernels/quant.c (see quant.py)
 
 
 def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
@@ -54,7 +62,8 @@ def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
     if not kernels:
         return None
     if kind is SparseMoE:
-        return CpuSparseMoE(module)
+        return quant.CpuPackedSparseMoE(module) if type(module.experts) is quant.CpuPackedStackedExperts \
+            else CpuSparseMoE(module)
     if kind is RMSNorm:
         return CpuRMSNorm(module)
     return None
@@ -63,11 +72,16 @@ def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
 def prepare(model: nn.Module) -> nn.Module:
     """Swap ``model``'s modules for the CPU backend's (see the module docstring), in place; returns the model.
     Expects an inference model (``eval()``, no grads) on the CPU, as ``kimi_lm.checkpoint.load`` returns it."""
-    use_int4_kernels(model)  # affine 4-bit modules on PyTorch's CPU int4 kernel (same bytes)
+    if INT4_KERNEL:
+        use_int4_kernels(model)  # affine 4-bit modules on PyTorch's CPU int4 kernel (same bytes)
     malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward
     if onednn.available(model.dtype, "cpu"):
         onednn.pack_linears(model, OneDNNStackedExperts)
     kernels = native.library() is not None
+    if kernels:  # packed modules first: the layer swaps look at what their parts became
+        for name in [name for name, m in model.named_modules() if quant.swap(m, check_only=True)]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quant.swap(model.get_submodule(name)))
     trim = malloc.ReleaseEvery(16 << 20)
     for name in [name for name, _ in model.named_modules()]:  # names: each replaced module is freed as it goes
         try:

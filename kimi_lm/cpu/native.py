@@ -449,3 +449,61 @@ def moe_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], ga
     if status:
         raise MemoryError("moe_experts_rows: could not allocate its scratch memory")
     return out
+
+
+# ---- products with MLX-quantized weights read in their packed bytes (kernels/quant.c) ---------------------------------
+
+QUANT_MODES = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
+
+
+@functools.cache
+def quant_library() -> ctypes.CDLL | None:
+    """``library()`` with the quantized products bound (``kernels/quant.c``), or None."""
+    lib = library()
+    if lib is None:
+        return None
+    lib.quant_matmul.argtypes = [_I, _I, _L, _L, _L, _P, _P, _P, _I, _L, _P, _I, _P, _I]
+    lib.quant_matmul.restype = _I
+    lib.quant_experts_rows.argtypes = [_L, _L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
+    lib.quant_experts_rows.restype = _I
+    lib.quant_use_generic.argtypes = [_I]
+    lib.quant_use_generic.restype = None
+    return lib
+
+
+def quant_matmul(x: torch.Tensor, mode: str, bits: int, group: int, weight: torch.Tensor, scales: torch.Tensor,
+                 biases: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """y = x Wᵀ with W in an MLX packing (``kimi_lm.quant``: weight uint32 [O, I·bits/32], scales [O, I/group]
+    uint8 or the affine dtype, biases likewise) read in place: x [..., I] contiguous (fp32 / bf16) -> [..., O] in
+    x's dtype; fp32 sums, one rounding; output rows shared among ``threads``."""
+    O, I = weight.shape[0], scales.shape[-1] * group
+    y = torch.empty(*x.shape[:-1], O, dtype=x.dtype)
+    if quant_library().quant_matmul(QUANT_MODES[mode], bits, group, O, I, weight.data_ptr(), scales.data_ptr(),
+                                    0 if biases is None else biases.data_ptr(), int(scales.dtype == torch.bfloat16),
+                                    x.numel() // I, x.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), threads):
+        raise MemoryError("quant_matmul: could not allocate its scratch memory")
+    return y
+
+
+def quant_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate_up: tuple, down: tuple,
+                       specs: tuple[tuple[int, int, int], tuple[int, int, int]], intermediate: int) -> torch.Tensor:
+    """``moe_experts_rows`` for MLX-packed experts: ``gate_up`` / ``down`` = (weight [E, …], scales, biases or None)
+    stacked over experts, ``specs`` their (mode code, bits, group) -> out [rows, hidden], those experts' rows filled."""
+    n = len(experts)
+    starts = torch.tensor([0] + counts[:-1]).cumsum(0)[experts].contiguous()
+    sizes = torch.tensor([counts[e] for e in experts])
+    out = torch.empty_like(xs)
+
+    def pointers(parts):
+        strides = [None if t is None else t.stride(0) * t.element_size() for t in parts]
+        return (_P * (3 * n))(*(None if t is None else t.data_ptr() + e * s
+                                for e in experts for t, s in zip(parts, strides)))
+
+    scale_bf16 = int(gate_up[1].dtype == torch.bfloat16)
+    status = quant_library().quant_experts_rows(
+        n, xs.shape[-1], intermediate, _DTYPES[xs.dtype], scale_bf16, (_I * 3)(*specs[0]), (_I * 3)(*specs[1]),
+        starts.data_ptr(), sizes.data_ptr(), pointers(gate_up), pointers(down), xs.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
+    if status:
+        raise MemoryError("quant_experts_rows: could not allocate its scratch memory")
+    return out

@@ -1,0 +1,503 @@
+/* Products with MLX-quantized weights read straight from their packed bytes (no dequantized copy): affine 2-8 bit,
+ * MXFP4, MXFP8 and NVFP4 (layouts: kimi_lm/quant/affine.py, mxfp4.py, mxfp8.py, nvfp4.py; spec
+ * kimi_k2_and_quantization.md section 5). A decode step reads each weight once; a 4-bit weight is 4.25-4.5 bits, so the
+ * product streams ~3.6x fewer bytes than bf16 and the decoding must keep up with memory: it does, with AVX-512.
+ *
+ * Three paths, one per shape of code:
+ *   nibbles (4-bit: MXFP4, NVFP4, affine 4-bit; AVX-512 BF16): 64 packed bytes = 128 codes = one 128-bit lane per 32
+ *     weights. Two byte shuffles turn the codes into the bf16 bits of their values (E2M1, or the integers 0..15 for
+ *     affine; all exact in bf16), and vdpbf16ps multiplies them with the input, whose elements were permuted once per
+ *     call into the order the shuffles leave the codes in. Each lane's four fp32 sums then take their group's scale in
+ *     one multiply-add. A bf16 input is exact; an fp32 input is split into two bf16 parts (hi + lo, ~2^-16 relative).
+ *   bytes (MXFP8, affine 8-bit; AVX-512): 32 codes widened to fp32 (E4M3 through its fp16 bits and vcvtph2ps, exact
+ *     with subnormals) and multiplied with the fp32 input.
+ *   generic (every format, and every CPU): each group's codes decoded to fp32 by shifts, then an `omp simd` dot. It is
+ *     the only path for affine 2, 3, 5 and 6 bit and where AVX-512 BF16 is missing.
+ * Affine weights are scale q + bias: the products sum scale (q . x) per group and add bias . (sum of the group's x).
+ *
+ * quant_matmul: y = x W^T for M input rows (any M; 8 rows per pass over the weight), output rows shared among threads.
+ * quant_experts_rows: SwiGLU experts with packed gate|up and down weights on a few rows each (a decode step's experts
+ * in one call), as moe_experts_rows does for oneDNN's packed weights.
+ *
+ * Reference: OCP Microscaling Formats (MX) v1.0; Intel intrinsics guide (vpshufb, vdpbf16ps, vcvtph2ps).
+ */
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VL__) && \
+    defined(__F16C__)
+#include <immintrin.h>
+#define QUANT_AVX512 1
+#else
+#define QUANT_AVX512 0
+#endif
+
+enum { AFFINE = 0, MXFP4 = 1, MXFP8 = 2, NVFP4 = 3 };
+
+typedef struct {
+    int mode, bits;
+    long group, O, I;
+    const uint8_t *w;           /* [O, I bits / 8] */
+    const void *scales, *biases; /* [O, I / group]: uint8 (MX, NV) or the affine dtype (scale_bf16: bf16 else fp32) */
+    int scale_bf16;
+} qweight;
+
+static int force_generic; /* tests: the generic path on a CPU that has the vector ones */
+
+void quant_use_generic(int on) { force_generic = on; }
+
+static const float E2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                               -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+/* E4M3 (fp8, no infinities) -> fp32, subnormals included; branch-free so that loops over it vectorise */
+static inline float e4m3_to_f32(uint32_t b) {
+    const uint32_t e = (b >> 3) & 15u, m = b & 7u;
+    const float normal = bits_to_f32(((b & 0x80u) << 24) | ((e + 120u) << 23) | (m << 20));
+    const float sub = (b & 0x80u ? -0.001953125f : 0.001953125f) * (float)m; /* ±m / 8 2^-6 */
+    return e ? normal : sub;
+}
+
+/* one group's scale as fp32 */
+static inline float scale_of(const qweight *W, long row, long g) {
+    const long n = W->I / W->group;
+    if (W->mode == MXFP4 || W->mode == MXFP8) return bits_to_f32((uint32_t)((const uint8_t *)W->scales)[row * n + g] << 23);
+    if (W->mode == NVFP4) return e4m3_to_f32(((const uint8_t *)W->scales)[row * n + g]);
+    return load_one(W->scales, row * n + g, W->scale_bf16);
+}
+
+/* the row's scales [I / group] (and affine biases) as fp32 */
+static void row_scales(const qweight *W, long row, float *s, float *b) {
+    const long n = W->I / W->group;
+    const uint8_t *u = (const uint8_t *)W->scales + row * n;
+    if (W->mode == MXFP4 || W->mode == MXFP8) {
+#pragma omp simd
+        for (long g = 0; g < n; g++) s[g] = bits_to_f32((uint32_t)u[g] << 23);
+    } else if (W->mode == NVFP4) {
+#pragma omp simd
+        for (long g = 0; g < n; g++) s[g] = e4m3_to_f32(u[g]);
+    } else {
+        const size_t esize = W->scale_bf16 ? 2 : 4;
+        load_row(s, (const char *)W->scales + (size_t)(row * n) * esize, n, W->scale_bf16);
+        load_row(b, (const char *)W->biases + (size_t)(row * n) * esize, n, W->scale_bf16);
+    }
+}
+
+/* ---- the input rows, prepared once per call ------------------------------------------------------------------- */
+
+typedef struct {
+    long M;
+    float *xf;          /* [M, I] fp32 */
+    uint16_t *xh, *xl;  /* [M, I] bf16, permuted per block of 128 for the nibble path; xl: x - hi (NULL: x is bf16) */
+    float *xsum;        /* [M, I / group]: affine groups' input sums */
+} qinput;
+
+static inline int nibble_path(const qweight *W) {
+    return QUANT_AVX512 && !force_generic && W->bits == 4 && (W->mode != AFFINE || W->group >= 32);
+}
+
+static inline int byte_path(const qweight *W) {
+    return QUANT_AVX512 && !force_generic && W->bits == 8 && (W->mode == MXFP8 || W->mode == AFFINE);
+}
+
+/* where element j of a block of 128 goes in the nibble path's order: vector k (A, B, C, D) of 32 bf16, lane l of 8,
+ * word p; A holds each lane's elements 2p, B 16 + 2p, C 2p + 1, D 17 + 2p (what unpacklo/hi of the shuffled low and
+ * high nibbles give) */
+static inline long nibble_slot(long j) {
+    const long l = j / 32, e = j % 32, odd = e & 1, half = (e % 32) >= 16;
+    const long p = (e - 16 * half - odd) / 2;
+    return 32 * (2 * odd + half) + 8 * l + p;
+}
+
+static void free_input(qinput *X) {
+    free(X->xf);
+    X->xf = NULL;
+}
+
+/* M rows of x (model dtype) -> the forms the paths read. Returns 0, or 1 when memory could not be allocated. */
+static int prepare_input(const qweight *W, long M, const float *x, int exact_bf16, qinput *X) {
+    const long I = W->I, n = I / W->group;
+    const int nib = nibble_path(W);
+    X->M = M;
+    size_t floats = (size_t)(M * I) + (size_t)(M * n) + (nib ? (size_t)(M * I) : 0) + 16;
+    X->xf = malloc(sizeof(float) * floats);
+    if (!X->xf) return 1;
+    memcpy(X->xf, x, sizeof(float) * (size_t)(M * I));
+    X->xsum = X->xf + M * I;
+    X->xh = X->xl = NULL;
+    if (W->mode == AFFINE)
+        for (long m = 0; m < M; m++)
+            for (long g = 0; g < n; g++) {
+                float s = 0.0f;
+                const float *xg = x + m * I + g * W->group;
+#pragma omp simd reduction(+ : s)
+                for (long i = 0; i < W->group; i++) s += xg[i];
+                X->xsum[m * n + g] = s;
+            }
+    if (nib) {
+        X->xh = (uint16_t *)(X->xsum + M * n);
+        X->xl = exact_bf16 ? NULL : X->xh + M * I;
+        const long full = I / 128 * 128;
+        for (long m = 0; m < M; m++)
+            for (long b = 0; b < full; b += 128)
+                for (long j = 0; j < 128; j++) {
+                    const float v = x[m * I + b + j];
+                    const uint16_t hi = f32_to_bf16(v);
+                    X->xh[m * I + b + nibble_slot(j)] = hi;
+                    if (X->xl) X->xl[m * I + b + nibble_slot(j)] = f32_to_bf16(v - bf16_to_f32(hi));
+                }
+    }
+    return 0;
+}
+
+/* ---- generic path --------------------------------------------------------------------------------------------- */
+
+/* the codes of group g of one row as their values before the scale; `bits` a constant where inlined */
+static inline __attribute__((always_inline)) void decode_codes(int mode, long bits, long G, const uint8_t *row,
+                                                               long g, float *v) {
+    const uint64_t mask = (1u << bits) - 1;
+    const uint8_t *p = row + g * G / 8 * bits;
+    for (long c = 0; c < G / 8; c++, p += bits) { /* 8 codes fill `bits` whole bytes */
+        uint64_t chunk = 0;
+        for (long k = 0; k < bits; k++) chunk |= (uint64_t)p[k] << (8 * k);
+        for (long k = 0; k < 8; k++) {
+            const uint32_t code = (uint32_t)((chunk >> (k * bits)) & mask);
+            v[c * 8 + k] = mode == AFFINE ? (float)code : mode == MXFP8 ? e4m3_to_f32(code) : E2M1[code];
+        }
+    }
+}
+
+static void decode_group(const qweight *W, const uint8_t *row, long g, float *v) {
+    switch (W->mode == AFFINE ? W->bits : W->mode == MXFP8 ? 9 : 10) { /* each format its own unrolled copy */
+    case 2: decode_codes(AFFINE, 2, W->group, row, g, v); break;
+    case 3: decode_codes(AFFINE, 3, W->group, row, g, v); break;
+    case 4: decode_codes(AFFINE, 4, W->group, row, g, v); break;
+    case 5: decode_codes(AFFINE, 5, W->group, row, g, v); break;
+    case 6: decode_codes(AFFINE, 6, W->group, row, g, v); break;
+    case 8: decode_codes(AFFINE, 8, W->group, row, g, v); break;
+    case 9: decode_codes(MXFP8, 8, W->group, row, g, v); break;
+    default: decode_codes(MXFP4, 4, W->group, row, g, v); break; /* MXFP4, NVFP4: E2M1 */
+    }
+}
+
+static void rows_generic(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+    const long I = W->I, G = W->group, n = I / G, row_bytes = I * W->bits / 8;
+    float v[128], s[n + 1], b[n + 1];
+    for (long r = r0; r < r1; r++) {
+        row_scales(W, r, s, b);
+        float acc[ROWS_MAX] = {0};
+        for (long g = 0; g < n; g++) {
+            decode_group(W, W->w + r * row_bytes, g, v);
+            for (long m = 0; m < X->M; m++) {
+                const float *xg = X->xf + m * I + g * G;
+                float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                for (long i = 0; i < G; i++) d += v[i] * xg[i];
+                acc[m] += s[g] * d + (W->mode == AFFINE ? b[g] * X->xsum[m * n + g] : 0.0f);
+            }
+        }
+        for (long m = 0; m < X->M; m++) y[m * W->O + r] = acc[m];
+    }
+}
+
+/* ---- vector paths --------------------------------------------------------------------------------------------- */
+#if QUANT_AVX512
+
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+/* the low and high bytes of the bf16 bits of each code's value, for vpshufb (each 16-byte table in every lane) */
+static void nibble_tables(int mode, __m512i *lo, __m512i *hi) {
+    uint8_t l[16], h[16];
+    for (int c = 0; c < 16; c++) {
+        const uint16_t bits = f32_to_bf16(mode == AFFINE ? (float)c : E2M1[c]);
+        l[c] = (uint8_t)bits;
+        h[c] = (uint8_t)(bits >> 8);
+    }
+    *lo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)l));
+    *hi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)h));
+}
+
+/* 64 packed bytes (128 codes) -> the bf16 values in vectors A, B, C, D (see nibble_slot) */
+static inline void nibble_decode(const uint8_t *p, __m512i lut_lo, __m512i lut_hi, __m512i *v) {
+    const __m512i raw = _mm512_loadu_si512(p), mask = _mm512_set1_epi8(0x0f);
+    const __m512i lo = _mm512_and_si512(raw, mask), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    const __m512i lo_l = _mm512_shuffle_epi8(lut_lo, lo), lo_h = _mm512_shuffle_epi8(lut_hi, lo);
+    const __m512i hi_l = _mm512_shuffle_epi8(lut_lo, hi), hi_h = _mm512_shuffle_epi8(lut_hi, hi);
+    v[0] = _mm512_unpacklo_epi8(lo_l, lo_h);
+    v[1] = _mm512_unpackhi_epi8(lo_l, lo_h);
+    v[2] = _mm512_unpacklo_epi8(hi_l, hi_h);
+    v[3] = _mm512_unpackhi_epi8(hi_l, hi_h);
+}
+
+/* one row's products with M input rows on the nibble path; M a constant where inlined (always_inline) */
+static inline __attribute__((always_inline)) void nibble_row(const qweight *W, const qinput *X, long r, long M,
+                                                             const float *s, const float *b, __m512i lut_lo,
+                                                             __m512i lut_hi, __m512i idx0, __m512i idx1, float *y) {
+    const long I = W->I, G = W->group, n = I / G, full = I / 128, row_bytes = I / 2;
+    const uint8_t *row = W->w + r * row_bytes;
+    __m512 acc[ROWS_MAX];
+    for (long m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (long blk = 0; blk < full; blk++) {
+        __m512i v[4];
+        nibble_decode(row + blk * 64, lut_lo, lut_hi, v);
+        if (G == 16) { /* two groups per lane: A, C the first; B, D the second */
+            const __m512 s0 = _mm512_permutexvar_ps(idx0, _mm512_loadu_ps(s + blk * 8));
+            const __m512 s1 = _mm512_permutexvar_ps(idx1, _mm512_loadu_ps(s + blk * 8));
+            for (long m = 0; m < M; m++) {
+                const uint16_t *xh = X->xh + m * I + blk * 128;
+                __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
+                __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
+                t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
+                t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
+                if (X->xl) {
+                    const uint16_t *xl = X->xl + m * I + blk * 128;
+                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
+                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
+                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
+                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
+                }
+                acc[m] = _mm512_fmadd_ps(t0, s0, acc[m]);
+                acc[m] = _mm512_fmadd_ps(t1, s1, acc[m]);
+            }
+        } else { /* one group per lane (group 32) or per 2 or 4 lanes */
+            const __m512 sv = _mm512_permutexvar_ps(idx0, _mm512_loadu_ps(s + blk * 128 / G));
+            for (long m = 0; m < M; m++) {
+                const uint16_t *xh = X->xh + m * I + blk * 128;
+                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
+                t = _mm512_dpbf16_ps(t, as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
+                t = _mm512_dpbf16_ps(t, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
+                t = _mm512_dpbf16_ps(t, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
+                if (X->xl) {
+                    const uint16_t *xl = X->xl + m * I + blk * 128;
+                    t = _mm512_dpbf16_ps(t, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
+                    t = _mm512_dpbf16_ps(t, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
+                    t = _mm512_dpbf16_ps(t, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
+                    t = _mm512_dpbf16_ps(t, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
+                }
+                acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+            }
+        }
+    }
+    for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
+    if (full * 128 < I) { /* the tail below a whole block: generic */
+        float v[128];
+        for (long g = full * 128 / G; g < n; g++) {
+            decode_group(W, row, g, v);
+            for (long m = 0; m < M; m++) {
+                const float *xg = X->xf + m * I + g * G;
+                float d = 0.0f;
+                for (long i = 0; i < G; i++) d += v[i] * xg[i];
+                y[m * W->O + r] += s[g] * d;
+            }
+        }
+    }
+    if (W->mode == AFFINE)
+        for (long m = 0; m < M; m++) {
+            float d = 0.0f;
+            const float *xs = X->xsum + m * n;
+#pragma omp simd reduction(+ : d)
+            for (long g = 0; g < n; g++) d += b[g] * xs[g];
+            y[m * W->O + r] += d;
+        }
+}
+
+static void rows_nibble(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+    const long n = W->I / W->group;
+    float s[n + 16], b[n + 16];
+    memset(s + n, 0, sizeof(float) * 16);
+    __m512i lut_lo, lut_hi;
+    nibble_tables(W->mode, &lut_lo, &lut_hi);
+    int i0[16], i1[16];
+    for (int k = 0; k < 16; k++) { /* float k of the scale vector: lane k / 4's group within the block */
+        const int lane = k / 4;
+        i0[k] = W->group == 16 ? 2 * lane : (int)(32 * lane / W->group);
+        i1[k] = 2 * lane + 1;
+    }
+    const __m512i idx0 = _mm512_loadu_si512(i0), idx1 = _mm512_loadu_si512(i1);
+    for (long r = r0; r < r1; r++) {
+        row_scales(W, r, s, b);
+        switch (X->M) { /* each M its own unrolled copy */
+#define CASE(k) case k: nibble_row(W, X, r, k, s, b, lut_lo, lut_hi, idx0, idx1, y); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    }
+}
+
+/* 32 codes (MXFP8 E4M3 or affine 8-bit bytes) -> two vectors of their fp32 values */
+static inline void byte_decode(int mode, const uint8_t *p, __m512 *w0, __m512 *w1) {
+    if (mode == AFFINE) {
+        *w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+        *w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+        return;
+    }
+    /* E4M3 as fp16 bits: magnitude << 7 (exponent and mantissa land 2^8 lower, subnormals too), sign at bit 15 */
+    const __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x7f)), 7),
+                                      _mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x80)), 8));
+    *w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    *w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
+
+static inline __attribute__((always_inline)) void byte_row(const qweight *W, const qinput *X, long r, long M,
+                                                           const float *s, const float *b, float *y) {
+    const long I = W->I, G = W->group, n = I / G;
+    const uint8_t *row = W->w + r * I;
+    __m512 acc[ROWS_MAX];
+    for (long m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (long c = 0; c < I / 32; c++) {
+        __m512 w0, w1;
+        byte_decode(W->mode, row + c * 32, &w0, &w1);
+        const __m512 sv = _mm512_set1_ps(s[c * 32 / G]);
+        for (long m = 0; m < M; m++) {
+            const float *x = X->xf + m * I + c * 32;
+            __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(x));
+            t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), t);
+            acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+        }
+    }
+    const float unit = W->mode == MXFP8 ? 256.0f : 1.0f; /* the fp16 bits of E4M3 are 2^-8 of its value */
+    for (long m = 0; m < M; m++) {
+        float d = 0.0f;
+        if (W->mode == AFFINE) {
+            const float *xs = X->xsum + m * n;
+#pragma omp simd reduction(+ : d)
+            for (long g = 0; g < n; g++) d += b[g] * xs[g];
+        }
+        y[m * W->O + r] = unit * _mm512_reduce_add_ps(acc[m]) + d;
+    }
+}
+
+static void rows_byte(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+    const long n = W->I / W->group;
+    float s[n + 1], b[n + 1];
+    for (long r = r0; r < r1; r++) {
+        row_scales(W, r, s, b);
+        switch (X->M) {
+#define CASE(k) case k: byte_row(W, X, r, k, s, b, y); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+    }
+}
+#endif
+
+/* y [M, O] fp32 (M <= ROWS_MAX) for output rows [r0, r1) */
+static void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+#if QUANT_AVX512
+    if (nibble_path(W)) return rows_nibble(W, X, r0, r1, y);
+    if (byte_path(W)) return rows_byte(W, X, r0, r1, y);
+#endif
+    rows_generic(W, X, r0, r1, y);
+}
+
+/* ---- exported ------------------------------------------------------------------------------------------------- */
+
+#define ROWS_PER_ITEM 16
+
+typedef struct {
+    const qweight *W;
+    const qinput *X;
+    float *y;
+} matmul_job;
+
+static void matmul_item(const void *ctx, long item) {
+    const matmul_job *job = (const matmul_job *)ctx;
+    const long r0 = item * ROWS_PER_ITEM, r1 = r0 + ROWS_PER_ITEM < job->W->O ? r0 + ROWS_PER_ITEM : job->W->O;
+    quant_rows(job->W, job->X, r0, r1, job->y);
+}
+
+/* y [M, O] = x [M, I] W^T, x and y in the model dtype (bf16 or fp32), W packed as `mode` (0 affine, 1 MXFP4,
+ * 2 MXFP8, 3 NVFP4) with `bits` and `group`: w [O, I bits / 8] bytes, scales [O, I / group] (uint8, or the affine
+ * dtype: scale_bf16), biases (affine) likewise. fp32 accumulation, one rounding. Output rows are shared among
+ * `threads`. Returns 0, or 1 when scratch memory could not be allocated. */
+int quant_matmul(int mode, int bits, long group, long O, long I, const void *w, const void *scales,
+                 const void *biases, int scale_bf16, long M, const void *x, int bf16, void *y, int threads) {
+    const qweight W = {mode, bits, group, O, I, (const uint8_t *)w, scales, biases, scale_bf16};
+    float *buf = malloc(sizeof(float) * (size_t)(ROWS_MAX * (I + O)));
+    if (!buf) return 1;
+    float *xf = buf, *yf = buf + ROWS_MAX * I;
+    const size_t esize = bf16 ? 2 : 4;
+    for (long m0 = 0; m0 < M; m0 += ROWS_MAX) {
+        const long rows = M - m0 < ROWS_MAX ? M - m0 : ROWS_MAX;
+        load_row(xf, (const char *)x + (size_t)(m0 * I) * esize, rows * I, bf16);
+        qinput X;
+        if (prepare_input(&W, rows, xf, bf16, &X)) {
+            free(buf);
+            return 1;
+        }
+        const matmul_job job = {&W, &X, yf};
+        parallel_for(matmul_item, &job, (O + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, threads);
+        store_row((char *)y + (size_t)(m0 * O) * esize, yf, rows * O, bf16);
+        free_input(&X);
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- MoE experts on a few rows -------------------------------------------------------------------------------- */
+
+typedef struct {
+    long hidden, I;
+    int bf16, scale_bf16;
+    const int *gate_up_spec, *down_spec; /* mode, bits, group */
+    const int64_t *starts, *counts;      /* per work item (one expert): its first row in xs, its row count */
+    const void *const *gate_up;          /* per item: weight, scales, biases of gate|up [2I, hidden] */
+    const void *const *down;             /* per item: weight, scales, biases of down [hidden, I] */
+    const void *xs;
+    void *out;
+    int failed;
+} qexperts_job;
+
+static void qexperts_item(const void *ctx, long item) {
+    qexperts_job *job = (qexperts_job *)ctx;
+    const long hidden = job->hidden, I = job->I;
+    const size_t esize = job->bf16 ? 2 : 4;
+    const int *gs = job->gate_up_spec, *ds = job->down_spec;
+    const void *const *gu = job->gate_up + 3 * item, *const *dn = job->down + 3 * item;
+    const qweight Wg = {gs[0], gs[1], gs[2], 2 * I, hidden, gu[0], gu[1], gu[2], job->scale_bf16};
+    const qweight Wd = {ds[0], ds[1], ds[2], hidden, I, dn[0], dn[1], dn[2], job->scale_bf16};
+    float *buf = malloc(sizeof(float) * (size_t)ROWS_MAX * (size_t)(hidden + 3 * I + hidden));
+    if (!buf) {
+        job->failed = 1;
+        return;
+    }
+    float *x = buf, *gate_up = x + ROWS_MAX * hidden, *h = gate_up + ROWS_MAX * 2 * I, *y = h + ROWS_MAX * I;
+    const long first = job->starts[item], end = first + job->counts[item];
+    for (long r0 = first; r0 < end; r0 += ROWS_MAX) {
+        const long M = end - r0 < ROWS_MAX ? end - r0 : ROWS_MAX;
+        load_row(x, (const char *)job->xs + (size_t)(r0 * hidden) * esize, M * hidden, job->bf16);
+        qinput X;
+        if (prepare_input(&Wg, M, x, job->bf16, &X)) {
+            job->failed = 1;
+            break;
+        }
+        quant_rows(&Wg, &X, 0, 2 * I, gate_up);
+        free_input(&X);
+        for (long m = 0; m < M; m++)
+            for (long j = 0; j < I; j++) { /* the product's output, silu's and the gated product each rounded */
+                const float gate = as_model_dtype(gate_up[m * 2 * I + j], job->bf16);
+                const float up = as_model_dtype(gate_up[m * 2 * I + I + j], job->bf16);
+                h[m * I + j] = as_model_dtype(as_model_dtype(silu(gate), job->bf16) * up, job->bf16);
+            }
+        if (prepare_input(&Wd, M, h, job->bf16, &X)) {
+            job->failed = 1;
+            break;
+        }
+        quant_rows(&Wd, &X, 0, hidden, y);
+        free_input(&X);
+        store_row((char *)job->out + (size_t)(r0 * hidden) * esize, y, M * hidden, job->bf16);
+    }
+    free(buf);
+}
+
+/* SwiGLU experts (moe.py StackedExperts.expert) with MLX-packed weights on a few rows each: for work item i, rows
+ * starts[i] .. starts[i] + counts[i] of xs [rows, hidden] (model dtype) go through the expert whose gate|up
+ * [2I, hidden] and down [hidden, I] weights are gate_up[3i .. 3i + 2] and down[3i .. 3i + 2] (weight, scales,
+ * biases; specs as quant_matmul's); out [rows, hidden] model dtype. Items are shared among threads.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int quant_experts_rows(long items, long hidden, long I, int bf16, int scale_bf16, const int *gate_up_spec,
+                       const int *down_spec, const int64_t *starts, const int64_t *counts,
+                       const void *const *gate_up, const void *const *down, const void *xs, void *out, int threads) {
+    qexperts_job job = {hidden, I, bf16, scale_bf16, gate_up_spec, down_spec, starts, counts, gate_up, down, xs, out, 0};
+    parallel_for(qexperts_item, &job, items, threads);
+    return job.failed;
+}

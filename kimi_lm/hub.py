@@ -4,10 +4,11 @@ Every entry point (``kimi_lm.load``, ``load_tokenizer``, the CLI's ``--model``, 
 ``train --config/--tokenizer``, ``kimi-lm download``) calls :func:`resolve` once:
 
 * a local path that exists always wins; a ``str`` of the form ``ORG/NAME`` or ``ORG/NAME@REVISION`` that is no
-  local path is fetched with ``huggingface_hub.snapshot_download`` (a ``pathlib.Path`` is always a local path);
+  local path is fetched with ``huggingface_hub.snapshot_download`` (a ``pathlib.Path`` is always a local path, and
+  so is a name ending in ``.json``: a config file);
 * only the files kimi-lm reads come down (:data:`PARTS`: config, tokenizer, weights and the files SHA256SUMS lists,
-  which ``verify`` checks; ``estimate`` takes the config alone), into the Hub cache that transformers, mlx-lm and vLLM share (``HF_HOME`` / ``HF_HUB_CACHE``); files
-  already there are not fetched again, an interrupted transfer resumes with a range request and a re-run fetches only
+  which ``verify`` checks; ``estimate`` takes the config alone), into the Hub cache that transformers, mlx-lm and
+  vLLM share (``HF_HOME`` / ``HF_HUB_CACHE``); files already there are not fetched again, an interrupted transfer resumes with a range request and a re-run fetches only
   the files still missing; ``HF_HUB_OFFLINE=1`` uses the cache alone, ``HF_TOKEN`` (or ``hf auth login``) opens
   gated and private repositories, ``HF_ENDPOINT`` points at a mirror;
 * before a download of :data:`ASK_ABOVE` bytes or more it says how much (from the Hub's file list) and what
@@ -42,7 +43,7 @@ PARTS = {
 }
 ALL = tuple(PARTS)
 IGNORE = ("*/*",)  # shards in sub-folders (original/, consolidated/) are other formats kimi-lm does not read
-HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+HUB_ID = re.compile(r"(?!.*\.json$)(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
 def parse_id(text: str) -> tuple[str, str | None] | None:

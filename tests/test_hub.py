@@ -74,7 +74,7 @@ def test_hub_ids_and_paths():
     assert hub.parse_id("moonshotai/Kimi-Linear-48B-A3B-Instruct") == ("moonshotai/Kimi-Linear-48B-A3B-Instruct", None)
     assert hub.parse_id("mlx-community/Kimi-Linear-4bit@v1.0") == ("mlx-community/Kimi-Linear-4bit", "v1.0")
     assert hub.parse_id(f"org/name@{COMMIT}") == ("org/name", COMMIT)
-    for not_an_id in ("tiny", "/abs/dir", "./org/name", "a/b/c", "org/", "~/models/x", "org/na me"):
+    for not_an_id in ("tiny", "/abs/dir", "./org/name", "a/b/c", "org/", "~/models/x", "org/na me", "configs/k2.json"):
         assert hub.parse_id(not_an_id) is None, not_an_id
 
 

@@ -33,8 +33,8 @@ from kimi_lm import names
 from kimi_lm.errors import CheckpointError
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-COMPONENTS = ("embeddings", "kda", "mla", "dense_mlp", "router", "shared_experts", "experts", "norms", "attn_res",
-              "lm_head")
+COMPONENTS = ("embeddings", "kda", "mla", "dense_mlp", "router", "shared_experts", "experts", "latent_moe", "norms",
+              "attn_res", "lm_head")
 KDA_CHUNK = 64  # chunk length of chunked KDA (fla), sets the number of per-chunk states
 FP32_NAMES = ("A_log", "dt_bias", "e_score_correction_bias")  # kept in fp32 by every format and the loader
 
@@ -150,7 +150,7 @@ def _component(param: str, config) -> str:
         return "lm_head"
     if ".self_attn." in param:
         return "kda" if config.is_kda_layer(int(layer[1])) else "mla"
-    for part, component in ((".experts.", "experts"), (".shared_experts.", "shared_experts"), (".gate.", "router"),
+    for part, component in ((".routed_expert_", "latent_moe"), (".experts.", "experts"), (".shared_experts.", "shared_experts"), (".gate.", "router"),
                             (".mlp.", "dense_mlp")):
         if part in param:
             return component

@@ -39,8 +39,9 @@ def params_section(model: str) -> list[str]:
     a = load_arch(model)
     e = estimate(model, devices=[])
     d, k, E, I = a.hidden_size, a.experts_per_token, a.experts, a.moe_intermediate_size
+    w = getattr(load_source(model).config, "expert_hidden_size", d)  # K3's routed experts work in a latent
     n_moe = len(a.moe_layers)
-    idle = n_moe * (E - k) * 3 * I * d
+    idle = n_moe * (E - k) * 3 * I * w
     rows = ["| component | parameters | how |", "|---|---:|---|"]
     how = {
         "embeddings": f"vocab {a.vocab_size:,} × hidden {d:,}",
@@ -51,8 +52,10 @@ def params_section(model: str) -> list[str]:
         "dense_mlp": f"{a.num_layers - n_moe} layer(s) × 3 × {a.intermediate_size:,} × {d:,}",
         "router": f"{n_moe} layers × ({E} × {d:,} gate + {E} correction bias)",
         "shared_experts": f"{n_moe} layers × {a.shared_experts} × 3 × {I:,} × {d:,}",
-        "experts": f"{n_moe} layers × {E} experts × 3 × {I:,} × {d:,}",
+        "experts": f"{n_moe} layers × {E} experts × 3 × {I:,} × {w:,}",
+        "latent_moe": f"{n_moe} layers × (down + up projection {w:,} × {d:,} + latent norm {w:,})",
         "norms": f"2 per layer + final, × {d:,}",
+        "attn_res": f"4 per layer + output mix, × {d:,} (pseudo-query and key norm of each depth-attention op)",
         "lm_head": f"vocab {a.vocab_size:,} × hidden {d:,} (not tied)",
     }
     rows += [f"| {c} | {n:,} | {how[c]} |" for c, n in e.params_by_component.items() if n]
@@ -60,7 +63,7 @@ def params_section(model: str) -> list[str]:
     return rows + [
         "",
         f"**Active per token: {e.active_params:,}** = total − the routed experts a token does not use = "
-        f"{e.total_params:,} − {n_moe} MoE layers × ({E} − {k}) experts × 3 × {I:,} × {d:,} "
+        f"{e.total_params:,} − {n_moe} MoE layers × ({E} − {k}) experts × 3 × {I:,} × {w:,} "
         f"(= {idle:,}). Without the input embedding table (a lookup, not a matmul): "
         f"{e.active_params_no_embeddings:,}.",
     ]
@@ -102,6 +105,40 @@ def device_table(model: str) -> list[str]:
             cells.append("—" if mc == 0 else fmt_tokens(mc))
         rows.append(f"| {d['label']} ({d['usable_bytes'] / GIB:,.0f}) | " + " | ".join(cells) + " |")
     return rows
+
+
+def k3_section() -> list[str]:
+    from kimi_lm.memory import make_quant, tensor_bytes
+
+    k3 = "kimi-k3"
+    e, a = estimate(k3, devices=[]), load_arch(k3)
+    mx, bf = make_quant("mxfp4"), make_quant("bf16")
+    release = sum(tensor_bytes(t, mx if t.component == "experts" else bf, 2) for t in tensors(load_source(k3).config))
+    return [
+        "## Kimi K3",
+        "",
+        f"{a.num_layers} layers: {a.n_kda} KDA + {a.n_mla} MLA, MoE in {len(a.moe_layers)} ({a.experts} experts, "
+        f"top-{a.experts_per_token}, {a.shared_experts} shared, routed experts in a "
+        f"{load_source(k3).config.expert_hidden_size:,}-wide latent), Block AttnRes, hidden {a.hidden_size}, max "
+        f"context {a.max_context:,}. The text model only (the vision tower is not counted); `A_log` is counted as "
+        "stored, zero-padded to 128.",
+        "",
+        *params_section(k3),
+        "",
+        f"* KDA state, constant in context: **{fmt_bytes(e.kda_state_bytes)}** per sequence "
+        f"({e.kda_state_bytes:,} bytes). MLA latent cache: {a.n_mla} layers × ({a.kv_lora_rank} + {a.qk_rope}) × 2 "
+        f"bytes = **{e.mla_cache_bytes_per_token:,} bytes per token**.",
+        f"* As released (routed experts MXFP4, everything else bf16, A_log / dt_bias / router bias fp32): "
+        f"**{gib(release)} GiB** ({release / 1e12:.2f} TB) of weights.",
+        "",
+        "### Total memory (GiB)",
+        "",
+        *memory_table(k3, CONTEXTS),
+        "",
+        "The mxfp4 and affine4 rows quantize every linear layer (as `convert --quantize` would); the release keeps "
+        "all but the routed experts in bf16 (line above).",
+        "",
+    ]
 
 
 def page() -> str:
@@ -201,6 +238,7 @@ def page() -> str:
         "",
         "128k is K2's maximum: on those devices every context fits.",
         "",
+        *k3_section(),
         "## Assumptions",
         "",
         "* Usable memory: 90 % of a GPU (CUDA context, allocator), 75 % of Apple unified memory (the default GPU "

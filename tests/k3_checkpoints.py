@@ -35,7 +35,8 @@ def tiny_config(**changes) -> KimiK3Config:
 
 
 def random_model(cfg: KimiK3Config, seed: int = 0):
-    """kimi-lm's K3 model (fp32, eval) with random weights in realistic ranges; A_log's padding is zero."""
+    """kimi-lm's K3 model (fp32, eval) with random weights in realistic ranges (``checkpoints.randomize_``, AttnRes
+    queries scaled down); A_log's padding is zero."""
     from kimi_lm.model.kimi_k3 import KimiK3ForCausalLM
 
     torch.manual_seed(seed)
@@ -44,6 +45,8 @@ def random_model(cfg: KimiK3Config, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
                 p[cfg.kda_num_heads:] = 0
+            elif name.endswith("res_proj.weight"):  # unit-norm pseudo-queries make depth softmaxes one-hot and the
+                p.mul_(0.2)  # model chaotic (bf16 rounding alone would flip them); trained ones start at zero
     return model.requires_grad_(False)
 
 

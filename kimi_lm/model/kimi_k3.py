@@ -33,7 +33,8 @@ from kimi_lm.config_k3 import KimiK3Config
 from kimi_lm.model.attnres import new_depth_attention
 from kimi_lm.model.causal_lm import CausalLM
 from kimi_lm.model.kda import KimiDeltaAttention
-from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+from kimi_lm.model import kimi_linear
+from kimi_lm.model.kimi_linear import KimiLinearForCausalLM, KimiLinearModel
 from kimi_lm.model.layers import RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import StackedExperts, TopkRouter
@@ -145,9 +146,11 @@ class K3LatentAttention(MultiheadLatentAttention):
         return o * torch.sigmoid(self.g_proj(x)) if hasattr(self, "g_proj") else o
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(kimi_linear.DecoderLayer):
+    """K3's sublayers in Kimi Linear's layer (its ``attention`` / ``feed_forward`` / plain-residual ``forward``)."""
+
     def __init__(self, config: KimiK3Config, layer_idx: int):
-        super().__init__()
+        nn.Module.__init__(self)  # the parts are K3's own; only the methods are Kimi Linear's
         D = config.hidden_size
         self.is_kda = config.is_kda_layer(layer_idx)
         self.input_layernorm = RMSNorm(D, config.rms_norm_eps)
@@ -162,34 +165,10 @@ class DecoderLayer(nn.Module):
             self.self_attention_res_proj, self.self_attention_res_norm = new_depth_attention(D, config.rms_norm_eps)
             self.mlp_res_proj, self.mlp_res_norm = new_depth_attention(D, config.rms_norm_eps)
 
-    def attention(self, h: torch.Tensor, cache=None) -> torch.Tensor:
-        """The mixer sublayer f(h), pre-norm included."""
-        return self.self_attn(self.input_layernorm(h), cache)
-
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
-        """The FFN sublayer f(h), pre-norm included."""
-        return (self.block_sparse_moe if self.is_moe else self.mlp)(self.post_attention_layernorm(h))
-
-    def forward(self, h: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Without AttnRes: the plain pre-norm residual stream (``positions`` unused: nothing is rotated)."""
-        h = h + self.attention(h, cache)
-        return h + self.feed_forward(h)
-
-
-class KimiK3Model(nn.Module):
-    def __init__(self, config: KimiK3Config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.attn_res_block_size:
-            self.output_attn_res_proj, self.output_attn_res_norm = new_depth_attention(
-                config.hidden_size, config.rms_norm_eps)
-
 
 class KimiK3ForCausalLM(KimiLinearForCausalLM):
     """The text model; its decoder stack (Block AttnRes over the layers' ``attention`` / ``feed_forward``) is Kimi
     Linear's."""
 
     def __init__(self, config: KimiK3Config):
-        CausalLM.__init__(self, config, KimiK3Model(config))
+        CausalLM.__init__(self, config, KimiLinearModel(config, DecoderLayer))

@@ -72,10 +72,12 @@ class DecoderLayer(nn.Module):
 
 
 class KimiLinearModel(nn.Module):
-    def __init__(self, config: KimiLinearConfig):
+    def __init__(self, config: KimiLinearConfig, layer_class: type[nn.Module] | None = None):
+        """``layer_class``: the decoder layer (Kimi K3 passes its own); Kimi Linear's ``DecoderLayer`` by default."""
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        layer_class = layer_class or DecoderLayer
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.attn_res_block_size:
             self.output_attn_res_proj, self.output_attn_res_norm = new_depth_attention(

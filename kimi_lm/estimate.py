@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kimi_lm.config import K2_PRESETS, PRESETS, KimiK2Config, KimiLinearConfig, config_from_dict, preset, read_config_json
+from kimi_lm.config import (K2_PRESETS, K3_PRESETS, PRESETS, KimiK2Config, KimiLinearConfig, config_from_dict, preset,
+                             read_config_json)
 from kimi_lm.errors import CheckpointError
 from kimi_lm.files import atomic_path
 from kimi_lm.hub import resolve
@@ -41,7 +42,7 @@ from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor,
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PREFILL_CHUNK = 2048  # prompt tokens per forward during prefill (mlx-lm's default --prefill-step-size)
 ALIASES = {"kimi-k2": "kimi-k2-instruct"}  # the estimator's earlier name for the K2 preset
-ALL_PRESETS = [*PRESETS, *K2_PRESETS, *ALIASES]
+ALL_PRESETS = [*PRESETS, *K2_PRESETS, *K3_PRESETS, *ALIASES]
 
 
 # ---- the model: a config class, the format its files record, its dtype ---------------------------------------------
@@ -119,7 +120,8 @@ def summary(src: Source, q: Quant) -> dict:
     c, n = src.config, src.config.num_hidden_layers
     kda = isinstance(c, KimiLinearConfig) and n_kda(c) > 0
     return dict(
-        name=src.name, family=c.model_type if c.model_type == "kimi_linear" else "kimi_k2", vocab_size=c.vocab_size,
+        name=src.name, family=c.model_type if c.model_type in ("kimi_linear", "kimi_k3") else "kimi_k2",
+        vocab_size=c.vocab_size,
         hidden_size=c.hidden_size, num_layers=n, intermediate_size=c.intermediate_size,
         tie_embeddings=c.tie_word_embeddings, dtype=src.dtype, max_context=c.max_context, heads=c.num_attention_heads,
         q_lora_rank=c.q_lora_rank or 0, kv_lora_rank=c.kv_lora_rank, qk_nope=c.qk_nope_head_dim,

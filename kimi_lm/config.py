@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from kimi_lm.config_checks import (K2_MODEL_TYPES, SUPPORTED_MODEL_TYPES, build, check_field_types, check_fp8_config,
-                                   normalise_keys, normalise_rope_scaling, read_config_json)
+                                   normalise_keys, normalise_rope_scaling, read_config_json, unwrap_text_config,
+                                   wrap_text_config)
 from kimi_lm.errors import CheckpointError
 
 
@@ -359,6 +360,25 @@ class KimiK2Config(_SharedConfig):
             check_fp8_config(self.quantization_config, source)
 
 
+@dataclass
+class KimiK25Config(KimiK2Config):
+    """Kimi K2.5 (``kimi_k25``): a multimodal wrapper whose ``text_config`` is a Kimi K2 / DeepSeek-V3 text model
+    (tensors under ``language_model.``; the vision tower is not loaded). Spec ``kimi_k3_and_int4.md`` §B4."""
+
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("kimi_k25",)
+    model_type: str = "kimi_k25"
+    wrapper: dict | None = None  # the wrapper's top-level keys (vision_config, token ids, ...), written back
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "KimiK25Config":
+        return super().from_dict(unwrap_text_config(raw, K2_MODEL_TYPES, source), source)
+
+    def to_dict(self) -> dict:
+        text = super().to_dict()
+        wrapper = text.pop("wrapper") or {"architectures": ["KimiK25ForConditionalGeneration"]}
+        return wrap_text_config(text, wrapper, "kimi_k25", "kimi_k2")
+
+
 def load_config(path: str | Path) -> "KimiLinearConfig | KimiK2Config":
     """Read a config.json with the config class its ``model_type`` names."""
     return config_from_dict(read_config_json(path), source=str(path))
@@ -371,6 +391,8 @@ def config_from_dict(raw: dict, source: str = "config.json") -> "KimiLinearConfi
         return KimiK3Config.from_dict(raw, source)
     if raw.get("model_type") in K2_MODEL_TYPES:
         return KimiK2Config.from_dict(raw, source)
+    if raw.get("model_type") == "kimi_k25":
+        return KimiK25Config.from_dict(raw, source)
     return KimiLinearConfig.from_dict(raw, source)  # raises for unsupported types, listing every supported one
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from kimi_lm.errors import CheckpointError
 
 K2_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
-SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES, "kimi_k3")
+SUPPORTED_MODEL_TYPES = ("kimi_linear", *K2_MODEL_TYPES, "kimi_k3", "kimi_k25")
 
 
 def read_config_json(path: str | Path) -> dict:

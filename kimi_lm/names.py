@@ -27,10 +27,6 @@ rows are used) and every one of its checkpoint names carries the prefix; ``visio
 Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
 (mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
 writes a dense first layer under ``block_sparse_moe.``).
-
-Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
-(mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
-writes a dense first layer under ``block_sparse_moe.``).
 """
 
 from __future__ import annotations
@@ -40,9 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-KIMI_LINEAR, KIMI_K2, KIMI_K3 = "kimi_linear", "kimi_k2", "kimi_k3"
+KIMI_LINEAR, KIMI_K2, KIMI_K3, KIMI_K25 = "kimi_linear", "kimi_k2", "kimi_k3", "kimi_k25"
 # multimodal wrapper family -> the family of its text model, whose rows it uses under WRAPPER_PREFIX
-TEXT_FAMILY = {KIMI_K3: KIMI_LINEAR}
+TEXT_FAMILY = {KIMI_K3: KIMI_LINEAR, KIMI_K25: KIMI_K2}
 WRAPPER_PREFIX = "language_model."
 _VISION = re.compile(r"(vision_tower|vision_model|mm_projector|multi_modal_projector)\.")
 HF, MLX = "hf", "mlx"

@@ -15,8 +15,10 @@ from kimi_lm import cpu
 from kimi_lm.cli import main as cli
 from kimi_lm.cpu import native
 from kimi_lm.cpu import quant as cpu_quant
-from kimi_lm.cpu.quant import CpuPackedLinear, CpuPackedRouter, CpuPackedSparseMoE, CpuPackedStackedExperts
+from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedSparseMoE, CpuPackedStackedExperts,
+                                CpuSplitPackedExperts)
 from kimi_lm.config import preset
+from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.moe import StackedExperts, TopkRouter
 from kimi_lm.quant.packed import PackedStackedExperts, QuantSpec, swap_modules
@@ -74,17 +76,26 @@ def test_packed_experts_in_c_equal_plain_experts(spec, dtype, path):
     for name in ("gate_up_proj", "down_proj"):
         for suffix, t in zip(("", "_scales", "_biases"), spec.quantize(getattr(dense, name).detach())):
             setattr(plain, name + suffix, t)
-    fast = cpu_quant.swap(copy.deepcopy(plain))
-    assert type(fast) is CpuPackedStackedExperts
-    for counts in ([1, 0, 1, 1, 0, 1], [2, 9, 0, 1, 3, 0]):
-        xs = torch.randn(sum(counts), hidden).to(dtype)
-        with torch.inference_mode():
-            got, want = fast.grouped(xs, counts), plain.grouped(xs, counts)
-        assert len(got) == len(want)
-        for a, b in zip(got, want):
-            assert rel_err(a, b) <= 2 * TOL[dtype]
-    assert {k: v for k, v in fast.state_dict().items()}.keys() == plain.state_dict().keys()
-    assert all(torch.equal(fast.state_dict()[k], v) for k, v in plain.state_dict().items())
+    split = SplitPackedExperts(E, hidden, inter, spec, spec, dtype)  # gate and up apart, as mapped checkpoints
+    for half, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, None))):
+        for suffix, t in zip(("", "_scales", "_biases"), spec.quantize(dense.gate_up_proj.detach()[:, rows])):
+            setattr(split, half + suffix, t.contiguous())
+    for suffix in ("", "_scales", "_biases"):
+        if hasattr(plain, "down_proj" + suffix):
+            setattr(split, "down_proj" + suffix, getattr(plain, "down_proj" + suffix))
+    for reference, kind in ((plain, CpuPackedStackedExperts), (split, CpuSplitPackedExperts)):
+        fast = cpu_quant.swap(copy.deepcopy(reference))
+        assert type(fast) is kind
+        for counts in ([1, 0, 1, 1, 0, 1], [2, 9, 0, 1, 3, 0]):
+            xs = torch.randn(sum(counts), hidden).to(dtype)
+            with torch.inference_mode():
+                got, want = fast.grouped(xs, counts), plain.grouped(xs, counts)
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert rel_err(a, b) <= 2 * TOL[dtype]
+        state = reference.state_dict()
+        assert fast.state_dict().keys() == state.keys()
+        assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
 
 
 def _mlx_policy(model, spec: QuantSpec) -> dict:
@@ -124,7 +135,7 @@ def test_prepared_quantized_model_equals_plain(spec, token_ids, monkeypatch):
     plain = _quantized_tiny(spec, torch.float32)
     prepared = cpu.prepare(copy.deepcopy(plain))
     kinds = {type(m) for m in prepared.modules()}
-    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuPackedSparseMoE} <= kinds
+    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuPackedSparseMoE, CpuPackedMLA} <= kinds
     assert CpuPackedRouter in kinds or spec.group_size == 16  # the router (64 wide) is quantized at affine 8-bit g64
     want_state = plain.state_dict()
     assert prepared.state_dict().keys() == want_state.keys()

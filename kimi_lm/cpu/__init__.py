@@ -16,6 +16,7 @@
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
     SparseMoE (packed experts)-> quant.CpuPackedSparseMoE       its one-token step on those
+    MLA (quantized kv_b_proj) -> quant.CpuPackedMLA             absorbed halves kept dense, not rebuilt per step
     affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed), where
                                  ``INT4_KERNEL`` says that is the faster
 
@@ -30,6 +31,7 @@ Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=defa
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kimi_lm.cpu import malloc, native, onednn, quant
@@ -42,19 +44,20 @@ from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE
-from kimi_lm.quant.packed import use_int4_kernels
+from kimi_lm.quant.packed import PackedLinear, SplitKVB, use_int4_kernels
 
 
 INT4_KERNEL = True  # affine 4-bit on PyTorch's int4 kernel rather than kernels/quant.c (see quant.py)
 
 
-def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
+def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Module | None:
     """The backend module for a plain layer module, or None to keep it."""
     kind = type(module)
     if kind is KimiDeltaAttention:
         return CpuKimiDeltaAttention(module) if kda_applies(module) else None
     if kind is MultiheadLatentAttention:
-        return CpuMultiheadLatentAttention(module)
+        quantized = kernels and isinstance(module.kv_b_proj, (PackedLinear, SplitKVB))
+        return quant.CpuPackedMLA(module, dtype) if quantized else CpuMultiheadLatentAttention(module)
     if kind is MLP:
         parts = (module.gate_proj, module.up_proj)
         packed = all(type(p) is onednn.OneDNNLinear for p in parts) and parts[0].packed.dtype == parts[1].packed.dtype
@@ -62,8 +65,8 @@ def _layer_swap(module: nn.Module, kernels: bool) -> nn.Module | None:
     if not kernels:
         return None
     if kind is SparseMoE:
-        return quant.CpuPackedSparseMoE(module) if type(module.experts) is quant.CpuPackedStackedExperts \
-            else CpuSparseMoE(module)
+        few_rows = isinstance(module.experts, quant.FewRowExperts)
+        return quant.CpuPackedSparseMoE(module) if few_rows else CpuSparseMoE(module)
     if kind is RMSNorm:
         return CpuRMSNorm(module)
     return None
@@ -88,7 +91,7 @@ def prepare(model: nn.Module) -> nn.Module:
             module = model.get_submodule(name)
         except AttributeError:
             continue  # a part an earlier swap fused away (q_proj into in_proj); adopted parts keep their names
-        new = _layer_swap(module, kernels)
+        new = _layer_swap(module, kernels, model.dtype)
         if new is None:
             continue
         parent, _, child = name.rpartition(".")

@@ -466,6 +466,8 @@ def quant_library() -> ctypes.CDLL | None:
     lib.quant_matmul.restype = _I
     lib.quant_experts_rows.argtypes = [_L, _L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
     lib.quant_experts_rows.restype = _I
+    lib.quant_dequantize.argtypes = [_I, _I, _L, _L, _L, _P, _P, _P, _I, _P, _I, _I]
+    lib.quant_dequantize.restype = None
     lib.quant_use_generic.argtypes = [_I]
     lib.quant_use_generic.restype = None
     return lib
@@ -485,25 +487,34 @@ def quant_matmul(x: torch.Tensor, mode: str, bits: int, group: int, weight: torc
     return y
 
 
-def quant_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate_up: tuple, down: tuple,
+def quant_dequantize(mode: str, bits: int, group: int, weight: torch.Tensor, scales: torch.Tensor,
+                     biases: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [O, I] weight in ``dtype`` (fp32 / bf16) of an MLX packing (as ``quant_matmul``'s), rows shared among
+    torch's threads: what ``kimi_lm.quant``'s dequantize gives, in one pass."""
+    O, I = weight.shape[0], scales.shape[-1] * group
+    out = torch.empty(O, I, dtype=dtype)
+    quant_library().quant_dequantize(QUANT_MODES[mode], bits, group, O, I, weight.data_ptr(), scales.data_ptr(),
+                                     0 if biases is None else biases.data_ptr(), int(scales.dtype == torch.bfloat16),
+                                     out.data_ptr(), _DTYPES[dtype], torch.get_num_threads())
+    return out
+
+
+def quant_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate: tuple, up: tuple, down: tuple,
                        specs: tuple[tuple[int, int, int], tuple[int, int, int]], intermediate: int) -> torch.Tensor:
-    """``moe_experts_rows`` for MLX-packed experts: ``gate_up`` / ``down`` = (weight [E, …], scales, biases or None)
-    stacked over experts, ``specs`` their (mode code, bits, group) -> out [rows, hidden], those experts' rows filled."""
+    """``moe_experts_rows`` for MLX-packed experts: ``gate`` / ``up`` / ``down`` = (weight, scales, biases or None),
+    each a function of the expert index giving its [out, …] tensors; ``specs`` the (mode code, bits, group) of gate|up
+    and of down -> out [rows, hidden], those experts' rows filled."""
     n = len(experts)
     starts = torch.tensor([0] + counts[:-1]).cumsum(0)[experts].contiguous()
     sizes = torch.tensor([counts[e] for e in experts])
     out = torch.empty_like(xs)
-
-    def pointers(parts):
-        strides = [None if t is None else t.stride(0) * t.element_size() for t in parts]
-        return (_P * (3 * n))(*(None if t is None else t.data_ptr() + e * s
-                                for e in experts for t, s in zip(parts, strides)))
-
-    scale_bf16 = int(gate_up[1].dtype == torch.bfloat16)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    gate_up = (_P * (6 * n))(*(ptr(t) for e in experts for t in (*gate(e), *up(e))))
+    downs = (_P * (3 * n))(*(ptr(t) for e in experts for t in down(e)))
+    scale_bf16 = int(gate(experts[0])[1].dtype == torch.bfloat16)
     status = quant_library().quant_experts_rows(
         n, xs.shape[-1], intermediate, _DTYPES[xs.dtype], scale_bf16, (_I * 3)(*specs[0]), (_I * 3)(*specs[1]),
-        starts.data_ptr(), sizes.data_ptr(), pointers(gate_up), pointers(down), xs.data_ptr(), out.data_ptr(),
-        torch.get_num_threads())
+        starts.data_ptr(), sizes.data_ptr(), gate_up, downs, xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("quant_experts_rows: could not allocate its scratch memory")
     return out

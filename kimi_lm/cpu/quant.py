@@ -9,8 +9,11 @@ weight instead of bf16's 16; many rows keep the plain path.
 
 * ``CpuPackedLinear``: ``PackedLinear`` (also the lm head) for affine 2-8 bit, MXFP4, MXFP8, NVFP4.
 * ``CpuPackedRouter``: the router's logits (mlx-lm: affine 8-bit) in the same kernel, fp32 in and out.
-* ``CpuPackedStackedExperts``: a decode step's k experts (gate|up, SwiGLU, down) in one C call, experts shared
-  among threads; ``CpuPackedSparseMoE`` routes one token's experts there.
+* ``CpuPackedStackedExperts`` / ``CpuSplitPackedExperts`` (gate and up apart, as memory-mapped mlx-lm checkpoints
+  hold them): a decode step's k experts (gate, up, SwiGLU, down) in one C call, experts shared among threads;
+  ``CpuPackedSparseMoE`` routes one token's experts there.
+* ``CpuPackedMLA``: MLA whose quantized ``kv_b_proj`` keeps its absorbed halves dense (not rebuilt per step).
+* Many rows (prefill): each weight tile dequantized in C in one pass (``dequantized_linear``), then BLAS.
 
 Each keeps the plain module's buffers (the same tensors, names and state_dict). Reference: the plain modules in
 ``kimi_lm/quant/packed.py``; tests/test_cpu_quant.py compares every format and shape with them.
@@ -19,11 +22,14 @@ Each keeps the plain module's buffers (the same tensors, names and state_dict). 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.cpu import native
+from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import CpuSparseMoE
-from kimi_lm.quant.packed import PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec
+from kimi_lm.mapped import SplitPackedExperts
+from kimi_lm.quant.packed import TILE_ELEMENTS, PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec
 
 DECODE_ROWS = 8  # rows up to which a product runs in C (one pass over the weight per 8 rows); more go to BLAS
 # Below this many packed bytes a product runs on one thread: a parallel region costs a few µs, what one core needs to
@@ -50,6 +56,18 @@ def _runs_in_c(x: torch.Tensor) -> bool:
     return 0 < rows <= DECODE_ROWS and native.supports(x)
 
 
+def dequantized_linear(x: torch.Tensor, spec: QuantSpec, weight, scales, biases) -> torch.Tensor:
+    """Many rows (prefill): x Wᵀ with W dequantized in C a tile of rows at a time (one pass, all threads; the plain
+    module's PyTorch dequantization took longer than the product), multiplied on BLAS / oneDNN."""
+    rows = max(1, TILE_ELEMENTS // x.shape[-1])
+    tiles = []
+    for r0 in range(0, weight.shape[0], rows):
+        part = [None if t is None else t[r0 : r0 + rows] for t in (weight, scales, biases)]
+        w = native.quant_dequantize(spec.mode, spec.bits, spec.group_size, *part, x.dtype)
+        tiles.append(F.linear(x, w))
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+
 def _adopt(new: nn.Module, old: nn.Module) -> None:
     """``new`` takes ``old``'s buffers (the same tensors, persistence kept) and plain attributes."""
     for k, v in old.__dict__.items():
@@ -68,9 +86,11 @@ class CpuPackedLinear(PackedLinear):
         self.nbytes = sum(t.numel() * t.element_size() for t in linear.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _runs_in_c(x):
-            return super().forward(x)
         s = self.spec
+        if not _runs_in_c(x):
+            if not native.supports(x):
+                return super().forward(x)
+            return dequantized_linear(x, s, self.weight, self.scales, getattr(self, "biases", None))
         return native.quant_matmul(x.contiguous(), s.mode, s.bits, s.group_size, self.weight, self.scales,
                                    getattr(self, "biases", None), _threads(self.nbytes))
 
@@ -89,36 +109,65 @@ class CpuPackedRouter(PackedRouter):
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
 
-class CpuPackedStackedExperts(PackedStackedExperts):
-    """``PackedStackedExperts`` whose experts with a few rows run in one C call (gate|up, SwiGLU, down)."""
+class FewRowExperts:
+    """Experts with a few rows each (a decode step's) in one C call: gate and up, SwiGLU, down."""
 
-    def __init__(self, experts: PackedStackedExperts):
-        nn.Module.__init__(self)
-        _adopt(self, experts)
-
-    def _packed(self, name: str) -> tuple:
+    def _tensors(self, name: str) -> tuple:
         return tuple(getattr(self, name + suffix, None) for suffix in ("", "_scales", "_biases"))
 
-    def _linear(self, name: str, spec: QuantSpec, e: int, x: torch.Tensor) -> torch.Tensor:
-        if not _runs_in_c(x):
-            return super()._linear(name, spec, e, x)
-        w, scales, biases = (None if t is None else t[e] for t in self._packed(name))
-        return native.quant_matmul(x.contiguous(), spec.mode, spec.bits, spec.group_size, w, scales, biases,
-                                   _threads(w.numel() * 4))
+    def _halves(self):
+        """(gate, up) as functions of the expert index -> its (weight, scales, biases) [I, …]."""
+        I = self.intermediate_size
+        if isinstance(self, SplitPackedExperts):  # gate and up kept apart (memory-mapped mlx-lm checkpoints)
+            gate, up = self._tensors("gate_proj"), self._tensors("up_proj")
+            return (lambda e: tuple(None if t is None else t[e] for t in gate),
+                    lambda e: tuple(None if t is None else t[e] for t in up))
+        gate_up = self._tensors("gate_up_proj")
+        return (lambda e: tuple(None if t is None else t[e, :I] for t in gate_up),
+                lambda e: tuple(None if t is None else t[e, I:] for t in gate_up))
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not native.supports(x):
+            return super().gate_up(e, x)
+        s = self.gate_up_spec
+        return torch.cat([dequantized_linear(x, s, *half(e)) for half in self._halves()], dim=-1)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        if not native.supports(h):
+            return super().down(e, h)
+        return dequantized_linear(h, self.down_spec, *(None if t is None else t[e] for t in self._tensors("down_proj")))
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         few = [e for e, n in enumerate(counts) if 0 < n <= DECODE_ROWS]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
         specs = tuple((native.QUANT_MODES[s.mode], s.bits, s.group_size) for s in (self.gate_up_spec, self.down_spec))
-        in_c = native.quant_experts_rows(xs.contiguous(), counts, few, self._packed("gate_up_proj"),
-                                         self._packed("down_proj"), specs, self.intermediate_size)
+        down = self._tensors("down_proj")
+        in_c = native.quant_experts_rows(xs.contiguous(), counts, few, *self._halves(),
+                                         lambda e: tuple(None if t is None else t[e] for t in down), specs,
+                                         self.intermediate_size)
         outputs, start, few = [], 0, set(few)
         for e, n in enumerate(counts):
             if n:
                 outputs.append(in_c[start : start + n] if e in few else self.expert(e, xs[start : start + n]))
                 start += n
         return outputs
+
+
+class CpuPackedStackedExperts(FewRowExperts, PackedStackedExperts):
+    """``PackedStackedExperts`` whose experts with a few rows run in one C call (gate|up, SwiGLU, down)."""
+
+    def __init__(self, experts: PackedStackedExperts):
+        nn.Module.__init__(self)
+        _adopt(self, experts)
+
+
+class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
+    """``SplitPackedExperts`` (gate and up apart) whose experts with a few rows run in one C call."""
+
+    def __init__(self, experts: SplitPackedExperts):
+        nn.Module.__init__(self)
+        _adopt(self, experts)
 
 
 class CpuPackedSparseMoE(CpuSparseMoE):
@@ -135,6 +184,20 @@ class CpuPackedSparseMoE(CpuSparseMoE):
         return native.weighted_sum_rows(out, weights, shared)
 
 
+class CpuPackedMLA(CpuMultiheadLatentAttention):
+    """``CpuMultiheadLatentAttention`` with a quantized ``kv_b_proj``: the absorbed decode's two halves kept dense at
+    the model dtype (H·(nope + v)·latent weights, ~8 MiB per layer at Kimi-Linear-48B's sizes) instead of dequantized
+    on every step (which cost more than the rest of the layer's decode step)."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__(layer)
+        if self.w_uk is None and hasattr(self.kv_b_proj, "dense_weight"):
+            self.w_uk, self.w_uv_t = self._split_kv_b(self.kv_b_proj.dense_weight(dtype), contiguous=True)
+
+
+EXPERTS = {PackedStackedExperts: CpuPackedStackedExperts, SplitPackedExperts: CpuSplitPackedExperts}
+
+
 def swap(module: nn.Module, check_only: bool = False) -> nn.Module | bool | None:
     """The backend module for a plain packed module, or None to keep it (another format, int4 layout, no kernels);
     with ``check_only``, whether there is one."""
@@ -144,10 +207,11 @@ def swap(module: nn.Module, check_only: bool = False) -> nn.Module | bool | None
         new = CpuPackedLinear
     elif kind is PackedRouter and supported(module.spec, module.weight, module.scales, getattr(module, "biases", None)):
         new = CpuPackedRouter
-    elif kind is PackedStackedExperts and not module.int4 and all(
+    elif kind in EXPERTS and not module.int4 and all(
             supported(spec, *(getattr(module, name + s, None) for s in ("", "_scales", "_biases")))
-            for name, spec in (("gate_up_proj", module.gate_up_spec), ("down_proj", module.down_spec))):
-        new = CpuPackedStackedExperts
+            for name, spec in (("gate_proj" if kind is SplitPackedExperts else "gate_up_proj", module.gate_up_spec),
+                               ("down_proj", module.down_spec))):
+        new = EXPERTS[kind]
     else:
         return False if check_only else None
     return True if check_only else new(module)

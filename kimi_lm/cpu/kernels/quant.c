@@ -107,6 +107,12 @@ static inline long nibble_slot(long j) {
     return 32 * (2 * odd + half) + 8 * l + p;
 }
 
+static long slots[128]; /* nibble_slot(j), filled when the library loads */
+
+__attribute__((constructor)) static void fill_slots(void) {
+    for (long j = 0; j < 128; j++) slots[j] = nibble_slot(j);
+}
+
 static void free_input(qinput *X) {
     free(X->xf);
     X->xf = NULL;
@@ -141,8 +147,8 @@ static int prepare_input(const qweight *W, long M, const float *x, int exact_bf1
                 for (long j = 0; j < 128; j++) {
                     const float v = x[m * I + b + j];
                     const uint16_t hi = f32_to_bf16(v);
-                    X->xh[m * I + b + nibble_slot(j)] = hi;
-                    if (X->xl) X->xl[m * I + b + nibble_slot(j)] = f32_to_bf16(v - bf16_to_f32(hi));
+                    X->xh[m * I + b + slots[j]] = hi;
+                    if (X->xl) X->xl[m * I + b + slots[j]] = f32_to_bf16(v - bf16_to_f32(hi));
                 }
     }
     return 0;
@@ -261,18 +267,18 @@ static inline __attribute__((always_inline)) void nibble_row(const qweight *W, c
             const __m512 sv = _mm512_permutexvar_ps(idx0, _mm512_loadu_ps(s + blk * 128 / G));
             for (long m = 0; m < M; m++) {
                 const uint16_t *xh = X->xh + m * I + blk * 128;
-                __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
-                t = _mm512_dpbf16_ps(t, as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
-                t = _mm512_dpbf16_ps(t, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
-                t = _mm512_dpbf16_ps(t, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
+                __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
+                __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
+                t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
+                t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
                 if (X->xl) {
                     const uint16_t *xl = X->xl + m * I + blk * 128;
-                    t = _mm512_dpbf16_ps(t, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
-                    t = _mm512_dpbf16_ps(t, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
-                    t = _mm512_dpbf16_ps(t, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
-                    t = _mm512_dpbf16_ps(t, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
+                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
+                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
+                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
+                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
                 }
-                acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+                acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[m]);
             }
         }
     }
@@ -440,7 +446,7 @@ typedef struct {
     int bf16, scale_bf16;
     const int *gate_up_spec, *down_spec; /* mode, bits, group */
     const int64_t *starts, *counts;      /* per work item (one expert): its first row in xs, its row count */
-    const void *const *gate_up;          /* per item: weight, scales, biases of gate|up [2I, hidden] */
+    const void *const *gate_up;          /* per item: weight, scales, biases of gate [I, hidden], then of up */
     const void *const *down;             /* per item: weight, scales, biases of down [hidden, I] */
     const void *xs;
     void *out;
@@ -452,15 +458,17 @@ static void qexperts_item(const void *ctx, long item) {
     const long hidden = job->hidden, I = job->I;
     const size_t esize = job->bf16 ? 2 : 4;
     const int *gs = job->gate_up_spec, *ds = job->down_spec;
-    const void *const *gu = job->gate_up + 3 * item, *const *dn = job->down + 3 * item;
-    const qweight Wg = {gs[0], gs[1], gs[2], 2 * I, hidden, gu[0], gu[1], gu[2], job->scale_bf16};
+    const void *const *gu = job->gate_up + 6 * item, *const *dn = job->down + 3 * item;
+    const qweight Wg = {gs[0], gs[1], gs[2], I, hidden, gu[0], gu[1], gu[2], job->scale_bf16};
+    const qweight Wu = {gs[0], gs[1], gs[2], I, hidden, gu[3], gu[4], gu[5], job->scale_bf16};
     const qweight Wd = {ds[0], ds[1], ds[2], hidden, I, dn[0], dn[1], dn[2], job->scale_bf16};
     float *buf = malloc(sizeof(float) * (size_t)ROWS_MAX * (size_t)(hidden + 3 * I + hidden));
     if (!buf) {
         job->failed = 1;
         return;
     }
-    float *x = buf, *gate_up = x + ROWS_MAX * hidden, *h = gate_up + ROWS_MAX * 2 * I, *y = h + ROWS_MAX * I;
+    float *x = buf, *gate = x + ROWS_MAX * hidden, *up = gate + ROWS_MAX * I, *h = up + ROWS_MAX * I;
+    float *y = h + ROWS_MAX * I;
     const long first = job->starts[item], end = first + job->counts[item];
     for (long r0 = first; r0 < end; r0 += ROWS_MAX) {
         const long M = end - r0 < ROWS_MAX ? end - r0 : ROWS_MAX;
@@ -470,13 +478,14 @@ static void qexperts_item(const void *ctx, long item) {
             job->failed = 1;
             break;
         }
-        quant_rows(&Wg, &X, 0, 2 * I, gate_up);
+        quant_rows(&Wg, &X, 0, I, gate);
+        quant_rows(&Wu, &X, 0, I, up);
         free_input(&X);
         for (long m = 0; m < M; m++)
             for (long j = 0; j < I; j++) { /* the product's output, silu's and the gated product each rounded */
-                const float gate = as_model_dtype(gate_up[m * 2 * I + j], job->bf16);
-                const float up = as_model_dtype(gate_up[m * 2 * I + I + j], job->bf16);
-                h[m * I + j] = as_model_dtype(as_model_dtype(silu(gate), job->bf16) * up, job->bf16);
+                const float g = as_model_dtype(gate[m * I + j], job->bf16);
+                const float u = as_model_dtype(up[m * I + j], job->bf16);
+                h[m * I + j] = as_model_dtype(as_model_dtype(silu(g), job->bf16) * u, job->bf16);
             }
         if (prepare_input(&Wd, M, h, job->bf16, &X)) {
             job->failed = 1;
@@ -490,9 +499,9 @@ static void qexperts_item(const void *ctx, long item) {
 }
 
 /* SwiGLU experts (moe.py StackedExperts.expert) with MLX-packed weights on a few rows each: for work item i, rows
- * starts[i] .. starts[i] + counts[i] of xs [rows, hidden] (model dtype) go through the expert whose gate|up
- * [2I, hidden] and down [hidden, I] weights are gate_up[3i .. 3i + 2] and down[3i .. 3i + 2] (weight, scales,
- * biases; specs as quant_matmul's); out [rows, hidden] model dtype. Items are shared among threads.
+ * starts[i] .. starts[i] + counts[i] of xs [rows, hidden] (model dtype) go through the expert whose gate and up
+ * [I, hidden] and down [hidden, I] weights are gate_up[6i .. 6i + 2], gate_up[6i + 3 .. 6i + 5] and
+ * down[3i .. 3i + 2] (weight, scales, biases; specs as quant_matmul's); out [rows, hidden] model dtype. Items are shared among threads.
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int quant_experts_rows(long items, long hidden, long I, int bf16, int scale_bf16, const int *gate_up_spec,
                        const int *down_spec, const int64_t *starts, const int64_t *counts,
@@ -500,4 +509,39 @@ int quant_experts_rows(long items, long hidden, long I, int bf16, int scale_bf16
     qexperts_job job = {hidden, I, bf16, scale_bf16, gate_up_spec, down_spec, starts, counts, gate_up, down, xs, out, 0};
     parallel_for(qexperts_item, &job, items, threads);
     return job.failed;
+}
+
+/* ---- dequantization for many-row products --------------------------------------------------------------------- */
+
+typedef struct {
+    const qweight *W;
+    void *out;
+    int bf16;
+} dequant_job;
+
+static void dequant_item(const void *ctx, long item) {
+    const dequant_job *job = (const dequant_job *)ctx;
+    const qweight *W = job->W;
+    const long I = W->I, G = W->group, n = I / G, row_bytes = I * W->bits / 8;
+    const long r0 = item * ROWS_PER_ITEM, r1 = r0 + ROWS_PER_ITEM < W->O ? r0 + ROWS_PER_ITEM : W->O;
+    float v[128], s[n + 1], b[n + 1], row[I];
+    for (long r = r0; r < r1; r++) {
+        row_scales(W, r, s, b);
+        for (long g = 0; g < n; g++) {
+            decode_group(W, W->w + r * row_bytes, g, v);
+            const float sg = s[g], bg = W->mode == AFFINE ? b[g] : 0.0f;
+#pragma omp simd
+            for (long i = 0; i < G; i++) row[g * G + i] = v[i] * sg + bg;
+        }
+        store_row((char *)job->out + (size_t)(r * I) * (job->bf16 ? 2 : 4), row, I, job->bf16);
+    }
+}
+
+/* W [O, I] in the model dtype (bf16 or fp32) from its packing (arguments as quant_matmul's): w = scale q + bias
+ * (affine) or value scale, rounded once, as kimi_lm/quant's dequantize does. Rows are shared among threads. */
+void quant_dequantize(int mode, int bits, long group, long O, long I, const void *w, const void *scales,
+                      const void *biases, int scale_bf16, void *out, int bf16, int threads) {
+    const qweight W = {mode, bits, group, O, I, (const uint8_t *)w, scales, biases, scale_bf16};
+    const dequant_job job = {&W, out, bf16};
+    parallel_for(dequant_item, &job, (O + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, threads);
 }

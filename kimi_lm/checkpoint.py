@@ -36,7 +36,8 @@ from kimi_lm.errors import CheckpointError
 from kimi_lm.cpu import malloc
 from kimi_lm.quant import compressed_tensors
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
-from kimi_lm.quant.packed import QuantSpec, infer_spec, swap_modules
+from kimi_lm.quant import mlx_load
+from kimi_lm.quant.packed import swap_modules
 
 # Kept in fp32 whatever the model dtype: they feed exp() / selection / dequantization and are tiny (spec §8.3).
 FP32_SUFFIXES = ("A_log", "dt_bias", "e_score_correction_bias", "_scale_inv")
@@ -282,9 +283,9 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
     with torch.device("meta"):
         model = _model_class(config)(config)
         quantize_modules(model, lambda name, module: name in fp8)
-        specs = _mlx_specs(path, config, model.state_dict(), targets, files)
+        specs = mlx_load.mlx_specs(path, config, model.state_dict(), targets, files, lambda f: SafetensorsFile(f).header)
         specs.update(ct_specs := compressed_tensors.plan(config, model, targets, files))  # INT4 / MXFP4 as MLX
-        unpacked = _dequantized_on_load(model, specs)
+        unpacked = mlx_load.dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
         swap_modules(model, specs, split_kvb, dtype=dtype)
         use_mmap = torch.device(device).type == "cpu" if mmap is None else mmap
@@ -338,13 +339,13 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
                 target, placement, expert = targets[name]
-                key, part = _packed_part(target)
+                key, part = mlx_load.packed_part(target)
                 if key in unpacked:  # packed in the file, float in the model: gather weight, scales, biases
                     got = parts.setdefault((key, placement), {})
                     got[part] = f.read(name)
                     spec, param = unpacked[key]
                     if len(got) == (3 if spec.has_biases else 2):
-                        t = _dequantize_part(file, name, spec, got, checkpoint_shape=names.checkpoint_shape(
+                        t = mlx_load.dequantize_part(file, name, spec, got, checkpoint_shape=names.checkpoint_shape(
                             expected[param].shape, placement), dtype=dtype)
                         place(file, name, param, placement, expert, t=t)
                         del parts[(key, placement)]
@@ -391,49 +392,6 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
     return model
 
 
-def _dequantized_on_load(model, specs: dict) -> dict:
-    """Packed weights the model holds as float, taken out of ``specs``: packed key -> (spec, float parameter).
-
-    Two cases, both of what mlx-lm writes: a stacked expert weight whose other half stayed float (experts narrower
-    than the group size: mlx-lm quantizes ``switch_mlp.{gate,up}_proj`` and keeps ``down_proj``, or the reverse), and
-    a one-row Linear read as a vector (the AttnRes pseudo-queries ``*_res_proj``, which no packed module can serve).
-    They are few and small, so the loader dequantizes them to the compute dtype."""
-    out = {}
-    for key in list(specs):
-        stem, _, half = key.rpartition(".")
-        if half in ("gate_up_proj", "down_proj") and stem.endswith(".experts"):
-            other = f"{stem}.{'down_proj' if half == 'gate_up_proj' else 'gate_up_proj'}"
-            if other not in specs:
-                out[key] = (specs.pop(key), key)
-        elif ".kv_b_proj." not in key:  # kv_b_proj halves are split modules of their own, made by swap_modules
-            module = model.get_submodule(key)
-            if isinstance(module, torch.nn.Linear) and module.out_features == 1:
-                out[key] = (specs.pop(key), f"{key}.weight")
-    return out
-
-
-def _packed_part(target: str) -> tuple[str, str]:
-    """Parameter name of a packed tensor -> (packed key, "weight" | "scales" | "biases"): ``x.scales`` -> ``x``;
-    stacked experts ``x.gate_up_proj_scales`` -> ``x.gate_up_proj``."""
-    for sep in ("_", "."):
-        for part in ("scales", "biases"):
-            if target.endswith(sep + part):
-                return target.removesuffix(sep + part), part
-    return target.removesuffix(".weight"), "weight"
-
-
-def _dequantize_part(file, name, spec, got: dict, checkpoint_shape: list[int], dtype) -> torch.Tensor:
-    if "weight" not in got or "scales" not in got:
-        raise CheckpointError(f"{file}: tensor {name!r}: packed weight and scales do not come together")
-    try:
-        t = spec.dequantize(got["weight"], got["scales"], got.get("biases"), dtype)
-    except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{file}: tensor {name!r} cannot be dequantized as {spec} ({exc})") from None
-    if list(t.shape) != checkpoint_shape:
-        raise CheckpointError(f"{file}: tensor {name!r} dequantizes to shape {list(t.shape)}, expected {checkpoint_shape}")
-    return t
-
-
 def _check_dtype(file: Path, name: str, file_dtype: str, param_dtype: torch.dtype, config) -> None:
     if param_dtype in (torch.uint32, torch.uint8):  # MLX packed codes / E8M0 scales
         if file_dtype != ST_NAMES[param_dtype]:
@@ -467,64 +425,3 @@ def _scale_hint(target: str, placement: str, expected: dict) -> str:
         return ""
     w_shape = list(expected[weight].shape) if placement == "copy" else names.expert_shape(expected[weight].shape, placement)
     return f" = ceil(out/128) x ceil(in/128) for its weight of shape {w_shape}"
-
-
-def _mlx_quantization(path: Path) -> dict | None:
-    """config.json's MLX ``quantization`` block (mlx-lm also copies it to ``quantization_config``)."""
-    raw = json.loads((path / "config.json").read_text())
-    quant = raw.get("quantization")
-    if quant is None and isinstance(raw.get("quantization_config"), dict) and "bits" in raw["quantization_config"]:
-        quant = raw["quantization_config"]
-    return quant
-
-
-def _mlx_specs(path: Path, config, float_state: dict, targets: dict, files: dict) -> dict:
-    """Packed-weight key (a module, or ``<experts>.gate_up_proj`` / ``.down_proj``) -> QuantSpec, for every MLX
-    ``*.scales`` tensor. As mlx-lm's loader: a module named in config.json's quantization block takes that dict
-    (missing mode = affine); any other takes the bits and group size its packed shapes imply."""
-    scales = [name for name, (target, _, _) in targets.items() if name.endswith(".scales")]
-    if not scales:
-        return {}
-    quant = _mlx_quantization(path)
-    if not isinstance(quant, dict):
-        raise CheckpointError(f"{files[scales[0]]}: tensor {scales[0]!r} is an MLX quantization scale, but "
-                              f"{path / 'config.json'} has no 'quantization' block")
-    try:
-        QuantSpec.from_dict(quant, f"{path / 'config.json'}: quantization")
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    specs, headers = {}, {}
-    for name in scales:
-        module, target = name.removesuffix(".scales"), targets[name][0]
-        key = target.removesuffix(".scales").removesuffix("_scales")
-        file = files[name]
-        try:
-            if isinstance(quant.get(module), dict):
-                spec = QuantSpec.from_dict(quant[module], f"{path / 'config.json'}: quantization[{module!r}]")
-            else:
-                header = headers.setdefault(file, SafetensorsFile(file).header)
-                if f"{module}.weight" not in files:
-                    raise ValueError(f"packed weight {module + '.weight'!r} is missing")
-                w_header = headers.setdefault(files[f"{module}.weight"], SafetensorsFile(files[f"{module}.weight"]).header)
-                spec = infer_spec(w_header[f"{module}.weight"]["shape"], header[name]["shape"],
-                                  header[name]["dtype"] == "U8", _in_features(key, float_state, config), f"{file}: {name!r}")
-        except ValueError as exc:
-            raise CheckpointError(str(exc) if str(exc).startswith(str(file)) or "config.json" in str(exc)
-                                  else f"{file}: tensor {name!r}: {exc}") from None
-        if specs.get(key, spec) != spec:
-            raise CheckpointError(f"{file}: tensor {name!r} is quantized as {spec}, but the other half of its stacked "
-                                  f"expert weight is {specs[key]}; gate and up must match")
-        specs[key] = spec
-    return specs
-
-
-def _in_features(key: str, float_state: dict, config) -> int:
-    if key.endswith(".kv_b_proj.embed_q"):
-        return config.qk_nope_head_dim
-    if key.endswith(".kv_b_proj.unembed_out"):
-        return config.kv_lora_rank
-    ref = float_state.get(key) if key.endswith(("gate_up_proj", "down_proj")) and key in float_state else None
-    ref = ref if ref is not None else float_state.get(f"{key}.weight")
-    if ref is None:
-        raise ValueError(f"no module {key!r} in a {config.model_type} model with this config.json")
-    return ref.shape[-1]

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from kimi_lm.estimate import GIB, PREFILL_CHUNK, estimate, fmt_bytes, fmt_tokens, load_source, plot
+from kimi_lm.estimate import GIB, PREFILL_CHUNK, estimate, fmt_bytes, fmt_tokens, load_source
+from kimi_lm.estimate_plot import plot
 from kimi_lm.files import write_file
 from kimi_lm.memory import tensors
 

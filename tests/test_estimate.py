@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kimi_lm.config import KimiK2Config, KimiLinearConfig, load_config, preset
-from kimi_lm.estimate import GIB, KIB, MIB, estimate, figure, load_source, main
+from kimi_lm.estimate import GIB, KIB, MIB, estimate, load_source, main
+from kimi_lm.estimate_plot import figure
 from kimi_lm.memory import Tensor, make_quant, tensor_bytes, tensors
 
 REFERENCE = Path(__file__).resolve().parent / "data"  # the official config files, copied from the checkpoints

@@ -38,11 +38,11 @@ import torch
 from tqdm import tqdm
 
 from kimi_lm import names
-from kimi_lm.checkpoint import (SafetensorsFile, _mlx_quantization, _mlx_specs, _model_class, ST_DTYPES, plan_shards,
-                                weight_files, write_safetensors)
+from kimi_lm.checkpoint import SafetensorsFile, _model_class, ST_DTYPES, plan_shards, weight_files, write_safetensors
 from kimi_lm.config import KimiLinearConfig, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.files import atomic_dir
+from kimi_lm.quant import mlx_load
 from kimi_lm.quant.packed import QuantSpec
 from kimi_lm.verify import SUMS, write_sums
 
@@ -304,7 +304,8 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
     targets = {name: names.to_parameter(name, names.KIMI_LINEAR) for name in files}
     with torch.device("meta"):
         float_state = _model_class(config)(config).state_dict()
-    specs = _mlx_specs(src, config, float_state, targets, files)  # the loader's reading of the quantization block
+    specs = mlx_load.mlx_specs(src, config, float_state, targets, files,  # the loader's reading of the quantization block
+                               lambda f: SafetensorsFile(f).header)
     plan: dict[str, tuple] = {}  # official name -> ((dtype, shape), source shard, builder)
     n_packed = 0
     with contextlib.ExitStack() as stack, _atomic_dir(dst) as tmp:
@@ -388,7 +389,7 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
 def is_mlx_layout(path: Path) -> bool:
     """True for a directory whose config.json carries an MLX ``quantization`` block (what --dequantize undoes)."""
     try:
-        quant = _mlx_quantization(Path(path))
+        quant = mlx_load.mlx_quantization(Path(path))
     except (OSError, ValueError):
         return False
     return isinstance(quant, dict) and "bits" in quant

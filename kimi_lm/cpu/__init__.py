@@ -22,8 +22,9 @@
 
 plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
 what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
-applies (oneDNN for the dtype, the C kernels built, plain float weights), so a quantized or unusual model keeps its
-plain modules. The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
+applies (oneDNN for the dtype, the C kernels built, plain float weights or an MLX packing the kernels read), so an
+unusual model keeps its plain modules. A quantized model's KDA layers keep the plain layer (its C decode path reads
+oneDNN-packed projections only). The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
 
 Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=default`` keeps glibc's defaults,
 ``KIMI_LM_CACHE`` moves the compiled kernels' directory. Only this package reads them; model code reads none.

@@ -13,7 +13,7 @@ import kimi_lm
 from conftest import rel_err
 from kimi_lm import cpu
 from kimi_lm.cli import main as cli
-from kimi_lm.cpu import native
+from kimi_lm.cpu import quant_kernels
 from kimi_lm.cpu import quant as cpu_quant
 from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedSparseMoE, CpuPackedStackedExperts,
                                 CpuSplitPackedExperts)
@@ -23,7 +23,7 @@ from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.moe import StackedExperts, TopkRouter
 from kimi_lm.quant.packed import PackedStackedExperts, QuantSpec, swap_modules
 
-pytestmark = pytest.mark.skipif(native.quant_library() is None, reason="no C compiler: the plain modules are all")
+pytestmark = pytest.mark.skipif(quant_kernels.quant_library() is None, reason="no C compiler: the plain modules are all")
 
 SPECS = [QuantSpec("mxfp4", 4, 32), QuantSpec("nvfp4", 4, 16), QuantSpec("mxfp8", 8, 32)] + [
     QuantSpec("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)]
@@ -33,9 +33,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: the reference rounds 
 @pytest.fixture(params=[False, True], ids=["vector", "generic"])
 def path(request):
     """Each test twice: the CPU's vector paths, and the generic C path every CPU has."""
-    native.quant_library().quant_use_generic(int(request.param))
+    quant_kernels.quant_library().quant_use_generic(int(request.param))
     yield request.param
-    native.quant_library().quant_use_generic(0)
+    quant_kernels.quant_library().quant_use_generic(0)
 
 
 def _packed(spec: QuantSpec, w: torch.Tensor) -> tuple:
@@ -56,7 +56,7 @@ def test_quant_matmul_equals_dequantize_then_matmul(spec, dtype, path):
         for rows in (1, 3, 9):
             x = torch.randn(rows, in_f, generator=g).to(dtype)
             for threads in (1, 2):
-                got = native.quant_matmul(x, spec.mode, spec.bits, spec.group_size, q, scales, biases, threads)
+                got = quant_kernels.quant_matmul(x, spec.mode, spec.bits, spec.group_size, q, scales, biases, threads)
                 assert got.dtype == dtype and got.shape == (rows, out_f)
                 assert rel_err(got, x.float() @ w.T) <= TOL[dtype], (out_f, in_f, rows, threads)
 

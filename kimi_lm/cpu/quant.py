@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.cpu import native
+from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import CpuSparseMoE
 from kimi_lm.mapped import SplitPackedExperts
@@ -40,7 +40,7 @@ THREADED_BYTES = 256 << 10
 def supported(spec: QuantSpec, *tensors: torch.Tensor | None) -> bool:
     """Whether the kernels take these packed tensors: CPU, contiguous, uint8 or fp32/bf16 scales, library built."""
     present = [t for t in tensors if t is not None]
-    if native.quant_library() is None or spec.mode not in native.QUANT_MODES:
+    if quant_kernels.quant_library() is None or spec.mode not in quant_kernels.QUANT_MODES:
         return False
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in present):
         return False
@@ -63,7 +63,7 @@ def dequantized_linear(x: torch.Tensor, spec: QuantSpec, weight, scales, biases)
     tiles = []
     for r0 in range(0, weight.shape[0], rows):
         part = [None if t is None else t[r0 : r0 + rows] for t in (weight, scales, biases)]
-        w = native.quant_dequantize(spec.mode, spec.bits, spec.group_size, *part, x.dtype)
+        w = quant_kernels.quant_dequantize(spec.mode, spec.bits, spec.group_size, *part, x.dtype)
         tiles.append(F.linear(x, w))
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
 
@@ -91,7 +91,7 @@ class CpuPackedLinear(PackedLinear):
             if not native.supports(x):
                 return super().forward(x)
             return dequantized_linear(x, s, self.weight, self.scales, getattr(self, "biases", None))
-        return native.quant_matmul(x.contiguous(), s.mode, s.bits, s.group_size, self.weight, self.scales,
+        return quant_kernels.quant_matmul(x.contiguous(), s.mode, s.bits, s.group_size, self.weight, self.scales,
                                    getattr(self, "biases", None), _threads(self.nbytes))
 
 
@@ -105,7 +105,7 @@ class CpuPackedRouter(PackedRouter):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         x = x.float().contiguous()
-        return native.quant_matmul(x, s.mode, s.bits, s.group_size, self.weight, self.scales,
+        return quant_kernels.quant_matmul(x, s.mode, s.bits, s.group_size, self.weight, self.scales,
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
 
@@ -141,9 +141,9 @@ class FewRowExperts:
         few = [e for e, n in enumerate(counts) if 0 < n <= DECODE_ROWS]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
-        specs = tuple((native.QUANT_MODES[s.mode], s.bits, s.group_size) for s in (self.gate_up_spec, self.down_spec))
+        specs = tuple((quant_kernels.QUANT_MODES[s.mode], s.bits, s.group_size) for s in (self.gate_up_spec, self.down_spec))
         down = self._tensors("down_proj")
-        in_c = native.quant_experts_rows(xs.contiguous(), counts, few, *self._halves(),
+        in_c = quant_kernels.quant_experts_rows(xs.contiguous(), counts, few, *self._halves(),
                                          lambda e: tuple(None if t is None else t[e] for t in down), specs,
                                          self.intermediate_size)
         outputs, start, few = [], 0, set(few)

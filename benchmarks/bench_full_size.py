@@ -17,13 +17,31 @@
    prefill_tok_s, each with the estimator's prediction (``kimi_lm.paging.predict``) beside it, plus page faults and
    disk bytes read per phase.
 
-When the model exceeds RAM (here: 26 GB of weights, 24 GiB of RAM shared with other processes), it still runs: the
-weights are file-backed pages, which the kernel evicts and re-reads instead of the process running out of memory.
-Prefill of 512 tokens routes to essentially every expert (P(expert unused) = (1 - 8/256)^512 ~ 1e-7 per layer), so
-it streams the whole checkpoint once, layer by layer: prefill is bounded below by checkpoint bytes / disk bandwidth.
-A decode step touches 8 of 256 experts per layer (~0.8 GB); the experts whose pages were evicted come from disk, so
-decode speed is (bytes missed per token / disk bandwidth) + the in-memory time; the miss rate is about
-1 - (page cache available / mapped bytes). See the report in the commit / README for the measured numbers.
+When the model exceeds RAM it still runs: the weights are clean file-backed pages, which the kernel evicts and reads
+again instead of the process running out of memory; the process's own (anonymous) memory stays ~0.3-0.6 GiB.
+Prefill routes a prompt to nearly every expert (P(expert unused) = (1 - 8/256)^T per layer: 1.7 % at T = 128,
+1e-7 at 512), so it streams the whole checkpoint once, layer by layer: at least checkpoint bytes / disk bandwidth.
+A decode step needs 8 of 256 experts per layer (~0.8 GB of the ~1.2 GB it reads); with ~19 GiB of page cache for
+26 GB of weights about a third of those miss, and each miss (a page fault) reads the whole read-ahead window around
+it (read_ahead_kb = 8 MiB here, ~3 experts' worth), so a token reads more from disk than the bytes it uses.
+
+Measured here (2-core AMD EPYC, AVX-512 BF16, 23.5 GiB RAM shared with other sessions' test runs, load average
+8-13, this process at nice -5; virtio disk ~1.2 GB/s O_DIRECT reads), the defaults (512-token prompt, 16 tokens):
+
+    checkpoint 26.11 GB (5 shards, 1,038 tensors, 49,122,681,728 parameters), RAM 23.5 GiB
+    load (checkpoint.load + cpu.prepare)   1.5 s, 0.30 GB read, RSS 0.37 GiB after (anon 0.29)
+    peak RSS                               19.5 GiB = 83 % of RAM: file pages of the page cache (reclaimable);
+                                           the process's own memory 0.66 GiB at the end
+    cold (page cache evicted):             first token 609 s (prefill 0.84 tok/s, 26.1 GB read: every expert)
+                                           decode 0.127 tok/s, 1.35 GB read and 251 major faults per token
+    warm (same process, 8-token prompt):   decode 0.163 tok/s, 0.90 GB read and 263 major faults per token
+    estimator (kimi_lm.paging, 24 GiB):    load 2.0 s, prefill 0.57 tok/s, decode 0.20 tok/s, "runs, paged"
+    (--prompt 128: first token 241 s, decode 0.158 cold / 0.247 warm tok/s, peak RSS 18.0 GiB)
+
+A decode token takes 6-8 s cold and 4-6 s warm. Without its disk reads (0.8-0.9 GB at ~1.2 GB/s, ~0.7 s; not
+measured: no machine here holds the model) it would take ~0.7 s less, so on this CPU-bound box paging costs
+~1.2x warm and ~1.5-1.9x cold; on a fast CPU the disk term dominates (0.8-1.4 GB per token bounds decode to
+~1 tok/s at 1.2 GB/s). A machine whose RAM holds the 26 GB (32 GB+) reads nothing after the first pass ("fits").
 """
 
 from __future__ import annotations
@@ -256,6 +274,8 @@ def main(argv=None) -> None:
     cpu.prepare(model)  # what kimi_lm.load does on CPU
     load = delta(c0, counters())
     after_load = proc_status()
+    print(f"  loaded in {load['t']:.1f} s ({load['read_bytes'] / 1e6:.0f} MB read); RSS {after_load['VmRSS'] / 2**30:.2f} "
+          f"GiB, anon {after_load['RssAnon'] / 2**30:.2f} GiB", flush=True)
     rng = np.random.default_rng(1)
     runs = {}
     for run, n in (("cold", args.prompt), ("warm", args.warm_prompt)):

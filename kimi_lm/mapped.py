@@ -40,6 +40,12 @@ from torch import nn
 from kimi_lm.quant.packed import PackedStackedExperts, QuantSpec, _register_packed, packed_linear
 
 
+# Smaller tensors are read: norms, A_log, convs, a router's scales are a few KiB each, mostly copied by the CPU backend
+# anyway, and a first touch of a mapped page reads the whole read-ahead window around it (read_ahead_kb, 8 MiB on
+# the benchmark box): mapped, each of the ~300 in the 48B model could pull in up to 8 MiB at its first touch.
+MIN_BYTES = 1 << 20
+
+
 class Mapping:
     """One open file; :meth:`view` maps a tensor's byte range of it, private copy-on-write, as its own mapping."""
 
@@ -53,14 +59,13 @@ class Mapping:
         self.fh.close()  # the mappings stay valid: each holds the inode
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
-        """The ``nbytes`` at ``offset`` as a tensor (a view of the pages), or None when not aligned for ``dtype``.
+        """The ``nbytes`` at ``offset`` as a tensor (a view of the pages), or None (read it instead) when not aligned
+        for ``dtype`` or under ``MIN_BYTES``.
 
         One mapping per tensor, so that a tensor the model drops (a float weight the backend repacks) unmaps its
         pages: with one mapping per file they would stay resident as long as any tensor of the file lives."""
-        if offset % dtype.itemsize:
+        if offset % dtype.itemsize or nbytes < max(MIN_BYTES, 1):
             return None
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         # PROT_WRITE (private): a write to the tensor copies its page instead of faulting on a read-only mapping
         m = mmap.mmap(self.fh.fileno(), offset + nbytes - start, flags=mmap.MAP_PRIVATE,

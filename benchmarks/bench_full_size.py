@@ -153,13 +153,16 @@ def write_checkpoint(out: Path, config, seed: int = 0) -> int:
 # ---- 2. load and generate ----------------------------------------------------------------------------------------
 def use_fused_kernels() -> bool:
     """Route packed products of up to ``KERNEL_ROWS`` rows to the fused C products that read MLX-packed bytes in
-    place (``kimi_lm/cpu/kernels/quant.c``, ``native.quant_matmul``) instead of dequantizing tiles in PyTorch (~40x
-    slower per decode product here). A stop-gap local to this script until ``kimi_lm.cpu.prepare`` swaps them in;
-    False when the library lacks them."""
+    place (``kimi_lm/cpu/kernels/quant.c``, ``quant_matmul``) instead of dequantizing tiles in PyTorch (~40x slower
+    per decode product here). ``kimi_lm.cpu.prepare`` now routes products of up to 8 rows there; this also sends the
+    9-64-row products of a prefill (each expert's ~16 rows of a 512-token prompt). False without the library."""
     from kimi_lm import mapped
-    from kimi_lm.cpu import native
     from kimi_lm.quant import packed
 
+    try:
+        from kimi_lm.cpu import quant_kernels as native
+    except ImportError:
+        from kimi_lm.cpu import native
     if not hasattr(native, "quant_matmul") or native.quant_library() is None:
         return False
     plain = packed.packed_linear

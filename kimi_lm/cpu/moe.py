@@ -68,12 +68,7 @@ class OneDNNStackedExperts(StackedExperts):
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
         in_c = native.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)
-        outputs, start, few = [], 0, set(few)
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(in_c[start : start + n] if e in few else self.expert(e, xs[start : start + n]))
-                start += n
-        return outputs
+        return merge_expert_outputs(self, xs, counts, few, in_c)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
@@ -84,6 +79,18 @@ class OneDNNStackedExperts(StackedExperts):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.down(e, swiglu(self.gate_up(e, x)))
+
+
+def merge_expert_outputs(experts: StackedExperts, xs: torch.Tensor, counts: list[int], few: list[int],
+                         in_c: torch.Tensor) -> list[torch.Tensor]:
+    """Each active expert's output rows, in expert order: the ``few`` experts' from ``in_c`` (one C call filled their
+    rows of [rows, hidden]), the others computed now by ``experts.expert`` on their rows of xs."""
+    outputs, start, few = [], 0, set(few)
+    for e, n in enumerate(counts):
+        if n:
+            outputs.append(in_c[start : start + n] if e in few else experts.expert(e, xs[start : start + n]))
+            start += n
+    return outputs
 
 
 class CpuSparseMoE(SparseMoE):

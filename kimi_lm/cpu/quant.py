@@ -27,7 +27,7 @@ from torch import nn
 
 from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
-from kimi_lm.cpu.moe import CpuSparseMoE
+from kimi_lm.cpu.moe import CpuSparseMoE, merge_expert_outputs
 from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.quant.packed import TILE_ELEMENTS, PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec
 
@@ -146,12 +146,7 @@ class FewRowExperts:
         in_c = quant_kernels.quant_experts_rows(xs.contiguous(), counts, few, *self._halves(),
                                          lambda e: tuple(None if t is None else t[e] for t in down), specs,
                                          self.intermediate_size)
-        outputs, start, few = [], 0, set(few)
-        for e, n in enumerate(counts):
-            if n:
-                outputs.append(in_c[start : start + n] if e in few else self.expert(e, xs[start : start + n]))
-                start += n
-        return outputs
+        return merge_expert_outputs(self, xs, counts, few, in_c)
 
 
 class CpuPackedStackedExperts(FewRowExperts, PackedStackedExperts):

@@ -15,7 +15,8 @@ from kimi_lm import cpu
 from kimi_lm.cli import main as cli
 from kimi_lm.cpu import quant_kernels
 from kimi_lm.cpu import quant as cpu_quant
-from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedSparseMoE, CpuPackedStackedExperts,
+from kimi_lm.cpu.moe import CpuSparseMoE
+from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedStackedExperts,
                                 CpuSplitPackedExperts)
 from kimi_lm.config import preset
 from kimi_lm.mapped import SplitPackedExperts
@@ -135,7 +136,7 @@ def test_prepared_quantized_model_equals_plain(spec, token_ids, monkeypatch):
     plain = _quantized_tiny(spec, torch.float32)
     prepared = cpu.prepare(copy.deepcopy(plain))
     kinds = {type(m) for m in prepared.modules()}
-    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuPackedSparseMoE, CpuPackedMLA} <= kinds
+    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuSparseMoE, CpuPackedMLA} <= kinds
     assert CpuPackedRouter in kinds or spec.group_size == 16  # the router (64 wide) is quantized at affine 8-bit g64
     want_state = plain.state_dict()
     assert prepared.state_dict().keys() == want_state.keys()

@@ -15,7 +15,6 @@
     PackedLinear              -> quant.CpuPackedLinear         MLX-quantized (affine 2-8 bit, MXFP4, MXFP8, NVFP4):
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
-    SparseMoE (packed experts)-> quant.CpuPackedSparseMoE       its one-token step on those
     MLA (quantized kv_b_proj) -> quant.CpuPackedMLA             absorbed halves kept dense, not rebuilt per step
     affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed), where
                                  ``INT4_KERNEL`` says that is the faster
@@ -66,8 +65,7 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
     if not kernels:
         return None
     if kind is SparseMoE:
-        few_rows = isinstance(module.experts, quant.FewRowExperts)
-        return quant.CpuPackedSparseMoE(module) if few_rows else CpuSparseMoE(module)
+        return CpuSparseMoE(module)
     if kind is RMSNorm:
         return CpuRMSNorm(module)
     return None

@@ -34,7 +34,12 @@ from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
 EXPERT_ROWS_IN_C = 4
 
 
-class OneDNNStackedExperts(StackedExperts):
+class FewRowsInC:
+    """Marks experts whose ``grouped`` runs experts with a few rows (a decode step's) in one C call: a one-token MoE
+    step hands them its k experts at once (``CpuSparseMoE._one_token``)."""
+
+
+class OneDNNStackedExperts(FewRowsInC, StackedExperts):
     """``StackedExperts`` with each expert's gate|up and down matrices packed for oneDNN (same routing and math)."""
 
     def __init__(self, experts: StackedExperts):
@@ -124,7 +129,7 @@ class CpuSparseMoE(SparseMoE):
 
     def _one_token(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """One token, its routing done: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]."""
-        if isinstance(self.experts, OneDNNStackedExperts):  # the k experts' products in one C call where it applies
+        if isinstance(self.experts, FewRowsInC):  # the k experts' products in one C call where it applies
             counts = [0] * self.experts.num_experts
             for e in experts:
                 counts[e] = 1

@@ -11,7 +11,7 @@ weight instead of bf16's 16; many rows keep the plain path.
 * ``CpuPackedRouter``: the router's logits (mlx-lm: affine 8-bit) in the same kernel, fp32 in and out.
 * ``CpuPackedStackedExperts`` / ``CpuSplitPackedExperts`` (gate and up apart, as memory-mapped mlx-lm checkpoints
   hold them): a decode step's k experts (gate, up, SwiGLU, down) in one C call, experts shared among threads;
-  ``CpuPackedSparseMoE`` routes one token's experts there.
+  ``CpuSparseMoE`` routes one token's experts there (they are ``FewRowsInC``).
 * ``CpuPackedMLA``: MLA whose quantized ``kv_b_proj`` keeps its absorbed halves dense (not rebuilt per step).
 * Many rows (prefill): each weight tile dequantized in C in one pass (``dequantized_linear``), then BLAS.
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
-from kimi_lm.cpu.moe import CpuSparseMoE, merge_expert_outputs
+from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
 from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.quant.packed import TILE_ELEMENTS, PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec
 
@@ -109,7 +109,7 @@ class CpuPackedRouter(PackedRouter):
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
 
-class FewRowExperts:
+class FewRowExperts(FewRowsInC):
     """Experts with a few rows each (a decode step's) in one C call: gate and up, SwiGLU, down."""
 
     def _tensors(self, name: str) -> tuple:
@@ -163,20 +163,6 @@ class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
     def __init__(self, experts: SplitPackedExperts):
         nn.Module.__init__(self)
         _adopt(self, experts)
-
-
-class CpuPackedSparseMoE(CpuSparseMoE):
-    """``CpuSparseMoE`` whose one-token step sends its k packed experts to ``CpuPackedStackedExperts.grouped``."""
-
-    def _one_token(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
-        counts = [0] * self.experts.num_experts
-        for e in experts:
-            counts[e] = 1
-        by_expert = self.experts.grouped(x.expand(len(experts), -1).contiguous(), counts)  # ascending experts
-        rank = {e: i for i, e in enumerate(sorted(experts))}
-        out = [by_expert[rank[e]].contiguous() for e in experts]  # k × [1, hidden]
-        shared = None if self.shared_experts is None else self.shared_experts(x).contiguous()
-        return native.weighted_sum_rows(out, weights, shared)
 
 
 class CpuPackedMLA(CpuMultiheadLatentAttention):

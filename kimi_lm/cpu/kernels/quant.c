@@ -233,6 +233,25 @@ static inline void nibble_decode(const uint8_t *p, __m512i lut_lo, __m512i lut_h
     v[3] = _mm512_unpackhi_epi8(hi_l, hi_h);
 }
 
+/* The dot products of 128 decoded codes v (A, B, C, D) with input row positions x[at … at + 127] in bf16 (plus its
+   low part for an fp32 input), as two partial sums: t0 over A and C, t1 over B and D (nibble_slot's lane order) */
+static inline void nibble_dot(const __m512i *v, const qinput *X, long at, __m512 *t0, __m512 *t1) {
+    const uint16_t *xh = X->xh + at;
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
+    __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
+    a = _mm512_dpbf16_ps(a, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
+    b = _mm512_dpbf16_ps(b, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
+    if (X->xl) {
+        const uint16_t *xl = X->xl + at;
+        a = _mm512_dpbf16_ps(a, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
+        b = _mm512_dpbf16_ps(b, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
+        a = _mm512_dpbf16_ps(a, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
+        b = _mm512_dpbf16_ps(b, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
+    }
+    *t0 = a;
+    *t1 = b;
+}
+
 /* one row's products with M input rows on the nibble path; M a constant where inlined (always_inline) */
 static inline __attribute__((always_inline)) void nibble_row(const qweight *W, const qinput *X, long r, long M,
                                                              const float *s, const float *b, __m512i lut_lo,
@@ -248,36 +267,16 @@ static inline __attribute__((always_inline)) void nibble_row(const qweight *W, c
             const __m512 s0 = _mm512_permutexvar_ps(idx0, _mm512_loadu_ps(s + blk * 8));
             const __m512 s1 = _mm512_permutexvar_ps(idx1, _mm512_loadu_ps(s + blk * 8));
             for (long m = 0; m < M; m++) {
-                const uint16_t *xh = X->xh + m * I + blk * 128;
-                __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
-                __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
-                t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
-                t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
-                if (X->xl) {
-                    const uint16_t *xl = X->xl + m * I + blk * 128;
-                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
-                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
-                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
-                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
-                }
+                __m512 t0, t1;
+                nibble_dot(v, X, m * I + blk * 128, &t0, &t1);
                 acc[m] = _mm512_fmadd_ps(t0, s0, acc[m]);
                 acc[m] = _mm512_fmadd_ps(t1, s1, acc[m]);
             }
         } else { /* one group per lane (group 32) or per 2 or 4 lanes */
             const __m512 sv = _mm512_permutexvar_ps(idx0, _mm512_loadu_ps(s + blk * 128 / G));
             for (long m = 0; m < M; m++) {
-                const uint16_t *xh = X->xh + m * I + blk * 128;
-                __m512 t0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[0]), as_bh(_mm512_loadu_si512(xh)));
-                __m512 t1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v[1]), as_bh(_mm512_loadu_si512(xh + 32)));
-                t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xh + 64)));
-                t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xh + 96)));
-                if (X->xl) {
-                    const uint16_t *xl = X->xl + m * I + blk * 128;
-                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[0]), as_bh(_mm512_loadu_si512(xl)));
-                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[1]), as_bh(_mm512_loadu_si512(xl + 32)));
-                    t0 = _mm512_dpbf16_ps(t0, as_bh(v[2]), as_bh(_mm512_loadu_si512(xl + 64)));
-                    t1 = _mm512_dpbf16_ps(t1, as_bh(v[3]), as_bh(_mm512_loadu_si512(xl + 96)));
-                }
+                __m512 t0, t1;
+                nibble_dot(v, X, m * I + blk * 128, &t0, &t1);
                 acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[m]);
             }
         }

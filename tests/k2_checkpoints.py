@@ -126,8 +126,13 @@ def write_random_fp8_checkpoint(cfg: KimiK2Config, dst: Path, n_shards: int = 2)
             add_fp8(name, shape)
         else:  # embeddings, lm_head, norms, router: bf16 (the router bias fp32), as in the release
             tensors[name] = torch.randn(shape).to(torch.float32 if "bias" in name else torch.bfloat16)
+    return write_sharded(dst, cfg.to_dict(), tensors, n_shards)
+
+
+def write_sharded(dst: Path, config: dict, tensors: dict, n_shards: int) -> Path:
+    """config.json, ``tensors`` dealt round-robin (by name) into ``n_shards`` safetensors files, and the index."""
     dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (dst / "config.json").write_text(json.dumps(config))
     names, weight_map = sorted(tensors), {}
     for i in range(n_shards):
         shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"

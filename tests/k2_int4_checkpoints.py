@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from k2_checkpoints import to_official_layout
+from k2_checkpoints import to_official_layout, write_sharded
 
 EXPERT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 INT4_CONFIG = {  # spec §B1 (Kimi-K2-Thinking's quantization_config)
@@ -112,12 +112,4 @@ def write_random_int4_checkpoint(cfg, dst: Path, n_shards: int = 2) -> Path:
                                     f"{base}.{e}.{proj}.weight_shape": sh})
         else:  # bf16 as in the release (the router bias fp32)
             tensors[name] = torch.randn(shape).to(torch.float32 if "bias" in name else torch.bfloat16)
-    dst.mkdir(parents=True)
-    (dst / "config.json").write_text(json.dumps({**cfg.to_dict(), "quantization_config": INT4_CONFIG}))
-    names, weight_map = sorted(tensors), {}
-    for i in range(n_shards):
-        shard = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: tensors[k].contiguous() for k in names[i::n_shards]}, dst / shard)
-        weight_map.update({k: shard for k in names[i::n_shards]})
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst
+    return write_sharded(dst, {**cfg.to_dict(), "quantization_config": INT4_CONFIG}, tensors, n_shards)

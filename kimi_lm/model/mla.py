@@ -192,8 +192,9 @@ class MultiheadLatentAttention(nn.Module):
         S = history.shape[0]
         # both products take all 576 cached columns: a half-precision CPU matmul would copy a strided operand first
         scores = (q_full @ history.T).view(-1, T, S).float() * self.scale  # [H, T, S]
-        mask = self._causal_mask(T, S, past, q_full.device)
-        if mask is not None:
+        if T == 1:  # one query sees all its history: only spare padding rows (if any) are masked, in one fill
+            scores[..., past + 1 :] = float("-inf")
+        elif (mask := self._causal_mask(T, S, past, q_full.device)) is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(-1).to(history.dtype).view(-1, S)
         return (probs @ history)[:, : self.latent_dim]

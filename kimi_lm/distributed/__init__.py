@@ -1,0 +1,11 @@
+"""Running past one machine: tensor/expert-parallel inference and FSDP2 training on torch.distributed.
+
+Applied from outside the model, like the CPU backend (torchtitan's ``parallelize`` habit): ``kimi_lm/model`` stays
+single-device and never imports this package. Modules:
+
+- ``runtime``   process-group set-up from torchrun's environment, rank-0 printing
+- ``parallel``  ``--tp`` / ``--ep``: split heads, dense products and routed experts of a built model across ranks
+- ``fsdp``      ``train --fsdp``: FSDP2 (``fully_shard``) sharding, activation checkpointing, DCP checkpoints
+
+This file only documents; import the modules themselves.
+"""

@@ -106,7 +106,8 @@ def load_model_and_tokenizer(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device is available")
     path = resolve(args.model, confirm=not args.yes)  # ORG/NAME from the Hub; args.model stays the name given
-    tokenizer = load_tokenizer(path)  # before the model: it fails fast and cheaply on a wrong directory
+    # before the model: it fails fast and cheaply on a wrong directory (or a --chat-template that does not parse)
+    tokenizer = load_tokenizer(path, getattr(args, "chat_template", None))
     return load(path, dtype=args.dtype, device=device), tokenizer
 
 

@@ -79,7 +79,9 @@ def _raise_exception(message):
 
 
 @lru_cache(maxsize=8)
-def _compile(template: str) -> jinja2.Template:
+def compile_template(template: str) -> jinja2.Template:
+    """The template compiled in the sandbox (raises ``jinja2.TemplateSyntaxError`` for a template that does not
+    parse); cached, so rendering the same template again does not recompile it."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -103,7 +105,7 @@ def render_chat_template(template: str, messages: list[dict], tools: list[dict] 
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         chat.append(m)
     try:
-        return _compile(template).render(messages=chat, tools=_plain(tools), documents=None,
+        return compile_template(template).render(messages=chat, tools=_plain(tools), documents=None,
                                          add_generation_prompt=add_generation_prompt, **_plain(kwargs))
     except jinja2.exceptions.TemplateError as exc:
         raise ValueError(f"chat template: {exc}") from None

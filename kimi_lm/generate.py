@@ -262,8 +262,16 @@ class ReplyPrinter:
             self.out.flush()
 
 
+def add_chat_template_arg(p: Parser) -> None:
+    """``--chat-template FILE`` (generate, chat, serve): read by :func:`~kimi_lm.cli_args.load_model_and_tokenizer`."""
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template to use instead of the checkpoint's (rendered in the sandbox, also for "
+                        "Kimi K3), or a built-in name: kimi-k2-thinking (unset: the checkpoint's own format)")
+
+
 def add_chat_args(p: Parser) -> None:
     """Flags of the commands that render a chat (generate, chat)."""
+    add_chat_template_arg(p)
     p.add_argument("--chat-template-config", type=_json_object, default={}, metavar="JSON",
                    help='extra chat-template arguments as a JSON object, e.g. \'{"thinking": false}\' or '
                         '\'{"thinking_effort": "low"}\' (K3) (default: none)')

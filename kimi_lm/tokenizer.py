@@ -7,6 +7,11 @@ Files read from a checkpoint directory (nothing is executed; ``tokenization_kimi
 * ``chat_template.jinja`` (preferred over the config's ``chat_template``), rendered by :mod:`kimi_lm.chat`.
 * ``config.json``: only ``model_type``, which selects Kimi K3's XTML chat format for ``kimi_k3``.
 
+A template given explicitly (``load_tokenizer(path, chat_template=FILE)``, the ``--chat-template`` option of
+``generate`` / ``chat`` / ``serve``) replaces the checkpoint's and is always the one rendered, in the sandbox, even
+for K3; it is compiled when the tokenizer loads, so a file that does not parse is an error naming it. Its content
+decides the reply format (XTML when it writes ``<|open|>`` and ``<|end_of_msg|>``).
+
 Chat format (:attr:`Tokenizer.chat_format`), decided by the checkpoint's own files, never by its directory name:
 ``"xtml"`` (Kimi K3, rendered in Python by :mod:`kimi_lm.xtml`) when ``config.json`` says ``kimi_k3``, the chat
 template uses ``<|open|>``/``<|end_of_msg|>``, or there is no template and the tokenizer names K3's control tokens;
@@ -98,7 +103,7 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict[bytes, int], special_names: dict[int, str] | None = None,
                  chat_template: str | None = None, eos_token: str = "[EOS]", name: str = "kimi",
-                 model_type: str | None = None):
+                 model_type: str | None = None, template_override: bool = False):
         from kimi_lm.xtml import SPECIAL_TOKENS as K3_SPECIAL
 
         n = len(mergeable_ranks)
@@ -119,7 +124,10 @@ class Tokenizer:
         self.eos_token_id = self.special_tokens.get(eos_token)
         self.im_end_id = self.special_tokens.get("<|im_end|>")
         self.end_of_msg_id = self.special_tokens.get("<|end_of_msg|>")
-        self.chat_format = _chat_format(model_type, chat_template, self.special_tokens)
+        # an explicit template is rendered as it is (never by the XTML renderer); its content names the format
+        self.render_template = template_override and chat_template is not None
+        self.chat_format = _chat_format(None if self.render_template else model_type, chat_template,
+                                        self.special_tokens)
 
     @classmethod
     def from_dir(cls, path: str | Path, chat_template: str | None = None) -> "Tokenizer":
@@ -144,11 +152,13 @@ class Tokenizer:
             template = template_file.read_text(encoding="utf-8")
         if chat_template is not None:
             template = _template_override(chat_template)
+            _check_template(template, chat_template)
         eos = config.get("eos_token", "[EOS]")
         eos = eos.get("content", "[EOS]") if isinstance(eos, dict) else eos
         model_type = _read_tokenizer_config(path / "config.json").get("model_type")
         return cls(ranks, names, template if isinstance(template, str) else None, eos_token=eos, name=str(path),
-                   model_type=model_type if isinstance(model_type, str) else None)
+                   model_type=model_type if isinstance(model_type, str) else None,
+                   template_override=chat_template is not None)
 
     # ---- ids <-> text -----------------------------------------------------------------------------------------
     def encode(self, text: str, allow_special_tokens: bool = True) -> list[int]:
@@ -211,7 +221,7 @@ class Tokenizer:
         """Render ``messages`` with the checkpoint's chat template (jinja2 sandbox); ids if ``tokenize``."""
         from kimi_lm.chat import render_chat_template
 
-        if self.chat_format == "xtml":  # K3: rendered in Python, tokenised per segment as the reference does
+        if self.chat_format == "xtml" and not self.render_template:  # K3: in Python, tokenised per segment
             from kimi_lm.xtml import render_segments
 
             segments = render_segments(messages, tools, add_generation_prompt, **kwargs)
@@ -234,6 +244,20 @@ class Tokenizer:
     def has_chat_format(self) -> bool:
         """True when :meth:`apply_chat_template` can render a conversation (a template, or K3's XTML)."""
         return self.chat_format == "xtml" or self.chat_template is not None
+
+
+def _check_template(template: str, source: str) -> None:
+    """Compile a chat template given by the user now, so that a syntax error names its file and line at once
+    instead of surfacing as an HTTP 400 on every request."""
+    import jinja2
+
+    from kimi_lm.chat import compile_template
+
+    try:
+        compile_template(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise CheckpointError(f"chat template {source}: not a valid Jinja template (line {exc.lineno}: "
+                              f"{exc.message})") from None
 
 
 class StreamingDetokenizer:

@@ -1,6 +1,8 @@
 """Generation on a tiny random checkpoint: greedy = step-by-step argmax of full forwards, chunked prefill, stops,
-sliding-window MLA cache, and the `generate` / `chat` commands end to end (thinking shown apart, a K3 checkpoint)."""
+sliding-window MLA cache, and the `generate` / `chat` commands end to end (thinking shown apart, a tiny Kimi K3
+release-layout checkpoint with scripted tool-call replies, ``--chat-template`` files)."""
 
+import importlib
 import io
 import os
 import subprocess
@@ -15,6 +17,7 @@ from kimi_lm.cli import main as cli_main
 from kimi_lm.chat import ChatDelta, ToolCall, parse_reply
 from kimi_lm.generate import ReplyPrinter, prefill
 from kimi_lm.prompt_cache import RotatingMLACache, make_cache
+from serving import ScriptedModel
 from tiny_chat import chat_checkpoint, ckpt, k3_chat_checkpoint, model, one_thread, tok  # noqa: F401 (fixtures)
 
 
@@ -229,3 +232,111 @@ def test_chat_on_a_k3_checkpoint_keeps_reasoning_in_history(k3_ckpt, monkeypatch
     assert cli_main(["chat", "--model", str(k3_ckpt), "--max-tokens", "4", "--dtype", "float32"]) == 0
     assert len(seen) == 2 and all(m["role"] == "assistant" and "<|" not in m["content"] for m in seen)
     assert all("reasoning_content" in m or m["content"] for m in seen)
+
+
+# ---- Kimi K3: scripted replies (a random model never calls a tool by itself), --chat-template ----------------------
+K3_REPLY = ('Need the weather.<|close|>think<|sep|><|open|>response<|sep|>Checking.<|close|>response<|sep|>'
+            '<|open|>tools<|sep|><|open|>call tool="get_weather" index="1"<|sep|>'
+            '<|open|>argument key="city" type="string"<|sep|>Paris<|close|>argument<|sep|><|close|>call<|sep|>'
+            '<|close|>tools<|sep|><|close|>message<|sep|><|end_of_msg|>')
+
+
+def _scripted_k3(monkeypatch, module, ckpt, reply: str) -> ScriptedModel:
+    """Make ``module``'s command load the K3 checkpoint wrapped so that it replies ``reply`` (then EOS)."""
+    tok = kimi_lm.load_tokenizer(ckpt)
+    scripted = ScriptedModel(kimi_lm.load(ckpt, dtype=torch.float32), tok.encode(reply))
+    monkeypatch.setattr(module, "load_model_and_tokenizer", lambda args: (scripted, tok))
+    return scripted
+
+
+def test_k3_checkpoint_is_the_release_layout_of_a_real_k3(k3_ckpt):
+    from kimi_lm.model.kimi_k3 import KimiK3ForCausalLM
+
+    assert type(kimi_lm.load(k3_ckpt, dtype=torch.float32)) is KimiK3ForCausalLM
+    assert any(p.name.startswith("model-00002-of-00002") for p in k3_ckpt.iterdir())
+
+
+def test_generate_k3_prints_thinking_answer_and_tool_call(k3_ckpt, monkeypatch, capsys):
+    generate_module = importlib.import_module("kimi_lm.generate")  # kimi_lm.generate is also the function
+
+    _scripted_k3(monkeypatch, generate_module, k3_ckpt, K3_REPLY)
+    assert cli_main(["generate", "--model", str(k3_ckpt), "--prompt", "Weather in Paris?", "--max-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out == ('[thinking]\nNeed the weather.\n[/thinking]\nChecking.\n'
+                   '[tool call functions.get_weather:0 {"city": "Paris"}]\n\n')
+
+
+def test_chat_k3_keeps_tool_calls_and_reasoning_in_the_history(k3_ckpt, monkeypatch, capsys):
+    from kimi_lm import chat_repl
+
+    _scripted_k3(monkeypatch, chat_repl, k3_ckpt, K3_REPLY)
+    seen = []
+    real = chat_repl._reply
+
+    def spy(model, tokenizer, messages, pc, kwargs, args):
+        seen.append([dict(m) for m in messages])
+        return real(model, tokenizer, messages, pc, kwargs, args)
+
+    monkeypatch.setattr(chat_repl, "_reply", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Weather in Paris?\nand tomorrow?\n/exit\n"))
+    assert cli_main(["chat", "--model", str(k3_ckpt), "--max-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    # call ids are numbered across the conversation: the second turn's call is :1
+    assert out.count('[tool call functions.get_weather:0 {"city": "Paris"}]') == 1
+    assert out.count('[tool call functions.get_weather:1 {"city": "Paris"}]') == 1
+    reply = seen[1][1]
+    assert reply == {"role": "assistant", "content": "Checking.", "reasoning_content": "Need the weather.",
+                     "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    # the second turn renders the first reply back in XTML: its thinking, answer and typed call arguments
+    text = kimi_lm.load_tokenizer(k3_ckpt).apply_chat_template(seen[1])
+    assert ('<|open|>think<|sep|>Need the weather.<|close|>think<|sep|><|open|>response<|sep|>Checking.'
+            '<|close|>response<|sep|><|open|>tools<|sep|><|open|>call tool="get_weather" index="1"<|sep|>'
+            '<|open|>argument key="city" type="string"<|sep|>Paris<|close|>argument<|sep|>') in text
+
+
+# A Jinja template in the XTML format (messages, thinking on/off), as a user would pass with --chat-template
+XTML_JINJA = """{%- for m in messages -%}
+<|open|>message role="{{ m.role }}"<|sep|>{{ m.content }}<|close|>message<|sep|><|end_of_msg|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|open|>message role="assistant"<|sep|><|open|>{{ 'think' if thinking | default(true) else 'response' }}<|sep|>
+{%- endif -%}"""
+
+
+def test_chat_template_file_replaces_the_checkpoints_format(k3_ckpt, tmp_path, capsys):
+    template = tmp_path / "xtml.jinja"
+    template.write_text(XTML_JINJA)
+    k3 = kimi_lm.load_tokenizer(k3_ckpt)
+    flags = ["generate", "--model", str(k3_ckpt), "--prompt", "hello", "--max-tokens", "6", "--chat-template",
+             str(template)]
+    expected = '<|open|>message role="user"<|sep|>hello<|close|>message<|sep|><|end_of_msg|>'
+    custom = kimi_lm.load_tokenizer(k3_ckpt, chat_template=str(template))
+    assert custom.chat_format == "xtml" and custom.render_template
+    assert custom.apply_chat_template([{"role": "user", "content": "hello"}]) == (
+        expected + '<|open|>message role="assistant"<|sep|><|open|>think<|sep|>')
+    assert cli_main(flags) == 0
+    out, err = capsys.readouterr()
+    ids = k3.encode(expected + '<|open|>message role="assistant"<|sep|><|open|>think<|sep|>')
+    assert f"Prompt: {len(ids)} tokens" in err  # not the built-in renderer's (thinking-effort message and all)
+    assert len(ids) != len(k3.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=True))
+    # thinking off: the template opens "response", so the reply is content, printed as is
+    assert cli_main(flags + ["--chat-template-config", '{"thinking": false}']) == 0
+    out, err = capsys.readouterr()
+    ids = k3.encode(expected + '<|open|>message role="assistant"<|sep|><|open|>response<|sep|>')
+    text = kimi_lm.generate(kimi_lm.load(k3_ckpt, dtype=torch.float32), k3, ids, max_tokens=6, temperature=0)
+    assert f"Prompt: {len(ids)} tokens" in err and out == parse_reply(custom, text, ids)["content"] + "\n"
+    assert "[thinking]" not in out
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_chat_template_that_does_not_parse_names_the_file(k3_ckpt, tmp_path, capsys, command):
+    bad = tmp_path / "broken.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content }\n")
+    assert cli_main([command, "--model", str(k3_ckpt), "--chat-template", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kimi-lm {command}: error: chat template {bad}: not a valid Jinja template (line 2:")
+    assert err.count("\n") == 1
+    assert cli_main([command, "--model", str(k3_ckpt), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    assert "missing.jinja" in capsys.readouterr().err
+

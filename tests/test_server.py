@@ -16,7 +16,7 @@ from kimi_lm.cache import ModelCache
 from kimi_lm.chat import count_tool_calls, parse_assistant_message
 from kimi_lm.server import ServerConfig, create_app
 from kimi_lm.server.engine import Engine
-from serving import Server
+from serving import ScriptedModel, Server
 from tiny_chat import chat_checkpoint, k3_chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 NAME = "tiny-kimi"
@@ -227,37 +227,6 @@ def test_malformed_json_long_prompt_and_bad_token_ids(setup):
 
 
 # ---- tool calls: a model that writes a scripted reply ------------------------------------------------------------
-class ScriptedModel(torch.nn.Module):
-    """Wraps the tiny model (its caches advance as usual) but forces reply token k to be ``script[k]``; k is read
-    from each sequence's own MLA cache length, so it works in batched steps too (the batched cache has ``rows``)."""
-
-    def __init__(self, inner, script):
-        super().__init__()
-        self.inner, self.script, self.config, self.lm_head = inner, script, inner.config, inner.lm_head
-        self.mla = next(i for i, layer in enumerate(inner.model.layers) if not layer.is_kda)
-        self.start = {}
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    def make_cache(self, batch_size=1):
-        return self.inner.make_cache(batch_size)
-
-    def forward(self, ids, cache, logits_to_keep=None):
-        logits = self.inner(ids, cache=cache, logits_to_keep=logits_to_keep)
-        rows = getattr(cache, "rows", [cache])
-        forced = torch.full_like(logits[:, -1], -1e4)
-        for b, row in enumerate(rows):
-            length = row.layers[self.mla].length
-            if ids.shape[1] > 1:  # prefill: the reply starts after this prompt
-                self.start[id(row)] = length
-            k = length - self.start.get(id(row), length)
-            forced[b, self.script[min(k, len(self.script) - 1)]] = 1e4
-        logits[:, -1] = forced
-        return logits
-
-
 @pytest.fixture(scope="module")
 def tool_server(setup):
     model, tok, *_ = setup

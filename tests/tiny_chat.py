@@ -7,9 +7,10 @@ base vocabulary with the real model's offsets (``<|im_end|>`` = base + 2, …); 
 rows, so — as in Kimi Linear, whose ids 163840/163841 exceed the 163840-row embedding — the last two special ids
 cannot be fed to the model.
 
-:func:`k3_chat_checkpoint` is the same tiny model with a Kimi K3 tokenizer instead: K3's special tokens (``<|open|>``,
-``<|close|>``, ``<|sep|>``, ``<|end_of_msg|>`` at base + 3, 4, 5, 2) and no Jinja template, so the XTML chat format
-is selected from the tokenizer's own files.
+:func:`k3_chat_checkpoint` is a tiny random Kimi K3 (``tiny-k3``: SiTU, latent MoE, gates, AttnRes) in the release
+layout (``kimi_k3`` wrapper config, two shards, vision tensors) with a K3 tokenizer: K3's special tokens
+(``<|open|>``, ``<|close|>``, ``<|sep|>``, ``<|end_of_msg|>`` at base + 3, 4, 5, 2) and no Jinja template, so the
+XTML chat format is selected from the checkpoint's own files, as for the real release.
 """
 
 from __future__ import annotations
@@ -108,11 +109,15 @@ def write_k3_tokenizer(directory: Path, ranks: dict[bytes, int], named: bool = T
 
 
 def k3_chat_checkpoint(tmp_path_factory, seed: int = 0) -> Path:
-    """The tiny chat model with a K3 tokenizer (XTML chat format), built once per session and seed."""
+    """A tiny random Kimi K3 checkpoint (release layout) with a K3 tokenizer, built once per session and seed."""
+    from k3_checkpoints import random_model, tiny_config, write_checkpoint
+
     key = f"k3_seed{seed}"
     if key not in _BUILT:
         ranks = train_bpe(CORPUS, merges=60)
-        directory = build_model_dir(tmp_path_factory.mktemp(f"chat_{key}"), len(ranks) + 256, seed)
+        # the embedding has base + 256 rows, as the real model's: the last two special ids cannot be fed to it
+        model = random_model(tiny_config(vocab_size=len(ranks) + 256), seed)
+        directory = write_checkpoint(model, tmp_path_factory.mktemp(f"chat_{key}"))
         write_k3_tokenizer(directory, ranks)
         _BUILT[key] = directory
     return _BUILT[key]

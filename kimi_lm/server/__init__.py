@@ -30,6 +30,7 @@ import uvicorn
 from kimi_lm.cli_args import (DEFAULT_PREFILL_STEP, Parser, add_model_args, check_positive, load_model_and_tokenizer,
                               run_command)
 from kimi_lm.errors import UsageError
+from kimi_lm.generate import add_chat_template_arg
 from kimi_lm.server.app import create_app
 from kimi_lm.server.engine import Engine, pool_bytes_for
 from kimi_lm.server.translate import DEFAULT_MAX_PROMPT_TOKENS, ServerConfig
@@ -42,6 +43,7 @@ __all__ = ["Engine", "ServerConfig", "create_app", "exposure_warning", "main"]
 def _parser() -> Parser:
     p = Parser(prog="kimi-lm serve", description="Serve a Kimi Linear model with an OpenAI-compatible API.")
     add_model_args(p)
+    add_chat_template_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (unset: no key)")

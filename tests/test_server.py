@@ -375,7 +375,7 @@ def k3_server(tmp_path_factory):
     path = k3_chat_checkpoint(tmp_path_factory)
     model, tok = kimi_lm.load(path, dtype=torch.float32), kimi_lm.load_tokenizer(path)
     engine, server = _scripted(model, tok, K3_REPLY)
-    server.tokenizer = tok
+    server.tokenizer, server.engine_model = tok, engine.model
     yield server
     server.close()
     engine.close()
@@ -425,3 +425,106 @@ def test_k3_bad_thinking_effort_is_a_400(k3_server):
     r = httpx.post(k3_server.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinking_effort": "huge"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+# the exact prompt ids the engine fed the model (ScriptedModel records every prefill)
+def _last_prompt(server) -> list[int]:
+    return server.engine_model.prompts[-1]
+
+
+@pytest.mark.parametrize("body, kwargs", [
+    ({"reasoning_effort": "low"}, {"thinking_effort": "low"}),
+    ({"reasoning_effort": "high"}, {"thinking_effort": "high"}),
+    ({"reasoning_effort": "max"}, {"thinking_effort": "max"}),
+    ({"chat_template_kwargs": {"thinking_effort": "low"}}, {"thinking_effort": "low"}),
+    ({"chat_template_kwargs": {"thinking_effort": "max"}, "reasoning_effort": "low"}, {"thinking_effort": "max"}),
+    ({"reasoning_effort": "none"}, {"thinking": False}),
+])
+def test_k3_thinking_effort_reaches_the_exact_prompt(k3_server, body, kwargs):
+    tok = k3_server.tokenizer
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    _chat(k3_server, max_tokens=2, **body)
+    expected = tok.apply_chat_template(messages, tokenize=True, **kwargs)
+    assert _last_prompt(k3_server) == expected
+    effort = kwargs.get("thinking_effort")
+    assert (f"`thinking_effort={effort}`" in tok.decode(expected)) == (effort is not None)
+
+
+def test_k3_tools_are_declared_and_tool_results_render_in_xtml(k3_server):
+    tok = k3_server.tokenizer
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    body = _chat(k3_server, tools=TOOLS)
+    prompt = tok.decode(_last_prompt(k3_server))
+    assert _last_prompt(k3_server) == tok.apply_chat_template(messages, tools=TOOLS, tokenize=True)
+    assert prompt.startswith('<|open|>message role="system" type="tool-declare"<|sep|># Tools\n')
+    assert json.dumps(TOOLS, sort_keys=True, separators=(",", ":")) in prompt  # keys sorted, compact
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    history = messages + [body["choices"][0]["message"],
+                          {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}]
+    again = _chat(k3_server, tools=TOOLS, messages=history)
+    prompt = tok.decode(_last_prompt(k3_server))
+    assert ('<|open|>call tool="get_weather" index="1"<|sep|><|open|>argument key="city" type="string"<|sep|>Paris'
+            in prompt)
+    assert '<|open|>message role="tool" tool="get_weather" index="1"<|sep|>sunny, 21 C<|close|>message' in prompt
+    assert '<|open|>think<|sep|>Need the weather.<|close|>think<|sep|>' in prompt  # K3 keeps earlier thinking
+    assert again["choices"][0]["message"]["tool_calls"][0]["id"] == "functions.get_weather:1"
+
+
+XTML_JINJA = """{%- for m in messages -%}
+<|open|>message role="{{ m.role }}"<|sep|>{{ m.content }}<|close|>message<|sep|><|end_of_msg|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|open|>message role="assistant"<|sep|><|open|>{{ 'think' if thinking | default(true) else 'response' }}<|sep|>
+{%- endif -%}"""
+
+
+@pytest.mark.slow  # ~25 s: a fresh interpreter imports torch and loads the model
+def test_kimi_lm_serve_command_on_a_k3_checkpoint_with_a_chat_template_file(tmp_path_factory, tmp_path):
+    """The real command in its own process: `python -m kimi_lm serve --model K3DIR --chat-template FILE`."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    path = k3_chat_checkpoint(tmp_path_factory)
+    template = tmp_path / "xtml.jinja"
+    template.write_text(XTML_JINJA)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kimi_lm", "serve", "--model", str(path), "--port", str(port),
+                             "--chat-template", str(template), "--temp", "0", "--max-tokens", "8",
+                             "--dtype", "float32", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "kimi-lm serve did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        tok = kimi_lm.load_tokenizer(path, chat_template=str(template))
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        body = {"model": path.name, "messages": messages, "tools": TOOLS, "max_tokens": 8}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert r["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages, tools=TOOLS, tokenize=True))
+        msg = r["choices"][0]["message"]
+        assert msg["reasoning"] == msg["reasoning_content"] and msg["reasoning_content"]  # the prompt opened think
+        stream = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in stream.splitlines()
+                  if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == msg["reasoning_content"]
+        off = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            **body, "chat_template_kwargs": {"thinking": False}}).json()
+        assert off["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages, tokenize=True, thinking=False))
+        assert off["choices"][0]["message"].get("reasoning_content") is None  # "response" opened: all content
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert f"(kimi_k3, float32, cpu) at http://127.0.0.1:{port}/v1" in err

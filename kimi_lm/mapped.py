@@ -58,13 +58,21 @@ class Mapping:
     def close(self) -> None:
         self.fh.close()  # the mappings stay valid: each holds the inode
 
-    def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+    def __enter__(self) -> "Mapping":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int], min_bytes: int = MIN_BYTES
+             ) -> torch.Tensor | None:
         """The ``nbytes`` at ``offset`` as a tensor (a view of the pages), or None (read it instead) when not aligned
-        for ``dtype`` or under ``MIN_BYTES``.
+        for ``dtype`` or under ``min_bytes`` (the sharded loader, ``kimi_lm.distributed.load``, maps every tensor to
+        copy a slice of it: 0).
 
         One mapping per tensor, so that a tensor the model drops (a float weight the backend repacks) unmaps its
         pages: with one mapping per file they would stay resident as long as any tensor of the file lives."""
-        if offset % dtype.itemsize or nbytes < max(MIN_BYTES, 1):
+        if offset % dtype.itemsize or nbytes < max(min_bytes, 1):
             return None
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         # PROT_WRITE (private): a write to the tensor copies its page instead of faulting on a read-only mapping

@@ -1,0 +1,139 @@
+"""Loading one rank's slices of a checkpoint: each rank reads only the bytes of the parameters it holds.
+
+    model = load_sharded(path, Plan(tp=2, rank=r), dtype=torch.float32)
+
+The model is built on the meta device and split there (:func:`kimi_lm.distributed.parallel.parallelize`: shapes
+only), so nothing full-size is ever allocated. Each checkpoint tensor is memory-mapped (``kimi_lm.mapped``, one
+mapping per tensor, whatever its size) and only this rank's slice of it is copied (and cast) into the rank's
+parameter: the page faults of that copy are the only reads. A row slice (column-parallel products, whole experts)
+is a contiguous byte range; a column slice (row-parallel products) touches 1/N of every row, so for rows shorter
+than a page (4 KiB) it reads whole pages of other ranks' columns too. The mapping is dropped after the copy, so
+what stays resident is this rank's parameters (plus page cache, shared by all ranks on one machine).
+
+Names, placements and checks are the single-process loader's (``kimi_lm.names``, ``kimi_lm.checkpoint``): the
+same tensors are required, with the same shapes, and a problem raises ``CheckpointError`` naming the file and tensor.
+Float checkpoints only (F32 / BF16 / F16): quantized ones (FP8 blocks, MLX / compressed-tensors packed) raise a
+``UsageError`` saying so (``kimi-lm convert --dequantize`` writes a float copy).
+
+Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the one-process loader it mirrors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kimi_lm import mapped, names
+from kimi_lm.checkpoint import FP32_SUFFIXES, ST_DTYPES, SafetensorsFile, _model_class, resolve_dtype, weight_files
+from kimi_lm.config import load_config
+from kimi_lm.distributed.parallel import Plan, Shard, parallelize
+from kimi_lm.errors import CheckpointError, UsageError
+
+_FLOAT = ("F32", "BF16", "F16")
+
+
+def refuse_quantized(path: Path, config) -> None:
+    """UsageError for a checkpoint whose weights are not plain floats."""
+    quant = getattr(config, "quantization_config", None) or getattr(config, "quantization", None)
+    if quant:
+        raise UsageError(f"{path}: --tp / --ep load float checkpoints only (F32, BF16, F16); this one is quantized "
+                         f"(config.json's quantization block); write a float copy with `kimi-lm convert --dequantize`")
+
+
+def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Module:
+    """This rank's part of the checkpoint in ``path`` as a split model (eval mode, no grads) on ``device``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
+    config = load_config(path / "config.json")
+    dtype = resolve_dtype(dtype, config)
+    files = {n: f for n, f in weight_files(path).items() if not names.skipped(n, config)}
+    refuse_quantized(path, config)
+    fam = names.family(config)
+    with torch.device("meta"):
+        model = _model_class(config)(config)
+    expected = model.state_dict()  # full shapes
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    specs = parallelize(model, plan)
+    local_meta = model.state_dict()
+    loaded = {n: torch.empty(local_meta[n].shape, device="cpu",
+                             dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype) for n in expected}
+    seen: dict[str, set] = {n: set() for n in expected}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, in_file in by_file.items():
+        f = SafetensorsFile(file)
+        with f, mapped.Mapping(file, f.size) as m:
+            for name in in_file:
+                if name not in f.header:
+                    raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
+                target, placement, expert = names.to_parameter(name, fam)
+                if target not in expected:
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r} (no such parameter in a "
+                                          f"{config.model_type} model with this config.json)")
+                if f.dtype(name) not in _FLOAT:
+                    raise UsageError(f"{file}: tensor {name!r} is {f.dtype(name)}: --tp / --ep load float checkpoints "
+                                     f"only (F32, BF16, F16); write a float copy with `kimi-lm convert --dequantize`")
+                want = names.checkpoint_shape(expected[target].shape, placement)
+                if f.shape(name) != want:
+                    raise CheckpointError(f"{file}: tensor {name!r} has shape {f.shape(name)}, expected {want}")
+                begin, end = f.header[name]["data_offsets"]
+                src = m.view(f.data_start + begin, end - begin, ST_DTYPES[f.dtype(name)], want, min_bytes=0)
+                if src is None:  # not aligned for its dtype: read it whole
+                    src = f.read(name)
+                _place(loaded[target], specs.get(target), src, placement, expert, expected[target].shape)
+                seen[target].add((placement, expert))
+    _check_complete(path, expected, seen)
+    model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _place(dest: torch.Tensor, spec: Shard | None, src: torch.Tensor, placement: str, expert: int, full_shape) -> None:
+    """Copy this rank's part of one checkpoint tensor ``src`` (a mapped view: only the copied slice is read) into the
+    rank's parameter ``dest``."""
+    if placement in ("copy", "conv"):
+        if spec is not None:
+            src = spec.take(src)  # conv [D, W, 1] splits along D, as the parameter [D, 1, W] does
+        dest.copy_(src.transpose(1, 2) if placement == "conv" else src)
+        return
+    if placement in ("gate_all", "up_all"):  # every expert's gate (or up) rows [E, I, hidden]
+        if spec is not None:
+            src = Shard(spec.dim, spec.parts, spec.index).take(src)  # experts (dim 0) or each expert's rows (dim 1)
+        names.expert_slice(dest, placement, expert).copy_(src)
+        return
+    # one expert's matrix: gate / up [I, hidden] or down [hidden, I] of a stacked [E, 2I, hidden] / [E, hidden, I]
+    if spec is not None and spec.dim == 0:  # --ep: experts [first, first + E_local) live here
+        first = spec.index * dest.shape[0]
+        if not first <= expert < first + dest.shape[0]:
+            return  # another rank's expert: never read
+        expert -= first
+    elif spec is not None:  # --tp: the expert's rows (gate / up) or columns (down) of this rank
+        src = Shard(spec.dim - 1, spec.parts, spec.index).take(src)
+    if not 0 <= expert < full_shape[0]:
+        raise CheckpointError(f"expert index {expert} out of range: config.json has num_experts={full_shape[0]}")
+    names.expert_slice(dest, placement, expert).copy_(src)
+
+
+def _check_complete(path: Path, expected: dict, seen: dict[str, set]) -> None:
+    missing = []
+    for target, got in seen.items():
+        ref = expected[target]
+        if ("copy", -1) in got or ("conv", -1) in got:
+            continue
+        if target.endswith(("gate_up_proj", "down_proj")) and ref.dim() == 3:
+            halves = ("gate", "up") if target.endswith("gate_up_proj") else ("down",)
+            have = {(p.removesuffix("_all"), e) for p, e in got if p in names.PER_EXPERT}
+            have |= {(p.removesuffix("_all"), e) for p, _ in got if p.endswith("_all") for e in range(ref.shape[0])}
+            lost = [f"{target} (expert {e}, {h})" for e in range(ref.shape[0]) for h in halves if (h, e) not in have]
+            missing += lost
+        else:
+            missing.append(target)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" ... and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint: {shown}")

@@ -245,6 +245,17 @@ def _model_class(config):
     return KimiLinearForCausalLM
 
 
+def _check_one_source(targets: dict[str, tuple], files: dict[str, Path]) -> None:
+    """Two checkpoint tensors filling the same part of one parameter (a module stored both float and packed, e.g.
+    ``w2.weight`` beside ``w2.weight_packed``) would silently overwrite each other: refuse them."""
+    seen: dict[tuple, str] = {}
+    for name, slot in targets.items():
+        if (other := seen.setdefault(slot, name)) != name:
+            raise CheckpointError(f"{files[name]}: tensors {other!r} and {name!r} both hold parameter {slot[0]!r}"
+                                  + (f" (expert {slot[2]}, {slot[1]})" if slot[2] >= 0 else "")
+                                  + "; a module is stored once, float or packed")
+
+
 def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> set[str]:
     """Names of the modules the checkpoint stores as FP8 blocks: those with a ``*_scale_inv`` tensor."""
     modules = set()
@@ -279,6 +290,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
         log.info("%s: skipping %d vision tensors (vision_tower., mm_projector.); loading the text model", path, vision)
     files = {name: file for name, file in files.items() if not names.skipped(name, config)}
     targets = {name: _target_name(name, config) for name in files}
+    _check_one_source(targets, files)
     fp8 = _fp8_modules(config, targets, files)
     with torch.device("meta"):
         model = _model_class(config)(config)

@@ -112,3 +112,80 @@ def mlx_logits(path: Path, ids: torch.Tensor, steps: int = 0):
         steps_out.append(np.array(out[0, -1].astype(mx.float32)))
     return (torch.from_numpy(np.array(prefill[0].astype(mx.float32))),
             torch.from_numpy(np.array(steps_out)) if steps else None, tokens)
+
+
+# ---- the release's MXFP4 experts (compressed-tensors ``mxfp4-pack-quantized``, spec §A4) ---------------------------
+MXFP4_CONFIG = {  # spec §A4.1 (the release's text_config.quantization_config)
+    "quant_method": "compressed-tensors", "format": "mxfp4-pack-quantized", "quantization_status": "compressed",
+    "kv_cache_scheme": None, "global_compression_ratio": None,
+    "config_groups": {"group_0": {
+        "format": "mxfp4-pack-quantized", "targets": ["Linear"], "input_activations": None,
+        "output_activations": None,
+        "weights": {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
+                    "dynamic": False, "scale_dtype": "torch.uint8", "zp_dtype": None, "observer": "minmax",
+                    "actorder": None, "block_structure": None}}},
+    "ignore": ["re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+               "re:.*lm_head.*", "re:.*vision_tower.*", "re:.*mm_projector.*"],
+}
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+PACKED_EXPERT = re.compile(r".*\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$")
+
+
+def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (weight_packed uint8 [out, in/2], weight_scale uint8 E8M0 [out, in/32]) with compressed-tensors'
+    own packer and scale codec: scale 2^(floor(log2 amax) − 2) per group of 32, codes rounded to the nearest E2M1."""
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+
+    out_f, in_f = w.shape
+    g = w.float().view(out_f, in_f // 32, 32)
+    scale = torch.exp2(torch.floor(torch.log2(g.abs().amax(-1).clamp_min(1e-30))) - 2)
+    x = (g / scale[..., None]).clamp(-6, 6)
+    codes = E2M1[(x.abs()[..., None] - E2M1).abs().argmin(-1)] * torch.where(x < 0, -1.0, 1.0)
+    return pack_fp4_to_uint8(codes.view(out_f, in_f)), compress_mx_scale(scale, torch.uint8)
+
+
+def mxfp4_unpack(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' own decode of one packed weight (fp32)."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    w = unpack_fp4_from_uint8(packed, out_f, in_f, torch.float32)
+    return w * decompress_mx_scale(scale).float().repeat_interleave(32, dim=1)
+
+
+def mxfp4_config(**changes) -> KimiK3Config:
+    """``tiny-k3`` with expert widths that are multiples of the group size 32 (the MXFP4 experts' input widths)."""
+    return tiny_config(moe_intermediate_size=32, routed_expert_hidden_size=64, **changes)
+
+
+def write_mxfp4_checkpoint(model, dst: Path, dtype: torch.dtype = torch.bfloat16, n_shards: int = 2,
+                           nested: bool = True, edit=None) -> tuple[Path, dict]:
+    """The release layout with every routed expert ``w1/w2/w3`` in ``mxfp4-pack-quantized`` (``weight_packed`` U8,
+    ``weight_scale`` U8, no ``weight_shape``) and ``quantization_config`` in ``text_config`` (``nested``) or at the top
+    level. Returns (directory, the fp32 state dict the files mean: kimi-lm parameter names, experts dequantized by
+    compressed-tensors). ``edit(tensors)`` changes the tensors before writing (malformed-checkpoint tests)."""
+    tensors = official_tensors(model, dtype)
+    for name in [n for n in tensors if PACKED_EXPERT.fullmatch(n)]:
+        base = name.removesuffix(".weight")
+        tensors[f"{base}.weight_packed"], tensors[f"{base}.weight_scale"] = mxfp4_pack(tensors.pop(name))
+    meant = {}
+    for name, t in model.state_dict().items():
+        meant[name] = t.to(torch.float32 if F32_NAMES.fullmatch(name) else dtype).float()
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        base = name.removeprefix("language_model.").removesuffix(".weight_packed")
+        stem, e, proj = base.rsplit(".", 2)
+        w = mxfp4_unpack(tensors[name], tensors[name.replace("_packed", "_scale")])
+        stacked = meant[f"{stem.removesuffix('.' + e)}.{'down_proj' if proj == 'w2' else 'gate_up_proj'}"]
+        half = stacked.shape[1] // 2
+        {"w1": stacked[int(e), :half], "w3": stacked[int(e), half:], "w2": stacked[int(e)]}[proj].copy_(w)
+    tensors["vision_tower.patch_embed.proj.weight"] = torch.randn(8, 3, 14, 14).to(dtype)
+    tensors["mm_projector.proj.0.weight"] = torch.randn(16, 32).to(dtype)
+    if edit is not None:
+        edit(tensors)
+    raw = model.config.to_dict()
+    (raw["text_config"] if nested else raw)["quantization_config"] = json.loads(json.dumps(MXFP4_CONFIG))
+    if not nested:
+        raw["text_config"].pop("quantization_config", None)
+    return write_checkpoint(model, dst, dtype, n_shards, tensors=tensors, config=raw), meant

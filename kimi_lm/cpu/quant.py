@@ -29,7 +29,8 @@ from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
 from kimi_lm.mapped import SplitPackedExperts
-from kimi_lm.quant.packed import TILE_ELEMENTS, PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec
+from kimi_lm.quant.packed import (TILE_ELEMENTS, PackedLinear, PackedRouter, PackedSiTUExperts, PackedStackedExperts,
+                                  QuantSpec)
 
 DECODE_ROWS = 8  # rows up to which a product runs in C (one pass over the weight per 8 rows); more go to BLAS
 # Below this many packed bytes a product runs on one thread: a parallel region costs a few µs, what one core needs to
@@ -165,6 +166,24 @@ class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
         _adopt(self, experts)
 
 
+class CpuPackedSiTUExperts(PackedSiTUExperts):
+    """``PackedSiTUExperts`` (Kimi K3) whose products read the packed bytes in C: few rows in the few-row kernel, many
+    dequantized in C then BLAS. SiTU between them stays in PyTorch (the fused C expert call is SwiGLU)."""
+
+    def __init__(self, experts: PackedSiTUExperts):
+        nn.Module.__init__(self)
+        _adopt(self, experts)
+
+    def _linear(self, name: str, spec: QuantSpec, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 or not native.supports(x):
+            return super()._linear(name, spec, e, x)
+        _, q, scales, biases = self._part(name, spec, e)
+        if _runs_in_c(x):
+            return quant_kernels.quant_matmul(x.contiguous(), spec.mode, spec.bits, spec.group_size, q, scales, biases,
+                                              _threads(q.numel() * 4))
+        return dequantized_linear(x, spec, q, scales, biases)
+
+
 class CpuPackedMLA(CpuMultiheadLatentAttention):
     """``CpuMultiheadLatentAttention`` with a quantized ``kv_b_proj``: the absorbed decode's two halves kept dense at
     the model dtype (H·(nope + v)·latent weights, ~8 MiB per layer at Kimi-Linear-48B's sizes) instead of dequantized
@@ -176,7 +195,8 @@ class CpuPackedMLA(CpuMultiheadLatentAttention):
             self.w_uk, self.w_uv_t = self._split_kv_b(self.kv_b_proj.dense_weight(dtype), contiguous=True)
 
 
-EXPERTS = {PackedStackedExperts: CpuPackedStackedExperts, SplitPackedExperts: CpuSplitPackedExperts}
+EXPERTS = {PackedStackedExperts: CpuPackedStackedExperts, SplitPackedExperts: CpuSplitPackedExperts,
+           PackedSiTUExperts: CpuPackedSiTUExperts}
 
 
 def swap(module: nn.Module, check_only: bool = False) -> nn.Module | bool | None:

@@ -143,6 +143,14 @@ def plan(config, model, targets: dict, files: dict) -> dict:
                                   f"({group.format})")
         if leaf == PACKED and f"{module}.{SCALE}" not in files:
             raise CheckpointError(f"{file}: tensor {name!r} has no scale {module + '.' + SCALE!r} beside it")
+        out_f, in_f = (names.expert_shape(_get_param(model, target.removesuffix("_scales")).shape, placement) if expert
+                       else _get(model, owner).weight.shape)
+        per = 8 if packed_dtype == "I32" else 2  # codes per stored element
+        want = [out_f, -(-in_f // per)] if leaf == PACKED else [out_f, -(-in_f // 32)]
+        if header["shape"] != want:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {header['shape']}, expected {want} ({group.format}"
+                                  f" {'codes' if leaf == PACKED else 'scales'} of a [{out_f}, {in_f}] weight: "
+                                  f"{f'{per} codes per {packed_dtype} element' if leaf == PACKED else 'one per 32 inputs'})")
         key = target.removesuffix("_scales") if expert else owner
         if specs.setdefault(key, group.spec) != group.spec:
             raise CheckpointError(f"{file}: tensor {name!r}: gate and up of {key!r} are quantized differently")
@@ -157,6 +165,13 @@ def _get(model, name: str):
         return model.get_submodule(name)
     except AttributeError:
         raise CheckpointError(f"config.json: no module {name!r} in a model with this config.json") from None
+
+
+def _get_param(model, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise CheckpointError(f"config.json: no parameter {name!r} in a model with this config.json") from None
 
 
 def _header(file, headers: dict) -> dict:

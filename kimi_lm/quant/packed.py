@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi_lm.model.kimi_k3 import SiTUExperts
 from kimi_lm.model.moe import StackedExperts, TopkRouter
 from kimi_lm.quant import affine, int4_cpu, mxfp4, mxfp8, nvfp4
 
@@ -273,6 +274,18 @@ class PackedStackedExperts(StackedExperts):
         return self._linear("down_proj", self.down_spec, e, h)
 
 
+class PackedSiTUExperts(PackedStackedExperts):
+    """``PackedStackedExperts`` with Kimi K3's SiTU activation (``SiTUExperts``) in place of SwiGLU: the release's
+    MXFP4 experts, or K3 experts quantized by ``kimi-lm convert --quantize``."""
+
+    def __init__(self, experts: SiTUExperts, gate_up: QuantSpec, down: QuantSpec, dtype=torch.float32):
+        E, two_i, hidden = experts.gate_up_proj.shape
+        super().__init__(E, hidden, two_i // 2, gate_up, down, dtype)
+        self.beta, self.linear_beta = experts.beta, experts.linear_beta
+
+    expert = SiTUExperts.expert  # gate_up / down are the packed products above
+
+
 class MultiLinear(nn.Module):
     """Per-head matrices ``weight`` [H, out, in] (mlx-lm ``MultiLinear``), float or packed along ``in``."""
 
@@ -343,10 +356,11 @@ def swap_modules(model: nn.Module, specs: dict[str, QuantSpec], split_kvb: set[s
             new = PackedRouter(module, specs[name], dtype)
             if pack:
                 _fill(new, "", specs[name], module.weight)
-        elif type(module) is StackedExperts:
+        elif type(module) in (StackedExperts, SiTUExperts):
             E, two_i, hidden = module.gate_up_proj.shape
-            new = PackedStackedExperts(E, hidden, two_i // 2, specs[f"{name}.gate_up_proj"],
-                                       specs[f"{name}.down_proj"], dtype)
+            new = (PackedStackedExperts(E, hidden, two_i // 2, specs[f"{name}.gate_up_proj"], specs[f"{name}.down_proj"],
+                                        dtype) if type(module) is StackedExperts else
+                   PackedSiTUExperts(module, specs[f"{name}.gate_up_proj"], specs[f"{name}.down_proj"], dtype))
             if pack:
                 _fill(new, "gate_up_proj", new.gate_up_spec, module.gate_up_proj)
                 _fill(new, "down_proj", new.down_spec, module.down_proj)

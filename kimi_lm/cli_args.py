@@ -57,6 +57,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the config's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    if p.prog in ("kimi-lm generate", "kimi-lm serve"):  # serve refuses values > 1 with a clear message
+        from kimi_lm.distributed.launch import add_parallel_args
+
+        add_parallel_args(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -96,9 +100,12 @@ def sampling_kwargs(args) -> dict:
 
 def load_model_and_tokenizer(args):
     from kimi_lm import load
+    from kimi_lm.distributed import launch
     from kimi_lm.hub import resolve
     from kimi_lm.tokenizer import load_tokenizer
 
+    if launch.wanted(args):  # --tp / --ep, or launched by torchrun: this rank's slices (kimi_lm.distributed)
+        return launch.load_parallel(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -53,4 +53,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto",
         from kimi_lm import cpu
 
         cpu.prepare(model)
+    if torch.device(device).type == "cpu":  # larger than RAM: experts read exactly and ahead (kimi_lm.mapped)
+        from kimi_lm.mapped import page_experts
+
+        page_experts(model, sum(f.stat().st_size for f in Path(path).glob("*.safetensors")))
     return model

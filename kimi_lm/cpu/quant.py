@@ -165,6 +165,10 @@ class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
         nn.Module.__init__(self)
         _adopt(self, experts)
 
+    def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        self.will_need(counts)  # a paged checkpoint's active experts read ahead, together (kimi_lm.mapped)
+        return FewRowExperts.grouped(self, xs, counts)
+
 
 class CpuPackedSiTUExperts(PackedSiTUExperts):
     """``PackedSiTUExperts`` (Kimi K3) whose products read the packed bytes in C: few rows in the few-row kernel, many

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kimi_lm.config import (K2_PRESETS, K3_PRESETS, PRESETS, KimiK2Config, KimiLinearConfig, config_from_dict, preset,
                              read_config_json)
-from kimi_lm.errors import CheckpointError
+from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.hub import resolve
 from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor, kda_state_bytes, make_quant,  # noqa: F401
                             mha_bytes_per_token, mla_bytes_per_token, n_kda, prefill_activation_bytes, recorded_quant,
@@ -399,6 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adamw", help="with --train: adamw (default) or muon")
     p.add_argument("--devices", help=f"comma-separated: {', '.join(DEVICES)}, sizes like 48G, or NxDEVICE")
     p.add_argument("--ram", help="this machine's RAM (e.g. 24G): resident vs memory-mapped bytes, fits or runs paged")
+    p.add_argument("--tp", default="1", help="also the memory per rank of `generate --tp N` (default 1)")
+    p.add_argument("--ep", default="1", help="also the memory per rank of `generate --ep N` (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", metavar="FILE.png", help="also write memory against context as a PNG")
     return p
@@ -428,7 +430,12 @@ def main(argv: list[str] | None = None) -> int:
             from kimi_lm.paging import ram_report
 
             ram, ram_text = ram_report(args.model, args.ram, e, args.quant, args.group_size)
-    except (CheckpointError, OSError) as exc:  # an OSError names the file: the --plot target
+        tp, ep = _positive_int(args.tp, "--tp"), _positive_int(args.ep, "--ep")
+        if tp > 1 or ep > 1:  # per rank, split as kimi_lm.distributed splits a run
+            from kimi_lm.distributed import memory as split
+
+            ranks = split.per_rank(args.model, e, tp, ep, args.quant, args.group_size)
+    except (CheckpointError, UsageError, OSError) as exc:  # an OSError names the file: the --plot target
         msg = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
         print(f"kimi-lm estimate: error: {msg}", file=sys.stderr)
         return 2
@@ -438,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         text = e.to_json() if args.json else render(e)
         if args.ram:
             text = json.dumps({**json.loads(text), "ram": ram}) if args.json else f"{text}\n{ram_text}"
+        if tp > 1 or ep > 1:
+            text = json.dumps({**json.loads(text), "per_rank": ranks}) if args.json else f"{text}\n\n{split.render(ranks)}"
         print(text, flush=True)
     except BrokenPipeError:  # `kimi-lm estimate ... | head`: the reader left; that is not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit

@@ -112,7 +112,10 @@ def check(model: nn.Module, plan: Plan) -> None:
     if bad:
         flag = bad[0][0]
         value = plan.tp if flag == "--tp" else plan.ep
-        sizes = "; ".join(f"{what} = {n}" for _, what, n in bad)
+        by_what: dict[str, list[str]] = {}
+        for _, what, n in bad:
+            by_what.setdefault(what, []).append(str(n))
+        sizes = "; ".join(f"{what} = {', '.join(ns)}" for what, ns in by_what.items())
         raise UsageError(f"{flag} {value}: this model cannot be split {value} ways: {sizes} must be divisible by "
                          f"{flag} (choose a {flag} that divides every one of them)")
 

@@ -13,9 +13,9 @@ for K3; it is compiled when the tokenizer loads, so a file that does not parse i
 decides the reply format (XTML when it writes ``<|open|>`` and ``<|end_of_msg|>``).
 
 Chat format (:attr:`Tokenizer.chat_format`), decided by the checkpoint's own files, never by its directory name:
-``"xtml"`` (Kimi K3, rendered in Python by :mod:`kimi_lm.xtml`) when ``config.json`` says ``kimi_k3``, the chat
-template uses ``<|open|>``/``<|end_of_msg|>``, or there is no template and the tokenizer names K3's control tokens;
-otherwise ``"kimi"`` (``<|im_user|>`` … ``<|im_end|>``, the checkpoint's Jinja template). A K3 tokenizer whose
+``"xtml"`` (Kimi K3, rendered in Python by :mod:`kimi_lm.xtml`) when the chat template uses
+``<|open|>``/``<|end_of_msg|>``, or there is no template and ``config.json`` says ``kimi_k3`` or the tokenizer names
+K3's control tokens; otherwise ``"kimi"`` (``<|im_user|>`` … ``<|im_end|>``, the checkpoint's Jinja template). A K3 tokenizer whose
 config leaves its control tokens unnamed gets K3's names (:data:`kimi_lm.xtml.SPECIAL_TOKENS`).
 
 Special ids are N … N+257 (``num_reserved_special_tokens`` 256 + 2, as the official ``TikTokenTokenizer``): ids named
@@ -300,11 +300,13 @@ def _template_override(source: str) -> str:
 
 
 def _chat_format(model_type: str | None, template: str | None, special_tokens: dict[str, int]) -> str:
-    """"xtml" for Kimi K3 (config, template content, or K3's control tokens and no template), else "kimi"."""
-    if model_type == "kimi_k3":
-        return "xtml"
+    """"xtml" for Kimi K3, else "kimi". A template decides by its content (a K3 model trained by ``kimi-lm train``
+    with a Kimi-format tokenizer keeps that format); without one, config.json's ``kimi_k3`` or K3's control
+    tokens select XTML (the release ships no template)."""
     if template is not None:
         return "xtml" if "<|open|>" in template and "<|end_of_msg|>" in template else "kimi"
+    if model_type == "kimi_k3":
+        return "xtml"
     k3_tokens = ("<|open|>", "<|close|>", "<|sep|>", "<|end_of_msg|>")
     return "xtml" if all(t in special_tokens for t in k3_tokens) else "kimi"
 

@@ -309,11 +309,11 @@ def test_config_errors_name_what_is_wrong(corpus, tmp_path, capsys):
     tok = kimi_lm.load_tokenizer(corpus / "tok")
     (tmp_path / "empty").mkdir()
     cases = {
-        "huge": "--config huge: unknown preset; known presets: kimi-linear-48b-a3b, bench, tiny",
+        "huge": "--config huge: unknown preset; known presets: kimi-linear-48b-a3b, bench, tiny, kimi-k3, tiny-k3",
         "missing.json": "--config missing.json: no such file",
         str(tmp_path / "nowhere" / "config.json"): "config.json: no such file",
         str(tmp_path / "empty"): "empty: this directory has no config.json",
-        "tiny-k2": "--config tiny-k2: kimi-lm train trains Kimi Linear models",
+        "tiny-k2": "--config tiny-k2: kimi-lm train trains Kimi Linear and Kimi K3 models; this is deepseek_v3",
     }
     for spec, expected in cases.items():
         with pytest.raises(UsageError, match=re.escape(expected)):
@@ -321,7 +321,7 @@ def test_config_errors_name_what_is_wrong(corpus, tmp_path, capsys):
     assert run(corpus, tmp_path / "r", "--config", "huge") == 2  # through the command: one line, before any data work
     err = capsys.readouterr().err
     assert err == "kimi-lm train: error: --config huge: unknown preset; known presets: kimi-linear-48b-a3b, bench, " \
-                  "tiny (or a config.json path)\n"
+                  "tiny, kimi-k3, tiny-k3 (or a config.json path)\n"
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -377,3 +377,49 @@ def test_bundled_model_loads_and_answers_on_topic():
     prompt = tok.apply_chat_template([{"role": "user", "content": 'Explain the "while" statement.'}])
     text = kimi_lm.generate(model, tok, prompt, max_tokens=24)
     assert "while" in text and "statement" in text, text
+
+
+# ---- Kimi K3 ---------------------------------------------------------------------------------------------------------
+def test_k3_config_trains_and_its_checkpoint_loads_and_generates(corpus, tmp_path):
+    """A tiny K3 (SiTU, latent MoE, gated KDA / MLA, AttnRes) from a kimi_k3 wrapper config.json: loss falls, and the
+    checkpoint is a K3 release-layout directory whose model gives the run's final eval loss again."""
+    from kimi_lm.config_k3 import KimiK3Config
+    from kimi_lm.model.kimi_k3 import KimiK3ForCausalLM
+
+    raw = preset("tiny-k3").to_dict()
+    raw["text_config"]["attn_res_block_size"] = 2  # the file's value, not the preset's, must be used
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "run"
+    argv = ["--config", str(tmp_path / "config.json"), "--data", str(corpus / "text"), "--tokenizer",
+            str(corpus / "tok"), "--out", str(out), "--batch-size", "4", "--seq-len", "64", "--quiet", "--steps", "12",
+            "--lr", "1e-2", "--warmup", "3", "--eval-every", "0", "--eval-batches", "2"]
+    assert trainer.main(argv) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+    ckpt = out / "step-000012"
+    written = json.loads((ckpt / "config.json").read_text())
+    assert written["model_type"] == "kimi_k3" and written["text_config"]["attn_res_block_size"] == 2
+    model = kimi_lm.load(ckpt, dtype=torch.float32)
+    assert type(model) is KimiK3ForCausalLM and isinstance(model.config, KimiK3Config)
+    assert model.config.vocab_size == 400 + 256
+    layer = model.model.layers[0]
+    heads = model.config.kda_num_heads
+    assert layer.is_kda and torch.all(layer.self_attn.A_log[heads:] == 0) and layer.self_attn.A_log[:heads].abs().min() > 0
+    assert hasattr(layer.self_attn, "g_proj") and hasattr(model.model.layers[1].block_sparse_moe,
+                                                          "routed_expert_down_proj")
+    tok = kimi_lm.load_tokenizer(ckpt)
+    assert tok.chat_format == "kimi"  # trained with a Kimi-template tokenizer: a K3 config does not switch it to XTML
+    data = PackedData.from_paths([str(corpus / "text")], tok, 64, 0.05, 0)
+    again = trainer.evaluate(model, data, 4, 2, lambda: torch.autocast("cpu", enabled=False))
+    assert again == pytest.approx(metrics[-1]["eval_loss"], rel=1e-5)
+    steps = list(kimi_lm.stream_generate(model, tok, "The while statement", max_tokens=6, stop_token_ids=[]))
+    assert len(steps) == 6 and all(0 <= r.token < model.config.vocab_size for r in steps)
+
+
+def test_k3_preset_name_is_a_train_config(corpus):
+    tok = kimi_lm.load_tokenizer(corpus / "tok")
+    cfg = trainer.build_config("tiny-k3", tok, None)
+    assert cfg.model_type == "kimi_k3" and cfg.vocab_size == tok.num_base_tokens + 256
+    assert type(trainer.new_model(cfg)).__name__ == "KimiK3ForCausalLM"

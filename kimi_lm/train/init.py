@@ -6,7 +6,7 @@ from what the reference implementations use:
 * every matrix (projections, embedding, router, stacked experts): N(0, 0.02), transformers' ``initializer_range``;
   the residual-writing projections (``o_proj``, ``down_proj``) are scaled by 1/√(2·layers) as in GPT-2 / nanoGPT,
   so the residual stream's variance does not grow with depth;
-* KDA (fla ``layers/kda.py``): ``A_log = log U(1, 16)``; ``dt_bias`` = softplus⁻¹(dt), dt log-uniform in
+* KDA (fla ``layers/kda.py``): ``A_log = log U(1, 16)`` (K3's zero padding past the heads stays 0); ``dt_bias`` = softplus⁻¹(dt), dt log-uniform in
   [1e-3, 1e-1]; conv taps as ``nn.Conv1d``'s default (uniform ±1/√width);
 * norms 1, the router's correction bias 0, AttnRes pseudo-queries 0 (the paper: zero init avoids early volatility).
 
@@ -24,7 +24,7 @@ from torch import nn
 
 @torch.no_grad()
 def init_weights(model: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
-    """Initialise every parameter of a Kimi Linear model in place (deterministic given ``generator``)."""
+    """Initialise every parameter of a Kimi Linear (or K3) model in place (deterministic given ``generator``)."""
     n_layers = model.config.num_hidden_layers
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[0] if name.endswith(".weight") else name
@@ -34,6 +34,9 @@ def init_weights(model: nn.Module, std: float = 0.02, generator: torch.Generator
             p.fill_(1.0)
         elif name.endswith("A_log"):
             p.copy_(torch.empty_like(p).uniform_(1, 16, generator=generator).log())
+            heads = getattr(model.config, "kda_num_heads", p.numel())
+            if p.ndim == 1 and p.numel() > heads:  # K3 stores A_log zero-padded to the head dim: keep the padding 0
+                p[heads:] = 0
         elif name.endswith("dt_bias"):
             dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=generator).exp().clamp_min(1e-4)
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus

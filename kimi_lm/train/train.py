@@ -1,4 +1,4 @@
-"""``kimi-lm train``: pre-train a Kimi Linear model from text, nanoGPT-sized, with the Kimi recipe.
+"""``kimi-lm train``: pre-train a Kimi Linear or Kimi K3 model from text, nanoGPT-sized, with the Kimi recipe.
 
     kimi-lm train --config tiny --data docs/ --out runs/tiny --steps 300 --attn-res-block-size 1
 
@@ -13,7 +13,8 @@ tokenizer files), in fp32, plus ``optimizer.safetensors`` (Muon momenta, AdamW m
 continues from the newest: weights, optimizer state and router biases are restored exactly and batches are a
 function of the step (``data.py``), so the loss trajectory equals that of an uninterrupted run.
 
-The architecture comes from ``--config`` (a preset name or a config.json); the vocabulary size and special ids
+The architecture comes from ``--config`` (a preset name or a config.json; ``tiny-k3`` or a ``kimi_k3`` wrapper
+config trains K3's layers: SiTU, latent MoE, gated KDA / MLA, AttnRes); the vocabulary size and special ids
 come from the tokenizer (``--tokenizer``, default the bundled model's): vocab = base tokens + 256, as Kimi.
 
 References: nanoGPT ``train.py``; torchtitan ``train.py`` (checkpoint/resume, WSD); Kimi Linear report §5 (Muon, WSD).
@@ -36,9 +37,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from kimi_lm import DEFAULT_MODEL
-from kimi_lm.config import K2_PRESETS, PRESETS, KimiLinearConfig, load_config, preset
+from kimi_lm.config import K2_PRESETS, K3_PRESETS, PRESETS, KimiLinearConfig, load_config, preset
+from kimi_lm.config_k3 import KimiK3Config
 from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.hub import resolve
+from kimi_lm.model.kimi_k3 import KimiK3ForCausalLM
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.train.balance import ExpertBiasBalancer
 from kimi_lm.train.data import PackedData, find_files
@@ -50,9 +53,10 @@ STATE, OPTIM = "trainer_state.json", "optimizer.safetensors"
 
 
 def build_config(spec: str, tokenizer, attn_res_block_size: float | None) -> KimiLinearConfig:
-    """The config ``--config`` names (a preset, a config.json or a directory with one), sized to the tokenizer."""
+    """The config ``--config`` names (a preset, a config.json or a directory with one), sized to the tokenizer.
+    Kimi Linear and Kimi K3 (``tiny-k3``, or a ``kimi_k3`` wrapper config.json) train; K2 is refused."""
     path = Path(spec)
-    if spec in PRESETS + K2_PRESETS:
+    if spec in PRESETS + K2_PRESETS + K3_PRESETS:
         cfg = preset(spec)
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -63,18 +67,24 @@ def build_config(spec: str, tokenizer, attn_res_block_size: float | None) -> Kim
     elif path.suffix == ".json" or len(path.parts) > 1:  # meant as a path
         raise UsageError(f"--config {spec}: no such file")
     else:
-        raise UsageError(f"--config {spec}: unknown preset; known presets: {', '.join(PRESETS)} "
+        raise UsageError(f"--config {spec}: unknown preset; known presets: {', '.join(PRESETS + K3_PRESETS)} "
                          f"(or a config.json path)")
     if not isinstance(cfg, KimiLinearConfig):
-        raise UsageError(f"--config {spec}: kimi-lm train trains Kimi Linear models; this is {cfg.model_type}")
+        raise UsageError(f"--config {spec}: kimi-lm train trains Kimi Linear and Kimi K3 models; this is "
+                         f"{cfg.model_type}")
     special = tokenizer.special_tokens
     cfg = dataclasses.replace(
         cfg, vocab_size=tokenizer.num_base_tokens + 256, bos_token_id=special.get("[BOS]"),
-        eos_token_id=special.get("<|im_end|>", tokenizer.eos_token_id), pad_token_id=special.get("[PAD]"), dtype="float32",
+        eos_token_id=special.get("<|im_end|>", special.get("<|end_of_msg|>", tokenizer.eos_token_id)), pad_token_id=special.get("[PAD]"), dtype="float32",
         attn_res_block_size=cfg.attn_res_block_size if attn_res_block_size is None else (attn_res_block_size or None),
     )
     cfg.validate(f"--config {spec}")
     return cfg
+
+
+def new_model(cfg: KimiLinearConfig):
+    """An untrained model of ``cfg``'s family (K3's own layers for a K3 config; Kimi Linear otherwise)."""
+    return KimiK3ForCausalLM(cfg) if isinstance(cfg, KimiK3Config) else KimiLinearForCausalLM(cfg)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -174,7 +184,7 @@ def train(args) -> dict:
     if args.resume:
         model, start, optim_state = load_run(existing[-1])
     else:
-        model = init_weights(KimiLinearForCausalLM(cfg), generator=torch.Generator().manual_seed(args.seed)).train()
+        model = init_weights(new_model(cfg), generator=torch.Generator().manual_seed(args.seed)).train()
         start, optim_state = 0, None
     if start >= args.steps:
         raise UsageError(f"--steps {args.steps}: {existing[-1]} has already trained {start} steps; pass a larger "
@@ -262,7 +272,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kimi-lm train", description="Pre-train a Kimi Linear model on text files.")
-    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS)}), a config.json or a Hub id "
+    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS + K3_PRESETS)}), a config.json "
+                                                    "(Kimi Linear, or Kimi K3's kimi_k3 wrapper) or a Hub id "
                                                     "ORG/NAME (its config.json; default tiny)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text files (.txt/.md/.rst), chat files (.jsonl with 'messages') or directories of them")

@@ -34,12 +34,20 @@ from kimi_lm.errors import CheckpointError, UsageError
 _FLOAT = ("F32", "BF16", "F16")
 
 
-def refuse_quantized(path: Path, config) -> None:
-    """UsageError for a checkpoint whose weights are not plain floats."""
+def refuse_quantized(path: Path, config, files: dict[str, Path]) -> None:
+    """UsageError for a checkpoint whose weights are not plain floats: config.json says so, or a shard's header
+    holds a packed / fp8 tensor (headers only: nothing else is read)."""
     quant = getattr(config, "quantization_config", None) or getattr(config, "quantization", None)
-    if quant:
+    found = "config.json's quantization block" if quant else None
+    for file in sorted(set(files.values())) if not found else ():
+        header = SafetensorsFile(file).header
+        name = next((n for n in header if n in files and header[n]["dtype"] not in _FLOAT), None)
+        if name is not None:
+            found = f"{file.name}: {name!r} is {header[name]['dtype']}"
+            break
+    if found:
         raise UsageError(f"{path}: --tp / --ep load float checkpoints only (F32, BF16, F16); this one is quantized "
-                         f"(config.json's quantization block); write a float copy with `kimi-lm convert --dequantize`")
+                         f"({found}); write a float copy with `kimi-lm convert --dequantize`")
 
 
 def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Module:
@@ -50,7 +58,7 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     files = {n: f for n, f in weight_files(path).items() if not names.skipped(n, config)}
-    refuse_quantized(path, config)
+    refuse_quantized(path, config, files)
     fam = names.family(config)
     with torch.device("meta"):
         model = _model_class(config)(config)

@@ -1,0 +1,236 @@
+"""Tensor- and expert-parallel inference (kimi_lm.distributed, issue 22): two gloo processes on CPU against one.
+
+The split runs are real torchrun launches (``--standalone``: a free port each); the oracle is the one-process plain
+model loaded by ``kimi_lm.checkpoint.load`` in fp32. Kimi Linear (official layout), Kimi K2 (DeepSeek-V3 layout) and
+Kimi K3 (latent MoE, gates, Block AttnRes) each run --tp 2, --ep 2 and both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err
+from parallel_ranks import GREEDY, PREFILL, ids_for
+from kimi_lm.checkpoint import load
+from kimi_lm.config import preset
+from kimi_lm.distributed import launch
+from kimi_lm.distributed.memory import per_rank
+from kimi_lm.distributed.parallel import Plan, check, shard_specs
+from kimi_lm.errors import CheckpointError, UsageError
+
+HERE = Path(__file__).resolve().parent
+PLANS = [(2, 1), (1, 2), (2, 2)]
+
+
+def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, official_checkpoint):
+    """Kimi Linear, K2 and K3 tiny random checkpoints whose heads, experts and intermediate sizes divide by 2."""
+    import k2_checkpoints
+    import k3_checkpoints
+
+    root = tmp_path_factory.mktemp("split")
+    k2_hf = root / "k2-hf"
+    k2_checkpoints.build_reference(preset("tiny-k2")).save_pretrained(k2_hf)
+    k2 = k2_checkpoints.to_official_layout(k2_hf, root / "k2")
+    k3_cfg = k3_checkpoints.tiny_config(num_attention_heads=4)
+    k3 = k3_checkpoints.write_checkpoint(k3_checkpoints.random_model(k3_cfg), root / "k3")
+    return {"kimi_linear": Path(official_checkpoint), "k2": k2, "k3": k3}
+
+
+PROMPT, N_TOKENS = "The os module", 12
+GENERATE = ["--ep", "2", "--dtype", "float32", "--prompt", PROMPT, "--max-tokens", str(N_TOKENS),
+            "--ignore-chat-template"]
+
+
+@pytest.fixture(scope="module")
+def launch_output(tmp_path_factory, checkpoints):
+    """One torchrun launch (its start-up is most of the time): every (family, plan) run, written to
+    OUT/NAME.safetensors and OUT/NAME.rankR.json, then `kimi-lm generate GENERATE` on the bundled model."""
+    out = tmp_path_factory.mktemp("ranks")
+    jobs = [f"{path}:{tp}:{ep}" for path in checkpoints.values() for tp, ep in PLANS]
+    r = torchrun(str(HERE / "parallel_ranks.py"), str(out), *jobs, "--", *GENERATE)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def split_runs(launch_output):
+    return launch_output[0]
+
+
+def one_process(path: Path):
+    model = load(path, dtype=torch.float32)
+    ids = ids_for(model.config.vocab_size)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(1)
+        logits = model(ids[:, :PREFILL], cache=cache)[:, -1]
+        tokens, steps = [], [logits]
+        for _ in range(GREEDY):
+            tokens.append(int(logits.argmax(-1)))
+            logits = model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1]
+            steps.append(logits)
+    return model, full, torch.cat(steps), tokens
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "k2", "k3"])
+def test_split_runs_match_one_process(family, checkpoints, split_runs):
+    """Logits of a full forward and of cached decode steps within 1e-5 of one process's; same greedy tokens;
+    every rank holds 1/2 of the split tensors plus the replicated ones, as the estimator predicts."""
+    path = checkpoints[family]
+    model, full, steps, tokens = one_process(path)
+    full_bytes = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        full_bytes.pop("lm_head.weight")
+    for tp, ep in PLANS:
+        name = f"{path.name}-tp{tp}-ep{ep}"
+        got = load_file(split_runs / f"{name}.safetensors")
+        assert rel_err(got["full"], full) < 1e-5, name
+        assert rel_err(got["steps"], steps) < 1e-5, name
+        assert got["tokens"].tolist() == tokens, name
+
+        ranks = [json.loads((split_runs / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] == ranks[1]  # equal parts
+        split = sum(b for n, b in full_bytes.items() if n in shard_specs(model, Plan(tp, ep, 0)))
+        replicated = sum(full_bytes.values()) - split
+        assert split > 0.3 * sum(full_bytes.values()), name  # experts, heads: a good part of even a tiny model
+        # K3's zero-padded A_log drops its padding when split: a few bytes under the exact half
+        assert replicated + split / 2 - 64 * len(model.model.layers) <= ranks[0]["param_bytes"] <= replicated + split / 2
+        from kimi_lm.estimate import estimate
+
+        e = estimate(model.config, quant="fp32", context=[16])
+        assert per_rank(model.config, e, tp, ep, quant="fp32")["weights_bytes"] == ranks[0]["param_bytes"], name
+
+
+def test_cached_decode_keeps_this_ranks_heads(checkpoints, split_runs):
+    """Under --tp 2 the KDA state holds half the heads; the MLA latent cache is whole on each rank."""
+    path = checkpoints["kimi_linear"]
+    model, *_ = one_process(path)
+    cache = model.make_cache(1)
+    with torch.no_grad():
+        model(ids_for(model.config.vocab_size)[:, :PREFILL], cache=cache)
+        for _ in range(GREEDY):
+            model(torch.tensor([[1]]), cache=cache)
+    kda = sum(c.nbytes for c in cache.layers if hasattr(c, "state"))
+    mla = cache.nbytes - kda
+    rank = json.loads((split_runs / f"{path.name}-tp2-ep1.rank0.json").read_text())
+    assert rank["cache_bytes"] == kda // 2 + mla
+    expert_only = json.loads((split_runs / f"{path.name}-tp1-ep2.rank0.json").read_text())
+    assert expert_only["cache_bytes"] == cache.nbytes  # --ep alone splits no heads
+
+
+def test_generate_under_torchrun_matches_one_process(launch_output):
+    """`kimi-lm generate --ep 2` in two processes on the bundled model prints one process's greedy text, once."""
+    import kimi_lm
+    from kimi_lm.tokenizer import load_tokenizer
+
+    r = launch_output[1]
+    model = kimi_lm.load(kimi_lm.DEFAULT_MODEL, dtype=torch.float32, backend=None)
+    want = kimi_lm.generate(model, load_tokenizer(kimi_lm.DEFAULT_MODEL), PROMPT, max_tokens=N_TOKENS)
+    assert len(want) > 10 and r.stdout == want + "\n"  # rank 0 alone prints
+    assert r.stderr.count("Generation: ") == 1
+
+
+@pytest.mark.slow
+def test_python_m_kimi_lm_is_the_torchrun_entry_point():
+    """`torchrun -m kimi_lm generate --ep 2` (the documented command line) runs and prints once."""
+    r = torchrun("-m", "kimi_lm", "generate", *GENERATE)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.strip() and r.stderr.count("Generation: ") == 1
+
+
+# ---- bad input: one clear error, before any weight is read --------------------------------------------------------
+def _args(**kw):
+    base = dict(tp=1, ep=1, parallel_command="kimi-lm generate", device="cpu", model="m", yes=True, dtype="float32")
+    return Namespace(**{**base, **kw})
+
+
+def test_heads_that_do_not_divide_name_the_flag():
+    """The bundled model has 3 heads and 8 experts: --tp 2 and --ep 3 fail naming the flag and the sizes."""
+    from kimi_lm.config import load_config
+    from kimi_lm.checkpoint import _model_class
+    import kimi_lm
+
+    config = load_config(kimi_lm.DEFAULT_MODEL / "config.json")
+    with torch.device("meta"):
+        model = _model_class(config)(config)
+    with pytest.raises(UsageError, match=r"--tp 2: .*MLA heads \(num_attention_heads\) = 3.*divisible by --tp"):
+        check(model, Plan(tp=2))
+    with pytest.raises(UsageError, match=r"--ep 3: .*routed experts \(num_experts\) = 8"):
+        check(model, Plan(ep=3))
+    check(model, Plan(ep=2))  # 8 experts split 2 ways
+
+
+def test_launch_checks(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UsageError, match=r"needs 2 processes started by torchrun: torchrun --nproc-per-node 2"):
+        launch.check_args(_args(tp=2))
+    with pytest.raises(UsageError, match=r"--tp 2 --ep 4: combined, the two must be equal"):
+        launch.check_args(_args(tp=2, ep=4))
+    with pytest.raises(UsageError, match=r"--ep must be >= 1"):
+        launch.check_args(_args(ep=0))
+    with pytest.raises(UsageError, match=r"kimi-lm serve runs in one process.*vLLM or SGLang"):
+        launch.check_args(_args(tp=2, parallel_command="kimi-lm serve"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError, match=r"torchrun started 4 processes but --tp 2 --ep 1 splits the model 2 way"):
+        launch.check_args(_args(tp=2))
+    with pytest.raises(UsageError, match=r"use --tp 4 or --ep 4"):
+        launch.check_args(_args())
+    assert launch.wanted(_args())  # torchrun with 4 processes and no flag: not a silent 4-fold copy
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch.check_args(_args(tp=2, ep=2)) == (2, 2)
+
+
+def test_generate_without_torchrun_is_a_usage_error(capsys, monkeypatch):
+    from kimi_lm import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["generate", "--tp", "2", "--prompt", "x"]) == 2
+    assert "needs 2 processes started by torchrun" in capsys.readouterr().err
+
+
+def test_quantized_checkpoint_is_refused(tmp_path):
+    import k2_checkpoints
+    from kimi_lm.distributed.load import load_sharded
+
+    ckpt = k2_checkpoints.write_random_fp8_checkpoint(preset("tiny-k2"), tmp_path / "fp8")
+    with pytest.raises(UsageError, match=r"float checkpoints only.*convert --dequantize"):
+        load_sharded(ckpt, Plan())
+
+
+def test_sharded_loader_is_the_one_process_loader_unsplit(official_checkpoint, tmp_path):
+    """One rank of one (no process group needed): the same tensors as kimi_lm.checkpoint.load, bf16 -> fp32
+    conversion included; a missing tensor is named."""
+    from safetensors.torch import save_file
+    from kimi_lm.distributed.load import load_sharded
+
+    want = load(official_checkpoint, dtype=torch.float32).state_dict()
+    got = load_sharded(official_checkpoint, Plan(), dtype=torch.float32).state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(official_checkpoint) / "config.json").read_text())
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(next(Path(official_checkpoint).glob("*.safetensors"))).items()}
+    dropped = sorted(tensors)[-1]
+    del tensors[dropped]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint"):
+        load_sharded(broken, Plan(), dtype=torch.float32)

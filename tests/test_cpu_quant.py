@@ -15,14 +15,21 @@ from kimi_lm import cpu
 from kimi_lm.cli import main as cli
 from kimi_lm.cpu import quant_kernels
 from kimi_lm.cpu import quant as cpu_quant
+from kimi_lm.cpu.kda import CpuKimiDeltaAttention
+from kimi_lm.cpu.layers import CpuMLP
 from kimi_lm.cpu.moe import CpuSparseMoE
+from kimi_lm.cpu.onednn import OneDNNLinear, available
+from kimi_lm.cpu.products import FusedProducts, fusable
 from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedStackedExperts,
                                 CpuSplitPackedExperts)
 from kimi_lm.config import preset
 from kimi_lm.mapped import SplitPackedExperts
+from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+from kimi_lm.model.layers import MLP
+from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import StackedExperts, TopkRouter
-from kimi_lm.quant.packed import PackedStackedExperts, QuantSpec, swap_modules
+from kimi_lm.quant.packed import PackedLinear, PackedStackedExperts, QuantSpec, swap_modules
 
 pytestmark = pytest.mark.skipif(quant_kernels.quant_library() is None, reason="no C compiler: the plain modules are all")
 
@@ -99,6 +106,45 @@ def test_packed_experts_in_c_equal_plain_experts(spec, dtype, path):
         assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_products_equal_their_parts(dtype, path, monkeypatch):
+    """Several products of one input in one C call (``FusedProducts``: KDA's, MLA's and the MLP's input products in a
+    quantized model): formats mixed, a oneDNN-packed part among them, widths not a multiple of a work item, 1-8 rows
+    on 1 and 2 threads, against dequantize-then-matmul; more rows run the parts' own forwards."""
+    g = torch.Generator().manual_seed(0)
+    in_f = 256
+    specs = [(QuantSpec("mxfp4", 4, 32), 130), (QuantSpec("affine", 4, 64), 64), (QuantSpec("mxfp8", 8, 32), 5),
+             (QuantSpec("affine", 3, 32), 70), (QuantSpec("nvfp4", 4, 16), 33), (QuantSpec("affine", 8, 64), 4)]
+    parts, dense = [], []
+    for spec, out_f in specs:
+        linear = torch.nn.Linear(in_f, out_f, bias=False).to(dtype)
+        torch.nn.init.normal_(linear.weight, generator=g)
+        packed = PackedLinear.from_float(linear, spec)
+        parts.append(cpu_quant.swap(packed))
+        dense.append(packed.dense_weight(torch.float32))
+    if available(dtype, "cpu"):  # a float part beside the quantized ones (oneDNN's packed layout, read in C)
+        linear = torch.nn.Linear(in_f, 96, bias=False).to(dtype)
+        torch.nn.init.normal_(linear.weight, generator=g)
+        parts.insert(2, OneDNNLinear(linear))
+        dense.insert(2, linear.weight.detach().float())
+    assert all(type(p) is (CpuPackedLinear if i != 2 or len(parts) == len(specs) else OneDNNLinear)
+               for i, p in enumerate(parts))
+    assert fusable(parts)
+    fused = FusedProducts(parts)
+    want_w = torch.cat(dense)
+    for rows in (1, 3, 8, 9):
+        x = torch.randn(rows, in_f, generator=g).to(dtype)
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the C call's thread count
+            with torch.inference_mode():
+                got = fused(x)
+            assert got.dtype == dtype and got.shape == (rows, sum(fused.sizes))
+            assert rel_err(got, x.float() @ want_w.T) <= TOL[dtype], (rows, threads)
+    with torch.inference_mode():  # the C call and the parts' forwards agree (bf16: an output rounding apart)
+        x = torch.randn(2, in_f, generator=g).to(dtype)
+        assert rel_err(fused(x), torch.cat([p(x) for p in parts], dim=-1)) <= TOL[dtype]
+
+
 def _mlx_policy(model, spec: QuantSpec) -> dict:
     """mlx-lm's kimi_linear quant_predicate: every Linear / Embedding / expert stack whose input divides the group,
     the router at affine 8-bit g64."""
@@ -136,7 +182,12 @@ def test_prepared_quantized_model_equals_plain(spec, token_ids, monkeypatch):
     plain = _quantized_tiny(spec, torch.float32)
     prepared = cpu.prepare(copy.deepcopy(plain))
     kinds = {type(m) for m in prepared.modules()}
-    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuSparseMoE, CpuPackedMLA} <= kinds
+    assert {CpuPackedLinear, CpuPackedStackedExperts, CpuSparseMoE, CpuPackedMLA, CpuKimiDeltaAttention, CpuMLP} <= kinds
+    assert not {KimiDeltaAttention, MultiheadLatentAttention, MLP} & kinds  # every layer on the backend's path
+    for m in prepared.modules():  # the input products of each layer in one C call, reading the quantized parts
+        if isinstance(m, (CpuKimiDeltaAttention, CpuMLP)) or type(m) is CpuPackedMLA:
+            fused = m.gate_up_proj if isinstance(m, CpuMLP) else m.in_proj
+            assert isinstance(fused, FusedProducts) and all(type(p) is CpuPackedLinear for p in fused.parts)
     assert CpuPackedRouter in kinds or spec.group_size == 16  # the router (64 wide) is quantized at affine 8-bit g64
     want_state = plain.state_dict()
     assert prepared.state_dict().keys() == want_state.keys()

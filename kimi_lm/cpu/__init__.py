@@ -16,14 +16,16 @@
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
     MLA (quantized kv_b_proj) -> quant.CpuPackedMLA             absorbed halves kept dense, not rebuilt per step
+    quantized KDA / MLA / MLP input products                    one C call reading every part in place
+                                                                (products.FusedProducts; KDA's gates read in C too)
     affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed), where
                                  ``INT4_KERNEL`` says that is the faster
 
 plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
 what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
 applies (oneDNN for the dtype, the C kernels built, plain float weights or an MLX packing the kernels read), so an
-unusual model keeps its plain modules. A quantized model's KDA layers keep the plain layer (its C decode path reads
-oneDNN-packed projections only). The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
+unusual model keeps its plain modules. A quantized model's layers take the same paths as a bf16 model's (KDA's C
+decode step and scan, MLA's fused projection, the MLP's fused gate|up): their products read the packed bytes. The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
 
 Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=default`` keeps glibc's defaults,
 ``KIMI_LM_CACHE`` moves the compiled kernels' directory. Only this package reads them; model code reads none.
@@ -39,6 +41,7 @@ from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.kda import applies as kda_applies
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
+from kimi_lm.cpu.products import fusable
 from kimi_lm.cpu.moe import CpuSparseMoE, OneDNNStackedExperts
 from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.layers import MLP, RMSNorm
@@ -61,7 +64,7 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
     if kind is MLP:
         parts = (module.gate_proj, module.up_proj)
         packed = all(type(p) is onednn.OneDNNLinear for p in parts) and parts[0].packed.dtype == parts[1].packed.dtype
-        return CpuMLP(module) if packed else None
+        return CpuMLP(module) if packed or (kernels and fusable(list(parts))) else None
     if not kernels:
         return None
     if kind is SparseMoE:

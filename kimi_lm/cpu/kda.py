@@ -2,6 +2,10 @@
 them and o_proj in C (``cpu/native.py``), swapped in for ``kimi_lm.model.kda.KimiDeltaAttention`` by
 ``kimi_lm.cpu.prepare``. The plain layer is the oracle (tests compare the two).
 
+The six input products are one product: for oneDNN-packed weights one packed matrix (``OneDNNFusedLinear``), for
+MLX-quantized ones (or a mix) one C call reading each part's packed bytes in place (``products.FusedProducts``); the
+gate products f_b and g_b are read in place by the decode kernel either way (``products.Reader``).
+
 * Decode (one token with a cache): one C call (``kda_decode``) does the conv over the cached tail, SiLU, the q/k L2
   norms, the decay gate (its f_b product read from the packed weight in place), β, the delta-rule step on the state,
   the output gate's g_b product and the gated norm: ~40 fewer tensor ops per token than the PyTorch step.
@@ -20,24 +24,35 @@ from torch import nn
 from kimi_lm.cache import KDACache
 from kimi_lm.cpu import native
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
+from kimi_lm.cpu.products import FusedProducts, fusable, reader
 from kimi_lm.model.kda import KimiDeltaAttention
 
 INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")  # the fused product's order
 L2_EPS = 1e-6  # inside the sqrt of q's and k's L2 norms, as the plain layer's ``l2_normalize``
 
 
+def _onednn_fusable(parts: list[nn.Module]) -> bool:
+    return all(type(p) is OneDNNLinear for p in parts) and len({p.packed.dtype for p in parts}) == 1
+
+
 def applies(layer: KimiDeltaAttention) -> bool:
-    """Whether the C path can take this layer: oneDNN-packed products whose gate products have C readers, a key dim
-    the scan keeps on its stack, and the kernels built."""
-    parts = [getattr(layer, n) for n in (*INPUT_PROJECTIONS, "f_b_proj", "g_b_proj")]
-    return (all(type(p) is OneDNNLinear for p in parts) and len({p.packed.dtype for p in parts}) == 1
-            and layer.f_b_proj.gemv is not None and layer.g_b_proj.gemv is not None
-            and layer.head_dim <= native.SCAN_MAX_K and native.library() is not None)
+    """Whether the C path can take this layer: input products that fuse (oneDNN-packed, or any mix of products the
+    kernels read in place: MLX-quantized, oneDNN with a C reader), gate products the decode kernel reads in place, a
+    key dim the scan keeps on its stack, and the kernels built."""
+    if native.library() is None or layer.head_dim > native.SCAN_MAX_K:
+        return False
+    inputs = [getattr(layer, n) for n in INPUT_PROJECTIONS]
+    gates = [layer.f_b_proj, layer.g_b_proj]
+    if not (_onednn_fusable(inputs) or fusable(inputs)) or any(reader(p) is None for p in gates):
+        return False
+    dtypes = {p.packed.dtype for p in (*inputs, *gates) if type(p) is OneDNNLinear}
+    return len(dtypes) <= 1
 
 
 class CpuKimiDeltaAttention(KimiDeltaAttention):
     """``KimiDeltaAttention`` for CPU inference (see the module docstring). Adopts the plain layer's parameters under
-    the same names; the six input products become one packed ``in_proj`` whose state_dict still has the six."""
+    the same names; the six input products become one ``in_proj`` (a packed matrix whose state_dict still has the
+    six, or ``FusedProducts`` over the six modules kept as they are)."""
 
     def __init__(self, layer: KimiDeltaAttention):
         nn.Module.__init__(self)
@@ -45,7 +60,14 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
         self.q_conv1d, self.k_conv1d, self.v_conv1d = layer.q_conv1d, layer.k_conv1d, layer.v_conv1d
         self.A_log, self.dt_bias, self.o_norm = layer.A_log, layer.dt_bias, layer.o_norm
         self.f_b_proj, self.g_b_proj, self.o_proj = layer.f_b_proj, layer.g_b_proj, layer.o_proj
-        self.in_proj = OneDNNFusedLinear({n: getattr(layer, n) for n in INPUT_PROJECTIONS}, "in_proj")
+        inputs = {n: getattr(layer, n) for n in INPUT_PROJECTIONS}
+        if _onednn_fusable(list(inputs.values())):
+            self.in_proj = OneDNNFusedLinear(inputs, "in_proj")
+        else:  # quantized parts stay this layer's modules (state_dict unchanged); one C call reads them all
+            for name, part in inputs.items():
+                setattr(self, name, part)
+            self.in_proj = FusedProducts(list(inputs.values()))
+        self.f_b_reader, self.g_b_reader = reader(self.f_b_proj), reader(self.g_b_proj)
         # the constants the kernels read, in fp32: conv taps of q | k | v [W, 3D], −exp(A_log) [H, 1], dt_bias
         # [H, K], the gated norm's weight [K]
         taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight]).view(3 * H * K, W)
@@ -67,7 +89,7 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
     def _decode(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
         """One token per sequence: x [B, 1, hidden] -> [B, 1, hidden]."""
         o = native.kda_decode(self.in_proj(x[:, 0]), cache.conv_state, cache.state, self.taps, self.neg_A,
-                              self.dt_bias_fp32, self.f_b_proj.gemv, self.g_b_proj.gemv, self.norm_weight,
+                              self.dt_bias_fp32, self.f_b_reader, self.g_b_reader, self.norm_weight,
                               self.o_norm.eps, L2_EPS)  # [B, D]
         return self.o_proj(o.unsqueeze(1))
 
@@ -79,10 +101,10 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
         proj = self.in_proj(x)  # [B, T, 3D + 2K + H]: q | k | v | f_a | g_a | b
         f_a, g_a = proj[..., 3 * D : 3 * D + K], proj[..., 3 * D + K : 3 * D + 2 * K]
         q, k, v, decay, beta = native.kda_prefill_inputs(proj, None if cache is None else cache.conv_state,
-                                                         self.f_b_proj(f_a), self.taps, self.neg_A, self.dt_bias_fp32,
+                                                         self.f_b_proj(f_a.contiguous()).contiguous(), self.taps, self.neg_A, self.dt_bias_fp32,
                                                          L2_EPS)
         state = x.new_zeros(B, H, K, K, dtype=torch.float32) if cache is None else cache.state
         o = native.kda_scan(q, k, v, decay, beta, state)  # [B, T, H, K] fp32, state advanced in place
-        return self.o_proj(native.gated_rms_norm(o, self.g_b_proj(g_a), self.norm_weight, self.o_norm.eps))
+        return self.o_proj(native.gated_rms_norm(o, self.g_b_proj(g_a.contiguous()).contiguous(), self.norm_weight, self.o_norm.eps))
 
 

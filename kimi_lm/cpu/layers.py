@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi_lm.cpu import native
-from kimi_lm.cpu.onednn import OneDNNFusedLinear
+from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
+from kimi_lm.cpu.products import FusedProducts
 from kimi_lm.model.layers import MLP, RMSNorm
 
 
@@ -41,11 +42,16 @@ class CpuRMSNorm(RMSNorm):
 
 
 class CpuMLP(MLP):
-    """``MLP`` with its gate and up products packed as one (one oneDNN call) and the SwiGLU in C."""
+    """``MLP`` with its gate and up products as one (one packed oneDNN matrix; quantized: one C call reading both in
+    place, ``products.FusedProducts``, the two kept as modules) and the SwiGLU in C."""
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
-        self.gate_up_proj = OneDNNFusedLinear({"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}, "gate_up_proj")
+        if type(mlp.gate_proj) is OneDNNLinear and type(mlp.up_proj) is OneDNNLinear:
+            self.gate_up_proj = OneDNNFusedLinear({"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}, "gate_up_proj")
+        else:
+            self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+            self.gate_up_proj = FusedProducts([mlp.gate_proj, mlp.up_proj])
         self.down_proj = mlp.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ form's two halves of kv_b kept contiguous, and decode shapes chosen for the CPU'
 ``kimi_lm.model.mla.MultiheadLatentAttention`` by ``kimi_lm.cpu.prepare``; the plain layer is the oracle.
 
 * ``project``: q_proj (or q_a_proj) and kv_a_proj_with_mqa read the same x: one packed product (each oneDNN call
-  costs ≈ 15–20 µs of set-up in a decode step).
+  costs ≈ 15–20 µs of set-up in a decode step); quantized, one C call reading both in place (``FusedProducts``).
 * ``absorbed_weights``: W_UK and W_UVᵀ cut once from kv_b's weight as contiguous copies (one extra copy of kv_b), so
   each decode product reads exactly its half; a quantized kv_b is rebuilt per call by the plain layer instead.
 * ``decode_history``: bf16/fp16 matmuls run on oneDNN, which JIT-builds a kernel for every new shape (≈ 0.5 ms here),
@@ -24,6 +24,7 @@ from torch import nn
 
 from kimi_lm.cache import MLACache
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
+from kimi_lm.cpu.products import FusedProducts, fusable
 from kimi_lm.model.mla import MultiheadLatentAttention
 
 DECODE_BUCKET = 64  # tokens: half-precision decode histories are padded to a multiple of this
@@ -46,6 +47,8 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
             self.in_proj = OneDNNFusedLinear(parts, "in_proj")
             for name in parts:
                 delattr(self, name)
+        elif fusable(list(parts.values())):  # quantized: one C call reads both, the parts stay this layer's modules
+            self.in_proj = FusedProducts(list(parts.values()))
         kv_b = layer.kv_b_proj
         kept = None
         if type(kv_b) in (nn.Linear, OneDNNLinear):  # a plain weight: keep the two halves (quantized: per call)

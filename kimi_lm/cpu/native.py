@@ -181,11 +181,11 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, taps: torch.Tensor,
-               neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b: PackedGemv, g_b: PackedGemv,
+               neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b, g_b,
                norm_weight: torch.Tensor, norm_eps: float, l2_eps: float) -> torch.Tensor:
     """One KDA decode token (see ``kernels.c``). proj [B, 3D + 2K + H] and conv_state [B, W − 1, 3D] in the
-    model dtype, state [B, H, K, K] fp32 (both caches updated in place); f_b / g_b: the gate products' packed
-    weights, read in place. Returns [B, D] in the model dtype."""
+    model dtype, state [B, H, K, K] fp32 (both caches updated in place); f_b / g_b: the gate products' weights,
+    read in place (``products.Reader``: ``layout`` and ``pointer()``; oneDNN-packed or MLX-quantized). Returns [B, D] in the model dtype."""
     B, H, K, _ = state.shape
     W = taps.shape[0]
     out = torch.empty(B, H * K, dtype=proj.dtype)

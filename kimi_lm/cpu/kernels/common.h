@@ -18,7 +18,9 @@
  *   common.h   this header: model-dtype loads and stores, the vector math (exp, log, sigmoid, SiLU, softplus),
  *              and what the files share (the packed products, parallel_for, work-item sizes)
  *   threads.c  parallel_for on PyTorch's OpenMP team or on pthreads (use_openmp)
- *   gemv.c     products of oneDNN's packed weights: product_f32, product_rows_f32, packed_gemv
+ *   gemv.c     products of packed weights (oneDNN's, or MLX's via quant.c): product_f32, product_rows_f32,
+ *              packed_gemv, fused_products (several weights reading the same input, in one call)
+ *   quant.c    products of MLX-quantized weights read in their packed bytes
  *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm
  *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows
  *   norm.c     rms_norm over many rows
@@ -164,10 +166,30 @@ static inline float softplus(float x) {
 
 /* ---- shared with the other files -------------------------------------------------------------------------------- */
 
-/* products of oneDNN's packed weights (gemv.c): one input row, or up to ROWS_MAX rows at once */
+/* A weight packed by MLX (quant.c): affine 2-8 bit, MXFP4, MXFP8, NVFP4 (mode AFFINE .. NVFP4). The products below
+ * take one as layout LAYOUT_QUANT, `w` pointing at this descriptor (kimi_lm/cpu/products.py QWeight mirrors it). */
+enum { AFFINE = 0, MXFP4 = 1, MXFP8 = 2, NVFP4 = 3 };
+typedef struct {
+    int mode, bits;
+    long group, O, I;
+    const uint8_t *w;            /* [O, I bits / 8] */
+    const void *scales, *biases; /* [O, I / group]: uint8 (MX, NV) or the affine dtype (scale_bf16: bf16 else fp32) */
+    int scale_bf16;
+} qweight;
+#define LAYOUT_QUANT 2
+
+/* quant.c: M <= ROWS_MAX input rows x [M, I] fp32 prepared once for the product paths (exact_bf16: x holds values
+ * exact in bf16), then y [M, W->O] fp32 for output rows [r0, r1); quant_input returns NULL when out of memory */
+typedef struct qinput qinput;
+INTERNAL qinput *quant_input(const qweight *W, long M, const float *x, int exact_bf16);
+INTERNAL void quant_input_free(qinput *X);
+INTERNAL void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y);
+
+/* products of packed weights (gemv.c): oneDNN's layouts 0 and 1, or LAYOUT_QUANT; one input row, or up to ROWS_MAX
+ * rows at once (fp32 in and out; `bf16`: the model dtype, whose values the inputs hold). 0, or 1 when out of memory */
 #define ROWS_MAX 8
-INTERNAL void product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y);
-INTERNAL void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y);
+INTERNAL int product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y);
+INTERNAL int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y);
 
 /* fn(ctx, item) for every item in [0, items), split among up to `threads` threads (threads.c) */
 typedef void (*item_fn)(const void *ctx, long item);

@@ -1,6 +1,8 @@
-/* Products of weights packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight), read in place: product_f32 (one
- * input row, fp32 in and out), product_rows_f32 (up to ROWS_MAX rows per pass over the weight) and packed_gemv (one
- * row in the model dtype, exported).
+/* Products of weights packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) or by MLX (LAYOUT_QUANT: quant.c),
+ * read in place: product_f32 (one input row, fp32 in and out), product_rows_f32 (up to ROWS_MAX rows per pass over
+ * the weight), packed_gemv (one row in the model dtype, exported) and fused_products (several weights that read the
+ * same input, e.g. KDA's six input projections, in one call: one dispatch instead of six, output rows of all of
+ * them shared among threads).
  *
  * Reference: oneDNN's blocked memory formats (AB16b64a2b); kimi_lm/cpu/native.py (PackedGemv) checks each packed
  * weight against oneDNN's own product before it is used here.
@@ -20,7 +22,8 @@ static inline void accumulate_pairs(float *acc, const uint32_t *row, float x0, f
  * layout 0: plain row-major [O, I] in the model dtype (what oneDNN keeps for fp32 here); layout 1: bf16 "AB16b64a2b"
  * ([O/64][I/32] blocks of [16][64][2]: 64 outputs by 32 inputs, input pairs adjacent, padded to whole blocks).
  * kimi_lm/cpu/native.py checks each packed weight against oneDNN's own product before it is used here. */
-void product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y) {
+int product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y) {
+    if (layout == LAYOUT_QUANT) return product_rows_f32(layout, bf16, O, I, w, 1, x, y);
     if (layout == 0) {
         for (long r = 0; r < O; r++) {
             float s = 0.0f;
@@ -35,7 +38,7 @@ void product_f32(int layout, int bf16, long O, long I, const void *w, const floa
             }
             y[r] = s;
         }
-        return;
+        return 0;
     }
     const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
     const uint32_t *pairs = (const uint32_t *)w; /* one uint32 = the bf16 weights of inputs 2p and 2p + 1 */
@@ -53,11 +56,21 @@ void product_f32(int layout, int bf16, long O, long I, const void *w, const floa
         const long n = O - ob * 64 < 64 ? O - ob * 64 : 64;
         memcpy(y + ob * 64, acc, sizeof(float) * (size_t)n);
     }
+    return 0;
 }
 
 /* product_f32 for M <= 8 input rows x [M, I] -> y [M, O] at once: each block of the weight is read once for all rows
- * (a second row would otherwise stream a weight larger than the caches again). */
-void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y) {
+ * (a second row would otherwise stream a weight larger than the caches again). LAYOUT_QUANT: w is a qweight
+ * (its O and I are the ones used). */
+int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y) {
+    if (layout == LAYOUT_QUANT) {
+        const qweight *W = (const qweight *)w;
+        qinput *X = quant_input(W, M, x, bf16);
+        if (!X) return 1;
+        quant_rows(W, X, 0, W->O, y);
+        quant_input_free(X);
+        return 0;
+    }
     if (layout == 0) {
         for (long r = 0; r < O; r++) /* the weight row stays in L1 for the M dots */
             for (long m = 0; m < M; m++) {
@@ -74,7 +87,7 @@ void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long 
                 }
                 y[m * O + r] = s;
             }
-        return;
+        return 0;
     }
     const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
     const uint32_t *pairs = (const uint32_t *)w;
@@ -96,6 +109,7 @@ void product_rows_f32(int layout, int bf16, long O, long I, const void *w, long 
         const long n = O - ob * 64 < 64 ? O - ob * 64 : 64;
         for (long m = 0; m < M; m++) memcpy(y + m * O + ob * 64, acc[m], sizeof(float) * (size_t)n);
     }
+    return 0;
 }
 
 /* ---- one-row products on oneDNN's packed weights ---------------------------------------------------------------- */
@@ -107,8 +121,96 @@ int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void 
     if (!buf) return 1;
     float *xf = buf, *yf = buf + I;
     load_row(xf, x, I, bf16);
-    product_f32(layout, bf16, O, I, w, xf, yf);
-    for (long r = 0; r < O; r++) store_one(y, r, yf[r], bf16);
+    const int failed = product_f32(layout, bf16, O, I, w, xf, yf);
+    if (!failed)
+        for (long r = 0; r < O; r++) store_one(y, r, yf[r], bf16);
     free(buf);
-    return 0;
+    return failed;
+}
+
+/* ---- several products of one input ------------------------------------------------------------------------------ */
+
+#define FUSED_ROWS 64 /* output rows per work item: one AB16b64a2b block row; 4-bit ones are ~1/4 the bytes */
+
+typedef struct {
+    long n, I, M;
+    int bf16;
+    const int *layouts;
+    const void *const *weights;
+    const long *outs, *first_item; /* per part: its output width, its first work item */
+    qinput **inputs;               /* per part: x prepared for a quantized part (NULL for oneDNN's) */
+    const float *x;                /* [M, I] fp32 */
+    float *const *y;               /* per part: its [M, out] fp32 */
+} fused_job;
+
+static void fused_item(const void *ctx, long item) {
+    const fused_job *job = (const fused_job *)ctx;
+    long p = 0;
+    while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
+    const long O = job->outs[p], r0 = (item - job->first_item[p]) * FUSED_ROWS;
+    const long r1 = r0 + FUSED_ROWS < O ? r0 + FUSED_ROWS : O, I = job->I, M = job->M;
+    if (job->layouts[p] == LAYOUT_QUANT) {
+        quant_rows((const qweight *)job->weights[p], job->inputs[p], r0, r1, job->y[p]);
+        return;
+    }
+    /* oneDNN's layouts: rows r0 .. r1 are a weight of their own (layout 0: whole rows; layout 1: one block row) */
+    const size_t offset = job->layouts[p] == 0 ? (size_t)(r0 * I) * (job->bf16 ? 2 : 4)
+                                               : (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
+    float part[ROWS_MAX * FUSED_ROWS];
+    product_rows_f32(job->layouts[p], job->bf16, r1 - r0, I, (const char *)job->weights[p] + offset, M, job->x, part);
+    for (long m = 0; m < M; m++) memcpy(job->y[p] + m * O + r0, part + m * (r1 - r0), sizeof(float) * (size_t)(r1 - r0));
+}
+
+/* y [M, Σ outs] = x [M, I] [W_0 | W_1 | …]^T for M <= ROWS_MAX rows, x and y in the model dtype: n weights reading
+ * the same input (layouts[i]: 0 / 1 oneDNN-packed memory, LAYOUT_QUANT a qweight), their outputs side by side.
+ * fp32 accumulation, one rounding per output. Output rows of all parts are shared among `threads`.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int fused_products(long n, const int *layouts, const void *const *weights, const long *outs, long I, int bf16, long M,
+                   const void *x, void *y, int threads) {
+    long total = 0;
+    for (long p = 0; p < n; p++) total += outs[p];
+    float *buf = malloc(sizeof(float) * (size_t)(M * (I + total)));
+    long *first_item = malloc(sizeof(long) * (size_t)n);
+    qinput **inputs = calloc((size_t)n, sizeof(qinput *));
+    float **ys = malloc(sizeof(float *) * (size_t)n);
+    int failed = !buf || !first_item || !inputs || !ys;
+    if (!failed) {
+        float *xf = buf;
+        load_row(xf, x, M * I, bf16);
+        long items = 0, at = M * I;
+        for (long p = 0; p < n && !failed; p++) {
+            first_item[p] = items;
+            items += (outs[p] + FUSED_ROWS - 1) / FUSED_ROWS;
+            ys[p] = buf + at;
+            at += M * outs[p];
+            if (layouts[p] == LAYOUT_QUANT) { /* the same spec's input is prepared once */
+                const qweight *W = (const qweight *)weights[p];
+                for (long q = 0; q < p && !inputs[p]; q++) {
+                    const qweight *V = (const qweight *)weights[q];
+                    if (layouts[q] == LAYOUT_QUANT && V->mode == W->mode && V->bits == W->bits && V->group == W->group)
+                        inputs[p] = inputs[q];
+                }
+                if (!inputs[p]) failed = !(inputs[p] = quant_input(W, M, xf, bf16));
+            }
+        }
+        if (!failed) {
+            const fused_job job = {n, I, M, bf16, layouts, weights, outs, first_item, inputs, xf, ys};
+            parallel_for(fused_item, &job, items, threads);
+            const size_t esize = bf16 ? 2 : 4;
+            for (long m = 0; m < M; m++)
+                for (long p = 0, col = 0; p < n; col += outs[p], p++)
+                    store_row((char *)y + (size_t)(m * total + col) * esize, ys[p] + m * outs[p], outs[p], bf16);
+        }
+    }
+    if (inputs)
+        for (long p = 0; p < n; p++) { /* each prepared input once, though parts may share it */
+            int shared = 0;
+            for (long q = 0; q < p; q++) shared |= inputs[q] == inputs[p];
+            if (!shared) quant_input_free(inputs[p]);
+        }
+    free(buf);
+    free(first_item);
+    free(inputs);
+    free(ys);
+    return failed;
 }

@@ -39,8 +39,8 @@ static void gated_norm_head(const float *o, const float *z, const float *w, long
  * taps       [W, 3D]           fp32: conv taps, row W - 1 multiplies the current token
  * neg_A      [H]               fp32: -exp(A_log)
  * dt_bias    [H K]             fp32
- * f_b, g_b   [D, K]            model dtype: the low-rank gate's second products, packed by oneDNN in layout
- *                              f_layout / g_layout (see product_f32)
+ * f_b, g_b   [D, K]            the low-rank gate's second products, read in place: packed by oneDNN in layout
+ *                              f_layout / g_layout, or MLX-quantized (LAYOUT_QUANT: a qweight; see product_f32)
  * norm_w     [K]               fp32: gated RMSNorm weight; norm_eps its eps; l2_eps the q/k L2-norm eps
  * out        [B, D]            model dtype: gated-normed output, the input of o_proj
  * The B rows are independent: several are shared among `threads` threads (parallel_for).
@@ -112,8 +112,11 @@ static void kda_decode_row(const void *ctx, long bi) {
     for (long c = 0; c < C; c++) qkv[c] = silu(qkv[c]);
 
     /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b) */
-    product_f32(f_layout, bf16, D, K, f_b, fa, g);
-    product_f32(g_layout, bf16, D, K, g_b, ga, z);
+    if (product_f32(f_layout, bf16, D, K, f_b, fa, g) || product_f32(g_layout, bf16, D, K, g_b, ga, z)) {
+        job->failed = 1;
+        free(buf);
+        return;
+    }
     for (long h = 0; h < H; h++)
         for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
             z[h * K + i] = as_model_dtype(z[h * K + i], bf16);

@@ -297,14 +297,20 @@ static void experts_item(const void *ctx, long item) {
     for (long r0 = first; r0 < end; r0 += ROWS_MAX) { /* up to 8 rows per pass over the expert's weights */
         const long M = end - r0 < ROWS_MAX ? end - r0 : ROWS_MAX;
         load_row(x, (const char *)job->xs + (size_t)(r0 * hidden) * esize, M * hidden, job->bf16);
-        product_rows_f32(job->gate_up_layout[e], job->bf16, 2 * I, hidden, job->gate_up[e], M, x, gate_up);
+        if (product_rows_f32(job->gate_up_layout[e], job->bf16, 2 * I, hidden, job->gate_up[e], M, x, gate_up)) {
+            job->failed = 1;
+            break;
+        }
         for (long m = 0; m < M; m++)
             for (long j = 0; j < I; j++) { /* the product's output, silu's and the gated product each rounded */
                 const float gate = as_model_dtype(gate_up[m * 2 * I + j], job->bf16);
                 const float up = as_model_dtype(gate_up[m * 2 * I + I + j], job->bf16);
                 h[m * I + j] = as_model_dtype(as_model_dtype(silu(gate), job->bf16) * up, job->bf16);
             }
-        product_rows_f32(job->down_layout[e], job->bf16, hidden, I, job->down[e], M, h, y);
+        if (product_rows_f32(job->down_layout[e], job->bf16, hidden, I, job->down[e], M, h, y)) {
+            job->failed = 1;
+            break;
+        }
         store_row((char *)job->out + (size_t)(r0 * hidden) * esize, y, M * hidden, job->bf16);
     }
     free(buf);

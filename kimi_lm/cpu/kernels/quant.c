@@ -31,16 +31,6 @@
 #define QUANT_AVX512 0
 #endif
 
-enum { AFFINE = 0, MXFP4 = 1, MXFP8 = 2, NVFP4 = 3 };
-
-typedef struct {
-    int mode, bits;
-    long group, O, I;
-    const uint8_t *w;           /* [O, I bits / 8] */
-    const void *scales, *biases; /* [O, I / group]: uint8 (MX, NV) or the affine dtype (scale_bf16: bf16 else fp32) */
-    int scale_bf16;
-} qweight;
-
 static int force_generic; /* tests: the generic path on a CPU that has the vector ones */
 
 void quant_use_generic(int on) { force_generic = on; }
@@ -83,12 +73,12 @@ static void row_scales(const qweight *W, long row, float *s, float *b) {
 
 /* ---- the input rows, prepared once per call ------------------------------------------------------------------- */
 
-typedef struct {
+struct qinput {
     long M;
     float *xf;          /* [M, I] fp32 */
     uint16_t *xh, *xl;  /* [M, I] bf16, permuted per block of 128 for the nibble path; xl: x - hi (NULL: x is bf16) */
     float *xsum;        /* [M, I / group]: affine groups' input sums */
-} qinput;
+};
 
 static inline int nibble_path(const qweight *W) {
     return QUANT_AVX512 && !force_generic && W->bits == 4 && (W->mode != AFFINE || W->group >= 32);
@@ -385,8 +375,24 @@ static void rows_byte(const qweight *W, const qinput *X, long r0, long r1, float
 }
 #endif
 
+qinput *quant_input(const qweight *W, long M, const float *x, int exact_bf16) {
+    qinput *X = malloc(sizeof(qinput));
+    if (!X) return NULL;
+    if (prepare_input(W, M, x, exact_bf16, X)) {
+        free(X);
+        return NULL;
+    }
+    return X;
+}
+
+void quant_input_free(qinput *X) {
+    if (!X) return;
+    free_input(X);
+    free(X);
+}
+
 /* y [M, O] fp32 (M <= ROWS_MAX) for output rows [r0, r1) */
-static void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y) {
 #if QUANT_AVX512
     if (nibble_path(W)) return rows_nibble(W, X, r0, r1, y);
     if (byte_path(W)) return rows_byte(W, X, r0, r1, y);

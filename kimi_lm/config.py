@@ -356,6 +356,8 @@ class KimiK2Config(_SharedConfig):
             raise CheckpointError(f"{source}: qk_rope_head_dim must be even (pairs are rotated); found {self.qk_rope_head_dim}")
         if isinstance(self.quantization_config, dict) and self.quantization_config.get("quant_method") == "compressed-tensors":
             pass  # K2-Thinking / K2.5 native INT4: checked by the loader (kimi_lm.quant.compressed_tensors.plan)
+        elif isinstance(self.quantization_config, dict) and "bits" in self.quantization_config:
+            pass  # mlx-lm's layout (kimi-lm convert --to-mlx): checked by the loader (kimi_lm.quant.mlx_load)
         elif self.quantization_config is not None:
             check_fp8_config(self.quantization_config, source)
 

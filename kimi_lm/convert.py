@@ -5,8 +5,10 @@
 ``--dequantize`` turns an FP8 block checkpoint (the official DeepSeek-V3 / Kimi K2 release) into plain float weights
 in the same layout: same shard names and tensor names, every ``*.weight_scale_inv`` folded into its weight
 (W = Q · S per 128×128 block, ``quant.fp8_block.dequantize_rows``, equal to the reference ``dequantize``), the
-index's weight map and ``total_size`` updated, ``quantization_config`` dropped from config.json and every other file
-(tokenizer, chat template, remote code) copied. transformers and kimi-lm read the result like any bf16 checkpoint.
+index's weight map and ``total_size`` updated, ``quantization_config`` dropped from config.json (a wrapper's
+``text_config`` too) and every other file (tokenizer, chat template, remote code) copied. transformers and kimi-lm
+read the result like any bf16 checkpoint. compressed-tensors checkpoints (K2-Thinking / K2.5 INT4, K3's MXFP4
+experts) go the same way: ``weight_packed`` + ``weight_scale`` [+ ``weight_shape``] -> one float ``weight``.
 
 Each output shard is streamed tensor by tensor (``checkpoint.write_safetensors``), so memory stays at about one
 tensor. Output goes to a temporary folder next to DST, renamed to DST only when complete (``files.atomic_dir``): DST is
@@ -14,10 +16,18 @@ never half-written, and gets ordinary permissions (0755 under the usual umask).
 
     kimi-lm convert --quantize SRC DST --q-mode {affine,mxfp4,mxfp8,nvfp4} [--q-bits N] [--q-group-size G]
 
-``--quantize`` writes an official float Kimi Linear checkpoint in mlx-lm's quantized layout (mlx-lm's own
+``--quantize`` writes an official Kimi Linear or Kimi K3 checkpoint in mlx-lm's quantized layout (mlx-lm's own
 ``quant_predicate`` policy and config ``quantization`` block; ``quant.mlx_layout``) and prints a report: tensors
-quantized, bits per weight, size, worst relative errors. ``--dequantize`` on such an MLX directory (one whose
-config.json has a ``quantization`` block) goes back to the official float layout.
+quantized, bits per weight, size, worst relative errors. K3's MXFP4 experts are kept byte for byte under
+``--q-mode mxfp4`` (dequantized exactly, then quantized, under another mode). ``--dequantize`` on such an MLX
+directory (one whose config.json has a ``quantization`` block) goes back to the official float layout.
+
+    kimi-lm convert --to-mlx SRC DST
+
+``--to-mlx`` writes a compressed-tensors checkpoint (Kimi K2-Thinking / K2.5 native INT4, Kimi K3's MXFP4 experts)
+in mlx-lm's layout without requantizing anything: INT4 ``pack-quantized`` is MLX affine 4-bit group 32 with
+biases = −8·scale, ``mxfp4-pack-quantized`` is MLX mxfp4, so the codes and scales are copied bit for bit; every other
+tensor stays float as stored. mlx-lm and kimi-lm load the result.
 
     kimi-lm convert --to-hf SRC DST [--dtype bfloat16|float16|float32]
 
@@ -45,7 +55,8 @@ from kimi_lm.files import atomic_dir
 from kimi_lm.hub import resolve
 from kimi_lm.quant import compressed_tensors as ct
 from kimi_lm.quant.fp8_block import dequantize_rows, scale_shape
-from kimi_lm.quant.mlx_layout import dequantize_from_mlx, finish_float_copy, is_mlx_layout, quantize_to_mlx
+from kimi_lm.quant.mlx_dequant import dequantize_from_mlx, is_mlx_layout
+from kimi_lm.quant.mlx_layout import finish_float_copy, quantize_to_mlx
 from kimi_lm.quant.packed import MODES, QuantSpec
 
 INDEX = "model.safetensors.index.json"
@@ -142,9 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist; written atomically)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dequantize", action="store_true",
-                      help="FP8 128x128 block weights (DeepSeek-V3 / Kimi K2 release) -> plain float weights")
+                      help="FP8 128x128 block weights (DeepSeek-V3 / Kimi K2 release), compressed-tensors INT4 / "
+                           "MXFP4 (K2-Thinking, K2.5, K3) or an MLX-layout directory -> plain float weights")
     mode.add_argument("--quantize", action="store_true",
-                      help="official float Kimi Linear -> mlx-lm's quantized layout (mlx_lm.load reads the output)")
+                      help="official Kimi Linear / Kimi K3 -> mlx-lm's quantized layout (mlx_lm.load reads the "
+                           "output); K3's MXFP4 experts are kept as they are under --q-mode mxfp4")
+    mode.add_argument("--to-mlx", action="store_true",
+                      help="compressed-tensors INT4 / MXFP4 (Kimi K2-Thinking, K2.5, K3) -> mlx-lm's layout, the packed "
+                           "experts re-interpreted bit for bit (INT4 = MLX affine 4-bit g32, biases -8*scale; MXFP4 = "
+                           "MLX mxfp4), the rest float as stored; no requantization")
     p.add_argument("--q-mode", choices=list(MODES), default="affine", help="--quantize format (default affine)")
     p.add_argument("--q-bits", type=int, default=None, help="--quantize bits (affine 2-8, default 4; mxfp4, nvfp4: 4; mxfp8: 8)")
     p.add_argument("--q-group-size", type=int, default=None,
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.src = str(resolve(args.src, confirm=not args.yes))  # ORG/NAME: from the Hub (kimi_lm.hub)
-        if args.quantize:
+        if args.quantize or args.to_mlx:
             return _quantize_main(args)
         if args.to_hf:
             from kimi_lm.save import export_to_transformers
@@ -191,18 +208,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quantize_main(args) -> int:
-    # mlx-lm's defaults per mode (quantize_model's defaults_for_mode)
-    default_group, default_bits = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}[args.q_mode]
-    bits = args.q_bits or default_bits
-    group = args.q_group_size or default_group
-    try:
-        spec = QuantSpec(args.q_mode, bits, group).checked("kimi-lm convert --quantize")
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+    spec = None
+    if args.to_mlx:
+        if args.q_bits is not None or args.q_group_size is not None or args.q_mode != "affine":
+            raise CheckpointError("--to-mlx keeps the checkpoint's own packing; --q-mode, --q-bits and --q-group-size "
+                                  "apply to --quantize only")
+    else:
+        # mlx-lm's defaults per mode (quantize_model's defaults_for_mode)
+        default_group, default_bits = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4),
+                                       "mxfp8": (32, 8)}[args.q_mode]
+        try:
+            spec = QuantSpec(args.q_mode, args.q_bits or default_bits,
+                             args.q_group_size or default_group).checked("kimi-lm convert --quantize")
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
     s = quantize_to_mlx(args.src, args.dst, spec, progress=not args.quiet)
-    print(f"wrote {s['dst']}: {s['quantized_tensors']} tensors quantized ({s['mode']} {s['bits']}-bit "
-          f"g{s['group_size']}, routers affine 8-bit g64), {s['float_tensors']} kept float; "
-          f"{s['bits_per_weight']:.3f} bits per weight; {s['bytes'] / 2**20:.2f} MiB in {s['shards']} shard(s)")
+    mode = f"{s['mode']} {s['bits']}-bit g{s['group_size']}" if s["mode"] else "none"
+    print(f"wrote {s['dst']}: {s['reinterpreted_tensors']} packed tensors re-interpreted bit for bit, "
+          f"{s['quantized_tensors']} quantized ({mode}{', routers affine 8-bit g64' if spec else ''}), "
+          f"{s['float_tensors']} kept float; {s['bits_per_weight']:.3f} bits per weight; "
+          f"{s['bytes'] / 2**20:.2f} MiB in {s['shards']} shard(s)")
     for e in s["worst_relative_errors"]:
         print(f"  rel. error {e['rel_err']:.4g}  {e['tensor']} ({e['format']})")
     print(json.dumps(s))

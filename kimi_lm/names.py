@@ -25,8 +25,8 @@ vision tensors (``vision_tower.``, ``mm_projector.``). Such a family names its t
 rows are used) and every one of its checkpoint names carries the prefix; ``vision_tensor`` tells what loading skips.
 
 Reference: spec ``kimi_linear.md`` §2 (official tensor names), ``kimi_k2_and_quantization.md`` §2.6 (K2 names), §5
-(mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py`` ``sanitize``; transformers 5 ``save_pretrained`` (which
-writes a dense first layer under ``block_sparse_moe.``).
+(mlx-lm layout); mlx-lm 0.32.2 ``models/kimi_linear.py``, ``kimi_k3.py`` and ``deepseek_v3.py`` ``sanitize``;
+transformers 5 ``save_pretrained`` (which writes a dense first layer under ``block_sparse_moe.``).
 """
 
 from __future__ import annotations
@@ -75,14 +75,15 @@ class Rule:
         object.__setattr__(self, "_param_re", self._compile(self.parameter))
 
 
-def _mlx_experts() -> list[Rule]:
-    """mlx-lm's ``switch_mlp``: each projection stacked over experts, packed ones with ``.scales`` / ``.biases``."""
+def _mlx_experts(fam: str, moe: str) -> list[Rule]:
+    """mlx-lm's ``switch_mlp``: each projection stacked over experts, packed ones with ``.scales`` / ``.biases``
+    (``moe``: the MoE block holding ``experts`` in kimi-lm's parameter names)."""
     rules = []
     for proj, stacked, placement in (("gate", "gate_up_proj", "gate_all"), ("up", "gate_up_proj", "up_all"),
                                      ("down", "down_proj", "copy")):
         for part, suffix in (("weight", ""), ("scales", "_scales"), ("biases", "_biases")):
-            rules.append(Rule(f"{{L}}.mlp.switch_mlp.{proj}_proj.{part}",
-                              f"{{L}}.block_sparse_moe.experts.{stacked}{suffix}", placement, KIMI_LINEAR, MLX))
+            rules.append(Rule(f"{{L}}.mlp.switch_mlp.{proj}_proj.{part}", f"{{L}}.{moe}.experts.{stacked}{suffix}",
+                              placement, fam, MLX))
     return rules
 
 
@@ -118,14 +119,19 @@ RULES: list[Rule] = [
     Rule("{L}.mlp.experts.{E}.up_proj.weight{S}", "{L}.mlp.experts.gate_up_proj{S}", "up", KIMI_K2, HF),
     Rule("{L}.mlp.experts.{E}.down_proj.weight{S}", "{L}.mlp.experts.down_proj{S}", "down", KIMI_K2, HF),
     *_compressed_tensors(),
-    # Kimi Linear in mlx-lm's layout: the MoE block under `mlp.`, convs as MLX Conv1d, kv_b_proj split per head
-    *_mlx_experts(),
+    # Kimi Linear (and K3) in mlx-lm's layout: the MoE block under `mlp.`, convs as MLX Conv1d, kv_b_proj split per
+    # head, K3's latent projections and norm under `mlp.` too
+    *_mlx_experts(KIMI_LINEAR, "block_sparse_moe"),
     Rule("{L}.mlp.e_score_correction_bias", "{L}.block_sparse_moe.gate.e_score_correction_bias", "copy",
          KIMI_LINEAR, MLX),
     Rule("{L}.mlp.gate.{W}", "{L}.block_sparse_moe.gate.{W}", "copy", KIMI_LINEAR, MLX),
     Rule("{L}.mlp.shared_experts.{R}", "{L}.block_sparse_moe.shared_experts.{R}", "copy", KIMI_LINEAR, MLX),
     Rule("{L}.self_attn.{X}_conv.conv.weight", "{L}.self_attn.{X}_conv1d.weight", "conv", KIMI_LINEAR, MLX),
     Rule("{L}.self_attn.{H}.{W}", "{L}.self_attn.kv_b_proj.{H}.{W}", "copy", KIMI_LINEAR, MLX),
+    Rule("{L}.mlp.routed_expert_{R}", "{L}.block_sparse_moe.routed_expert_{R}", "copy", KIMI_LINEAR, MLX),
+    # Kimi K2 / DeepSeek-V3 in mlx-lm's layout (deepseek_v3.sanitize): experts stacked, kv_b_proj split per head
+    *_mlx_experts(KIMI_K2, "mlp"),
+    Rule("{L}.self_attn.{H}.{W}", "{L}.self_attn.kv_b_proj.{H}.{W}", "copy", KIMI_K2, MLX),
 ]
 # Tensors some checkpoints carry that the forward pass does not need.
 SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]

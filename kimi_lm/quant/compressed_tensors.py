@@ -243,25 +243,60 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape, dtype=torch.bfl
 
 
 def dense_shape(packed: str, files: dict, shard) -> list[int]:
-    """[out, in] of a ``pack-quantized`` weight, from its ``weight_shape`` (``shard(path)`` opens a file once)."""
-    name = packed.removesuffix(PACKED) + SHAPE
-    for need in (name, packed.removesuffix(PACKED) + SCALE):
-        if need not in files:
-            raise CheckpointError(f"{files[packed]}: tensor {packed!r} has no {need!r} beside it")
+    """[out, in] of a packed weight: ``pack-quantized`` from its ``weight_shape``, ``mxfp4-pack-quantized`` (U8, no
+    ``weight_shape``) from the packed width (2 codes per byte). ``shard(path)`` opens a file once."""
+    base = packed.removesuffix(PACKED)
+    if base + SCALE not in files:
+        raise CheckpointError(f"{files[packed]}: tensor {packed!r} has no {base + SCALE!r} beside it")
+    p = shard(files[packed])
+    if p.dtype(packed) == "U8":
+        if len(p.shape(packed)) != 2 or (2 * p.shape(packed)[1]) % 32:
+            raise CheckpointError(f"{files[packed]}: tensor {packed!r} is U8 {p.shape(packed)}, expected mxfp4 codes "
+                                  f"[out, in/2] with in a multiple of 32")
+        return [p.shape(packed)[0], 2 * p.shape(packed)[1]]
+    name = base + SHAPE
+    if name not in files:
+        raise CheckpointError(f"{files[packed]}: tensor {packed!r} has no {name!r} beside it")
     f = shard(files[name])
     if f.shape(name) != [2] or f.dtype(name) not in ("I32", "I64"):
         raise CheckpointError(f"{files[name]}: tensor {name!r} is {f.dtype(name)} {f.shape(name)}, expected I32 or I64 [2]")
     out_f, in_f = (int(v) for v in f.read(name).tolist())
-    p = shard(files[packed])
     if p.dtype(packed) != "I32" or p.shape(packed) != [out_f, -(-in_f // 8)]:
         raise CheckpointError(f"{files[packed]}: tensor {packed!r} is {p.dtype(packed)} {p.shape(packed)}, expected "
                               f"I32 [{out_f}, {-(-in_f // 8)}] for weight_shape [{out_f}, {in_f}]")
     return [out_f, in_f]
 
 
-def dense(packed: str, files: dict, shard, dtype) -> torch.Tensor:
-    """The float weight of one ``pack-quantized`` module (``convert --dequantize``)."""
+def packed_parts(packed: str, files: dict, shard) -> tuple[object, list[int], tuple[torch.Tensor, ...]]:
+    """One packed weight as MLX tensors, the bytes unchanged: (QuantSpec, [out, in], (weight uint32, scales[,
+    biases])). ``pack-quantized``: affine 4-bit g32, scales as stored, biases −8·scale (exact: a power-of-two
+    multiple); ``mxfp4-pack-quantized``: mxfp4, E8M0 scales as stored."""
+    from kimi_lm.quant.packed import QuantSpec
+
     shape = dense_shape(packed, files, shard)
+    scale = packed.removesuffix(PACKED) + SCALE
+    f = shard(files[scale])
+    mxfp4 = shard(files[packed]).dtype(packed) == "U8"
+    want = ("U8",) if mxfp4 else FORMATS[INT4][3]
+    if f.dtype(scale) not in want or f.shape(scale) != [shape[0], -(-shape[1] // 32)]:
+        raise CheckpointError(f"{files[scale]}: tensor {scale!r} is {f.dtype(scale)} {f.shape(scale)}, expected "
+                              f"{' or '.join(want)} [{shape[0]}, {-(-shape[1] // 32)}]")
+    if shape[1] % 32:
+        raise CheckpointError(f"{files[packed]}: tensor {packed!r} has {shape[1]} inputs, not a multiple of the group "
+                              f"size 32 (the MLX layout cannot hold it; use --dequantize)")
+    q, s = shard(files[packed]).read(packed).view(torch.uint32), f.read(scale)
+    if mxfp4:
+        return QuantSpec("mxfp4", 4, 32), shape, (q, s)
+    return QuantSpec("affine", 4, 32), shape, (q, s, s * -8)
+
+
+def dense(packed: str, files: dict, shard, dtype) -> torch.Tensor:
+    """The float weight of one packed module (``convert --dequantize``): int4 by the reference unpack, mxfp4 by its
+    codec (every value exact in bf16)."""
+    shape = dense_shape(packed, files, shard)
+    if shard(files[packed]).dtype(packed) == "U8":
+        spec, _, parts = packed_parts(packed, files, shard)
+        return spec.dequantize(*parts, None, dtype)
     scale = packed.removesuffix(PACKED) + SCALE
     s = shard(files[scale]).read(scale)
     if list(s.shape) != [shape[0], -(-shape[1] // 32)]:

@@ -1,7 +1,16 @@
-"""Kimi Linear checkpoints between the official float layout and mlx-lm's (quantized) layout, tensor by tensor.
+"""Checkpoints from the official layout into mlx-lm's (quantized) layout, tensor by tensor.
 
-    quantize_to_mlx(src, dst, QuantSpec(...))      official bf16/fp32 -> what ``mlx_lm.convert -q`` writes
-    dequantize_from_mlx(src, dst, dtype)           MLX layout (packed or float) -> official float layout
+    quantize_to_mlx(src, dst, QuantSpec(...))   official Kimi Linear / K3 (bf16/fp32, or K3's MXFP4 release) ->
+                                                what ``mlx_lm.convert -q`` writes
+    quantize_to_mlx(src, dst, None)             (``convert --to-mlx``) a compressed-tensors checkpoint (Kimi
+                                                K2-Thinking / K2.5 INT4, K3 MXFP4) -> mlx-lm's layout with its packed
+                                                experts re-interpreted byte for byte, everything else float as stored
+    quant.mlx_dequant.dequantize_from_mlx       the way back: MLX layout -> official float layout
+
+compressed-tensors experts are never requantized when their packing is an MLX mode: ``pack-quantized`` int4 is MLX
+affine 4-bit group 32 with biases −8·scale, ``mxfp4-pack-quantized`` is MLX mxfp4 (``compressed_tensors.packed_parts``);
+they are recorded in the ``quantization`` block per module when they differ from the global mode. A ``--quantize``
+to another mode dequantizes them exactly first. Vision tensors of a wrapper (K3, K2.5) are dropped, as mlx-lm does.
 
 Names: ``kimi_lm.names``, the loader's own table, read in both directions: official name -> parameter -> MLX name
 and back (experts stacked as ``mlp.switch_mlp.{gate,up,down}_proj``, ``block_sparse_moe.`` -> ``mlp.``, the router
@@ -20,15 +29,16 @@ Memory: one output module at a time (a layer's stacked experts), as ``checkpoint
 Output goes to a temporary folder next to DST (``files.atomic_dir``), renamed only when complete, with
 ``SHA256SUMS``.
 
-Reference: mlx-lm 0.32.2 ``utils.quantize_model`` / ``save_model`` / ``save_config``, ``models/kimi_linear.py``
-(``sanitize``, ``quant_predicate``), ``models/mla.py``; spec ``kimi_k2_and_quantization.md`` §5–§6.
+Reference: mlx-lm 0.32.2 ``utils.quantize_model`` / ``save_model`` / ``save_config``, ``models/kimi_linear.py``,
+``kimi_k3.py``, ``deepseek_v3.py`` (``sanitize``, ``quant_predicate``), ``models/mla.py``; spec
+``kimi_k2_and_quantization.md`` §5–§6, ``kimi_k3_and_int4.md`` §A4, §B.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +48,11 @@ import torch
 from tqdm import tqdm
 
 from kimi_lm import names
-from kimi_lm.checkpoint import SafetensorsFile, _model_class, ST_DTYPES, plan_shards, weight_files, write_safetensors
+from kimi_lm.checkpoint import SafetensorsFile, ST_DTYPES, plan_shards, weight_files, write_safetensors
 from kimi_lm.config import KimiLinearConfig, load_config
 from kimi_lm.errors import CheckpointError
 from kimi_lm.files import atomic_dir
-from kimi_lm.quant import mlx_load
+from kimi_lm.quant import compressed_tensors as ct
 from kimi_lm.quant.packed import QuantSpec
 from kimi_lm.verify import SUMS, write_sums
 
@@ -53,14 +63,14 @@ MAX_SHARD_BYTES = 5 << 30  # mlx-lm's make_shards default (5 GB)
 _STACKED = {"gate": "gate_all", "up": "up_all", "down": "copy"}
 
 
-def mlx_name(target: str, placement: str = "copy") -> str:
+def mlx_name(target: str, placement: str = "copy", fam: str = names.KIMI_LINEAR) -> str:
     """kimi-lm parameter name -> the mlx-lm tensor name holding it (for ``gate_up_proj``: its gate_all / up_all half)."""
-    return next(n for n, p in names.to_checkpoint(target, names.KIMI_LINEAR, names.MLX) if p in (placement, "conv"))
+    return next(n for n, p in names.to_checkpoint(target, fam, names.MLX) if p in (placement, "conv"))
 
 
-def official_name(target: str, placement: str = "copy", expert: int = 0) -> str:
+def official_name(target: str, placement: str = "copy", expert: int = 0, fam: str = names.KIMI_LINEAR) -> str:
     """kimi-lm parameter name -> official checkpoint name (for stacked experts: expert ``expert``'s gate/up/down)."""
-    name = next(n for n, p in names.to_checkpoint(target, names.KIMI_LINEAR, names.HF) if p == placement)
+    name = next(n for n, p in names.to_checkpoint(target, fam, names.HF) if p == placement)
     return name.format(E=expert)
 
 
@@ -76,6 +86,7 @@ class _Group:
     override: bool = False  # recorded per module in config["quantization"]
     target: str | None = None  # kimi-lm parameter it holds (None: half of kv_b_proj)
     entries: dict = field(default_factory=dict)  # output name -> (dtype, shape)
+    packed: Callable[[], tuple] | None = None  # already packed in the source: (weight, scales[, biases]) as they are
 
 
 def _quantizable(name: str, shape: list[int]) -> bool:
@@ -86,17 +97,45 @@ def _quantizable(name: str, shape: list[int]) -> bool:
             and not (len(shape) == 2 and shape[0] == 1))
 
 
+def _packed_group(name: str, by_expert: list[str] | None, files: dict, shard, fam: str) -> _Group:
+    """A compressed-tensors packed weight (one Linear ``name``, or the experts ``by_expert`` stacked into ``name``) as
+    a group already packed; ``build`` is its exact float value (for a ``--quantize`` to another mode)."""
+    sources = by_expert or [name]
+    spec, shape, _ = ct.packed_parts(sources[0], files, shard)  # checks the first; each is checked as it is read
+    lead = [len(sources)] if by_expert else []
+
+    def parts(sources=sources, lead=lead):
+        got = [ct.packed_parts(n, files, shard) for n in sources]
+        if any(g[0] != spec or g[1] != shape for g in got):
+            bad = next(n for n, g in zip(sources, got) if g[0] != spec or g[1] != shape)
+            raise CheckpointError(f"{files[bad]}: tensor {bad!r} is packed as {got[sources.index(bad)][:2]}, unlike "
+                                  f"{sources[0]!r} ({spec}, {shape}) beside it")
+        return tuple(torch.stack([g[2][i] for g in got]) if lead else got[0][2][i] for i in range(len(got[0][2])))
+
+    scale_dtype = ST_DTYPES[shard(files[sources[0].removesuffix(ct.PACKED) + ct.SCALE]).dtype(
+        sources[0].removesuffix(ct.PACKED) + ct.SCALE)]
+    def dense():
+        got = parts()
+        return spec.dequantize(got[0], got[1], got[2] if spec.has_biases else None, torch.float32)
+
+    return _Group(name, scale_dtype if spec.has_biases else torch.bfloat16, [*lead, *shape], dense, spec=spec,
+                  packed=parts)
+
+
 def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
     """Every MLX float tensor of the converted model, with a builder that reads only the source tensors it needs."""
+    fam = names.family(config)
     by_target: dict[str, list] = {}
     experts: dict[tuple[str, str], dict[int, str]] = {}
     for name in sorted(files):
-        if names.skipped(name, config) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        if names.skipped(name, config) or (config.tie_word_embeddings and name.endswith("lm_head.weight")):
             continue
         if name.endswith(".scales") or ".switch_mlp." in name or ".embed_q." in name or ".unembed_out." in name:
             raise CheckpointError(f"{files[name]}: tensor {name!r} is already in the MLX layout; --quantize reads an "
                                   f"official float checkpoint (use --dequantize first)")
-        target, placement, expert = names.to_parameter(name, names.KIMI_LINEAR)
+        if name.endswith((f".{ct.SCALE}", f".{ct.SHAPE}")):
+            continue  # read with their weight_packed
+        target, placement, expert = names.to_parameter(name, fam)
         if placement in names.PER_EXPERT:
             experts.setdefault((target, placement), {})[expert] = name
         else:
@@ -107,6 +146,10 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
 
     groups = []
     for name, (target, placement) in by_target.items():
+        if name.endswith(f".{ct.PACKED}"):  # a packed Linear other than an expert
+            groups.append(_packed_group(name, None, files, shard, fam))
+            groups[-1].name, groups[-1].target = mlx_name(target, fam=fam), target
+            continue
         dtype, shape = ST_DTYPES.get(shard(files[name]).dtype(name)), shard(files[name]).shape(name)
         if dtype is None or not (dtype.is_floating_point and dtype.itemsize >= 2):
             raise CheckpointError(f"{files[name]}: tensor {name!r} has dtype {shard(files[name]).dtype(name)}; "
@@ -122,42 +165,58 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
                 w = read(name).view(H, -1, config.kv_lora_rank)  # per head: k_nope rows, then v rows
                 return (w[:, :nope].transpose(1, 2) if part == "q" else w[:, nope:]).contiguous()
 
-            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.embed_q.weight"), dtype, [H, config.kv_lora_rank, nope],
+            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.embed_q.weight", fam=fam), dtype, [H, config.kv_lora_rank, nope],
                                  lambda f=kvb: f("q")))
-            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.unembed_out.weight"), dtype, [H, v, config.kv_lora_rank],
+            groups.append(_Group(mlx_name(f"{base}.kv_b_proj.unembed_out.weight", fam=fam), dtype, [H, v, config.kv_lora_rank],
                                  lambda f=kvb: f("v")))
         elif target.endswith("_conv1d.weight"):
             if len(shape) != 3:
                 raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {shape}, expected [D, 1, W]")
-            groups.append(_Group(mlx_name(target), dtype, [shape[0], shape[2], shape[1]],
+            groups.append(_Group(mlx_name(target, fam=fam), dtype, [shape[0], shape[2], shape[1]],
                                  lambda name=name: read(name).transpose(1, 2).contiguous(), target=target))
         else:
-            groups.append(_Group(mlx_name(target), dtype, shape, lambda name=name: read(name), target=target))
+            groups.append(_Group(mlx_name(target, fam=fam), dtype, shape, lambda name=name: read(name), target=target))
     for (target, placement), by_expert in sorted(experts.items()):
         n = 1 + max(by_expert)
         missing = sorted(set(range(n)) - set(by_expert))
-        if missing or n != config.num_experts:
+        n_experts = getattr(config, "num_experts", None) or config.n_routed_experts
+        if missing or n != n_experts:
             raise CheckpointError(f"{src}: {target} ({placement}) has experts {sorted(by_expert)[:4]}..., expected "
-                                  f"0..{config.num_experts - 1}" + (f"; missing {missing[:8]}" if missing else ""))
+                                  f"0..{n_experts - 1}" + (f"; missing {missing[:8]}" if missing else ""))
         first = by_expert[0]
+        if first.endswith(f".{ct.PACKED}"):
+            groups.append(_packed_group(mlx_name(target, _STACKED[placement], fam), [by_expert[e] for e in range(n)],
+                                        files, shard, fam))
+            groups[-1].target = target
+            continue
         dtype, shape = ST_DTYPES[shard(files[first]).dtype(first)], shard(files[first]).shape(first)
-        groups.append(_Group(mlx_name(target, _STACKED[placement]), dtype, [n, *shape],
+        groups.append(_Group(mlx_name(target, _STACKED[placement], fam), dtype, [n, *shape],
                              lambda got=by_expert, n=n: torch.stack([read(got[e]) for e in range(n)]), target=target))
     for g in groups:  # the loader's table must read every MLX name back to the parameter it was made from
-        back = names.to_parameter(g.name, names.KIMI_LINEAR)[0]
+        back = names.to_parameter(g.name, fam)[0]
         if g.target is not None and back != g.target:
             raise AssertionError(f"MLX name {g.name} maps back to {back}, not {g.target}")  # a bug here, not the input
     return sorted(groups, key=lambda g: g.name)
 
 
-def _plan_quant(groups: list[_Group], spec: QuantSpec) -> dict:
-    """mlx-lm's ``quantize_model`` decisions; returns the config ``quantization`` block it would write."""
-    block = spec.to_dict()
+def _plan_quant(groups: list[_Group], spec: QuantSpec | None) -> dict | None:
+    """mlx-lm's ``quantize_model`` decisions; returns the config ``quantization`` block it would write. ``spec`` None:
+    nothing is quantized, packed source weights stay as they are (the block: their mode, or None without any)."""
+    if spec is not None:  # packed source weights of another mode: dequantized (exactly), then quantized as the rest
+        for g in groups:
+            if g.packed is not None and g.spec != spec:
+                g.packed = g.spec = None
+    kept = [g for g in groups if g.packed is not None]
+    block = (spec or (kept[0].spec if kept else None))
+    block = None if block is None else block.to_dict()
     router = QuantSpec.from_dict(ROUTER_OVERRIDE, "router")
     for g in groups:
         module = g.name.removesuffix(".weight")
+        if g.packed is not None:
+            if g.spec.to_dict() != block:
+                g.override, block[module] = True, g.spec.to_dict()
         # mlx-lm tests divisibility against the global group size, before asking quant_predicate
-        if _quantizable(g.name, g.shape) and g.shape[-1] % spec.group_size == 0:
+        elif spec is not None and _quantizable(g.name, g.shape) and g.shape[-1] % spec.group_size == 0:
             if module.endswith("mlp.gate"):
                 if g.shape[-1] % router.group_size:
                     raise CheckpointError(f"{module}: router input width {g.shape[-1]} is not a multiple of 64, the "
@@ -190,11 +249,13 @@ def finish_float_copy(src: Path, tmp: Path, dtype: torch.dtype, progress: bool) 
     """The rest of a dequantized copy of ``src`` in ``tmp``: config.json without its quantization blocks and with the
     new dtype, every other file, SHA256SUMS (``kimi-lm verify DST`` or ``sha256sum -c`` checks the copy)."""
     raw = json.loads((src / "config.json").read_text())
-    raw.pop("quantization", None)
-    raw.pop("quantization_config", None)
     dtype_name = str(dtype).removeprefix("torch.")
-    for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
-        raw[key] = dtype_name
+    for d in (raw, raw.get("text_config")):  # a wrapper (K3, K2.5) nests its text model's quantization_config
+        if isinstance(d, dict):
+            d.pop("quantization", None)
+            d.pop("quantization_config", None)
+            for key in [k for k in ("torch_dtype", "dtype") if k in d] or (["torch_dtype"] if d is raw else []):
+                d[key] = dtype_name
     (tmp / "config.json").write_text(json.dumps(raw, indent=2))
     copy_extras(src, tmp)
     write_sums(tmp, progress=progress)
@@ -215,27 +276,49 @@ def _atomic_dir(dst: Path):
     return atomic_dir(dst)
 
 
-def _check_source(src: Path):
+def _check_source(src: Path, spec: QuantSpec | None):
+    """The source's config; what --quantize / --to-mlx accept: float Kimi Linear / K3 (``--quantize``), anything a
+    compressed-tensors config packs (K2-Thinking, K2.5, K3), never an MLX-layout or FP8 checkpoint."""
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
     config = load_config(src / "config.json")
-    if not isinstance(config, KimiLinearConfig):
-        raise CheckpointError(f"{src / 'config.json'}: model_type {config.model_type!r}; the MLX layout conversion "
-                              f"supports kimi_linear only")
-    return config
-
-
-def quantize_to_mlx(src, dst, spec: QuantSpec, progress: bool = True, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
-    """Official float Kimi Linear checkpoint ``src`` -> mlx-lm quantized layout in ``dst`` (must not exist)."""
-    src, dst = Path(src), Path(dst)
-    config = _check_source(src)
     raw = json.loads((src / "config.json").read_text())
-    if raw.get("quantization") or raw.get("quantization_config"):
+    q = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
+    if raw.get("quantization") or (q and (not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors")):
         raise CheckpointError(f"{src / 'config.json'}: the checkpoint is already quantized "
                               f"({'quantization' if raw.get('quantization') else 'quantization_config'}); "
-                              f"--quantize needs float weights (run --dequantize first)")
+                              f"--quantize / --to-mlx need float or compressed-tensors weights (run --dequantize first)")
+    if q:
+        ct.parse(q, str(src / "config.json"))
+    if spec is not None and not isinstance(config, KimiLinearConfig):
+        raise CheckpointError(f"{src / 'config.json'}: model_type {config.model_type!r}; --quantize follows mlx-lm's "
+                              f"quantization policy of kimi_linear / kimi_k3 only (for a K2-Thinking / K2.5 INT4 "
+                              f"checkpoint use --to-mlx: its experts re-interpreted, the rest float)")
+    return config, raw
+
+
+def _mlx_config(raw: dict, block: dict | None) -> dict:
+    """config.json of the output: the source's, its compressed-tensors block replaced by mlx-lm's ``quantization``
+    (also written as ``quantization_config``, as mlx-lm does); keys sorted as ``mlx_lm.utils.save_config`` writes."""
+    raw = json.loads(json.dumps(raw))
+    raw.pop("quantization_config", None)
+    raw.pop("_name_or_path", None)
+    if isinstance(raw.get("text_config"), dict):
+        raw["text_config"].pop("quantization_config", None)
+    if block is not None:
+        raw["quantization"] = block
+        raw["quantization_config"] = block  # mlx-lm writes both (hf model tree #957)
+    return dict(sorted(raw.items()))
+
+
+def quantize_to_mlx(src, dst, spec: QuantSpec | None, progress: bool = True,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Official checkpoint ``src`` -> mlx-lm layout in ``dst`` (must not exist): float modules quantized by ``spec``
+    (mlx-lm's policy), compressed-tensors packed experts kept as they are (see the module docstring)."""
+    src, dst = Path(src), Path(dst)
+    config, raw = _check_source(src, spec)
     files = weight_files(src)
-    report = {"quantized": 0, "float": 0, "params": 0, "bytes": 0, "errors": []}
+    report = {"quantized": 0, "reinterpreted": 0, "float": 0, "params": 0, "bytes": 0, "errors": []}
     with contextlib.ExitStack() as stack, _atomic_dir(dst) as tmp:
         opened: dict[Path, SafetensorsFile] = {}
 
@@ -251,18 +334,24 @@ def quantize_to_mlx(src, dst, spec: QuantSpec, progress: bool = True, max_shard_
         fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
         owner = {name: g for g in groups for name in g.entries}
         cache: dict[str, dict] = {}  # the module being written: its weight, scales and biases come from one quantize
-        bar = tqdm(total=len(groups), desc="quantize", unit="tensor", disable=not progress)
+        bar = tqdm(total=len(groups), desc="quantize" if spec else "to-mlx", unit="tensor", disable=not progress)
 
         def produce(name: str) -> torch.Tensor:
             g = owner[name]
             if g.name not in cache:
                 cache.clear()
+                module = g.name.removesuffix(".weight")
+                if g.packed is not None:  # the source's bytes, re-interpreted
+                    cache[g.name] = dict(zip([f"{module}.{p}" for p in ("weight", "scales", "biases")], g.packed()))
+                    report["reinterpreted"] += 1
+                    report["params"] += math.prod(g.shape)
+                    bar.update(1)
+                    return cache[g.name].pop(name)
                 w = g.build()
                 if g.spec is None:
-                    cache[g.name] = {g.name: w}
+                    cache[g.name] = {g.name: w.to(g.dtype)}
                 else:
-                    parts = g.spec.quantize(w)
-                    module = g.name.removesuffix(".weight")
+                    parts = [p.to(dt) for p, (dt, _) in zip(g.spec.quantize(w), g.entries.values())]
                     cache[g.name] = dict(zip([f"{module}.{p}" for p in ("weight", "scales", "biases")], parts))
                     deq = g.spec.dequantize(*parts[:2], parts[2] if len(parts) > 2 else None, torch.float32)
                     err = ((deq - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
@@ -282,114 +371,14 @@ def quantize_to_mlx(src, dst, spec: QuantSpec, progress: bool = True, max_shard_
         index = {"metadata": {"total_size": report["bytes"], "total_parameters": report["params"]},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX).write_text(json.dumps(index, indent=4))
-        raw["quantization"] = block
-        raw["quantization_config"] = block  # mlx-lm writes both (hf model tree #957)
-        raw.pop("_name_or_path", None)
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(raw.items())), indent=4))
+        (tmp / "config.json").write_text(json.dumps(_mlx_config(raw, block), indent=4))
         copy_extras(src, tmp)
         write_sums(tmp, progress=progress)
     errors = sorted(report.pop("errors"), reverse=True)
-    return {"src": str(src), "dst": str(dst), "mode": spec.mode, "bits": spec.bits, "group_size": spec.group_size,
-            "quantized_tensors": report["quantized"], "float_tensors": report["float"], "shards": len(shards),
+    head = block or {}
+    return {"src": str(src), "dst": str(dst), "mode": head.get("mode"), "bits": head.get("bits"),
+            "group_size": head.get("group_size"), "quantized_tensors": report["quantized"],
+            "reinterpreted_tensors": report["reinterpreted"], "float_tensors": report["float"], "shards": len(shards),
             "parameters": report["params"], "bytes": report["bytes"],
             "bits_per_weight": round(8 * report["bytes"] / max(report["params"], 1), 4),
             "worst_relative_errors": [{"tensor": m, "format": f, "rel_err": round(e, 6)} for e, m, f in errors[:10]]}
-
-
-def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> dict:
-    """MLX-layout Kimi Linear checkpoint ``src`` (packed or float) -> official float layout in ``dst``."""
-    src, dst = Path(src), Path(dst)
-    config = _check_source(src)
-    files = {n: f for n, f in weight_files(src).items() if not names.skipped(n, config)}
-    targets = {name: names.to_parameter(name, names.KIMI_LINEAR) for name in files}
-    with torch.device("meta"):
-        float_state = _model_class(config)(config).state_dict()
-    specs = mlx_load.mlx_specs(src, config, float_state, targets, files,  # the loader's reading of the quantization block
-                               lambda f: SafetensorsFile(f).header)
-    plan: dict[str, tuple] = {}  # official name -> ((dtype, shape), source shard, builder)
-    n_packed = 0
-    with contextlib.ExitStack() as stack, _atomic_dir(dst) as tmp:
-        opened: dict[Path, SafetensorsFile] = {}
-        cache: dict[str, torch.Tensor] = {}
-
-        def shard(path: Path) -> SafetensorsFile:
-            if path not in opened:
-                opened[path] = stack.enter_context(SafetensorsFile(path))
-            return opened[path]
-
-        def dense(name: str) -> torch.Tensor:
-            """MLX weight ``name`` as a float tensor (dequantized when packed); the last one read is kept, so
-            the experts of one stacked tensor are cut from a single read."""
-            if name not in cache:
-                if len(cache) >= 3:  # official names interleave a layer's w1, w2, w3 experts: keep all three
-                    cache.pop(next(iter(cache)))
-                module = name.removesuffix(".weight")
-                f = shard(files[name])
-                if f"{module}.scales" in files:
-                    key = targets[f"{module}.scales"][0].removesuffix(".scales").removesuffix("_scales")
-                    biases = shard(files[f"{module}.biases"]).read(f"{module}.biases") if specs[key].has_biases else None
-                    cache[name] = specs[key].dequantize(f.read(name), shard(files[f"{module}.scales"]).read(
-                        f"{module}.scales"), biases, dtype)
-                else:
-                    cache[name] = f.read(name)
-            return cache[name]
-
-        for name in sorted(files):
-            if name.endswith((".scales", ".biases")):
-                continue
-            target, placement, _ = targets[name]
-            if target not in float_state and not re.search(r"\.kv_b_proj\.(embed_q|unembed_out)\.weight$", target):
-                raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} (no such parameter in a "
-                                      f"{config.model_type} model with this config.json)")
-            packed = f"{name.removesuffix('.weight')}.scales" in files
-            n_packed += packed
-            out_dtype = dtype if packed else ST_DTYPES[shard(files[name]).dtype(name)]
-            ref = float_state.get(target)
-            if ref is not None and ref.dim() == 3 and target.endswith(("gate_up_proj", "down_proj")):  # stacked experts
-                per_expert = {"gate_all": "gate", "up_all": "up"}.get(placement, "down")
-                shape = names.expert_shape(ref.shape, per_expert)
-                for e in range(ref.shape[0]):
-                    plan[official_name(target, per_expert, e)] = (
-                        (out_dtype, shape), files[name], lambda name=name, e=e: dense(name)[e].clone())
-            elif ".kv_b_proj.embed_q." in target:
-                base = target.split(".embed_q.")[0]
-                q_name, v_name = name, name.replace(".embed_q.", ".unembed_out.")
-                if v_name not in files:
-                    raise CheckpointError(f"{files[name]}: tensor {name!r} has no {v_name!r} to rebuild kv_b_proj")
-                kv_dtype = dtype if packed or f"{v_name.removesuffix('.weight')}.scales" in files else out_dtype
-                plan[f"{base}.weight"] = ((kv_dtype, list(float_state[f"{base}.weight"].shape)), files[name],
-                                          lambda q=q_name, v=v_name, kd=kv_dtype: torch.cat(
-                                              [dense(q).transpose(1, 2).to(kd), dense(v).to(kd)], dim=1
-                                          ).reshape(-1, config.kv_lora_rank))
-            elif ".kv_b_proj.unembed_out." in target:
-                continue  # joined with embed_q above
-            elif placement == "conv":
-                f = shard(files[name])
-                D, W, one = f.shape(name)
-                plan[target] = ((out_dtype, [D, one, W]), files[name],
-                                lambda name=name: dense(name).transpose(1, 2).contiguous())
-            else:
-                plan[target] = ((out_dtype, list(ref.shape) if ref is not None else shard(files[name]).shape(name)),
-                                files[name], lambda name=name: dense(name))
-        by_shard: dict[Path, dict] = {}
-        for official, (entry, file, _) in plan.items():
-            by_shard.setdefault(file, {})[official] = entry
-        weight_map, total = {}, 0
-        for file, entries in tqdm(sorted(by_shard.items()), desc="dequantize", unit="shard", disable=not progress):
-            total += write_safetensors(tmp / file.name, entries, lambda n: plan[n][2]().to(plan[n][0][0]),
-                                       metadata={"format": "pt"})
-            weight_map.update({name: file.name for name in entries})
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                             "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        dtype_name = finish_float_copy(src, tmp, dtype, progress)
-    return {"src": str(src), "dst": str(dst), "dtype": dtype_name, "shards": len(by_shard), "packed_weights": n_packed,
-            "tensors": len(plan), "bytes": total}
-
-
-def is_mlx_layout(path: Path) -> bool:
-    """True for a directory whose config.json carries an MLX ``quantization`` block (what --dequantize undoes)."""
-    try:
-        quant = mlx_load.mlx_quantization(Path(path))
-    except (OSError, ValueError):
-        return False
-    return isinstance(quant, dict) and "bits" in quant

@@ -16,22 +16,42 @@ Balancing Strategy for Mixture-of-Experts" (arXiv 2408.15664).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from kimi_lm.model.moe import TopkRouter
 
 
+_recomputing = False  # True while activation checkpointing re-runs a forward in backward: those are not new tokens
+
+
+@contextlib.contextmanager
+def not_counted():
+    """Router calls inside do not count toward the loads (the recomputed forward of activation checkpointing)."""
+    global _recomputing
+    before, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = before
+
+
 class ExpertBiasBalancer:
-    def __init__(self, model: nn.Module, update_rate: float = 1e-3):
+    """``all_reduce``: sums a tensor over the ranks in place (FSDP: each rank counts its own slice of the batch, and
+    every rank must nudge the biases alike)."""
+
+    def __init__(self, model: nn.Module, update_rate: float = 1e-3, all_reduce=None):
         self.update_rate = update_rate
+        self.all_reduce = all_reduce
         self.routers = {n: m for n, m in model.named_modules() if isinstance(m, TopkRouter)}
         self.loads = {n: torch.zeros(m.weight.shape[0], dtype=torch.long) for n, m in self.routers.items()}
         self._hooks = [m.register_forward_hook(self._counter(n)) for n, m in self.routers.items()]
 
     def _counter(self, name: str):
         def hook(module, inputs, output):
-            if module.training:  # evaluation passes do not count
+            if module.training and not _recomputing:  # evaluation passes and recomputations do not count
                 idx = output[1]  # [N, k] chosen experts
                 self.loads[name] += torch.bincount(idx.flatten(), minlength=self.loads[name].numel()).cpu()
         return hook
@@ -40,6 +60,9 @@ class ExpertBiasBalancer:
     def step(self) -> dict[str, float]:
         """Nudge every router's bias toward balance; reset the counts; report the loads that were corrected."""
         ratios, peaks = [], []
+        if self.all_reduce is not None and self.loads:  # one collective for every router's counts
+            total = self.all_reduce(torch.stack(list(self.loads.values())))
+            self.loads = dict(zip(self.loads, total))
         for name, router in self.routers.items():
             load = self.loads[name].float()
             if load.sum() == 0:

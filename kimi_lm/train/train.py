@@ -17,6 +17,10 @@ The architecture comes from ``--config`` (a preset name or a config.json; ``tiny
 config trains K3's layers: SiTU, latent MoE, gated KDA / MLA, AttnRes); the vocabulary size and special ids
 come from the tokenizer (``--tokenizer``, default the bundled model's): vocab = base tokens + 256, as Kimi.
 
+Under torchrun, ``--fsdp`` shards parameters, gradients and optimizer state over the ranks with FSDP2 and writes
+DCP checkpoints (``kimi_lm.distributed.fsdp``); ``--activation-checkpointing`` recomputes each sublayer's
+activations in backward (with or without ``--fsdp``).
+
 References: nanoGPT ``train.py``; torchtitan ``train.py`` (checkpoint/resume, WSD); Kimi Linear report §5 (Muon, WSD).
 """
 
@@ -26,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -92,18 +97,30 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
+def steps_done(ckpt: Path, fsdp: bool = False) -> int:
+    """The step count in a checkpoint's trainer state; the checkpoint must be of the same kind as the run (DCP
+    shards from ``--fsdp``, or one safetensors model + optimizer file)."""
+    from kimi_lm.distributed.fsdp import DCP_DIR
+
+    sharded = (ckpt / DCP_DIR).is_dir()
+    if sharded != fsdp:
+        raise UsageError(f"--resume: {ckpt} was written {'with' if sharded else 'without'} --fsdp; resume it "
+                         + ("under torchrun with --fsdp (or export it: python -m kimi_lm.distributed.fsdp)"
+                            if sharded else "without --fsdp"))
+    for name in (STATE,) if fsdp else (STATE, OPTIM):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing; not a checkpoint written by kimi-lm train")
+    try:
+        return int(json.loads((ckpt / STATE).read_text())["step"])
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt / STATE}: unreadable trainer state ({exc})") from None
+
+
 def load_run(ckpt: Path):
     """(model in train mode, steps done, optimizer tensors) from a checkpoint directory."""
     from kimi_lm.checkpoint import SafetensorsFile, load
 
-    for name in (STATE, OPTIM):
-        if not (ckpt / name).is_file():
-            raise CheckpointError(f"{ckpt}: {name} is missing; not a checkpoint written by kimi-lm train")
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-        step = int(state["step"])
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ckpt / STATE}: unreadable trainer state ({exc})") from None
+    step = steps_done(ckpt)
     with SafetensorsFile(ckpt / OPTIM) as f:  # raises CheckpointError for a damaged file
         optim = {name: f.read(name) for name in f.keys()}
     model = load(ckpt, dtype=torch.float32)  # trainable nn.Linear weights
@@ -155,11 +172,32 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def start_world(args):
+    """The ranks of this run: torchrun's with ``--fsdp`` (process group started), else one process."""
+    from kimi_lm.distributed import runtime
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fsdp and not runtime.launched():
+        raise UsageError("--fsdp shards over the processes torchrun starts: torchrun --nproc-per-node N -m kimi_lm "
+                         "train ... --fsdp")
+    if not args.fsdp and launched > 1:
+        raise UsageError(f"torchrun started {launched} processes: pass --fsdp to train one model over them (without "
+                         f"it every process would train its own copy into the same --out)")
+    world = runtime.init() if args.fsdp else runtime.World(0, 1)
+    if args.batch_size % world.size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must be divisible by the "
+                         f"{world.size} ranks (each takes its slice)")
+    return world
+
+
 def train(args) -> dict:
+    from kimi_lm.distributed import fsdp
     from kimi_lm.save import TOKENIZER_FILES, save
     from kimi_lm.tokenizer import load_tokenizer
 
     torch.manual_seed(args.seed)
+    world = start_world(args)
+    main_rank = world.rank == 0
     out = Path(args.out)
     # every argument is checked before the data is tokenized and the model built, which can take minutes
     find_files(args.data)
@@ -181,7 +219,10 @@ def train(args) -> dict:
     tok_files = {n: (tok_dir / n).read_bytes() for n in TOKENIZER_FILES if (tok_dir / n).is_file()}
     cfg = None if args.resume else build_config(args.config, tokenizer, args.attn_res_block_size)
     data = PackedData.from_paths(args.data, tokenizer, args.seq_len, args.eval_fraction, args.seed)
-    if args.resume:
+    if args.resume and args.fsdp:  # the weights come from the DCP shards once the model is sharded
+        start, optim_state = steps_done(existing[-1], fsdp=True), None
+        model = new_model(load_config(existing[-1] / "config.json")).train()
+    elif args.resume:
         model, start, optim_state = load_run(existing[-1])
     else:
         model = init_weights(new_model(cfg), generator=torch.Generator().manual_seed(args.seed)).train()
@@ -189,21 +230,37 @@ def train(args) -> dict:
     if start >= args.steps:
         raise UsageError(f"--steps {args.steps}: {existing[-1]} has already trained {start} steps; pass a larger "
                          f"--steps to continue")
-    optim = Optimizers(model, lr=args.lr, weight_decay=args.weight_decay)
+    if args.fsdp:
+        fsdp.shard_model(model, args.activation_checkpointing)
+    elif args.activation_checkpointing:
+        fsdp.checkpoint_activations(model)
+    optim = Optimizers(model, lr=args.lr, weight_decay=args.weight_decay, sharded=args.fsdp)
     if optim_state is not None:
         optim.load_state_tensors(optim_state)
-    balancer = ExpertBiasBalancer(model, args.bias_update_rate)
+    if args.resume and args.fsdp:
+        fsdp.load_checkpoint(model, optim, existing[-1])
+    balancer = ExpertBiasBalancer(model, args.bias_update_rate, fsdp.sum_over_ranks if args.fsdp else None)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics = read_metrics(metrics_path) if metrics_path.exists() else []
+    metrics = read_metrics(metrics_path) if metrics_path.exists() and main_rank else []
     metrics = [m for m in metrics if m["step"] <= start]  # a resumed run rewrites what followed its checkpoint
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if main_rank:
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
     bf16 = args.dtype == "bf16"
 
     def autocast():
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def checkpoint(step: int) -> None:
+        if args.fsdp:
+            trainer_state = {"step": step, "tokens": step * tokens_per_step, "ranks": world.size, "args": vars(args)}
+            config = {**model.config.to_dict(), "dtype": "float32"}
+            fsdp.save_checkpoint(model, optim, out / f"step-{step:06d}", {
+                **tok_files, STATE: json.dumps(trainer_state, indent=2, default=str),
+                "config.json": json.dumps(config, indent=2) + "\n"})
+            for old in checkpoints(out)[:-KEEP] if main_rank else []:
+                shutil.rmtree(old)
+            return
         opt_file = out / f".{OPTIM}.{step}"
         save_file(optim.state_tensors(), opt_file)
         trainer_state = {"step": step, "tokens": step * tokens_per_step, "args": vars(args)}
@@ -215,26 +272,33 @@ def train(args) -> dict:
 
     tokens_per_step = args.batch_size * args.seq_len
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, {len(model.config.linear_attn_config['kda_layers'])} KDA + "
+    ranks = f", FSDP over {world.size} ranks" if args.fsdp else ""
+    print_main = print if main_rank else (lambda *a, **k: None)
+    print_main(f"model: {n_params / 1e6:.2f}M parameters{ranks}, {len(model.config.linear_attn_config['kda_layers'])} KDA + "
           f"{len(model.config.linear_attn_config['full_attn_layers'])} MLA layers, attn_res_block_size="
           f"{model.config.attn_res_block_size}; data: {data.train_tokens} train tokens, {data.eval.numel()} held out",
           file=sys.stderr)
-    log = metrics_path.open("a")
-    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=args.quiet)
+    log = metrics_path.open("a") if main_rank else open(os.devnull, "w")
+    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=args.quiet or not main_rank)
     loss_value = float("nan")
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         lr = optim.set_lr(wsd(step, args.steps, args.warmup, args.decay_ratio, args.min_lr_ratio))
         x, y = data.train_batch(step, args.batch_size)
+        if args.fsdp:  # this rank's slice of the global batch; gradients are averaged over the ranks
+            x, y = fsdp.local_rows(x), fsdp.local_rows(y)
         with autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        if args.fsdp:
+            grad_norm = fsdp.clip_grad_norm(list(model.parameters()), args.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
         optim.step()
         optim.zero_grad()
         load = balancer.step()
-        loss_value = loss.item()
+        loss_value = (fsdp.mean_over_ranks(loss) if args.fsdp else loss).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower --lr")
         tps = tokens_per_step / (time.perf_counter() - t0)
@@ -251,8 +315,9 @@ def train(args) -> dict:
             metrics.append(ev)
             log.write(json.dumps(ev) + "\n")
             log.flush()
-            plot_losses(metrics, out / "loss.png")
-            bar.write(f"step {step + 1}: train loss {loss_value:.4f}, eval loss {ev['eval_loss']:.4f}")
+            if main_rank:
+                plot_losses(metrics, out / "loss.png")
+                bar.write(f"step {step + 1}: train loss {loss_value:.4f}, eval loss {ev['eval_loss']:.4f}")
         if done or (args.save_every and (step + 1) % args.save_every == 0):
             log.flush()
             checkpoint(step + 1)
@@ -262,7 +327,7 @@ def train(args) -> dict:
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     return {"steps": args.steps, "tokens": args.steps * tokens_per_step, "final_train_loss": loss_value,
             "final_eval_loss": evals[-1] if evals else None, "parameters": n_params,
-            "checkpoint": str(checkpoints(out)[-1])}
+            "checkpoint": str(checkpoints(out)[-1]), "rank": world.rank}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -304,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of initialisation, data order and held-out split (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32; default fp32)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2); "
+                        "--batch-size is the global batch; checkpoints are DCP shards (default: off)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each sublayer's activations in backward instead of keeping them (default: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -334,10 +404,14 @@ def check_args(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``kimi-lm train``; bad input: one line on stderr and exit code 2."""
+    from kimi_lm.distributed import runtime
+
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
         check_args(args)
         summary = train(args)
+        if args.fsdp:
+            runtime.shutdown()
     except (ValueError, FloatingPointError) as exc:  # KimiLMError (UsageError, CheckpointError) is a ValueError
         print(f"kimi-lm train: error: {exc}", file=sys.stderr)
         return 2
@@ -347,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    print(json.dumps(summary))
+    if not args.fsdp or summary.get("rank") == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "rank"}))
     return 0
 
 

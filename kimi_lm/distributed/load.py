@@ -3,12 +3,18 @@
     model = load_sharded(path, Plan(tp=2, rank=r), dtype=torch.float32)
 
 The model is built on the meta device and split there (:func:`kimi_lm.distributed.parallel.parallelize`: shapes
-only), so nothing full-size is ever allocated. Each checkpoint tensor is memory-mapped (``kimi_lm.mapped``, one
-mapping per tensor, whatever its size) and only this rank's slice of it is copied (and cast) into the rank's
-parameter: the page faults of that copy are the only reads. A row slice (column-parallel products, whole experts)
-is a contiguous byte range; a column slice (row-parallel products) touches 1/N of every row, so for rows shorter
-than a page (4 KiB) it reads whole pages of other ranks' columns too. The mapping is dropped after the copy, so
-what stays resident is this rank's parameters (plus page cache, shared by all ranks on one machine).
+only), so nothing full-size is ever allocated. Of each checkpoint tensor only this rank's part is read (and cast)
+into the rank's parameter (:class:`_Reader`): a part contiguous in the file (whole tensors, rows, whole experts)
+with one ``pread``, a strided one (the columns of a row-parallel product) through a memory-mapped view advised
+``MADV_RANDOM``; read-ahead is off for the shard's descriptor, so the kernel does not read other ranks' bytes
+around them. A column slice touches 1/N of every row: with rows shorter than a page (4 KiB) it reads whole pages
+of other ranks' columns too (``--tp`` alone on a MoE model reads every expert's down_proj whole; ``--ep`` reads
+whole experts, exactly its own).
+
+Measured (``benchmarks/bench_parallel_load.py``, a 794 MB bf16 Kimi Linear checkpoint, 64 experts, page cache
+dropped before each process): one process reads 640 MB at load and keeps 606 MB resident (+140 MB mapped after a
+forward); each rank of ``--ep 2`` reads 514-521 MB and keeps 496-502 MB (its share: 493 MB, the embeddings, lm_head
+and attention being replicated), peak RSS = what it keeps; ``--tp 2 --ep 2`` reads 503-510 MB, keeps 467-471 MB.
 
 Names, placements and checks are the single-process loader's (``kimi_lm.names``, ``kimi_lm.checkpoint``): the
 same tensors are required, with the same shapes, and a problem raises ``CheckpointError`` naming the file and tensor.
@@ -20,6 +26,9 @@ Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -76,6 +85,8 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     for file, in_file in by_file.items():
         f = SafetensorsFile(file)
         with f, mapped.Mapping(file, f.size) as m:
+            # no read-ahead on this descriptor: the kernel would otherwise read past each part into other ranks'
+            os.posix_fadvise(m.fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
             for name in in_file:
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
@@ -89,11 +100,8 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
                 want = names.checkpoint_shape(expected[target].shape, placement)
                 if f.shape(name) != want:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {f.shape(name)}, expected {want}")
-                begin, end = f.header[name]["data_offsets"]
-                src = m.view(f.data_start + begin, end - begin, ST_DTYPES[f.dtype(name)], want, min_bytes=0)
-                if src is None:  # not aligned for its dtype: read it whole
-                    src = f.read(name)
-                _place(loaded[target], specs.get(target), src, placement, expert, expected[target].shape)
+                read = _Reader(f, m, name, want)
+                _place(loaded[target], specs.get(target), read, placement, expert, expected[target].shape)
                 seen[target].add((placement, expert))
     _check_complete(path, expected, seen)
     model.load_state_dict(loaded, strict=not config.tie_word_embeddings, assign=True)
@@ -102,29 +110,70 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     return model.to(device).eval().requires_grad_(False)
 
 
-def _place(dest: torch.Tensor, spec: Shard | None, src: torch.Tensor, placement: str, expert: int, full_shape) -> None:
-    """Copy this rank's part of one checkpoint tensor ``src`` (a mapped view: only the copied slice is read) into the
-    rank's parameter ``dest``."""
-    if placement in ("copy", "conv"):
-        if spec is not None:
-            src = spec.take(src)  # conv [D, W, 1] splits along D, as the parameter [D, 1, W] does
+class _Reader:
+    """Tensor ``name`` of an open shard, or a part of it along one dim, reading only the bytes of that part.
+
+    A part contiguous in the file (the whole tensor, rows of a matrix, one expert of a stacked tensor) is read with
+    one ``pread`` straight into memory; a strided part (columns) is copied out of a memory-mapped view advised
+    ``MADV_RANDOM``, so only the pages holding it are read, not the kernel's read-around window (up to 8 MiB per
+    fault, which would pull in other ranks' experts too)."""
+
+    def __init__(self, f: SafetensorsFile, m: mapped.Mapping, name: str, shape: list[int]):
+        self.f, self.m, self.shape, self.dtype = f, m, shape, ST_DTYPES[f.dtype(name)]
+        begin, end = f.header[name]["data_offsets"]
+        self.offset, self.nbytes, self.name = f.data_start + begin, end - begin, name
+
+    def __call__(self, dim: int = 0, start: int = 0, length: int | None = None) -> torch.Tensor:
+        shape = self.shape
+        if not shape:
+            return self.f.read(self.name)
+        length = shape[dim] - start if length is None else length
+        if math.prod(shape[:dim]) == 1:  # contiguous: one read
+            row = math.prod(shape[dim + 1 :]) * self.dtype.itemsize
+            out = torch.empty([*shape[:dim], length, *shape[dim + 1 :]], dtype=self.dtype)
+            buf, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+            while done < len(buf):
+                n = os.preadv(self.m.fh.fileno(), [buf[done:]], self.offset + start * row + done)
+                if not n:
+                    raise CheckpointError(f"{self.f.path}: tensor {self.name!r} is truncated")
+                done += n
+            return out
+        view = self.m.view(self.offset, self.nbytes, self.dtype, shape, min_bytes=0)
+        if view is None:  # not aligned for its dtype: read it whole
+            return self.f.read(self.name).narrow(dim, start, length)
+        mapped._madvise(view, mmap.MADV_RANDOM)
+        return view.narrow(dim, start, length)
+
+    def part(self, spec: Shard, dim: int) -> torch.Tensor:
+        """This rank's part of the tensor along ``dim`` as ``spec`` splits it (``spec.used`` first entries only)."""
+        n = (spec.used if spec.used is not None else self.shape[dim]) // spec.parts
+        return self(dim, spec.index * n, n)
+
+
+def _place(dest: torch.Tensor, spec: Shard | None, read: _Reader, placement: str, expert: int, full_shape) -> None:
+    """Copy this rank's part of one checkpoint tensor into the rank's parameter ``dest``; other ranks' parts are
+    never read."""
+    if placement in ("copy", "conv"):  # conv: MLX [D, W, 1] splits along D, as the parameter [D, 1, W] does
+        src = read() if spec is None else read.part(spec, spec.dim)
         dest.copy_(src.transpose(1, 2) if placement == "conv" else src)
         return
     if placement in ("gate_all", "up_all"):  # every expert's gate (or up) rows [E, I, hidden]
-        if spec is not None:
-            src = Shard(spec.dim, spec.parts, spec.index).take(src)  # experts (dim 0) or each expert's rows (dim 1)
+        src = read() if spec is None else read.part(spec, spec.dim)  # experts (dim 0) or each one's rows (dim 1)
         names.expert_slice(dest, placement, expert).copy_(src)
         return
     # one expert's matrix: gate / up [I, hidden] or down [hidden, I] of a stacked [E, 2I, hidden] / [E, hidden, I]
+    if not 0 <= expert < full_shape[0]:
+        raise CheckpointError(f"{read.f.path}: tensor {read.name!r} names expert {expert}, but config.json has "
+                              f"num_experts={full_shape[0]}")
     if spec is not None and spec.dim == 0:  # --ep: experts [first, first + E_local) live here
         first = spec.index * dest.shape[0]
         if not first <= expert < first + dest.shape[0]:
             return  # another rank's expert: never read
-        expert -= first
+        src, expert = read(), expert - first
     elif spec is not None:  # --tp: the expert's rows (gate / up) or columns (down) of this rank
-        src = Shard(spec.dim - 1, spec.parts, spec.index).take(src)
-    if not 0 <= expert < full_shape[0]:
-        raise CheckpointError(f"expert index {expert} out of range: config.json has num_experts={full_shape[0]}")
+        src = read.part(Shard(spec.dim - 1, spec.parts, spec.index), spec.dim - 1)
+    else:
+        src = read()
     names.expert_slice(dest, placement, expert).copy_(src)
 
 

@@ -10,6 +10,7 @@ one-line errors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import kimi_lm
 from kimi_lm.cli import main as cli_main
@@ -105,6 +107,14 @@ def test_two_ranks_match_one_process(runs):
     assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards)  # one file per rank, no pickle
     assert not list((ckpt / "dcp").glob(".metadata")) and json.loads((ckpt / "trainer_state.json").read_text())[
         "ranks"] == 2
+    # each rank wrote only its own rows: about half of the weights and half of the optimizer state
+    total = sum(p.numel() for p in kimi_lm.load(one / f"step-{STEPS:06d}", backend=None).parameters())
+    for shard in shards:
+        with safe_open(ckpt / "dcp" / shard, "pt") as f:
+            held = {kind: sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(kind))
+                    for kind in ("model.", "optim.adamw.", "optim.muon.")}
+        assert 0.4 * total < held["model."] < 0.6 * total, (shard, held, total)
+        assert 0.4 * total < held["optim.muon."] + held["optim.adamw."] / 2 < 0.6 * total, (shard, held, total)
 
 
 def test_dcp_checkpoint_exports_to_the_model_the_run_evaluated(runs, corpus, tmp_path):

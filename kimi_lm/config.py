@@ -436,7 +436,32 @@ def preset(name: str) -> "KimiLinearConfig | KimiK2Config":
     raise CheckpointError(f"unknown preset {name!r}; known presets: {PRESETS + K2_PRESETS + K3_PRESETS}")
 
 
+# Kimi-K2-Thinking's routed experts: compressed-tensors pack-quantized INT4, group 32 (spec kimi_k3_and_int4.md §B1)
+INT4_EXPERTS_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+    "kv_cache_scheme": None,
+    "config_groups": {"group_0": {
+        "targets": ["Linear"], "input_activations": None, "output_activations": None,
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+                    "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
+                    "block_structure": None}}},
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+}
+
+
 def _k2_preset(name: str) -> KimiK2Config:
+    if name in ("kimi-k2-thinking", "kimi-k25"):
+        # The K2-Instruct text model (spec §B4: K2.5's text values are K2's) with INT4 routed experts and 256K
+        # context (YaRN factor 64 over 4096, spec §B4 for K2.5; K2-Thinking as K2-Instruct-0905, kimi_k2 spec §1).
+        text = dict(_k2_preset("kimi-k2-instruct").to_dict(), max_position_embeddings=262144,
+                    quantization_config=dict(INT4_EXPERTS_CONFIG))
+        text["rope_scaling"] = dict(text["rope_scaling"], factor=64.0)
+        if name == "kimi-k2-thinking":
+            return KimiK2Config.from_dict(text, source="preset kimi-k2-thinking")
+        wrapper = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                   "media_placeholder_token_id": 163605, "pad_token_id": 163839, "tie_word_embeddings": False,
+                   "vision_config": {"model_type": "moonvit"}}  # the vision tower is not part of the text estimate
+        return KimiK25Config.from_dict({**wrapper, "text_config": text}, source="preset kimi-k25")
     if name == "kimi-k2-instruct":  # shared/reference/kimi-k2-instruct.config.json (July 2025 release, FP8)
         return KimiK2Config(
             model_type="kimi_k2", vocab_size=163840, hidden_size=7168, intermediate_size=18432, num_hidden_layers=61,
@@ -460,5 +485,5 @@ def _k2_preset(name: str) -> KimiK2Config:
 
 
 PRESETS = ["kimi-linear-48b-a3b", "bench", "tiny"]
-K2_PRESETS = ["kimi-k2-instruct", "tiny-k2"]
+K2_PRESETS = ["kimi-k2-instruct", "kimi-k2-thinking", "kimi-k25", "tiny-k2"]
 K3_PRESETS = ["kimi-k3", "tiny-k3"]  # kimi_lm.config_k3

@@ -34,9 +34,10 @@ from kimi_lm.config import (K2_PRESETS, K3_PRESETS, PRESETS, KimiK2Config, KimiL
                              read_config_json)
 from kimi_lm.errors import CheckpointError, UsageError
 from kimi_lm.hub import resolve
-from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor, kda_state_bytes, make_quant,  # noqa: F401
-                            mha_bytes_per_token, mla_bytes_per_token, n_kda, prefill_activation_bytes, recorded_quant,
-                            tensor_bytes, tensors, train_activation_bytes, train_state_bytes)
+from kimi_lm.memory import (COMPONENTS, DTYPE_BYTES, QUANT_NAMES, Quant, Tensor, int4_bias_bytes,  # noqa: F401
+                            kda_state_bytes, make_quant, mha_bytes_per_token, mla_bytes_per_token, n_kda,
+                            prefill_activation_bytes, recorded_quant, tensor_bytes, tensors, train_activation_bytes,
+                            train_state_bytes)
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PREFILL_CHUNK = 2048  # prompt tokens per forward during prefill (mlx-lm's default --prefill-step-size)
@@ -77,15 +78,19 @@ def make_source(config, raw: dict | None = None, name: str = "config", measured:
     return Source(name, config, dtype, weights, router, measured)
 
 
-def shard_bytes(directory: Path) -> int | None:
-    """Tensor bytes in a checkpoint's safetensors shards, from their headers alone (u64 length + JSON)."""
+def shard_bytes(directory: Path, config=None) -> int | None:
+    """Tensor bytes in a checkpoint's safetensors shards, from their headers alone (u64 length + JSON); with
+    ``config``, only the tensors the loader keeps (a wrapper's vision tower and MTP layers are not the text model)."""
+    from kimi_lm import names
+
     shards, total = sorted(directory.glob("*.safetensors")), 0
     for shard in shards:
         try:
             with open(shard, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n)) if 0 < n <= 100_000_000 else None
-            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+            total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                         if k != "__metadata__" and (config is None or not names.skipped(k, config)))
         except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, IndexError):
             raise CheckpointError(f"{shard}: not a readable safetensors file") from None
     return total if shards else None
@@ -102,10 +107,12 @@ def load_source(config) -> Source:
         return make_source(preset(ALIASES.get(name, name)), name=name)
     if (hub_path := resolve(config, ("config",))) != path:  # ORG/NAME[@REV]: its config.json from the Hub
         raw = read_config_json(hub_path / "config.json")
-        return make_source(config_from_dict(raw, f"{name}/config.json"), raw, name, shard_bytes(hub_path))
+        cfg = config_from_dict(raw, f"{name}/config.json")
+        return make_source(cfg, raw, name, shard_bytes(hub_path, cfg))
     if path.is_dir():
         raw = read_config_json(path / "config.json")
-        return make_source(config_from_dict(raw, str(path / "config.json")), raw, path.resolve().name, shard_bytes(path))
+        cfg = config_from_dict(raw, str(path / "config.json"))
+        return make_source(cfg, raw, path.resolve().name, shard_bytes(path, cfg))
     if path.is_file():
         raw = read_config_json(path)
         return make_source(config_from_dict(raw, str(path)), raw, path.name.removesuffix(".json").removesuffix(".config"))
@@ -130,7 +137,8 @@ def summary(src: Source, q: Quant) -> dict:
         kda_heads=c.kda_num_heads if kda else 0, kda_head_dim=c.kda_head_dim if kda else 0,
         conv_kernel=c.conv_kernel_size if kda else 0, attn_res=bool(getattr(c, "attn_res_block_size", None)),
         kda_layers=[i for i in range(n) if c.is_kda_layer(i)], moe_layers=[i for i in range(n) if c.is_moe_layer(i)],
-        router_quant=src.router_quant.label() if src.router_quant and not q.is_float and not q.block else None,
+        router_quant=(src.router_quant.label() if src.router_quant and not (q.is_float or q.block or q.experts_only)
+                      else None),
     )
 
 
@@ -308,6 +316,9 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
                          fits=per_context[0]["total_bytes"] <= usable, max_context=longest(usable))
     notes = [f"context {T:,} is beyond the model's maximum of {cfg.max_context:,} tokens"
              for T in contexts if T > cfg.max_context]
+    if bias := int4_bias_bytes(ts, q):
+        notes.append(f"weights are the INT4 files' bytes; kimi-lm holds the experts as MLX affine 4-bit, adding "
+                     f"{fmt_bytes(bias)} of biases (-8*scale) in memory")
     arch = summary(src, q)
     return Estimate(
         model=src.name, family=arch["family"], arch=arch, quant=q.label(), weights_dtype=src.dtype,

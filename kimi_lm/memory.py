@@ -13,9 +13,15 @@ Embedding whose input width divides the group, one-row AttnRes pseudo-queries ex
 affine 8-bit, group 64; K2's router is no Linear and stays bf16). A_log, dt_bias and e_score_correction_bias are fp32
 in every format.
 
+The released compressed-tensors checkpoints quantize the routed experts only, everything else in the model dtype:
+``int4-experts`` (Kimi K2-Thinking / K2.5 ``pack-quantized``: 4 bits + a bf16 scale per 32 = 4.5 bits, plus an
+int32 [2] ``weight_shape`` per expert matrix) and ``mxfp4-experts`` (Kimi K3 ``mxfp4-pack-quantized``: 4 bits + an
+E8M0 byte per 32 = 4.25 bits). These are the bytes of the files; kimi-lm holds INT4 experts as MLX affine, adding a
+bias per group at load (``int4_bias_bytes``).
+
 References: shared/specs/kimi_linear.md §2 (tensor names and shapes), §4.3 and §5.9 (MLA latent and KDA caches);
 shared/specs/kimi_k2_and_quantization.md §2 (K2 tensors), §4 (FP8 block format), §5 (MXFP4, affine, mlx-lm
-quantization predicates and config keys).
+quantization predicates and config keys); shared/specs/kimi_k3_and_int4.md §A3-§A4 (K3 MXFP4 experts), §B1-§B2 (INT4).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ class Quant:
     group: int = 0
     scale_bytes: int = 0  # per group: E8M0 / E4M3 byte, or scale + bias in the model dtype (affine)
     block: int = 0  # FP8: square tile sharing one fp32 scale
+    experts_only: bool = False  # compressed-tensors releases: routed experts packed, the rest in the model dtype
+    shape_bytes: int = 0  # per expert matrix: pack-quantized's weight_shape tensor
 
     @property
     def is_float(self) -> bool:
@@ -58,12 +66,22 @@ class Quant:
         return f"{self.name} (group {self.group})" if self.group else self.name
 
 
-QUANT_NAMES = ["bf16", "fp16", "fp32", "fp8", "mxfp4", "mxfp8", "nvfp4"] + [f"affine{b}" for b in (8, 6, 5, 4, 3, 2)]
+QUANT_NAMES = (["bf16", "fp16", "fp32", "fp8", "mxfp4", "mxfp8", "nvfp4"] + [f"affine{b}" for b in (8, 6, 5, 4, 3, 2)]
+               + ["int4-experts", "mxfp4-experts"])
 _MX = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}  # bits, fixed group; one scale byte per group
+# compressed-tensors formats of the released checkpoints: (bits, group, scale bytes, weight_shape bytes per matrix).
+# K2-Thinking's weight_shape is int32 [2] (msmodelslim's report of the release; compressed-tensors itself writes int64)
+_EXPERTS_ONLY = {"int4-experts": (4, 32, 2, 8), "mxfp4-experts": (4, 32, 1, 0)}
+CT_FORMATS = {"pack-quantized": "int4-experts", "mxfp4-pack-quantized": "mxfp4-experts"}
 
 
 def make_quant(name: str, group_size: int | None = None, dtype_bytes: int = 2) -> Quant:
     """``dtype_bytes``: the model dtype, in which affine scales and biases are stored."""
+    if name in _EXPERTS_ONLY:
+        bits, group, scale, shape = _EXPERTS_ONLY[name]
+        if group_size not in (None, group):
+            raise CheckpointError(f"group size {group_size}: {name} uses groups of {group} only")
+        return Quant(name, bits, group, scale, experts_only=True, shape_bytes=shape)
     if name in _MX:
         bits, group = _MX[name]
         if group_size not in (None, group):
@@ -82,11 +100,20 @@ def make_quant(name: str, group_size: int | None = None, dtype_bytes: int = 2) -
 
 
 def recorded_quant(raw: dict, dtype_bytes: int, source: str) -> tuple[Quant | None, Quant | None]:
-    """(weights, router) formats a config.json records: DeepSeek's FP8 ``quantization_config`` or mlx-lm's
-    ``quantization`` dict (top-level group_size/bits/mode, a missing mode meaning affine, per-module dicts)."""
-    q = raw.get("quantization") or raw.get("quantization_config")
+    """(weights, router) formats a config.json records: DeepSeek's FP8 ``quantization_config``, compressed-tensors'
+    (top level or in a wrapper's ``text_config``: routed experts only), or mlx-lm's ``quantization`` dict (top-level
+    group_size/bits/mode, a missing mode meaning affine, per-module dicts)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    q = raw.get("quantization") or raw.get("quantization_config") or text.get("quantization_config")
     if not q:
         return None, None
+    if q.get("quant_method") == "compressed-tensors":
+        groups = q.get("config_groups") or {}
+        fmt = q.get("format") or next((g.get("format") for g in groups.values() if isinstance(g, dict)), None)
+        if fmt not in CT_FORMATS:
+            raise CheckpointError(f"{source}: compressed-tensors format {fmt!r} is not supported by the estimator "
+                                  f"(supported: {', '.join(CT_FORMATS)})")
+        return make_quant(CT_FORMATS[fmt]), None
     if q.get("quant_method") == "fp8":
         if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
             raise CheckpointError(f"{source}: FP8 weight_block_size {q['weight_block_size']} is not [128, 128]")
@@ -194,6 +221,10 @@ def tensor_bytes(t: Tensor, q: Quant, dtype_bytes: int, router_quant: Quant | No
     the router's own MLX format (Kimi Linear: affine 8-bit g64; None: K2's router is no nn.Linear, stays float)."""
     if t.kind == "fp32":
         return 4 * t.numel
+    if q.experts_only:  # the compressed-tensors releases: only the routed experts are packed
+        if t.component != "experts":
+            return t.numel * dtype_bytes
+        return t.numel * q.bits // 8 + t.numel // q.group * q.scale_bytes + t.count * q.shape_bytes
     if q.is_float:
         return t.numel * q.bits // 8
     plain = t.numel * dtype_bytes
@@ -209,6 +240,13 @@ def tensor_bytes(t: Tensor, q: Quant, dtype_bytes: int, router_quant: Quant | No
     if q is None or t.shape[-1] % q.group:  # mlx-lm only quantizes when the input width divides the group
         return plain
     return t.numel * q.bits // 8 + t.numel // q.group * q.scale_bytes
+
+
+def int4_bias_bytes(ts: list[Tensor], q: Quant) -> int:
+    """What kimi-lm adds to ``int4-experts`` at load: the MLX affine bias (−8·scale, bf16) of every group."""
+    if q.name != "int4-experts":
+        return 0
+    return sum(t.numel // q.group * q.scale_bytes for t in ts if t.component == "experts")
 
 
 # ---- caches, activations, training state ---------------------------------------------------------------------------

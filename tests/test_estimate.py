@@ -386,3 +386,78 @@ def test_inventory_is_the_model_state_dict():
     cfg = dataclasses.replace(preset("tiny"), attn_res_block_size=1)
     res = [t for t in tensors(cfg) if t.component == "attn_res"]
     assert {t.kind for t in res} == {"vector", "norm"} and len(res) == 4 * 6 + 2
+
+
+# ---- Kimi K2-Thinking / K2.5 (INT4 experts) and K3's MXFP4 release: compressed-tensors ---------------------------
+def test_k2_thinking_and_k25_presets_count_int4_experts_and_bf16_rest():
+    k2 = estimate("kimi-k2", context=[4096])
+    E, I, D, moe_layers = 384, 2048, 7168, 60
+    experts = moe_layers * E * 3 * I * D  # every routed expert's gate, up and down
+    fp32 = moe_layers * E  # e_score_correction_bias
+    for name in ("kimi-k2-thinking", "kimi-k25"):
+        e = estimate(name, context=[4096])
+        assert e.total_params == k2.total_params == 1_026_408_232_448  # the same text model
+        assert e.active_params == k2.active_params and e.family == "kimi_k2"
+        assert e.quant == "int4-experts (group 32)" and e.model_max_context == 262144
+        # experts: 4 bits + a bf16 scale per 32 + an int32 [2] weight_shape per matrix; the rest bf16
+        want = experts // 2 + experts // 32 * 2 + moe_layers * E * 3 * 8 + 2 * (e.total_params - experts) + 2 * fp32
+        assert e.weights_bytes == want
+        assert 553 * GIB < e.weights_bytes < 554 * GIB  # ~594 GB, the size of the released shards
+        assert e.weights_by_component["experts"] == experts * 9 // 16 + moe_layers * E * 3 * 8
+        assert any("biases" in n for n in e.notes)  # what kimi-lm adds in memory is stated
+    k3 = estimate("kimi-k3", quant="mxfp4-experts", context=[4096])
+    k3_experts = 92 * 896 * 3 * 3072 * 3584
+    assert k3.weights_by_component["experts"] == k3_experts * 17 // 32  # 4.25 bits
+    assert k3.weights_by_component["mla"] == estimate("kimi-k3", quant="bf16").weights_by_component["mla"]
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k).nbytes for k in h.keys()})
+    return out
+
+
+def _text_tensor_bytes(path: Path, num_layers: int) -> tuple[int, int]:
+    """(bytes of the text model's tensors, bytes of every tensor) summed over the safetensors files themselves; not
+    the text model: a wrapper's vision tower, multi-token-prediction layers, stored rotary inv_freq buffers."""
+    import re
+
+    text = total = 0
+    for k, n in _tensor_bytes(path).items():
+        total += n
+        layer = re.search(r"model\.layers\.(\d+)\.", k)
+        if not (k.startswith(("vision_tower.", "mm_projector.")) or k.endswith("rotary_emb.inv_freq")
+                or (layer and int(layer[1]) >= num_layers)):
+            text += n
+    return text, total
+
+
+def test_estimate_dir_on_compressed_tensors_checkpoints(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from k2_checkpoints import build_reference
+    from k2_int4_checkpoints import to_int4_layout, to_k25_layout
+    from k3_checkpoints import mxfp4_config, random_model, write_mxfp4_checkpoint
+
+    build_reference(preset("tiny-k2"), seed=3).save_pretrained(tmp_path / "hf")
+    int4 = to_int4_layout(tmp_path / "hf", tmp_path / "int4")[0]
+    k25 = to_k25_layout(int4, tmp_path / "k25")
+    k3 = write_mxfp4_checkpoint(random_model(mxfp4_config()), tmp_path / "k3", dtype=torch.bfloat16)[0]
+    for path, quant in ((int4, "int4-experts"), (k25, "int4-experts"), (k3, "mxfp4-experts")):
+        e = estimate(str(path), context=[64])
+        cfg = load_config(path / "config.json")
+        text, total = _text_tensor_bytes(path, cfg.num_hidden_layers)
+        assert e.weights_source == "shards" and e.quant.startswith(quant)
+        assert e.weights_bytes == text < total  # the files' bytes, vision tower and the MTP layer left out
+        from_config = estimate(str(path / "config.json"), context=[64])  # the same, computed from the config
+        assert from_config.quant == e.quant and from_config.weights_source == "config"
+        experts = sum(n for k, n in _tensor_bytes(path).items() if ".experts." in k)  # packed, scales, shapes
+        if quant == "int4-experts":  # the fixture's weight_shape is int64 (compressed-tensors' writer), not int32
+            matrices = 3 * cfg.n_routed_experts * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
+            assert experts - from_config.weights_by_component["experts"] == matrices * 8
+        else:
+            assert experts == from_config.weights_by_component["experts"]

@@ -116,16 +116,18 @@ class FewRowExperts(FewRowsInC):
     def _tensors(self, name: str) -> tuple:
         return tuple(getattr(self, name + suffix, None) for suffix in ("", "_scales", "_biases"))
 
+    def _stacks(self) -> tuple[tuple, tuple]:
+        """(gate, up) as (stacked (weight, scales, biases) [E, …], first row of the part in them)."""
+        if isinstance(self, SplitPackedExperts):  # gate and up kept apart (memory-mapped mlx-lm checkpoints)
+            return (self._tensors("gate_proj"), 0), (self._tensors("up_proj"), 0)
+        gate_up = self._tensors("gate_up_proj")
+        return (gate_up, 0), (gate_up, self.intermediate_size)
+
     def _halves(self):
         """(gate, up) as functions of the expert index -> its (weight, scales, biases) [I, …]."""
         I = self.intermediate_size
-        if isinstance(self, SplitPackedExperts):  # gate and up kept apart (memory-mapped mlx-lm checkpoints)
-            gate, up = self._tensors("gate_proj"), self._tensors("up_proj")
-            return (lambda e: tuple(None if t is None else t[e] for t in gate),
-                    lambda e: tuple(None if t is None else t[e] for t in up))
-        gate_up = self._tensors("gate_up_proj")
-        return (lambda e: tuple(None if t is None else t[e, :I] for t in gate_up),
-                lambda e: tuple(None if t is None else t[e, I:] for t in gate_up))
+        return tuple((lambda e, ts=ts, r0=r0: tuple(None if t is None else t[e, r0 : r0 + I] for t in ts))
+                     for ts, r0 in self._stacks())
 
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if not native.supports(x):
@@ -143,10 +145,8 @@ class FewRowExperts(FewRowsInC):
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
         specs = tuple((quant_kernels.QUANT_MODES[s.mode], s.bits, s.group_size) for s in (self.gate_up_spec, self.down_spec))
-        down = self._tensors("down_proj")
-        in_c = quant_kernels.quant_experts_rows(xs.contiguous(), counts, few, *self._halves(),
-                                         lambda e: tuple(None if t is None else t[e] for t in down), specs,
-                                         self.intermediate_size)
+        in_c = quant_kernels.quant_experts_rows(xs.contiguous(), counts, few, *self._stacks(),
+                                                (self._tensors("down_proj"), 0), specs, self.intermediate_size)
         return merge_expert_outputs(self, xs, counts, few, in_c)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 
 import torch
 
@@ -59,22 +60,39 @@ def quant_dequantize(mode: str, bits: int, group: int, weight: torch.Tensor, sca
     return out
 
 
+def expert_rows(counts: list[int], experts: list[int]) -> tuple[ctypes.Array, ctypes.Array]:
+    """(first row in the expert-grouped rows, row count) of each of ``experts`` as int64 arrays for the C calls
+    (plain Python: a decode step's few experts cost no tensor ops)."""
+    firsts = list(itertools.accumulate(counts, initial=0))
+    n = len(experts)
+    return (ctypes.c_int64 * n)(*(firsts[e] for e in experts)), (ctypes.c_int64 * n)(*(counts[e] for e in experts))
+
+
+def _expert_addresses(part: tuple) -> list:
+    """part = (stacked (weight, scales, biases or None), each [E, rows, …] contiguous; first row) -> per tensor
+    (address of expert 0's first row, bytes per expert), None for a missing one."""
+    tensors, row0 = part
+    return [None if t is None else (t.data_ptr() + row0 * t.stride(1) * t.element_size(), t.stride(0) * t.element_size())
+            for t in tensors]
+
+
 def quant_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate: tuple, up: tuple, down: tuple,
                        specs: tuple[tuple[int, int, int], tuple[int, int, int]], intermediate: int) -> torch.Tensor:
-    """``moe_experts_rows`` for MLX-packed experts: ``gate`` / ``up`` / ``down`` = (weight, scales, biases or None),
-    each a function of the expert index giving its [out, …] tensors; ``specs`` the (mode code, bits, group) of gate|up
-    and of down -> out [rows, hidden], those experts' rows filled."""
+    """``moe_experts_rows`` for MLX-packed experts: ``gate`` / ``up`` / ``down`` = ((weight, scales, biases or None)
+    stacked over experts [E, rows, …], contiguous; the part's first row in them: I for up inside a gate|up stack);
+    ``specs`` the (mode code, bits, group) of gate|up and of down -> out [rows, hidden], those experts' rows filled.
+    Each expert's addresses are computed, not sliced (a decode step's experts in no tensor ops)."""
     n = len(experts)
-    starts = torch.tensor([0] + counts[:-1]).cumsum(0)[experts].contiguous()
-    sizes = torch.tensor([counts[e] for e in experts])
+    starts, sizes = expert_rows(counts, experts)
     out = torch.empty_like(xs)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    gate_up = (_P * (6 * n))(*(ptr(t) for e in experts for t in (*gate(e), *up(e))))
-    downs = (_P * (3 * n))(*(ptr(t) for e in experts for t in down(e)))
-    scale_bf16 = int(gate(experts[0])[1].dtype == torch.bfloat16)
+    at = lambda bases, e: [None if b is None else b[0] + e * b[1] for b in bases]  # noqa: E731
+    g, u, d = _expert_addresses(gate), _expert_addresses(up), _expert_addresses(down)
+    gate_up = (_P * (6 * n))(*(a for e in experts for a in (*at(g, e), *at(u, e))))
+    downs = (_P * (3 * n))(*(a for e in experts for a in at(d, e)))
+    scale_bf16 = int(gate[0][1].dtype == torch.bfloat16)
     status = quant_library().quant_experts_rows(
         n, xs.shape[-1], intermediate, _DTYPES[xs.dtype], scale_bf16, (_I * 3)(*specs[0]), (_I * 3)(*specs[1]),
-        starts.data_ptr(), sizes.data_ptr(), gate_up, downs, xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        starts, sizes, gate_up, downs, xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("quant_experts_rows: could not allocate its scratch memory")
     return out

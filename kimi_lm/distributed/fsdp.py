@@ -25,8 +25,10 @@ Applied from outside the model (``kimi_lm/model`` never imports this), torchtita
   kimi_lm.distributed.fsdp STEP_DIR DST``) loads ``dcp/`` into a full model in one process and writes the usual
   safetensors layout that ``kimi_lm.load`` reads.
 
-Each rank builds and initialises the full model before sharding (the same seed gives the same weights as one
-process), so a rank needs the whole model's fp32 weights in memory once at start.
+The model is built on the meta device, sharded, and only then allocated (``to_empty``): a rank never holds more
+than its rows, plus one whole parameter while it is initialised (``train.init.init_weights`` draws each parameter
+whole, in the one-process order, and keeps its rows: the same weights as one process) or while Muon
+orthogonalises its update.
 
 References: PyTorch FSDP2 (``torch.distributed.fsdp.fully_shard``) and DCP docs; torchtitan ``parallelize.py``
 (per-block sharding, activation checkpointing) and ``checkpoint.py``; Moonlight's distributed Muon (gathered
@@ -79,8 +81,9 @@ def checkpoint_activations(model: nn.Module) -> None:
         m.forward = functools.partial(_checkpointed, m.forward)
 
 
-def shard_model(model: nn.Module, activation_checkpointing: bool = False) -> nn.Module:
-    """FSDP2 over the default process group's ranks (one mesh dimension); returns ``model``, sharded in place."""
+def shard_model(model: nn.Module, activation_checkpointing: bool = False, device: str = "cpu") -> nn.Module:
+    """FSDP2 over the default process group's ranks (one mesh dimension) on ``device``; returns ``model``, sharded
+    in place. ``model`` may be on the meta device: then ``model.to_empty(device=...)`` allocates each rank's rows."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -89,7 +92,6 @@ def shard_model(model: nn.Module, activation_checkpointing: bool = False) -> nn.
     # the MoE returns a view of its output (a reshape); the model only ever adds sublayer outputs out of place, so
     # the case FSDP2 warns about (an in-place op on that view dropping its backward hook) cannot happen
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    device = model.device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))
     for m in sublayers(model):
         fully_shard(m, mesh=mesh)
@@ -98,6 +100,22 @@ def shard_model(model: nn.Module, activation_checkpointing: bool = False) -> nn.
         fully_shard(model.lm_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def rows_of(full: torch.Tensor, p) -> torch.Tensor:
+    """The rows of ``full`` (a whole parameter's value) that this rank holds of parameter ``p``: FSDP2's Shard(0)
+    placement, ``torch.chunk`` along dim 0 by mesh rank (trailing ranks may hold none). A plain tensor: all."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return full
+    chunks = torch.chunk(full, p.device_mesh.size(), dim=0)
+    rank = p.device_mesh.get_local_rank()
+    rows = chunks[rank] if rank < len(chunks) else full[:0]
+    if rows.shape != p.to_local().shape:
+        raise RuntimeError(f"parameter sharded as {tuple(p.to_local().shape)} on rank {rank}, expected rows "
+                           f"{tuple(rows.shape)} of {tuple(full.shape)} (FSDP2 Shard(0) placement)")
+    return rows
 
 
 # ---- per-step helpers ------------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class GatheredMuon(torch.optim.Optimizer):
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor
 
+        from kimi_lm.distributed.fsdp import rows_of
+
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -125,22 +127,7 @@ class GatheredMuon(torch.optim.Optimizer):
                     scale = muon_lr_scale(mats[0].shape)
                 mine = local(p)
                 mine.mul_(1 - lr * wd)
-                mine.add_(_my_rows(ortho, p), alpha=-lr * scale)
-
-
-def _my_rows(full: torch.Tensor, p) -> torch.Tensor:
-    """The rows of ``full`` this rank holds of parameter ``p`` (FSDP2: torch.chunk along dim 0, by mesh rank)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(p, DTensor):
-        return full
-    chunks = torch.chunk(full, p.device_mesh.size(), dim=0)
-    rank = p.device_mesh.get_local_rank()
-    rows = chunks[rank] if rank < len(chunks) else full[:0]
-    if rows.shape != p.to_local().shape:
-        raise RuntimeError(f"parameter sharded as {tuple(p.to_local().shape)} on rank {rank}, expected rows "
-                           f"{tuple(rows.shape)} of {tuple(full.shape)} (FSDP2 Shard(0) placement)")
-    return rows
+                mine.add_(rows_of(ortho, p), alpha=-lr * scale)
 
 
 class Optimizers:

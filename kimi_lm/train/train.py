@@ -219,9 +219,14 @@ def train(args) -> dict:
     tok_files = {n: (tok_dir / n).read_bytes() for n in TOKENIZER_FILES if (tok_dir / n).is_file()}
     cfg = None if args.resume else build_config(args.config, tokenizer, args.attn_res_block_size)
     data = PackedData.from_paths(args.data, tokenizer, args.seq_len, args.eval_fraction, args.seed)
-    if args.resume and args.fsdp:  # the weights come from the DCP shards once the model is sharded
-        start, optim_state = steps_done(existing[-1], fsdp=True), None
-        model = new_model(load_config(existing[-1] / "config.json")).train()
+    if args.fsdp:  # built on the meta device and sharded: each rank allocates only its own rows
+        start = steps_done(existing[-1], fsdp=True) if args.resume else 0
+        optim_state = None  # with the weights, from the DCP shards once the optimizer exists (resume)
+        with torch.device("meta"):
+            model = new_model(load_config(existing[-1] / "config.json") if args.resume else cfg)
+        fsdp.shard_model(model, args.activation_checkpointing).to_empty(device="cpu").train()
+        if not args.resume:
+            init_weights(model, generator=torch.Generator().manual_seed(args.seed))
     elif args.resume:
         model, start, optim_state = load_run(existing[-1])
     else:
@@ -230,9 +235,7 @@ def train(args) -> dict:
     if start >= args.steps:
         raise UsageError(f"--steps {args.steps}: {existing[-1]} has already trained {start} steps; pass a larger "
                          f"--steps to continue")
-    if args.fsdp:
-        fsdp.shard_model(model, args.activation_checkpointing)
-    elif args.activation_checkpointing:
+    if args.activation_checkpointing and not args.fsdp:
         fsdp.checkpoint_activations(model)
     optim = Optimizers(model, lr=args.lr, weight_decay=args.weight_decay, sharded=args.fsdp)
     if optim_state is not None:

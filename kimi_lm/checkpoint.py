@@ -283,7 +283,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
-    files = weight_files(path)
+    files = mlx_load.split_fused_files(weight_files(path))  # mlx-lm's fused K3 q/k/v read as three tensors
+    mlx_names = any(".switch_mlp." in n or "_conv.conv." in n for n in files)  # mlx-lm's layout (sanitized names)
     fam = names.family(config)
     vision = sum(names.vision_tensor(name, fam) for name in files)
     if vision:  # a multimodal wrapper (Kimi K3): the text model only
@@ -295,7 +296,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
     with torch.device("meta"):
         model = _model_class(config)(config)
         quantize_modules(model, lambda name, module: name in fp8)
-        specs = mlx_load.mlx_specs(path, config, model.state_dict(), targets, files, lambda f: SafetensorsFile(f).header)
+        specs = mlx_load.mlx_specs(path, config, model.state_dict(), targets, files,
+                                   lambda f: mlx_load.split_fused(SafetensorsFile(f).header, f))
         specs.update(ct_specs := compressed_tensors.plan(config, model, targets, files))  # INT4 / MXFP4 as MLX
         unpacked = mlx_load.dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
@@ -347,6 +349,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
     for file, in_file in by_file.items():
         with SafetensorsFile(file, mmap=use_mmap) as f:
             compressed_tensors.reinterpret(f.header, ct_specs)
+            mlx_load.split_fused(f.header, file)
             for name in in_file:
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
@@ -373,6 +376,10 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
                     )
                 shape, file_dtype = f.shape(name), f.dtype(name)
                 want_shape = names.checkpoint_shape(expected[target].shape, placement)
+                if mlx_names and target.endswith(".A_log") and len(shape) == 1 and want_shape == [config.kda_head_dim] \
+                        and shape[0] == config.kda_num_heads:  # mlx-lm's K3 layout: the heads' values only
+                    place(file, name, target, placement, expert, t=mlx_load.pad_a_log(f.read(name), want_shape[0]))
+                    continue
                 if shape != want_shape:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {shape}, expected {want_shape}"
                                           + _scale_hint(target, placement, expected))

@@ -17,6 +17,10 @@ used for one model family and one *layout*: ``hf`` (the official / transformers 
 ``convert --dequantize`` / ``--to-hf`` write) or ``mlx`` (mlx-lm's ``kimi_linear.sanitize`` output, what
 ``convert --quantize`` writes). Loading accepts every layout of its family; read-only rows are never written.
 
+mlx-lm's ``kimi_k3`` fuses each KDA layer's q/k/v projections and convolutions along their output rows
+(``self_attn.qkv_proj.*`` [3·H·K, ...], ``self_attn.qkv_conv.conv.weight``); ``FUSED`` reads such a tensor as its
+three row thirds, each a contiguous byte range of the file (``fused_parts``), so loading never copies them.
+
 ``SKIP`` lists what loading drops: ``rotary_emb.inv_freq`` (recomputed from the config) and multi-token-prediction
 layers (index >= ``num_hidden_layers``).
 
@@ -133,6 +137,25 @@ RULES: list[Rule] = [
     *_mlx_experts(KIMI_K2, "mlp"),
     Rule("{L}.self_attn.{H}.{W}", "{L}.self_attn.kv_b_proj.{H}.{W}", "copy", KIMI_K2, MLX),
 ]
+# mlx-lm's fused KDA tensors (kimi_k3.sanitize): name -> its three row thirds, under the unfused MLX names
+FUSED = [(re.compile(r"(.*\.self_attn\.)qkv_proj\.(weight|scales|biases)"), "{0}{p}_proj.{1}"),
+         (re.compile(r"(.*\.self_attn\.)qkv_conv\.conv\.weight"), "{0}{p}_conv.conv.weight")]
+
+
+def fused_parts(name: str) -> list[str] | None:
+    """The q, k and v tensor names a fused mlx-lm tensor holds (row thirds, in that order), or None."""
+    for pattern, part in FUSED:
+        if m := pattern.fullmatch(name):
+            return [part.format(*m.groups(), p=p) for p in "qkv"]
+    return None
+
+
+def fused_name(part: str) -> str | None:
+    """The fused mlx-lm tensor a q/k/v projection or convolution goes into (the inverse of ``fused_parts``)."""
+    m = re.fullmatch(r"(.*\.self_attn\.)[qkv]_(proj\.(?:weight|scales|biases)|conv\.conv\.weight)", part)
+    return None if m is None else f"{m[1]}qkv_{m[2]}"
+
+
 # Tensors some checkpoints carry that the forward pass does not need.
 SKIP = [re.compile(r".*\.rotary_emb\.inv_freq$")]
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

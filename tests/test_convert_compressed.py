@@ -55,14 +55,28 @@ def k3(tmp_path_factory):
 
 # ---- Kimi K3 ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["affine", "mxfp4"])
-def test_k3_quantize_writes_mlx_lm_names_and_both_load_it(k3, tmp_path, capsys, mode):
+def test_k3_quantize_is_what_mlx_lm_writes_and_both_load_it(k3, tmp_path, capsys, mode):
+    from test_mlx_quant import mlx_convert
+
     f32, _ = k3
     dst = tmp_path / "q"
     summary = run(f32, dst, "--quantize", "--q-mode", mode, capsys=capsys)
     files = tensors(dst)
-    # mlx-lm's kimi_k3 names: the MoE block under mlp., experts stacked in switch_mlp, no vision tensors
+    # every tensor bit-identical to mlx-lm's own conversion of the same release directory
+    theirs = mlx_convert(f32, tmp_path / "mlx", mode, 4, 64 if mode == "affine" else 32)
+    want = tensors(theirs)
+    assert sorted(files) == sorted(want)
+    for name in want:
+        assert files[name].dtype == want[name].dtype and torch.equal(files[name], want[name]), name
+    assert json.loads((theirs / "config.json").read_text())["quantization"] == json.loads(
+        (dst / "config.json").read_text())["quantization"]
+    # mlx-lm's kimi_k3 names: the MoE block under mlp., experts stacked in switch_mlp, KDA q/k/v and convs fused,
+    # A_log at num_heads values, no vision tensors
     assert f"{MOE}mlp.switch_mlp.gate_proj.scales" in files and f"{MOE}mlp.routed_expert_up_proj.scales" in files
     assert f"{MOE}mlp.e_score_correction_bias" in files and f"{MOE}mlp.routed_expert_norm.weight" in files
+    kda = "language_model.model.layers.0.self_attn."
+    assert f"{kda}qkv_proj.scales" in files and f"{kda}qkv_conv.conv.weight" in files and f"{kda}q_proj.weight" not in files
+    assert files[f"{kda}A_log"].shape == (mxfp4_config().kda_num_heads,)
     assert not any("block_sparse_moe" in n or "vision" in n or "mm_projector" in n for n in files)
     assert f"{MOE}mlp_res_proj.weight" in files and f"{MOE}mlp_res_proj.scales" not in files  # pseudo-queries float
     cfg = json.loads((dst / "config.json").read_text())
@@ -71,9 +85,12 @@ def test_k3_quantize_writes_mlx_lm_names_and_both_load_it(k3, tmp_path, capsys, 
     want, _, _ = mlx_logits(dst, X)
     ours = logits(dst)
     assert rel(ours, want) <= 1e-3
+    assert rel(logits(theirs), ours) == 0  # kimi-lm reads mlx-lm's own K3 conversions (fused q/k/v, short A_log)
     back = tmp_path / "back"  # and back to the official float layout: the same numbers
     run(dst, back, "--dequantize", "--dtype", "float32")
-    assert f"{MOE}block_sparse_moe.experts.3.w2.weight" in tensors(back)
+    back_files = tensors(back)
+    assert f"{MOE}block_sparse_moe.experts.3.w2.weight" in back_files and f"{kda}k_conv1d.weight" in back_files
+    assert torch.equal(back_files[f"{kda}A_log"], tensors(f32)[f"{kda}A_log"])  # zero padding restored
     assert rel(logits(back), ours) <= 1e-6
 
 

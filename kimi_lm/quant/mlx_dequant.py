@@ -37,12 +37,12 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
         raise CheckpointError(f"{src}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
     config = load_config(src / "config.json")
     fam = names.family(config)
-    files = {n: f for n, f in weight_files(src).items() if not names.skipped(n, config)}
+    files = {n: f for n, f in mlx_load.split_fused_files(weight_files(src)).items() if not names.skipped(n, config)}
     targets = {name: names.to_parameter(name, fam) for name in files}
     with torch.device("meta"):
         float_state = _model_class(config)(config).state_dict()
     specs = mlx_load.mlx_specs(src, config, float_state, targets, files,  # the loader's reading of the quantization block
-                               lambda f: SafetensorsFile(f).header)
+                               lambda f: mlx_load.split_fused(SafetensorsFile(f).header, f))
     plan: dict[str, tuple] = {}  # official name -> ((dtype, shape), source shard, builder)
     n_packed = 0
     with contextlib.ExitStack() as stack, _atomic_dir(dst) as tmp:
@@ -52,6 +52,7 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
         def shard(path: Path) -> SafetensorsFile:
             if path not in opened:
                 opened[path] = stack.enter_context(SafetensorsFile(path))
+                mlx_load.split_fused(opened[path].header, path)  # mlx-lm's fused K3 q/k/v: three row ranges
             return opened[path]
 
         def dense(name: str) -> torch.Tensor:
@@ -107,7 +108,8 @@ def dequantize_from_mlx(src, dst, dtype: torch.dtype = torch.bfloat16, progress:
                                                         lambda name=name: dense(name).transpose(1, 2).contiguous())
             else:
                 shape = list(ref.shape) if ref is not None else shard(files[name]).shape(name)
-                plan[official_name(target, fam=fam)] = ((out_dtype, shape), files[name], lambda name=name: dense(name))
+                plan[official_name(target, fam=fam)] = (  # A_log: mlx-lm's K3 keeps the heads' values only
+                    (out_dtype, shape), files[name], lambda name=name, n=shape[0]: mlx_load.pad_a_log(dense(name), n))
         by_shard: dict[Path, dict] = {}
         for official, (entry, file, _) in plan.items():
             by_shard.setdefault(file, {})[official] = entry

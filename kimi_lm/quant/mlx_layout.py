@@ -10,7 +10,9 @@
 compressed-tensors experts are never requantized when their packing is an MLX mode: ``pack-quantized`` int4 is MLX
 affine 4-bit group 32 with biases −8·scale, ``mxfp4-pack-quantized`` is MLX mxfp4 (``compressed_tensors.packed_parts``);
 they are recorded in the ``quantization`` block per module when they differ from the global mode. A ``--quantize``
-to another mode dequantizes them exactly first. Vision tensors of a wrapper (K3, K2.5) are dropped, as mlx-lm does.
+to another mode dequantizes them exactly first. Vision tensors of a wrapper (K3, K2.5) are dropped, as mlx-lm does;
+K3 gets mlx-lm's ``kimi_k3`` layout (KDA q/k/v and convs fused, ``A_log`` at ``num_heads``), tensor for tensor what
+``mlx_lm.convert`` writes.
 
 Names: ``kimi_lm.names``, the loader's own table, read in both directions: official name -> parameter -> MLX name
 and back (experts stacked as ``mlp.switch_mlp.{gate,up,down}_proj``, ``block_sparse_moe.`` -> ``mlp.``, the router
@@ -196,7 +198,29 @@ def _groups(src: Path, config, files: dict[str, Path], shard) -> list[_Group]:
         back = names.to_parameter(g.name, fam)[0]
         if g.target is not None and back != g.target:
             raise AssertionError(f"MLX name {g.name} maps back to {back}, not {g.target}")  # a bug here, not the input
+    if config.model_type == names.KIMI_K3:
+        groups = _as_mlx_k3(groups, config)
     return sorted(groups, key=lambda g: g.name)
+
+
+def _as_mlx_k3(groups: list[_Group], config) -> list[_Group]:
+    """mlx-lm's ``kimi_k3.sanitize`` layout: each KDA layer's q/k/v projections and convolutions fused along their
+    output rows (``qkv_proj``, ``qkv_conv``), ``A_log`` cut to its ``num_heads`` used values (the loader pads it
+    back, ``mlx_load.pad_a_log``)."""
+    by_name, out, fused = {g.name: g for g in groups}, [], {}
+    for g in groups:
+        if (name := names.fused_name(g.name)) is not None and g.packed is None:
+            fused.setdefault(name, []).append(g)
+        elif g.name.endswith(".self_attn.A_log") and g.shape == [config.kda_head_dim] != [config.kda_num_heads]:
+            H = config.kda_num_heads
+            out.append(_Group(g.name, g.dtype, [H], lambda b=g.build, H=H: b()[:H].contiguous(), target=None))
+        else:
+            out.append(g)
+    for name, parts in fused.items():
+        parts = [by_name[p] for p in names.fused_parts(name)]  # q, k, v
+        shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+        out.append(_Group(name, parts[0].dtype, shape, lambda ps=parts: torch.cat([p.build() for p in ps])))
+    return out
 
 
 def _plan_quant(groups: list[_Group], spec: QuantSpec | None) -> dict | None:

@@ -6,7 +6,12 @@ affine), any other the bits and group size its packed shapes imply (``infer_quan
 weights no packed module can hold here (a stacked expert whose other half stayed float, a one-row Linear such as the
 AttnRes pseudo-queries); the loader dequantizes those to the compute dtype (``dequantized_on_load``).
 
-Reference: mlx-lm 0.32.2 ``utils.py`` (load_model, infer_quant_config); spec ``kimi_k2_and_quantization.md`` §5.
+mlx-lm's K3 fuses each KDA layer's q/k/v (``qkv_proj``, ``qkv_conv``) and keeps ``A_log`` at ``num_heads`` values:
+``split_fused_files`` / ``split_fused`` read a fused tensor as three row ranges of the file (names in
+``kimi_lm.names.FUSED``), ``pad_a_log`` zero-pads ``A_log`` to the head dim the model holds.
+
+Reference: mlx-lm 0.32.2 ``utils.py`` (load_model, infer_quant_config), ``models/kimi_k3.py`` (``sanitize``); spec
+``kimi_k2_and_quantization.md`` §5, ``kimi_k3_and_int4.md`` §C1.
 """
 
 from __future__ import annotations
@@ -16,8 +21,38 @@ from pathlib import Path
 
 import torch
 
+from kimi_lm import names
 from kimi_lm.errors import CheckpointError
 from kimi_lm.quant.packed import QuantSpec, infer_spec
+
+
+def split_fused_files(files: dict) -> dict:
+    """Tensor name -> file with each fused mlx-lm tensor replaced by its three parts (same file)."""
+    out = {}
+    for name, file in files.items():
+        for part in names.fused_parts(name) or [name]:
+            out[part] = file
+    return out
+
+
+def split_fused(header: dict, where="") -> dict:
+    """In place (and returned), a safetensors header with each fused tensor as three entries for its row thirds:
+    row-major rows are contiguous, so each part is a byte range of the fused tensor's data."""
+    for name in [n for n in header if names.fused_parts(n)]:
+        info = header.pop(name)
+        rows, (begin, end) = info["shape"][0] if info["shape"] else 0, info["data_offsets"]
+        if rows % 3 or rows == 0:
+            raise CheckpointError(f"{where}: tensor {name!r} has {rows} rows, expected q, k and v: a multiple of 3")
+        step = (end - begin) // 3
+        for i, part in enumerate(names.fused_parts(name)):
+            header[part] = {"dtype": info["dtype"], "shape": [rows // 3, *info["shape"][1:]],
+                            "data_offsets": [begin + i * step, begin + (i + 1) * step]}
+    return header
+
+
+def pad_a_log(t: torch.Tensor, size: int) -> torch.Tensor:
+    """mlx-lm's K3 ``A_log`` [num_heads] zero-padded to the [head_dim] the release stores and the model holds."""
+    return torch.cat([t, t.new_zeros(size - t.shape[0])]) if t.dim() == 1 and t.shape[0] < size else t
 
 
 def dequantized_on_load(model, specs: dict) -> dict:

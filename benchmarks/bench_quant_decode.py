@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     for prm in dense.parameters():
         prm.normal_(0, 0.02)
     nbytes = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
-    models = {}
+    models, int4_default = {}, cpu.INT4_KERNEL
     for mode in args.modes.split(","):
         packed = copy.deepcopy(dense)
         swap_modules(packed, mlx_policy(packed, spec_of(mode)), pack=True, dtype=torch.bfloat16)
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             use_int4_kernels(packed)
         cpu.INT4_KERNEL = mode.endswith("-int4")
         models[mode] = cpu.prepare(packed)
-    cpu.INT4_KERNEL = True
+    cpu.INT4_KERNEL = int4_default
     sizes = {"bf16": nbytes(dense)} | {m: nbytes(model) for m, model in models.items()}
     models = {"bf16": cpu.prepare(dense)} | models
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt))

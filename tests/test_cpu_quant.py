@@ -145,6 +145,48 @@ def test_fused_products_equal_their_parts(dtype, path, monkeypatch):
         assert rel_err(fused(x), torch.cat([p(x) for p in parts], dim=-1)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_symmetric_biases_are_derived_not_kept(dtype, path):
+    """Affine weights whose biases are −2^(bits−1)·scales (compressed-tensors INT4 loads as affine 4-bit with
+    bias = −8·scale) keep no biases in the backend: the kernels derive them, the products and the state_dict are
+    unchanged. Biases that are not symmetric stay."""
+    g = torch.Generator().manual_seed(0)
+    spec = QuantSpec("affine", 4, 32)
+    for symmetric in (True, False):
+        plain = PackedLinear.from_float(torch.nn.Linear(256, 96, bias=False).to(dtype), spec)
+        plain.weight = torch.randint(0, 2**32, plain.weight.shape, generator=g, dtype=torch.int64).to(torch.uint32)
+        plain.scales = torch.rand(plain.scales.shape, generator=g).to(dtype) / 8
+        plain.biases = plain.scales * -8 if symmetric else torch.randn(plain.biases.shape, generator=g).to(dtype) / 8
+        fast = cpu_quant.swap(copy.deepcopy(plain))
+        assert ("biases" in dict(fast.named_buffers())) is not symmetric
+        assert torch.equal(fast.biases, plain.biases)  # derived where read
+        state = plain.state_dict()
+        assert fast.state_dict().keys() == state.keys() and all(torch.equal(fast.state_dict()[k], v)
+                                                                 for k, v in state.items())
+        w = plain.dense_weight(torch.float32)
+        for rows in (1, 3, 40):  # decode (C product), prefill (C dequantization then BLAS)
+            x = torch.randn(rows, 256, generator=g).to(dtype)
+            with torch.inference_mode():
+                assert rel_err(fast(x), x.float() @ w.T) <= TOL[dtype]
+    E, hidden, inter = 4, 128, 64
+    experts = PackedStackedExperts(E, hidden, inter, spec, spec, dtype)
+    for name in ("gate_up_proj", "down_proj"):
+        scales = getattr(experts, name + "_scales")
+        setattr(experts, name, torch.randint(0, 2**32, getattr(experts, name).shape, generator=g,
+                                             dtype=torch.int64).to(torch.uint32))
+        setattr(experts, name + "_scales", torch.rand(scales.shape, generator=g).to(dtype) / 8)
+        setattr(experts, name + "_biases", getattr(experts, name + "_scales") * -8)
+    fast = cpu_quant.swap(copy.deepcopy(experts))
+    assert not any(n.endswith("_biases") for n, _ in fast.named_buffers())
+    state = experts.state_dict()
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items()) and fast.state_dict().keys() == state.keys()
+    for counts in ([1, 0, 1, 1], [2, 9, 0, 3]):
+        xs = torch.randn(sum(counts), hidden, generator=g).to(dtype)
+        with torch.inference_mode():
+            for a, b in zip(fast.grouped(xs, counts), experts.grouped(xs, counts)):
+                assert rel_err(a, b) <= 2 * TOL[dtype]
+
+
 def _mlx_policy(model, spec: QuantSpec) -> dict:
     """mlx-lm's kimi_linear quant_predicate: every Linear / Embedding / expert stack whose input divides the group,
     the router at affine 8-bit g64."""
@@ -238,3 +280,50 @@ def test_converted_checkpoint_loads_prepared_equal_to_plain(official_checkpoint,
         for t in range(20, 24):
             got, want = prepared(token_ids[:, t : t + 1], cache=caches[0]), plain(token_ids[:, t : t + 1], cache=caches[1])
             assert rel_err(got, want) <= 1e-4
+
+
+_BACKEND_LOAD_RSS = r'''
+import ctypes, gc, json, sys, torch, kimi_lm
+def kib(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+# the backend's one-time costs (libraries' pages, oneDNN's JIT kernels, the C kernels, thread pools) do not grow with
+# the model: paid on a small checkpoint of the same family first, so the measurement is what *this* one adds
+warm = kimi_lm.load(sys.argv[2], dtype=torch.bfloat16)
+with torch.inference_mode():
+    warm(torch.tensor([[1, 2]]))
+del warm
+gc.collect()
+ctypes.CDLL(None).malloc_trim(0)
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = kib("VmRSS:")
+model = kimi_lm.load(sys.argv[1], dtype=torch.bfloat16)
+print(json.dumps({"peak": kib("VmHWM:") - before, "after": kib("VmRSS:") - before}))
+'''
+
+
+def test_int4_checkpoint_with_the_backend_stays_near_the_files(tmp_path):
+    """Issue 18: a K2-Thinking INT4 checkpoint loaded with the CPU backend holds ≤ 1.2× its files' bytes (resident
+    growth after loading; the peak too). The experts stay in their packing on quant.c (no int4-kernel copy, no
+    scales_zeros table) and their symmetric biases (−8·scale) are derived, not kept: the tensors come to ~1.0x."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    pytest.importorskip("compressed_tensors")
+    from k2_int4_checkpoints import write_random_int4_checkpoint
+
+    cfg = dataclasses.replace(preset("tiny-k2"), hidden_size=1024, moe_intermediate_size=512, n_routed_experts=32,
+                              n_group=1, topk_group=1, num_hidden_layers=4, dtype="bfloat16")
+    ckpt = write_random_int4_checkpoint(cfg, tmp_path / "ckpt")
+    small = write_random_int4_checkpoint(dataclasses.replace(preset("tiny-k2"), dtype="bfloat16"), tmp_path / "small")
+    disk = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    out = subprocess.run([sys.executable, "-c", _BACKEND_LOAD_RSS, str(ckpt), str(small)], capture_output=True,
+                         text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print({k: round(v / disk, 3) for k, v in got.items()})
+    assert got["after"] <= 1.2 * disk and got["peak"] <= 1.3 * disk
+    model = kimi_lm.load(ckpt, dtype=torch.bfloat16)
+    experts = [m for m in model.modules() if isinstance(m, CpuPackedStackedExperts)]
+    assert experts and all(not any(n.endswith("_biases") for n, _ in m.named_buffers()) for m in experts)
+    tensors = sum(t.numel() * t.element_size() for m in experts for t in m.buffers())
+    assert tensors <= 0.9 * disk  # codes and scales only: what the files hold for the experts

@@ -15,17 +15,21 @@
     PackedLinear              -> quant.CpuPackedLinear         MLX-quantized (affine 2-8 bit, MXFP4, MXFP8, NVFP4):
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
+    FP8BlockLinear            -> fp8.CpuFP8BlockLinear          FP8 128x128 blocks (Kimi K2 / DeepSeek-V3):
+    FP8StackedExperts         -> fp8.CpuFP8StackedExperts       e4m3 bytes read in C (an fp8 kv_b_proj: CpuPackedMLA)
     MLA (quantized kv_b_proj) -> quant.CpuPackedMLA             absorbed halves kept dense, not rebuilt per step
     quantized KDA / MLA / MLP input products                    one C call reading every part in place
                                                                 (products.FusedProducts; KDA's gates read in C too)
-    affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed), where
-                                 ``INT4_KERNEL`` says that is the faster
+    affine 4-bit packed       -> PyTorch's CPU int4 kernel layout (same bytes; kimi_lm.quant.packed) only if
+                                 ``INT4_KERNEL`` is set (off: quant.c reads MLX's packing faster)
+    symmetric affine biases   -> not kept (−2^(bits−1)·scales: compressed-tensors INT4), derived in the kernels
 
 plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
 what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
 applies (oneDNN for the dtype, the C kernels built, plain float weights or an MLX packing the kernels read), so an
 unusual model keeps its plain modules. A quantized model's layers take the same paths as a bf16 model's (KDA's C
-decode step and scan, MLA's fused projection, the MLP's fused gate|up): their products read the packed bytes. The prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
+decode step and scan, MLA's fused projection, the MLP's fused gate|up): their products read the packed bytes. The
+prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
 
 Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=default`` keeps glibc's defaults,
 ``KIMI_LM_CACHE`` moves the compiled kernels' directory. Only this package reads them; model code reads none.
@@ -36,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cpu import malloc, native, onednn, quant
+from kimi_lm.cpu import fp8, malloc, native, onednn, quant
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.kda import applies as kda_applies
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
@@ -47,10 +51,14 @@ from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE
+from kimi_lm.quant.fp8_block import FP8BlockLinear
 from kimi_lm.quant.packed import PackedLinear, SplitKVB, use_int4_kernels
 
 
-INT4_KERNEL = True  # affine 4-bit on PyTorch's int4 kernel rather than kernels/quant.c (see quant.py)
+# affine 4-bit on PyTorch's int4 kernel (a scales_zeros table beside scales and biases) instead of kernels/quant.c: off.
+# quant.c is the faster (one-row products, min of 300, 2 threads: 1024x2304 g64 52 vs 71 us, g32 57 vs 73 us; its
+# prefill dequantizes a tile and runs BLAS) and keeps the checkpoint's bytes (INT4 experts: 1.09x the files, not 1.49x)
+INT4_KERNEL = False
 
 
 def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Module | None:
@@ -59,7 +67,7 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
     if kind is KimiDeltaAttention:
         return CpuKimiDeltaAttention(module) if kda_applies(module) else None
     if kind is MultiheadLatentAttention:
-        quantized = kernels and isinstance(module.kv_b_proj, (PackedLinear, SplitKVB))
+        quantized = kernels and isinstance(module.kv_b_proj, (PackedLinear, SplitKVB, FP8BlockLinear))
         return quant.CpuPackedMLA(module, dtype) if quantized else CpuMultiheadLatentAttention(module)
     if kind is MLP:
         parts = (module.gate_proj, module.up_proj)
@@ -87,6 +95,9 @@ def prepare(model: nn.Module) -> nn.Module:
         for name in [name for name, m in model.named_modules() if quant.swap(m, check_only=True)]:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, quant.swap(model.get_submodule(name)))
+        for name in [name for name, m in model.named_modules() if fp8.swap(m, check_only=True)]:  # FP8 blocks
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, fp8.swap(model.get_submodule(name)))
     trim = malloc.ReleaseEvery(16 << 20)
     for name in [name for name, _ in model.named_modules()]:  # names: each replaced module is freed as it goes
         try:

@@ -57,7 +57,7 @@ class Reader:
             return m.gemv.pointer()
         q = self._struct
         if q is None or q.w != m.weight.data_ptr():  # first call, or the module's tensors were replaced
-            s, biases = m.spec, getattr(m, "biases", None)
+            s, biases = m.spec, m.stored("biases")  # None: none kept (symmetric, derived in C)
             q = QWeight(quant_kernels.QUANT_MODES[s.mode], s.bits, s.group_size, m.out_features, m.in_features,
                         m.weight.data_ptr(), m.scales.data_ptr(), None if biases is None else biases.data_ptr(),
                         int(m.scales.dtype == torch.bfloat16))

@@ -78,22 +78,61 @@ def _adopt(new: nn.Module, old: nn.Module) -> None:
         new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
 
 
-class CpuPackedLinear(PackedLinear):
+class DerivedBiases:
+    """Affine biases that are −2^(bits−1)·scales (symmetric quantization: compressed-tensors INT4 as K2-Thinking and
+    K2.5 ship their experts, loaded as affine 4-bit with bias = −8·scale) are not kept: a ninth of those experts'
+    bytes. ``drop_symmetric_biases`` frees them; the C kernels derive them per row (a NULL biases pointer), the plain
+    code paths and ``state_dict`` read them as ``−2^(bits−1)·scales`` again (bit-exact: a power-of-two multiple)."""
+
+    def drop_symmetric_biases(self, pairs: dict[str, tuple[str, int]]) -> None:
+        """pairs: biases buffer name -> (its scales buffer's name, bits); each pair that is symmetric is dropped."""
+        derived = {}
+        for name, (scales_name, bits) in pairs.items():
+            biases, scales = self._buffers.get(name), self._buffers.get(scales_name)
+            if biases is None or scales is None or biases.dtype != scales.dtype or biases.shape != scales.shape:
+                continue
+            mid = -(1 << (bits - 1))
+            # compared a slice at a time: no temporary the size of a whole expert stack's scales
+            if all(torch.equal(b, s * mid) for b, s in zip(biases.reshape(-1, biases.shape[-1]).split(4096),
+                                                            scales.reshape(-1, scales.shape[-1]).split(4096))):
+                derived[name] = (scales_name, bits)
+                del self._buffers[name]
+        self.__dict__["_derived_biases"] = derived
+
+    def stored(self, name: str) -> torch.Tensor | None:
+        """Buffer ``name`` as kept (None when absent or derived): what the C kernels are handed."""
+        return self._buffers.get(name)
+
+    def __getattr__(self, name: str):
+        derived = self.__dict__.get("_derived_biases")
+        if derived and name in derived:
+            scales_name, bits = derived[name]
+            return self._buffers[scales_name] * -(1 << (bits - 1))
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.__dict__.get("_derived_biases", {}):
+            destination[prefix + name] = getattr(self, name)
+
+
+class CpuPackedLinear(DerivedBiases, PackedLinear):
     """``PackedLinear`` whose few-row products read the packed weight in C (see the module docstring)."""
 
     def __init__(self, linear: PackedLinear):
         nn.Module.__init__(self)
         _adopt(self, linear)
-        self.nbytes = sum(t.numel() * t.element_size() for t in linear.buffers())
+        self.drop_symmetric_biases({"biases": ("scales", self.spec.bits)})
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         if not _runs_in_c(x):
             if not native.supports(x):
                 return super().forward(x)
-            return dequantized_linear(x, s, self.weight, self.scales, getattr(self, "biases", None))
+            return dequantized_linear(x, s, self.weight, self.scales, self.stored("biases"))
         return quant_kernels.quant_matmul(x.contiguous(), s.mode, s.bits, s.group_size, self.weight, self.scales,
-                                   getattr(self, "biases", None), _threads(self.nbytes))
+                                          self.stored("biases"), _threads(self.nbytes))
 
 
 class CpuPackedRouter(PackedRouter):
@@ -110,11 +149,17 @@ class CpuPackedRouter(PackedRouter):
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
 
-class FewRowExperts(FewRowsInC):
+class FewRowExperts(DerivedBiases, FewRowsInC):
     """Experts with a few rows each (a decode step's) in one C call: gate and up, SwiGLU, down."""
 
+    def _drop_symmetric_biases(self) -> None:
+        parts = ("gate_proj", "up_proj") if isinstance(self, SplitPackedExperts) else ("gate_up_proj",)
+        pairs = {f"{p}_biases": (f"{p}_scales", self.gate_up_spec.bits) for p in parts}
+        self.drop_symmetric_biases(pairs | {"down_proj_biases": ("down_proj_scales", self.down_spec.bits)})
+
     def _tensors(self, name: str) -> tuple:
-        return tuple(getattr(self, name + suffix, None) for suffix in ("", "_scales", "_biases"))
+        """(weight, scales, biases) as kept: the C kernels' arguments (derived biases: None)."""
+        return tuple(self.stored(name + suffix) for suffix in ("", "_scales", "_biases"))
 
     def _stacks(self) -> tuple[tuple, tuple]:
         """(gate, up) as (stacked (weight, scales, biases) [E, …], first row of the part in them)."""
@@ -156,6 +201,7 @@ class CpuPackedStackedExperts(FewRowExperts, PackedStackedExperts):
     def __init__(self, experts: PackedStackedExperts):
         nn.Module.__init__(self)
         _adopt(self, experts)
+        self._drop_symmetric_biases()
 
 
 class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
@@ -164,6 +210,7 @@ class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
     def __init__(self, experts: SplitPackedExperts):
         nn.Module.__init__(self)
         _adopt(self, experts)
+        self._drop_symmetric_biases()
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         self.will_need(counts)  # a paged checkpoint's active experts read ahead, together (kimi_lm.mapped)

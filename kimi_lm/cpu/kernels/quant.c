@@ -14,6 +14,7 @@
  *   generic (every format, and every CPU): each group's codes decoded to fp32 by shifts, then an `omp simd` dot. It is
  *     the only path for affine 2, 3, 5 and 6 bit and where AVX-512 BF16 is missing.
  * Affine weights are scale q + bias: the products sum scale (q . x) per group and add bias . (sum of the group's x).
+ * Symmetric affine weights (compressed-tensors INT4: bias = -8 scale) come without biases (NULL): derived per row.
  *
  * quant_matmul: y = x W^T for M input rows (any M; 8 rows per pass over the weight), output rows shared among threads.
  * quant_experts_rows: SwiGLU experts with packed gate|up and down weights on a few rows each (a decode step's experts
@@ -54,7 +55,7 @@ static inline float scale_of(const qweight *W, long row, long g) {
     return load_one(W->scales, row * n + g, W->scale_bf16);
 }
 
-/* the row's scales [I / group] (and affine biases) as fp32 */
+/* the row's scales [I / group] (and affine biases; none stored: symmetric) as fp32 */
 static void row_scales(const qweight *W, long row, float *s, float *b) {
     const long n = W->I / W->group;
     const uint8_t *u = (const uint8_t *)W->scales + row * n;
@@ -67,7 +68,13 @@ static void row_scales(const qweight *W, long row, float *s, float *b) {
     } else {
         const size_t esize = W->scale_bf16 ? 2 : 4;
         load_row(s, (const char *)W->scales + (size_t)(row * n) * esize, n, W->scale_bf16);
-        load_row(b, (const char *)W->biases + (size_t)(row * n) * esize, n, W->scale_bf16);
+        if (W->biases) {
+            load_row(b, (const char *)W->biases + (size_t)(row * n) * esize, n, W->scale_bf16);
+        } else { /* symmetric (compressed-tensors INT4): bias = -2^(bits - 1) scale, exact in fp32 as in bf16 */
+            const float mid = (float)(1 << (W->bits - 1));
+#pragma omp simd
+            for (long g = 0; g < n; g++) b[g] = -mid * s[g];
+        }
     }
 }
 

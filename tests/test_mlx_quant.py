@@ -21,6 +21,7 @@ from checkpoints import build_reference, save_reference, to_official_layout  # n
 from conftest import rel_err  # noqa: E402
 
 import kimi_lm  # noqa: E402
+from kimi_lm import cpu  # noqa: E402
 from kimi_lm.config import _preset  # noqa: E402
 from kimi_lm.quant import affine, mxfp4  # noqa: E402
 from kimi_lm.quant.packed import PackedLinear, PackedRouter, PackedStackedExperts, QuantSpec  # noqa: E402
@@ -160,8 +161,9 @@ def test_load_mlx_checkpoint_matches_mlx_lm(official, tmp_path, mode, bits, grou
         return
     # weights stay packed: the experts, the router (affine 8-bit g64 even in an mxfp4 model) and the lm_head
     moe = model.model.layers[1].block_sparse_moe
-    assert isinstance(moe.experts, PackedStackedExperts) and moe.experts.int4 == (mode == "affine" and bits == 4)
-    # affine 4-bit codes sit in the CPU int4 kernel's layout (uint8, same bytes); the rest in MLX's uint32 words
+    int4 = cpu.INT4_KERNEL and mode == "affine" and bits == 4
+    assert isinstance(moe.experts, PackedStackedExperts) and moe.experts.int4 == int4
+    # with cpu.INT4_KERNEL affine 4-bit codes sit in the int4 kernel's layout (uint8, same bytes); else MLX's words
     assert moe.experts.gate_up_proj.dtype == (torch.uint8 if moe.experts.int4 else torch.uint32)
     assert isinstance(moe.gate, PackedRouter) and moe.gate.spec == QuantSpec("affine", 8, 64)
     assert isinstance(model.lm_head, PackedLinear) and model.lm_head.spec == QuantSpec(mode, bits, group)
@@ -196,10 +198,11 @@ def test_bad_per_module_override_is_an_error(official, tmp_path):
         kimi_lm.load(path)
 
 
-def test_int4_kernel_state_round_trips_to_the_mlx_files(official, tmp_path):
+def test_int4_kernel_state_round_trips_to_the_mlx_files(official, tmp_path, monkeypatch):
     """A module moved onto the int4 kernel still saves exactly the MLX tensors it was loaded from."""
     from safetensors.torch import load_file
 
+    monkeypatch.setattr(cpu, "INT4_KERNEL", True)  # the backend's default is quant.c; the kernel stays an option
     path = mlx_convert(official, tmp_path / "mlx", "affine", 4, 64)
     model = kimi_lm.load(path, dtype=torch.float32)
     assert model.lm_head.int4 and model.model.layers[1].block_sparse_moe.experts.int4

@@ -158,6 +158,16 @@ def _mlx_k2_logits(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(model(mx.array(X.numpy()))[0].astype(mx.float32)))
 
 
+def _mlx_lm_resave(src: Path, dst: Path) -> Path:
+    """What mlx-lm itself makes of a checkpoint: load (its sanitize re-interprets the INT4 experts) and save."""
+    from mlx_lm import utils
+
+    model, config = utils.load_model(src, strict=False)
+    utils.save_model(dst, model)
+    utils.save_config(config, config_path=dst / "config.json")
+    return dst
+
+
 @pytest.mark.parametrize("layout", ["k2_thinking", "k25"])
 def test_int4_to_mlx_is_a_pure_reinterpretation(int4, tmp_path, capsys, layout):
     src = int4[0] if layout == "k2_thinking" else int4[1]
@@ -173,6 +183,9 @@ def test_int4_to_mlx_is_a_pure_reinterpretation(int4, tmp_path, capsys, layout):
             assert torch.equal(s[e], source[f"{layer}experts.{e}.{proj}.weight_scale"])
         assert torch.equal(b, -8 * s) and b.dtype == s.dtype == torch.bfloat16
     assert summary["quantized_tensors"] == 0 and summary["reinterpreted_tensors"] > 0
+    want = tensors(_mlx_lm_resave(src, tmp_path / "theirs"))  # tensor for tensor what mlx-lm writes
+    assert sorted(files) == sorted(want)
+    assert all(files[n].dtype == want[n].dtype and torch.equal(files[n], want[n]) for n in want)
     assert not any(n.startswith(("vision_tower", "mm_projector")) for n in files)
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["quantization"] == cfg["quantization_config"] == {"group_size": 32, "bits": 4, "mode": "affine"}

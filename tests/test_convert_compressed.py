@@ -7,6 +7,7 @@ loading the source. Spec ``kimi_k3_and_int4.md`` §A4, §B."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,21 @@ def test_cli_spelling_and_refusals(int4, k3, tmp_path, capsys):
     assert convert([str(mlx_dir), str(tmp_path / "c"), "--to-mlx"]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args", [["--to-mlx"], ["--dequantize"]])
+def test_malformed_packed_source_is_one_error_and_no_output(tmp_path, capsys, args):
+    model = random_model(mxfp4_config(), seed=7)
+    w2 = f"{MOE}block_sparse_moe.experts.3.w2."
+    for edit, needle in ((lambda t: t.update({w2 + "weight_scale": t[w2 + "weight_scale"].to(torch.bfloat16)}),
+                          r"weight_scale' is BF16 \[64, 1\], expected U8 \[64, 1\]"),
+                         (lambda t: t.pop(w2 + "weight_scale"), "weight_scale' beside it")):
+        src = write_mxfp4_checkpoint(model, tmp_path / "bad", dtype=torch.float32, edit=edit)[0]
+        dst = tmp_path / "out"
+        assert convert([str(src), str(dst), "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(needle, err), err
+        assert not dst.exists() and not list(tmp_path.glob(".out*"))
+        import shutil
+
+        shutil.rmtree(src)

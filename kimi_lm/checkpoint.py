@@ -15,8 +15,10 @@ dropped (``rotary_emb.inv_freq``, multi-token-prediction layers).
 
 FP8 block checkpoints (``quantization_config.quant_method`` ``fp8``): a module is quantized iff the checkpoint has a
 ``weight_scale_inv`` for it; those modules are swapped for ``kimi_lm.quant.fp8_block`` ones before loading, and their
-fp8 weights are kept as they are. Every problem raises ``CheckpointError`` naming the file, tensor or key, what was
-expected and what was found; a partial load is never returned.
+fp8 weights are kept as they are. compressed-tensors checkpoints (K2-Thinking / K2.5 INT4, K3's MXFP4 experts) and
+MLX ones keep their packed bytes (``quant.compressed_tensors``, ``quant.mlx_load``; mlx-lm's fused K3 q/k/v are read
+as three row ranges). A module stored twice (float and packed) is refused. Every problem raises ``CheckpointError``
+naming the file, tensor or key, what was expected and what was found; a partial load is never returned.
 
 Reference: safetensors format (8-byte little-endian header length, JSON header, raw little-endian data);
 spec ``kimi_k2_and_quantization.md`` §2.6 (K2 tensor names) and §4 (FP8 layout).

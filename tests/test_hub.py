@@ -116,7 +116,7 @@ def test_train_takes_config_and_tokenizer_by_hub_id(offline, cache, tmp_path, ca
             "--out", str(tmp_path / "run"), "--quiet"]
     assert trainer.main(args) == 2
     assert "/models--org--k2/snapshots/" in (err := capsys.readouterr().err)
-    assert "kimi-lm train trains Kimi Linear models; this is" in err
+    assert "kimi-lm train trains Kimi Linear and Kimi K3 models; this is deepseek_v3" in err
 
 
 def test_offline_with_nothing_cached_is_one_clear_error(cache, monkeypatch):

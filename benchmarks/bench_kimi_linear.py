@@ -9,6 +9,12 @@ checkpoint directory written by transformers. For each
 dtype: prefill ``--prompt`` tokens, then ``--decode`` single-token steps with the cache. Reports the best of
 ``--repeats`` runs and the speed ratio kimi-lm / transformers, plus the max relative logit difference.
 
+Decode roofline: a decode step must stream the weights it uses (every weight but the embedding table, the shared
+experts and top-k of the routed ones: the active parameters) plus the recurrent state and caches it reads and
+writes (each KDA layer's fp32 state read and written; each MLA layer's latent cache read, at the prompt's length).
+``copy bandwidth`` is measured here, the best of several ``dst.copy_(src)`` of 512 MiB (bytes read per second) on
+the same threads; roofline tok/s = bandwidth / bytes per step, and the fraction of it each run reaches is printed.
+
 Prints a table, then one JSON line.
 
     python benchmarks/bench_kimi_linear.py [--config bench] [--prompt 1024] [--decode 32] [--dtypes float32,bfloat16]
@@ -88,6 +94,33 @@ def error_stats(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, f
     return per_pos.max().item(), per_pos.median().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
+def decode_bytes(ref, cfg: KimiLinearConfig, dtype: torch.dtype, history: int) -> int:
+    """Bytes one batch-1 decode step at ``history`` cached tokens must stream (see the module docstring): active
+    weights at ``dtype``, the KDA states (fp32, read and written) and the MLA latent caches (read)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    weights = 0
+    for name, p in ref.named_parameters():
+        if "embed_tokens" in name:
+            continue  # one row of it per token
+        share = cfg.num_experts_per_token / cfg.num_experts if ".experts." in name else 1.0
+        weights += int(p.numel() * share) * size
+    lac = cfg.linear_attn_config
+    kda_state = len(lac["kda_layers"]) * lac["num_heads"] * lac["head_dim"] ** 2 * 4 * 2
+    mla_cache = len(lac["full_attn_layers"]) * history * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
+    return weights + kda_state + mla_cache
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second a ``copy_`` of ``nbytes`` reads (best of ``repeats``), on torch's threads."""
+    src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
 def real_layers_config() -> KimiLinearConfig:
     """Kimi-Linear-48B-A3B's layer dimensions in 4 layers (3 KDA + 1 MLA, dense first), 16 experts, vocab 32768."""
     base = preset("kimi-linear-48b-a3b")
@@ -120,6 +153,7 @@ def main(argv=None) -> int:
 
     with torch.inference_mode():
         reference = ref(prompt).logits  # fp32, before any cast
+    bandwidth = copy_bandwidth()
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -132,7 +166,10 @@ def main(argv=None) -> int:
         # over positions is dominated by MoE routing ties that one rounding flips (random weights make near-ties
         # common), so the median and the top-1 agreement are shown too.
         ours_err, theirs_err = error_stats(o_logits, reference), error_stats(t_logits, reference)
+        step_bytes = decode_bytes(ref, cfg, dtype, args.prompt + args.decode // 2)
         rows.append({
+            "decode_bytes_per_step": step_bytes, "roofline_tok_s": bandwidth / step_bytes,
+            "roofline_fraction": args.decode / o_dec / (bandwidth / step_bytes),
             "dtype": dtype_name,
             "prefill_tok_s": args.prompt / o_pre, "prefill_tok_s_transformers": args.prompt / t_pre,
             "prefill_speedup": t_pre / o_pre,
@@ -144,7 +181,7 @@ def main(argv=None) -> int:
         del ours
 
     print(f"{args.config} config: {n_params / 1e6:.1f}M parameters, prompt {args.prompt}, decode {args.decode}, "
-          f"{args.threads} threads, best of {args.repeats}")
+          f"{args.threads} threads, best of {args.repeats}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'dtype':<9} {'prefill tok/s':>14} {'(tf)':>9} {'ratio':>6}   {'decode tok/s':>12} {'(tf)':>8} {'ratio':>6}"
           f"   {'vs fp32 reference: Δ max / median, top-1 (transformers: median, top-1)'}")
     for r in rows:
@@ -153,8 +190,11 @@ def main(argv=None) -> int:
               f"{r['decode_speedup']:>5.2f}x   {r['max_rel_logit_diff']:.1e} / {r['median_rel_logit_diff']:.1e}, "
               f"{r['top1_agreement']:.1%}  ({r['transformers_median_rel_logit_diff']:.1e}, "
               f"{r['transformers_top1_agreement']:.1%})")
+    for r in rows:
+        print(f"{r['dtype']:<9} decode roofline: {r['decode_bytes_per_step'] / 2**20:.1f} MiB per step -> "
+              f"{r['roofline_tok_s']:.0f} tok/s; kimi-lm at {r['roofline_fraction']:.0%} of it")
     print(json.dumps({"benchmark": "kimi_linear_cpu_vs_transformers", "config": args.config, "params": n_params,
-                      "prompt": args.prompt, "decode": args.decode, "threads": args.threads, "results": rows}))
+                      "copy_bandwidth_gb_s": bandwidth / 1e9, "prompt": args.prompt, "decode": args.decode, "threads": args.threads, "results": rows}))
     return 0
 
 

@@ -8,8 +8,8 @@ Random weights; ``--config`` as in bench_kimi_linear.py (``bench``: 8 layers, hi
 policy (every Linear / Embedding / expert stack whose input width divides the group; router at affine 8-bit g64) by
 ``quant.packed.swap_modules(pack=True)``, then ``kimi_lm.cpu.prepare``. Modes: mxfp4, nvfp4, mxfp8, affine<bits>
 (group 64; affine4 on quant.c), affine4-int4 (affine 4-bit on PyTorch's int4 kernel). Models are measured in
-interleaved rounds (best of ``--repeats``): load from other processes hits every model alike. Prints a table, then
-one JSON line.
+interleaved rounds (best of ``--repeats``): load from other processes hits every model alike. ``ops/step``: the
+PyTorch ops one decode step runs (per-op overhead; the C calls are not counted). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kimi_lm import cpu
 from kimi_lm.config import preset
@@ -51,6 +52,28 @@ def spec_of(mode: str) -> QuantSpec:
     if mode in ("mxfp4", "mxfp8", "nvfp4"):
         return QuantSpec(mode, 8 if mode == "mxfp8" else 4, 16 if mode == "nvfp4" else 32)
     return QuantSpec("affine", int(mode.removeprefix("affine").removesuffix("-int4")), 64)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the PyTorch ops (aten calls) run under it: a decode step's per-op overhead, the C calls not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(model, prompt: torch.Tensor) -> int:
+    """aten ops of one cached decode step after a short prompt."""
+    with torch.inference_mode():
+        cache = model.make_cache(1)
+        model(prompt[:, :16], cache)
+        with _CountOps() as counter:
+            model(torch.tensor([[1]]), cache)
+    return counter.ops
 
 
 def speeds(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -101,13 +124,17 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):  # interleaved, best of
         for name, model in models.items():
             best[name] = [max(a, b) for a, b in zip(best[name], speeds(model, prompt, args.tokens))]
+    ops = {name: ops_per_step(model, prompt) for name, model in models.items()}
     bf_pre, bf_dec = best["bf16"]
     print(f"config {args.config}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode steps")
-    print(f"{'weights':<14}{'MiB':>9}{'decode tok/s':>14}{'vs bf16':>9}{'prefill tok/s':>15}{'vs bf16':>9}")
+    print(f"{'weights':<14}{'MiB':>9}{'decode tok/s':>14}{'vs bf16':>9}{'prefill tok/s':>15}{'vs bf16':>9}"
+          f"{'ops/step':>10}")
     rows = []
     for name, (pre, dec) in best.items():
-        print(f"{name:<14}{sizes[name] / 2**20:>9.1f}{dec:>14.1f}{dec / bf_dec:>8.2f}x{pre:>15.0f}{pre / bf_pre:>8.2f}x")
-        rows.append({"mode": name, "mib": round(sizes[name] / 2**20, 1), "decode_tok_s": round(dec, 2),
+        print(f"{name:<14}{sizes[name] / 2**20:>9.1f}{dec:>14.1f}{dec / bf_dec:>8.2f}x{pre:>15.0f}{pre / bf_pre:>8.2f}x"
+              f"{ops[name]:>10}")
+        rows.append({"mode": name, "mib": round(sizes[name] / 2**20, 1), "ops_per_step": ops[name],
+                     "decode_tok_s": round(dec, 2),
                      "decode_vs_bf16": round(dec / bf_dec, 3), "prefill_tok_s": round(pre, 1),
                      "prefill_vs_bf16": round(pre / bf_pre, 3)})
     print(json.dumps({"benchmark": "quant_decode", "config": args.config, "threads": args.threads,

@@ -531,11 +531,44 @@ typedef struct {
     int bf16;
 } dequant_job;
 
+#if QUANT_AVX512
+/* dequant_item's rows on the byte path (MXFP8, affine 8-bit): 32 codes per step through byte_decode, multiplied and
+ * added apart (no fused multiply-add: the same roundings as kimi_lm.quant's dequantize). The generic decode of E4M3
+ * ran ~18x slower (18 vs 1 ms for 1024 x 2304 on one core), which made MXFP8 prefill 0.3x of bf16's. */
+static void dequant_rows_byte(const qweight *W, long r0, long r1, void *out, int bf16) {
+    const long I = W->I, G = W->group, n = I / G;
+    float s[n + 1], b[n + 1], row[I];
+    const __m512 unit = _mm512_set1_ps(W->mode == MXFP8 ? 256.0f : 1.0f); /* E4M3's fp16 bits are 2^-8 of it */
+    for (long r = r0; r < r1; r++) {
+        row_scales(W, r, s, b);
+        for (long c = 0; c < I / 32; c++) {
+            __m512 w0, w1;
+            byte_decode(W->mode, W->w + r * I + c * 32, &w0, &w1);
+            const long g = c * 32 / G;
+            const __m512 sv = _mm512_set1_ps(s[g]);
+            w0 = _mm512_mul_ps(_mm512_mul_ps(w0, unit), sv); /* ×256 exact, then the scale: one rounding */
+            w1 = _mm512_mul_ps(_mm512_mul_ps(w1, unit), sv);
+            if (W->mode == AFFINE) {
+                const __m512 bv = _mm512_set1_ps(b[g]);
+                w0 = _mm512_add_ps(w0, bv);
+                w1 = _mm512_add_ps(w1, bv);
+            }
+            _mm512_storeu_ps(row + c * 32, w0);
+            _mm512_storeu_ps(row + c * 32 + 16, w1);
+        }
+        store_row((char *)out + (size_t)(r * I) * (bf16 ? 2 : 4), row, I, bf16);
+    }
+}
+#endif
+
 static void dequant_item(const void *ctx, long item) {
     const dequant_job *job = (const dequant_job *)ctx;
     const qweight *W = job->W;
     const long I = W->I, G = W->group, n = I / G, row_bytes = I * W->bits / 8;
     const long r0 = item * ROWS_PER_ITEM, r1 = r0 + ROWS_PER_ITEM < W->O ? r0 + ROWS_PER_ITEM : W->O;
+#if QUANT_AVX512
+    if (byte_path(W) && G % 32 == 0) return dequant_rows_byte(W, r0, r1, job->out, job->bf16);
+#endif
     float v[128], s[n + 1], b[n + 1], row[I];
     for (long r = r0; r < r1; r++) {
         row_scales(W, r, s, b);

@@ -119,6 +119,19 @@ def test_k3_mxfp4_release_to_mlx_is_bit_exact(k3, tmp_path, capsys):
         assert rel(logits(dst), want) <= 1e-3
 
 
+def test_k3_float_to_mlx_is_a_relayout(k3, tmp_path, capsys):
+    """--to-mlx of a float checkpoint: mlx-lm's names (fused q/k/v, switch_mlp), nothing quantized, same model."""
+    f32, _ = k3
+    dst = tmp_path / "mlx"
+    summary = run(f32, dst, "--to-mlx", capsys=capsys)
+    assert summary["quantized_tensors"] == summary["reinterpreted_tensors"] == 0 and summary["mode"] is None
+    assert "quantization" not in json.loads((dst / "config.json").read_text())
+    assert f"{MOE}mlp.switch_mlp.down_proj.weight" in tensors(dst)
+    assert rel(logits(dst), logits(f32)) == 0
+    want, _, _ = mlx_logits(dst, X)
+    assert rel(want, logits(f32)) <= 1e-4
+
+
 def test_k3_mxfp4_release_quantize_affine_and_dequantize(k3, tmp_path, capsys):
     _, mx = k3
     dst = tmp_path / "affine"

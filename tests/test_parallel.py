@@ -1,8 +1,8 @@
 """Tensor- and expert-parallel inference (kimi_lm.distributed, issue 22): two gloo processes on CPU against one.
 
 The split runs are real torchrun launches (``--standalone``: a free port each); the oracle is the one-process plain
-model loaded by ``kimi_lm.checkpoint.load`` in fp32. Kimi Linear (official layout), Kimi K2 (DeepSeek-V3 layout) and
-Kimi K3 (latent MoE, gates, Block AttnRes) each run --tp 2, --ep 2 and both.
+model loaded by ``kimi_lm.checkpoint.load`` in fp32. Kimi Linear (official layout), Kimi K2 (DeepSeek-V3 layout),
+Kimi K3 (latent MoE, gates, Block AttnRes) and K2 in the FP8-block release format each run --tp 2, --ep 2 and both.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import rel_err
 from parallel_ranks import GREEDY, PREFILL, ids_for
 from kimi_lm.checkpoint import load
-from kimi_lm.config import preset
+from kimi_lm.config import FP8_BLOCK_CONFIG, KimiK2Config, preset
 from kimi_lm.distributed import launch
 from kimi_lm.distributed.memory import per_rank
 from kimi_lm.distributed.parallel import Plan, check, shard_specs
@@ -50,7 +50,17 @@ def checkpoints(tmp_path_factory, official_checkpoint):
     k2 = k2_checkpoints.to_official_layout(k2_hf, root / "k2")
     k3_cfg = k3_checkpoints.tiny_config(num_attention_heads=4)
     k3 = k3_checkpoints.write_checkpoint(k3_checkpoints.random_model(k3_cfg), root / "k3")
-    return {"kimi_linear": Path(official_checkpoint), "k2": k2, "k3": k3}
+    k2_fp8 = k2_checkpoints.write_random_fp8_checkpoint(fp8_config(), root / "k2fp8")
+    return {"kimi_linear": Path(official_checkpoint), "k2": k2, "k3": k3, "k2_fp8": k2_fp8}
+
+
+def fp8_config(**changes) -> KimiK2Config:
+    """A tiny K2 in the FP8 release format whose split sizes are whole 128-blocks on 2 ranks (heads of 128 + 64)."""
+    raw = {**preset("tiny-k2").to_dict(), **dict(
+        hidden_size=256, num_attention_heads=4, num_key_value_heads=4, qk_nope_head_dim=64, qk_rope_head_dim=64,
+        v_head_dim=64, kv_lora_rank=128, q_lora_rank=128, moe_intermediate_size=256, intermediate_size=256,
+        n_routed_experts=8, num_hidden_layers=2, quantization_config=dict(FP8_BLOCK_CONFIG)), **changes}
+    return KimiK2Config.from_dict(raw)
 
 
 PROMPT, N_TOKENS = "The os module", 12
@@ -89,7 +99,7 @@ def one_process(path: Path):
     return model, full, torch.cat(steps), tokens
 
 
-@pytest.mark.parametrize("family", ["kimi_linear", "k2", "k3"])
+@pytest.mark.parametrize("family", ["kimi_linear", "k2", "k3", "k2_fp8"])
 def test_split_runs_match_one_process(family, checkpoints, split_runs):
     """Logits of a full forward and of cached decode steps within 1e-5 of one process's; same greedy tokens;
     every rank holds 1/2 of the split tensors plus the replicated ones, as the estimator predicts."""
@@ -112,10 +122,11 @@ def test_split_runs_match_one_process(family, checkpoints, split_runs):
         assert split > 0.3 * sum(full_bytes.values()), name  # experts, heads: a good part of even a tiny model
         # K3's zero-padded A_log drops its padding when split: a few bytes under the exact half
         assert replicated + split / 2 - 64 * len(model.model.layers) <= ranks[0]["param_bytes"] <= replicated + split / 2
-        from kimi_lm.estimate import estimate
+        if family != "k2_fp8":  # (the estimator prices FP8 checkpoints' float tensors at the config's bf16)
+            from kimi_lm.estimate import estimate
 
-        e = estimate(model.config, quant="fp32", context=[16])
-        assert per_rank(model.config, e, tp, ep, quant="fp32")["weights_bytes"] == ranks[0]["param_bytes"], name
+            e = estimate(model.config, quant="fp32", context=[16])
+            assert per_rank(model.config, e, tp, ep, quant="fp32")["weights_bytes"] == ranks[0]["param_bytes"], name
 
 
 def test_cached_decode_keeps_this_ranks_heads(checkpoints, split_runs):
@@ -205,13 +216,26 @@ def test_generate_without_torchrun_is_a_usage_error(capsys, monkeypatch):
     assert "needs 2 processes started by torchrun" in capsys.readouterr().err
 
 
-def test_quantized_checkpoint_is_refused(tmp_path):
+def test_packed_checkpoint_is_refused(tmp_path):
+    """MLX / compressed-tensors packed experts: one error saying what is supported."""
+    import k3_checkpoints
+    from kimi_lm.distributed.load import load_sharded
+
+    ckpt, _ = k3_checkpoints.write_mxfp4_checkpoint(k3_checkpoints.random_model(k3_checkpoints.mxfp4_config()),
+                                                    tmp_path / "mxfp4")
+    with pytest.raises(UsageError, match=r"load float \(F32, BF16, F16\) and FP8-block checkpoints.*--dequantize"):
+        load_sharded(ckpt, Plan(ep=2))
+
+
+def test_fp8_blocks_split_only_at_block_boundaries(tmp_path):
+    """--tp 2 would give each rank 48 of tiny-k2's 96 expert rows: not whole 128-blocks, so refused by name."""
     import k2_checkpoints
     from kimi_lm.distributed.load import load_sharded
 
-    ckpt = k2_checkpoints.write_random_fp8_checkpoint(preset("tiny-k2"), tmp_path / "fp8")
-    with pytest.raises(UsageError, match=r"float checkpoints only.*convert --dequantize"):
-        load_sharded(ckpt, Plan())
+    ckpt = k2_checkpoints.write_random_fp8_checkpoint(fp8_config(moe_intermediate_size=96), tmp_path / "fp8")
+    with pytest.raises(UsageError, match=r"--tp 2: FP8-block weights split only at 128-row/column block boundaries.*"
+                                         r"experts.gate_up_proj \(48 of 96\)"):
+        load_sharded(ckpt, Plan(tp=2))
 
 
 def test_sharded_loader_is_the_one_process_loader_unsplit(official_checkpoint, tmp_path):

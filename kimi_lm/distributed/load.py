@@ -18,8 +18,9 @@ and attention being replicated), peak RSS = what it keeps; ``--tp 2 --ep 2`` rea
 
 Names, placements and checks are the single-process loader's (``kimi_lm.names``, ``kimi_lm.checkpoint``): the
 same tensors are required, with the same shapes, and a problem raises ``CheckpointError`` naming the file and tensor.
-Float checkpoints only (F32 / BF16 / F16): quantized ones (FP8 blocks, MLX / compressed-tensors packed) raise a
-``UsageError`` saying so (``kimi-lm convert --dequantize`` writes a float copy).
+Float (F32 / BF16 / F16) and FP8-block checkpoints (Kimi K2's release format: fp8 weights and their block scales are
+split together, at block boundaries); MLX / compressed-tensors packed ones raise a ``UsageError`` saying so
+(``kimi-lm convert --dequantize`` writes a float copy).
 
 Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the one-process loader it mirrors).
 """
@@ -35,10 +36,12 @@ import torch
 from torch import nn
 
 from kimi_lm import mapped, names
-from kimi_lm.checkpoint import FP32_SUFFIXES, ST_DTYPES, SafetensorsFile, _model_class, resolve_dtype, weight_files
+from kimi_lm.checkpoint import (FP32_SUFFIXES, ST_DTYPES, SafetensorsFile, _fp8_modules, _model_class, resolve_dtype,
+                                weight_files)
 from kimi_lm.config import load_config
 from kimi_lm.distributed.parallel import Plan, Shard, parallelize
 from kimi_lm.errors import CheckpointError, UsageError
+from kimi_lm.quant.fp8_block import FP8, quantize_modules
 
 _FLOAT = ("F32", "BF16", "F16")
 
@@ -46,17 +49,18 @@ _FLOAT = ("F32", "BF16", "F16")
 def refuse_quantized(path: Path, config, files: dict[str, Path]) -> None:
     """UsageError for a checkpoint whose weights are not plain floats: config.json says so, or a shard's header
     holds a packed / fp8 tensor (headers only: nothing else is read)."""
-    quant = getattr(config, "quantization_config", None) or getattr(config, "quantization", None)
-    found = "config.json's quantization block" if quant else None
+    qc = getattr(config, "quantization_config", None)
+    fp8 = isinstance(qc, dict) and qc.get("quant_method") == "fp8"
+    found = "config.json's quantization block" if getattr(config, "quantization", None) or (qc and not fp8) else None
     for file in sorted(set(files.values())) if not found else ():
         header = SafetensorsFile(file).header
-        name = next((n for n in header if n in files and header[n]["dtype"] not in _FLOAT), None)
+        name = next((n for n in header if n in files and header[n]["dtype"] not in _FLOAT + ("F8_E4M3",) * fp8), None)
         if name is not None:
             found = f"{file.name}: {name!r} is {header[name]['dtype']}"
             break
     if found:
-        raise UsageError(f"{path}: --tp / --ep load float checkpoints only (F32, BF16, F16); this one is quantized "
-                         f"({found}); write a float copy with `kimi-lm convert --dequantize`")
+        raise UsageError(f"{path}: --tp / --ep load float (F32, BF16, F16) and FP8-block checkpoints; this one is "
+                         f"quantized otherwise ({found}); write a float copy with `kimi-lm convert --dequantize`")
 
 
 def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Module:
@@ -69,15 +73,17 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     files = {n: f for n, f in weight_files(path).items() if not names.skipped(n, config)}
     refuse_quantized(path, config, files)
     fam = names.family(config)
+    fp8 = _fp8_modules(config, {n: names.to_parameter(n, fam) for n in files}, files)
     with torch.device("meta"):
         model = _model_class(config)(config)
+        quantize_modules(model, lambda name, module: name in fp8)  # as kimi_lm.checkpoint.load does
     expected = model.state_dict()  # full shapes
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     specs = parallelize(model, plan)
     local_meta = model.state_dict()
-    loaded = {n: torch.empty(local_meta[n].shape, device="cpu",
-                             dtype=torch.float32 if n.endswith(FP32_SUFFIXES) else dtype) for n in expected}
+    loaded = {n: torch.empty(local_meta[n].shape, device="cpu", dtype=FP8 if expected[n].dtype == FP8 else
+                             torch.float32 if n.endswith(FP32_SUFFIXES) else dtype) for n in expected}
     seen: dict[str, set] = {n: set() for n in expected}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -94,9 +100,10 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
                 if target not in expected:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} (no such parameter in a "
                                           f"{config.model_type} model with this config.json)")
-                if f.dtype(name) not in _FLOAT:
-                    raise UsageError(f"{file}: tensor {name!r} is {f.dtype(name)}: --tp / --ep load float checkpoints "
-                                     f"only (F32, BF16, F16); write a float copy with `kimi-lm convert --dequantize`")
+                if (f.dtype(name) == "F8_E4M3") != (expected[target].dtype == FP8) or f.dtype(name) not in (
+                        *_FLOAT, "F8_E4M3"):
+                    raise CheckpointError(f"{file}: tensor {name!r} has dtype {f.dtype(name)}, expected "
+                                          f"{'F8_E4M3 (it has an FP8 block scale)' if expected[target].dtype == FP8 else 'F32, BF16 or F16'}")
                 want = names.checkpoint_shape(expected[target].shape, placement)
                 if f.shape(name) != want:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {f.shape(name)}, expected {want}")
@@ -183,8 +190,8 @@ def _check_complete(path: Path, expected: dict, seen: dict[str, set]) -> None:
         ref = expected[target]
         if ("copy", -1) in got or ("conv", -1) in got:
             continue
-        if target.endswith(("gate_up_proj", "down_proj")) and ref.dim() == 3:
-            halves = ("gate", "up") if target.endswith("gate_up_proj") else ("down",)
+        if target.removesuffix("_scale_inv").endswith(("gate_up_proj", "down_proj")) and ref.dim() == 3:
+            halves = ("gate", "up") if "gate_up_proj" in target else ("down",)
             have = {(p.removesuffix("_all"), e) for p, e in got if p in names.PER_EXPERT}
             have |= {(p.removesuffix("_all"), e) for p, _ in got if p.endswith("_all") for e in range(ref.shape[0])}
             lost = [f"{target} (expert {e}, {h})" for e in range(ref.shape[0]) for h in halves if (h, e) not in have]

@@ -18,6 +18,9 @@ only its slice of each split parameter. One rank per process, one process group 
     replicated           embeddings, lm_head, final norm, routers, Block AttnRes projections, K3 latent-MoE
                          down/up projections and norm.
 
+FP8-block weights (Kimi K2's release format, ``kimi_lm.quant.fp8_block``) split with their 128×128 block scales,
+at block boundaries only (:func:`check_blocks`): K2 splits 8 ways (a rank's q_b rows are 8 heads × 192 = 12 blocks).
+
 Rank r holds heads [r·H/N, (r+1)·H/N) of every split layer. ``--tp`` and ``--ep`` are each 1 or the world size;
 both at N split attention and dense products by head / column and routed experts by expert, over the same ranks.
 Sums over ranks run in a different order than one process's (fp32: ~1e-6 relative; the greedy tokens agree).
@@ -162,7 +165,33 @@ def shard_specs(model: nn.Module, plan: Plan) -> dict[str, Shard]:
             elif tp > 1:
                 add(p, ["gate_up_proj"], 1, tp, halves=True)
                 add(p, ["down_proj"], 2, tp)
+    buffers = {n for n, _ in model.named_buffers()}
+    for name in list(specs):  # FP8 blocks (kimi_lm.quant.fp8_block): a weight's block scales split with it
+        scale = f"{name}_scale_inv"
+        if scale in buffers:
+            specs[scale] = specs[name]
     return specs
+
+
+def check_blocks(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> None:
+    """An FP8-block weight splits only at block boundaries: each rank's part of the split dim must be a whole number
+    of 128-blocks (each half's, for gate | up), or its block scales would be cut."""
+    from kimi_lm.quant.fp8_block import BLOCK
+
+    bad = []
+    for name, spec in specs.items():
+        weight = model.get_parameter(name.removesuffix("_scale_inv")) if name.endswith("_scale_inv") else None
+        if weight is not None and not (weight.dim() == 3 and spec.dim == 0):  # whole experts: no block is cut
+            full = weight.shape[spec.dim]
+            local = (full // 2 if spec.halves else full) // spec.parts
+            if local % BLOCK:
+                bad.append(f"{name.removesuffix('_scale_inv')} ({local} of {full // 2 if spec.halves else full})")
+    if bad:
+        flag, value = ("--ep", plan.ep) if plan.tp == 1 else ("--tp", plan.tp)
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise UsageError(f"{flag} {value}: FP8-block weights split only at {BLOCK}-row/column block boundaries; this "
+                         f"rank's part would not be whole blocks for {shown}; choose a smaller {flag} or convert the "
+                         f"checkpoint with `kimi-lm convert --dequantize`")
 
 
 # ---- the modules that sum over ranks ------------------------------------------------------------------------------
@@ -224,13 +253,17 @@ def parallelize(model: nn.Module, plan: Plan) -> dict[str, Shard]:
     parameter becomes a contiguous copy of this rank's slice (so the full tensor can be freed)."""
     check(model, plan)
     specs = shard_specs(model, plan)
+    check_blocks(model, specs, plan)
     for name, spec in specs.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        param = getattr(module, leaf)
-        local = (torch.empty(spec.local_shape(param.shape), dtype=param.dtype, device="meta") if param.is_meta
-                 else spec.take(param.detach()).contiguous())
-        module._parameters[leaf] = nn.Parameter(local, requires_grad=False)
+        t = getattr(module, leaf)
+        local = (torch.empty(spec.local_shape(t.shape), dtype=t.dtype, device="meta") if t.is_meta
+                 else spec.take(t.detach()).contiguous())
+        if leaf in module._buffers:  # FP8 block scales are buffers
+            module._buffers[leaf] = local
+        else:
+            module._parameters[leaf] = nn.Parameter(local, requires_grad=False)
     if plan.size == 1:
         return specs
     for name, m in model.named_modules():
@@ -250,7 +283,7 @@ def parallelize(model: nn.Module, plan: Plan) -> dict[str, Shard]:
                 _swap_class(m, SumOverRanks)
         if plan.tp > 1 and isinstance(m, (MultiheadLatentAttention, KimiDeltaAttention)):
             for child in m.children():
-                if isinstance(child, nn.Linear):
+                if hasattr(child, "out_features") and child is not m.o_proj:  # nn.Linear, FP8BlockLinear
                     child.out_features = child.weight.shape[0]
     model.register_forward_pre_hook(_broadcast_input_ids, with_kwargs=True)
     model.parallel_plan = plan  # what kimi_lm.distributed reports (and how a caller tells a split model)

@@ -317,8 +317,9 @@ def estimate(config, quant: str | None = None, context=None, batch: int = 1, *, 
     notes = [f"context {T:,} is beyond the model's maximum of {cfg.max_context:,} tokens"
              for T in contexts if T > cfg.max_context]
     if bias := int4_bias_bytes(ts, q):
-        notes.append(f"weights are the INT4 files' bytes; kimi-lm holds the experts as MLX affine 4-bit, adding "
-                     f"{fmt_bytes(bias)} of biases (-8*scale) in memory")
+        notes.append(f"weights are the INT4 files' bytes; mlx-lm (and kimi-lm with backend=None) hold the experts "
+                     f"as MLX affine 4-bit with biases (-8*scale): +{fmt_bytes(bias)}; kimi-lm's CPU backend derives "
+                     f"them instead")
     arch = summary(src, q)
     return Estimate(
         model=src.name, family=arch["family"], arch=arch, quant=q.label(), weights_dtype=src.dtype,

@@ -16,8 +16,9 @@ in every format.
 The released compressed-tensors checkpoints quantize the routed experts only, everything else in the model dtype:
 ``int4-experts`` (Kimi K2-Thinking / K2.5 ``pack-quantized``: 4 bits + a bf16 scale per 32 = 4.5 bits, plus an
 int32 [2] ``weight_shape`` per expert matrix) and ``mxfp4-experts`` (Kimi K3 ``mxfp4-pack-quantized``: 4 bits + an
-E8M0 byte per 32 = 4.25 bits). These are the bytes of the files; kimi-lm holds INT4 experts as MLX affine, adding a
-bias per group at load (``int4_bias_bytes``).
+E8M0 byte per 32 = 4.25 bits). These are the bytes of the files. INT4 experts read as MLX affine have a bias
+(−8·scale) per group: mlx-lm and kimi-lm's plain model (``backend=None``) hold it (``int4_bias_bytes``), kimi-lm's
+CPU backend derives it in the kernels instead.
 
 References: shared/specs/kimi_linear.md §2 (tensor names and shapes), §4.3 and §5.9 (MLA latent and KDA caches);
 shared/specs/kimi_k2_and_quantization.md §2 (K2 tensors), §4 (FP8 block format), §5 (MXFP4, affine, mlx-lm
@@ -243,7 +244,7 @@ def tensor_bytes(t: Tensor, q: Quant, dtype_bytes: int, router_quant: Quant | No
 
 
 def int4_bias_bytes(ts: list[Tensor], q: Quant) -> int:
-    """What kimi-lm adds to ``int4-experts`` at load: the MLX affine bias (−8·scale, bf16) of every group."""
+    """What a runtime holding ``int4-experts`` as MLX affine adds at load: a bias (−8·scale, bf16) per group."""
     if q.name != "int4-experts":
         return 0
     return sum(t.numel // q.group * q.scale_bytes for t in ts if t.component == "experts")

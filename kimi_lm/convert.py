@@ -147,7 +147,13 @@ def _plan_shard(f: SafetensorsFile, names: list[str], files: dict[str, Path], sh
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kimi-lm convert", description="Rewrite a checkpoint's weights in another format.")
+    p = argparse.ArgumentParser(
+        prog="kimi-lm convert", description="Rewrite a checkpoint's weights in another format.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  kimi-lm convert moonshotai/Kimi-K2-Thinking k2t-mlx --to-mlx       INT4 experts -> MLX affine 4-bit, bit for bit
+  kimi-lm convert moonshotai/Kimi-K3 k3-mlx --to-mlx                 MXFP4 experts -> MLX mxfp4, bit for bit
+  kimi-lm convert moonshotai/Kimi-K3 k3-mxfp4 --quantize --q-mode mxfp4   the rest quantized too, experts kept
+  kimi-lm convert moonshotai/Kimi-K2.5 k25-bf16 --dequantize         INT4 / MXFP4 / FP8 / MLX -> bf16""")
     p.add_argument("src", help="checkpoint directory to read, or a Hugging Face Hub id ORG/NAME[@REVISION]")
     p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("dst", help="output directory (must not exist; written atomically)")

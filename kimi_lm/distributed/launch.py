@@ -84,10 +84,12 @@ def quiet_other_ranks() -> None:
         sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
-def shared_seed(seed: int | None) -> int:
+def shared_seed(seed: int | None, device=None) -> int:
     """Rank 0's seed (``seed``, or a fresh one) on every rank, which seeds torch's default generator there: samplers
-    without a seed of their own then draw the same numbers on every rank."""
-    t = torch.tensor([seed if seed is not None else random.SystemRandom().randrange(2**62)], dtype=torch.int64)
+    without a seed of their own then draw the same numbers on every rank. ``device``: the run's (NCCL sends CUDA
+    tensors only)."""
+    t = torch.tensor([seed if seed is not None else random.SystemRandom().randrange(2**62)], dtype=torch.int64,
+                     device=device)
     dist.broadcast(t, src=0)
     torch.manual_seed(int(t))
     return int(t)
@@ -118,5 +120,5 @@ def load_parallel(args):
         dist.barrier()
     tokenizer = load_tokenizer(path, getattr(args, "chat_template", None))
     model = load_sharded(path, Plan(tp, ep, world.rank), dtype=args.dtype, device=device)
-    shared_seed(getattr(args, "seed", None))
+    shared_seed(getattr(args, "seed", None), device)
     return model, tokenizer

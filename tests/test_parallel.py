@@ -7,6 +7,7 @@ Kimi K3 (latent MoE, gates, Block AttnRes) and K2 in the FP8-block release forma
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -198,6 +199,8 @@ def test_launch_checks(monkeypatch):
         launch.check_args(_args(ep=0))
     with pytest.raises(UsageError, match=r"kimi-lm serve runs in one process.*vLLM or SGLang"):
         launch.check_args(_args(tp=2, parallel_command="kimi-lm serve"))
+    with pytest.raises(UsageError, match=r"--prompt-cache-file .* cannot continue a split run"):
+        launch.check_args(_args(ep=2, prompt_cache_file="state.safetensors"))
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match=r"torchrun started 4 processes but --tp 2 --ep 1 splits the model 2 way"):
         launch.check_args(_args(tp=2))
@@ -258,3 +261,18 @@ def test_sharded_loader_is_the_one_process_loader_unsplit(official_checkpoint, t
     save_file(tensors, broken / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint"):
         load_sharded(broken, Plan(), dtype=torch.float32)
+
+
+def test_estimate_per_rank_on_the_command_line(capsys):
+    estimate_module = importlib.import_module("kimi_lm.estimate")  # (kimi_lm.estimate is also the function)
+
+    assert estimate_module.main(["tiny", "--context", "4k", "--tp", "2", "--ep", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    e = estimate_module.estimate("tiny", context=[4096])
+    want = per_rank("tiny", e, 2, 2)
+    assert out["per_rank"]["weights_bytes"] == want["weights_bytes"] < out["weights_bytes"]
+    assert out["per_rank"]["kda_state_bytes"] * 2 == out["kda_state_bytes"]
+    assert estimate_module.main(["tiny", "--context", "4k", "--ep", "2"]) == 0
+    assert "per rank (--tp 1 --ep 2: 2 processes" in capsys.readouterr().out
+    assert estimate_module.main(["tiny", "--tp", "3"]) == 2
+    assert "--tp 3: this model cannot be split 3 ways" in capsys.readouterr().err

@@ -65,6 +65,9 @@ def check_args(args) -> tuple[int, int]:
         raise UsageError(f"{name} runs in one process: --tp / --ep and torchrun are supported by `kimi-lm generate` "
                          f"(got --tp {tp} --ep {ep}, {world} process(es)); to serve a model split over GPUs, export it "
                          f"with `kimi-lm convert --to-hf` and serve it with vLLM or SGLang")
+    if getattr(args, "prompt_cache_file", None):
+        raise UsageError("--prompt-cache-file holds one process's whole state; it cannot continue a split run "
+                         "(--tp / --ep): drop one or the other")
     if tp > 1 and ep > 1 and tp != ep:
         raise UsageError(f"--tp {tp} --ep {ep}: combined, the two must be equal (they split the same processes: "
                          f"attention and dense products by head, routed experts by expert)")

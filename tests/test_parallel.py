@@ -276,3 +276,22 @@ def test_estimate_per_rank_on_the_command_line(capsys):
     assert "per rank (--tp 1 --ep 2: 2 processes" in capsys.readouterr().out
     assert estimate_module.main(["tiny", "--tp", "3"]) == 2
     assert "--tp 3: this model cannot be split 3 ways" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "k3"])
+def test_splitting_a_loaded_model_equals_loading_the_slices(family, checkpoints):
+    """parallelize() on a model with weights keeps exactly the slices load_sharded() reads (no process group is
+    needed until the first forward): rank 1 of --tp 2 --ep 2."""
+    from kimi_lm.distributed.load import load_sharded
+    from kimi_lm.distributed.parallel import parallelize
+
+    plan = Plan(tp=2, ep=2, rank=1)
+    model = load(checkpoints[family], dtype=torch.float32)
+    parallelize(model, plan)
+    got = load_sharded(checkpoints[family], plan, dtype=torch.float32)
+    want, have = model.state_dict(), got.state_dict()
+    assert want.keys() == have.keys()
+    assert all(torch.equal(want[k], have[k]) for k in want)
+    attn = [m for m in got.modules() if hasattr(m, "num_heads")]
+    assert attn and all(m.num_heads * 2 == full.num_heads for m, full in zip(
+        attn, [m for m in load(checkpoints[family], dtype=torch.float32).modules() if hasattr(m, "num_heads")]))

@@ -4,6 +4,7 @@ and as a whole tiny Kimi K2 FP8 checkpoint loaded with the CPU backend."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -19,6 +20,7 @@ from kimi_lm.cpu import fp8
 from kimi_lm.cpu.fp8 import CpuFP8BlockLinear, CpuFP8StackedExperts
 from kimi_lm.cpu.moe import CpuSparseMoE
 from kimi_lm.cpu.quant import CpuPackedMLA
+from kimi_lm.model.layers import MLP
 from kimi_lm.model.moe import StackedExperts
 from kimi_lm.quant import fp8_block
 from kimi_lm.quant.fp8_block import FP8BlockLinear, FP8StackedExperts, dequantize, dequantize_rows, quantize
@@ -162,6 +164,26 @@ def test_experts_single_products_equal_the_plain_module():
         assert rel_err(fast.expert(e, many), plain.expert(e, many)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_in_one_call(dtype, path):
+    """A dense / shared-expert MLP of fp8 blocks: gate, up, SwiGLU, down in one C call up to 8 rows, else per product."""
+    torch.manual_seed(0)
+    mlp = MLP(200, 136)
+    plain = copy.deepcopy(mlp)
+    fp8_block.quantize_modules(plain, lambda name, m: True, pack=True)
+    assert fp8.fp8_mlp(plain) and not fp8.fp8_mlp(mlp)
+    fast = fp8.CpuFP8MLP(plain)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    gate, up, down = (dequantize(p.weight, p.weight_scale_inv) for p in (plain.gate_proj, plain.up_proj, plain.down_proj))
+    for shape in [(1, 200), (1, 3, 200), (8, 200), (2, 10, 200)]:
+        x = torch.randn(shape).to(dtype)
+        want = (F.silu(x.float() @ gate.T) * (x.float() @ up.T)) @ down.T
+        got = fast(x)
+        assert got.shape == x.shape and got.dtype == dtype
+        assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        assert rel_err(got, plain(x)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.fixture(scope="module")
 def k2_fp8(tmp_path_factory):
     cfg = dataclasses.replace(preset("tiny-k2"), quantization_config=dict(FP8_BLOCK_CONFIG))
@@ -178,7 +200,7 @@ def test_tiny_k2_fp8_model_on_the_cpu_backend(k2_fp8, dtype):
     layer = fast.model.layers[1]
     assert isinstance(layer.mlp, CpuSparseMoE) and isinstance(layer.mlp.experts, CpuFP8StackedExperts)
     assert isinstance(layer.self_attn, CpuPackedMLA) and isinstance(layer.self_attn.kv_b_proj, CpuFP8BlockLinear)
-    assert isinstance(fast.model.layers[0].mlp.down_proj, CpuFP8BlockLinear)
+    assert isinstance(fast.model.layers[0].mlp, fp8.CpuFP8MLP) and isinstance(layer.mlp.shared_experts, fp8.CpuFP8MLP)
     assert not any(type(m) in (FP8BlockLinear, FP8StackedExperts) for m in fast.modules())  # every one swapped
     state = fast.state_dict()
     assert state.keys() == plain.state_dict().keys()

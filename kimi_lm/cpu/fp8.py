@@ -32,6 +32,7 @@ from kimi_lm.cpu import native
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
 from kimi_lm.cpu.native import _DTYPES, _I, _L, _P
 from kimi_lm.cpu.quant_kernels import expert_rows
+from kimi_lm.model.layers import MLP
 from kimi_lm.quant.fp8_block import BLOCK, FP8, TILE_ELEMENTS, FP8BlockLinear, FP8StackedExperts
 
 DECODE_ROWS = 8  # rows up to which a product runs in C (kernels/common.h ROWS_MAX: one pass over the weight)
@@ -46,7 +47,7 @@ def fp8_library() -> ctypes.CDLL | None:
         return None
     lib.fp8_matmul.argtypes = [_L, _L, _P, _P, _L, _P, _I, _P, _I]
     lib.fp8_matmul.restype = _I
-    lib.fp8_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I]
+    lib.fp8_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _I]
     lib.fp8_experts_rows.restype = _I
     lib.fp8_dequantize.argtypes = [_L, _L, _P, _P, _I, _P, _I]
     lib.fp8_dequantize.restype = None
@@ -178,18 +179,52 @@ class CpuFP8StackedExperts(FewRowsInC, FP8StackedExperts):
         xs = xs.contiguous()
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
-        starts, sizes = expert_rows(counts, few)
-        addresses = lambda t, e: t.data_ptr() + e * t.stride(0) * t.element_size()  # noqa: E731
-        gate_up = (_P * (2 * len(few)))(*(a for e in few for a in (addresses(self.gate_up_proj, e),
-                                                                   addresses(self.gate_up_proj_scale_inv, e))))
-        down = (_P * (2 * len(few)))(*(a for e in few for a in (addresses(self.down_proj, e),
-                                                                addresses(self.down_proj_scale_inv, e))))
-        out = torch.empty_like(xs)
-        nbytes = len(few) * (self.gate_up_proj[0].numel() + self.down_proj[0].numel())  # the codes this call reads
-        if fp8_library().fp8_experts_rows(len(few), xs.shape[-1], self.intermediate_size, _DTYPES[xs.dtype], starts,
-                                          sizes, gate_up, down, xs.data_ptr(), out.data_ptr(), _threads(nbytes)):
-            raise MemoryError("fp8_experts_rows: could not allocate its scratch memory")
+        I, rb = self.intermediate_size, self.gate_up_proj_scale_inv.shape[1] // 2
+        gu, gus, d, ds = self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
+        at = lambda t, e, row=0: t.data_ptr() + (e * t.stride(0) + row * t.stride(1)) * t.element_size()  # noqa: E731
+        parts = [a for e in few for a in (at(gu, e), at(gus, e), at(gu, e, I), at(gus, e, rb), at(d, e), at(ds, e))]
+        out = experts_rows(xs, *expert_rows(counts, few), parts, I, len(few) * (gu[0].numel() + d[0].numel()))
         return merge_expert_outputs(self, xs, counts, few, out)
+
+
+def experts_rows(xs: torch.Tensor, starts: ctypes.Array, sizes: ctypes.Array, parts: list[int], intermediate: int,
+                 nbytes: int) -> torch.Tensor:
+    """``fp8_experts_rows``: rows [starts[i], starts[i] + sizes[i]) of xs [rows, hidden] through SwiGLU expert i, whose
+    (codes, scales) addresses are parts[6i : 6i + 6] (gate, up, down) -> out [rows, hidden] (those rows filled)."""
+    out = torch.empty_like(xs)
+    if fp8_library().fp8_experts_rows(len(starts), xs.shape[-1], intermediate, _DTYPES[xs.dtype], starts, sizes,
+                                      (_P * len(parts))(*parts), xs.data_ptr(), out.data_ptr(), _threads(nbytes)):
+        raise MemoryError("fp8_experts_rows: could not allocate its scratch memory")
+    return out
+
+
+class CpuFP8MLP(MLP):
+    """``MLP`` (a dense layer's, or the shared expert) with fp8 gate, up and down: up to 8 rows in one C call (gate,
+    up, SwiGLU, down; the three products read in place) where the three fit one thread's share
+    (``native.gemv_max_bytes``); otherwise each product on its own (threaded) path. Keeps the plain MLP's modules."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = (p if type(p) is CpuFP8BlockLinear else CpuFP8BlockLinear(p)
+                                                        for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.nbytes = sum(p.weight.numel() for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rows = _rows(x)
+        if not (0 < rows <= DECODE_ROWS and native.supports(x) and self.nbytes <= native.gemv_max_bytes()):
+            return super().forward(x)
+        parts = [t.data_ptr() for p in (self.gate_proj, self.up_proj, self.down_proj)
+                 for t in (p.weight, p.weight_scale_inv)]
+        one = (ctypes.c_int64 * 1)
+        flat = experts_rows(x.view(rows, -1), one(0), one(rows), parts, self.gate_proj.out_features, self.nbytes)
+        return flat.view(x.shape)
+
+
+def fp8_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is an MLP whose three products are fp8 blocks the kernels read (``CpuFP8MLP`` applies)."""
+    return type(module) is MLP and all(type(p) in (FP8BlockLinear, CpuFP8BlockLinear) and supported(
+        p.weight, p.weight_scale_inv) for p in (module.gate_proj, module.up_proj, module.down_proj))
 
 
 def swap(module: nn.Module, check_only: bool = False) -> nn.Module | bool | None:

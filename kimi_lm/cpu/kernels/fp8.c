@@ -16,8 +16,8 @@
  * widened to fp32 once per call; outputs rounded once to the model dtype.
  *
  * Exported (bound by kimi_lm/cpu/fp8.py): fp8_matmul (y = x W^T, output rows shared among threads), fp8_experts_rows
- * (SwiGLU experts with fp8 gate|up and down on a few rows each: a decode step's experts in one call, as
- * moe_experts_rows does for oneDNN's packed weights), fp8_dequantize (W in the model dtype, bit-exact with
+ * (SwiGLU experts with fp8 gate, up and down on a few rows each: a decode step's experts, or a dense MLP, in one
+ * call, as moe_experts_rows does for oneDNN's packed weights), fp8_dequantize (W in the model dtype, bit-exact with
  * fp8_block.dequantize_rows: the many-row path dequantizes a tile in C, then BLAS), fp8_limit_path / fp8_path (tests).
  *
  * Reference: OCP 8-bit Floating Point Specification (OFP8) v1.0 (E4M3); DeepSeek-V3 inference/kernel.py
@@ -106,9 +106,8 @@ static void rows_scalar(const fp8w *W, long M, const float *x, long r0, long r1,
 
 /* 16 codes -> two vectors of their values times 2^-8 */
 static inline void decode16(const uint8_t *p, __m256 *w0, __m256 *w1) {
-    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7),
-                                      _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+    const __m256i u = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)); /* see decode32 */
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(u, 7), _mm256_set1_epi16((short)0xbfff));
     *w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     *w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
 }
@@ -167,9 +166,10 @@ static void rows_avx2(const fp8w *W, long M, const float *x, long r0, long r1, f
 
 /* 32 codes -> two vectors of their values times 2^-8 (a masked load: codes past the mask read as 0) */
 static inline void decode32(const uint8_t *p, __mmask32 k, __m512 *w0, __m512 *w1) {
-    const __m512i u = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, p));
-    const __m512i h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x7f)), 7),
-                                      _mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x80)), 8));
+    /* sign-extended to 16 bits, the code's bit 7 fills bits 7-15: shifted left by 7, the magnitude lands in bits
+     * 7-13 and the sign in 14 and 15; clearing bit 14 leaves the fp16 bits (3 operations instead of 6) */
+    const __m512i u = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, p));
+    const __m512i h = _mm512_and_si512(_mm512_slli_epi16(u, 7), _mm512_set1_epi16((short)0xbfff));
     *w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
     *w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
@@ -277,7 +277,7 @@ typedef struct {
     long hidden, I;
     int bf16;
     const int64_t *starts, *counts;
-    const void *const *gate_up, *const *down; /* per item: (codes, scales) of the expert's [2I, hidden], [hidden, I] */
+    const void *const *parts; /* per item: (codes, scales) of gate [I, hidden], up [I, hidden], down [hidden, I] */
     const void *xs;
     void *out;
     int failed;
@@ -285,12 +285,11 @@ typedef struct {
 
 static void fp8_experts_item(const void *ctx, long item) {
     fp8_experts_job *job = (fp8_experts_job *)ctx;
-    const long hidden = job->hidden, I = job->I, rb = (I + FP8_BLOCK - 1) / FP8_BLOCK;
+    const long hidden = job->hidden, I = job->I;
     const size_t esize = job->bf16 ? 2 : 4;
-    /* gate and up keep separate block grids (fp8_block.FP8StackedExperts): up's scales follow gate's rb block rows */
-    const fp8w gate = fp8_matrix(job->gate_up[2 * item], job->gate_up[2 * item + 1], I, hidden);
-    const fp8w up = {gate.q + I * hidden, gate.s + rb * gate.cb, I, hidden, gate.cb};
-    const fp8w down = fp8_matrix(job->down[2 * item], job->down[2 * item + 1], hidden, I);
+    const void *const *p = job->parts + 6 * item;
+    const fp8w gate = fp8_matrix(p[0], p[1], I, hidden), up = fp8_matrix(p[2], p[3], I, hidden);
+    const fp8w down = fp8_matrix(p[4], p[5], hidden, I);
     float *buf = malloc(sizeof(float) * (size_t)ROWS_MAX * (size_t)(2 * hidden + 3 * I));
     if (!buf) {
         job->failed = 1;
@@ -313,14 +312,15 @@ static void fp8_experts_item(const void *ctx, long item) {
     free(buf);
 }
 
-/* SwiGLU experts (kimi_lm/model/moe.py StackedExperts.expert) with fp8 block weights, on a few rows each: work item i
- * takes rows starts[i] .. starts[i] + counts[i] of xs [rows, hidden] (model dtype) through the expert whose gate|up
- * codes [2I, hidden] and scales [2 ceil(I/128), ceil(hidden/128)] are gate_up[2i], gate_up[2i + 1] and whose down
- * codes [hidden, I] and scales are down[2i], down[2i + 1]; out [rows, hidden] model dtype. Items shared among threads.
- * Returns 0, or 1 when scratch memory could not be allocated. */
+/* SwiGLU experts (kimi_lm/model/moe.py StackedExperts.expert, or one dense MLP) with fp8 block weights, on a few rows
+ * each: work item i takes rows starts[i] .. starts[i] + counts[i] of xs [rows, hidden] (model dtype) through the
+ * expert whose codes and scales are parts[6i .. 6i + 5]: gate [I, hidden], up [I, hidden], down [hidden, I], each
+ * (codes, scales) on its own block grid (a stacked gate|up: up's codes I rows on, its scales ceil(I/128) block rows
+ * on); out [rows, hidden] model dtype. Items shared among threads. Returns 0, or 1 when scratch memory could not be
+ * allocated. */
 int fp8_experts_rows(long items, long hidden, long I, int bf16, const int64_t *starts, const int64_t *counts,
-                     const void *const *gate_up, const void *const *down, const void *xs, void *out, int threads) {
-    fp8_experts_job job = {hidden, I, bf16, starts, counts, gate_up, down, xs, out, 0};
+                     const void *const *parts, const void *xs, void *out, int threads) {
+    fp8_experts_job job = {hidden, I, bf16, starts, counts, parts, xs, out, 0};
     parallel_for(fp8_experts_item, &job, items, threads);
     return job.failed;
 }

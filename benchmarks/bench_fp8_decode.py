@@ -1,0 +1,141 @@
+"""Decode speed of a Kimi K2-shaped model with FP8 block weights (the official release format) vs the same model in
+bf16, all prepared by the CPU backend; and one FP8 product against the bf16 oneDNN product of the same size.
+
+    python benchmarks/bench_fp8_decode.py [--config bench|wide] [--tokens 32] [--repeats 5] [--threads 2]
+
+Random weights (normal, std 0.02). ``bench``: K2's layer structure (MLA with q-LoRA, sigmoid-routed MoE with a
+shared expert, first layer dense) at the Kimi Linear bench sizes: 8 layers, hidden 512, 16 experts top-4 of 256;
+``wide``: 4 layers, hidden 2048, 16 experts top-8 of 1024. The FP8 copy is made as the release stores it
+(``fp8_block.quantize_modules(pack=True)``: every projection except the router and lm_head; embeddings, norms and
+the router bf16), activations bf16. Models, measured in interleaved rounds (the box is shared: load from other
+processes hits every model alike; the ratio of each round is reported, min..max):
+
+    bf16        the bf16 model (oneDNN / C products)
+    fp8         the FP8 model with kernels/fp8.c (CpuFP8BlockLinear, CpuFP8StackedExperts)
+    fp8-plain   the FP8 model with its FP8 modules left plain (dequantize a tile per call, then BLAS): before fp8.c
+
+The product: y = x Wᵀ, W [2048, 7168] (one of K2's expert gate / up shapes), one row, rotated over copies whose
+total exceeds the last-level cache (weights read from memory as in a decode step). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from kimi_lm import cpu
+from kimi_lm.config import KimiK2Config
+from kimi_lm.cpu import fp8
+from kimi_lm.cpu.onednn import OneDNNLinear
+from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
+from kimi_lm.quant.fp8_block import FP8BlockLinear, quantize_modules
+
+
+def config(name: str) -> KimiK2Config:
+    common = dict(vocab_size=8192, max_position_embeddings=4096, kv_lora_rank=512, qk_nope_head_dim=128,
+                  qk_rope_head_dim=64, v_head_dim=128, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                  topk_group=1, num_nextn_predict_layers=0, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    if name == "bench":
+        return KimiK2Config(num_hidden_layers=8, hidden_size=512, intermediate_size=1024, num_attention_heads=4,
+                            num_key_value_heads=4, q_lora_rank=256, n_routed_experts=16, num_experts_per_tok=4,
+                            moe_intermediate_size=256, **common)
+    return KimiK2Config(num_hidden_layers=4, hidden_size=2048, intermediate_size=4096, num_attention_heads=16,
+                        num_key_value_heads=16, q_lora_rank=768, n_routed_experts=16, num_experts_per_tok=8,
+                        moe_intermediate_size=1024, **common)
+
+
+def decode_speed(model, prompt: torch.Tensor, tokens: int) -> float:
+    """Decode tok/s of ``tokens`` cached steps after the prompt (two warm-up steps)."""
+    ids = torch.tensor([[1]])
+    with torch.inference_mode():
+        cache = model.make_cache(1)
+        model(prompt, cache)
+        for _ in range(2):
+            model(ids, cache)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            model(ids, cache)
+        return tokens / (time.perf_counter() - t0)
+
+
+def product_speeds(repeats: int, copies: int = 6) -> dict:
+    """Median µs of one-row products 7168 -> 2048: fp8 (kernels/fp8.c), bf16 oneDNN, fp8 plain (dequantize + BLAS)."""
+    torch.manual_seed(0)
+    dense = [torch.nn.Linear(7168, 2048, bias=False).to(torch.bfloat16) for _ in range(copies)]
+    plain = [FP8BlockLinear.from_float(d) for d in dense]
+    mods = {"fp8": [fp8.CpuFP8BlockLinear(p) for p in plain], "bf16": [OneDNNLinear(d) for d in dense],
+            "fp8-plain": plain}
+    x = torch.randn(1, 7168).to(torch.bfloat16)
+    times = {name: [] for name in mods}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, ms in mods.items():
+                calls = 4 * copies if name != "fp8-plain" else copies
+                t0 = time.perf_counter()
+                for i in range(calls):
+                    ms[i % copies](x)
+                times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=["bench", "wide"], default="bench")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-product", action="store_true", help="skip the 7168 -> 2048 product comparison")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = config(args.config)
+    dense = KimiK2ForCausalLM(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+    for prm in dense.parameters():
+        prm.normal_(0, 0.02)
+    quantized = copy.deepcopy(dense)
+    quantize_modules(quantized, lambda name, m: name != "lm_head", pack=True)  # the router is no nn.Linear: kept
+    before = copy.deepcopy(quantized)
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    sizes = {"bf16": nbytes(dense), "fp8": nbytes(quantized), "fp8-plain": nbytes(quantized)}
+    swap = fp8.swap
+    fp8.swap = lambda module, check_only=False: False if check_only else None  # what prepare did before fp8.c
+    try:
+        before = cpu.prepare(before)
+    finally:
+        fp8.swap = swap
+    models = {"bf16": cpu.prepare(dense), "fp8": cpu.prepare(quantized), "fp8-plain": before}
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt))
+    runs = {name: [] for name in models}
+    for _ in range(args.repeats):  # interleaved rounds
+        for name, model in models.items():
+            runs[name].append(decode_speed(model, prompt, args.tokens if name != "fp8-plain" else max(4, args.tokens // 4)))
+    ratios = {name: [r / b for r, b in zip(runs[name], runs["bf16"])] for name in models}
+    print(f"K2-shaped config {args.config}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode steps, "
+          f"{args.repeats} interleaved rounds, fp8 path {fp8.path()}")
+    print(f"{'weights':<11}{'MiB':>8}{'best tok/s':>12}{'median':>9}{'vs bf16 (median, min..max)':>30}")
+    rows = []
+    for name, speeds in runs.items():
+        r = ratios[name]
+        print(f"{name:<11}{sizes[name] / 2**20:>8.1f}{max(speeds):>12.1f}{statistics.median(speeds):>9.1f}"
+              f"{statistics.median(r):>14.2f}x ({min(r):.2f}..{max(r):.2f})")
+        rows.append({"weights": name, "mib": round(sizes[name] / 2**20, 1), "decode_tok_s_best": round(max(speeds), 2),
+                     "decode_tok_s_median": round(statistics.median(speeds), 2),
+                     "vs_bf16_median": round(statistics.median(r), 3), "vs_bf16_min": round(min(r), 3),
+                     "vs_bf16_max": round(max(r), 3)})
+    product = {} if args.no_product else product_speeds(args.repeats)
+    if product:
+        print("one row, 7168 -> 2048, median µs: " + ", ".join(f"{k} {v:.0f}" for k, v in product.items())
+              + f"; fp8 / bf16 time {product['fp8'] / product['bf16']:.2f}")
+    print(json.dumps({"benchmark": "fp8_decode", "config": args.config, "threads": args.threads,
+                      "prompt": args.prompt, "tokens": args.tokens, "path": fp8.path(), "models": rows,
+                      "product_7168x2048_us": {k: round(v, 1) for k, v in product.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
     FP8BlockLinear            -> fp8.CpuFP8BlockLinear          FP8 128x128 blocks (Kimi K2 / DeepSeek-V3):
     FP8StackedExperts         -> fp8.CpuFP8StackedExperts       e4m3 bytes read in C (an fp8 kv_b_proj: CpuPackedMLA)
+    MLP of FP8 blocks         -> fp8.CpuFP8MLP                  a decode step's gate, up, SwiGLU, down: one call
     MLA (quantized kv_b_proj) -> quant.CpuPackedMLA             absorbed halves kept dense, not rebuilt per step
     quantized KDA / MLA / MLP input products                    one C call reading every part in place
                                                                 (products.FusedProducts; KDA's gates read in C too)
@@ -69,6 +70,8 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
     if kind is MultiheadLatentAttention:
         quantized = kernels and isinstance(module.kv_b_proj, (PackedLinear, SplitKVB, FP8BlockLinear))
         return quant.CpuPackedMLA(module, dtype) if quantized else CpuMultiheadLatentAttention(module)
+    if kind is MLP and kernels and fp8.fp8_mlp(module):  # FP8 blocks: gate, up, SwiGLU, down in one C call
+        return fp8.CpuFP8MLP(module)
     if kind is MLP:
         parts = (module.gate_proj, module.up_proj)
         packed = all(type(p) is onednn.OneDNNLinear for p in parts) and parts[0].packed.dtype == parts[1].packed.dtype

@@ -174,8 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--quantize group size (affine 32/64/128, default 64; mxfp4, mxfp8: 32; nvfp4: 16)")
     mode.add_argument("--to-hf", action="store_true",
                       help="Kimi Linear (no AttnRes) -> official layout + config that transformers loads")
+    mode.add_argument("--from-fsdp", action="store_true",
+                      help="a `kimi-lm train --fsdp` checkpoint (RUN/step-N with dcp/: one safetensors file per rank) "
+                           "-> one directory kimi_lm.load, generate and serve read")
     p.add_argument("--dtype", choices=list(_DTYPES), default="bfloat16",
-                   help="output dtype for --dequantize and --to-hf (default bfloat16)")
+                   help="output dtype for --dequantize, --to-hf and --from-fsdp (default bfloat16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -186,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         args.src = str(resolve(args.src, confirm=not args.yes))  # ORG/NAME: from the Hub (kimi_lm.hub)
         if args.quantize or args.to_mlx:
             return _quantize_main(args)
+        if args.from_fsdp:
+            from kimi_lm.distributed.fsdp import export_checkpoint
+
+            out = export_checkpoint(args.src, args.dst, _DTYPES[args.dtype])
+            print(f"wrote {out}: the sharded training checkpoint {args.src} gathered into one model in {args.dtype}")
+            print(json.dumps({"src": args.src, "dst": str(out), "dtype": args.dtype}))
+            return 0
         if args.to_hf:
             from kimi_lm.save import export_to_transformers
 

@@ -120,7 +120,9 @@ def test_two_ranks_match_one_process(runs):
 def test_dcp_checkpoint_exports_to_the_model_the_run_evaluated(runs, corpus, tmp_path):
     _, two, _ = runs
     out = tmp_path / "exported"
-    assert fsdp.main([str(two / f"step-{STEPS:06d}"), str(out)]) == 0
+    from kimi_lm.convert import main as convert
+
+    assert convert([str(two / f"step-{STEPS:06d}"), str(out), "--from-fsdp", "--dtype", "float32", "--quiet"]) == 0
     model = kimi_lm.load(out, dtype=torch.float32)
     assert model.config.model_type == "kimi_k3" and (out / "tiktoken.model").is_file()
     tok = kimi_lm.load_tokenizer(out)
@@ -130,6 +132,7 @@ def test_dcp_checkpoint_exports_to_the_model_the_run_evaluated(runs, corpus, tmp
     bias = model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias
     assert bias.abs().max() > 0  # the router biases (replicated buffers) are in the checkpoint too
     assert fsdp.main([str(two / f"step-{STEPS:06d}"), str(out)]) == 2  # never overwrites
+    assert convert([str(two / f"step-{STEPS:06d}"), str(out), "--from-fsdp"]) == 2
 
 
 def test_one_process_resume_of_a_sharded_run_is_refused(runs, corpus, capsys):

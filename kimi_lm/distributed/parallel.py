@@ -10,8 +10,8 @@ only its slice of each split parameter. One rank per process, one process group 
     KDA  (per head)      q/k/v_proj, their short convs, f_b_proj, A_log, dt_bias, b_proj, g_b_proj | K3 g_proj: this
                          rank's heads; o_proj row-parallel + all-reduce; f_a_proj, g_a_proj, o_norm replicated. The
                          recurrent state and conv tails (KDACache) hold this rank's heads only.
-    dense MLP, shared    gate_proj, up_proj: rows (column-parallel); down_proj: columns + all-reduce.
-    experts
+    dense MLP and        gate_proj, up_proj: rows (column-parallel); down_proj: columns + all-reduce.
+    shared experts
     routed experts       --ep N: experts [r·E/N, (r+1)·E/N) on rank r; every rank runs its experts' share for all
                          tokens (routing is replicated, so all ranks agree on it) and an fp32 all-reduce sums them.
                          --tp N without --ep: each expert's intermediate size split as a dense MLP is.
@@ -26,6 +26,9 @@ both at N split attention and dense products by head / column and routed experts
 Sums over ranks run in a different order than one process's (fp32: ~1e-6 relative; the greedy tokens agree).
 Each rank feeds the same tokens: the model's forward broadcasts ``input_ids`` from rank 0 first, so ranks follow
 rank 0's choices.
+
+A split model runs these plain modules: the CPU backend (``kimi_lm.cpu.prepare``) is not applied, since its fused
+modules compute what a whole layer does and would skip the all-reduces.
 
 References: Megatron-LM (column/row-parallel linear layers, arXiv:1909.08053); torchtitan ``parallelize``;
 PyTorch FSDP2's ``fully_shard`` (the class swap that keeps parameter names: ``module.__class__`` gains a mixin).

@@ -199,6 +199,8 @@ def test_launch_checks(monkeypatch):
         launch.check_args(_args(ep=0))
     with pytest.raises(UsageError, match=r"kimi-lm serve runs in one process.*vLLM or SGLang"):
         launch.check_args(_args(tp=2, parallel_command="kimi-lm serve"))
+    with pytest.raises(UsageError, match=r"--prompt TEXT or --prompt-file FILE, not stdin"):
+        launch.check_args(_args(ep=2, prompt="-"))
     with pytest.raises(UsageError, match=r"--prompt-cache-file .* cannot continue a split run"):
         launch.check_args(_args(ep=2, prompt_cache_file="state.safetensors"))
     monkeypatch.setenv("WORLD_SIZE", "4")

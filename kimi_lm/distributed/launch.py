@@ -65,6 +65,9 @@ def check_args(args) -> tuple[int, int]:
         raise UsageError(f"{name} runs in one process: --tp / --ep and torchrun are supported by `kimi-lm generate` "
                          f"(got --tp {tp} --ep {ep}, {world} process(es)); to serve a model split over GPUs, export it "
                          f"with `kimi-lm convert --to-hf` and serve it with vLLM or SGLang")
+    if "-" in (getattr(args, "prompt", None), getattr(args, "prompt_file", None)):
+        raise UsageError("a split run reads the prompt on every rank: give it with --prompt TEXT or --prompt-file FILE, "
+                         "not stdin ('-')")
     if getattr(args, "prompt_cache_file", None):
         raise UsageError("--prompt-cache-file holds one process's whole state; it cannot continue a split run "
                          "(--tp / --ep): drop one or the other")

@@ -96,6 +96,36 @@ def test_mla_layer_equals_plain_layer(models, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_mla_decode_in_c_equals_the_absorbed_form(models, dtype, monkeypatch):
+    """One query per sequence (a decode step) in one C call (kernels/mla.c) against the plain absorbed form on the
+    same layer: batch 1 and 3, histories with spare padding rows, heads split over 1 and 2 threads."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    ours = _layers(models, dtype, lambda layer: not layer.is_kda)[0].self_attn
+    g = torch.Generator().manual_seed(7)
+    H, width = ours.num_heads, ours.latent_dim + ours.pe_dim
+    for B, past, padded in ((1, 37, 64), (3, 5, 8)):
+        q = torch.randn(B, 1, H, ours.nope_dim + ours.pe_dim, generator=g).to(dtype)
+        history = torch.randn(B, padded, width, generator=g).to(dtype)
+        want = MultiheadLatentAttention.attend_absorbed(ours, q, history, past)
+        for threads in (1, 2):
+            monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+            with torch.inference_mode(), CountOps():
+                CountOps.ops = 0
+                got = ours.attend_absorbed(q, history, past)
+            assert CountOps.ops < 10  # the C call, not the ~45 ops of the plain path
+            assert got.shape == want.shape and got.dtype == dtype
+            assert rel_err(got, want) <= TOL[dtype], (B, threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_and_mlp_equal_plain(models, dtype):
     """One token (C router, few-row experts in C, weighted sum) and many (C selection, dispatch, combine)."""
     ours, plain, config = _layers(models, dtype, lambda layer: layer.is_moe)

@@ -21,6 +21,7 @@
  *   gemv.c     products of packed weights (oneDNN's, or MLX's via quant.c): product_f32, product_rows_f32,
  *              packed_gemv, fused_products (several weights reading the same input, in one call)
  *   quant.c    products of MLX-quantized weights read in their packed bytes
+ *   mla.c      Multi-head Latent Attention: one absorbed decode token per sequence (mla_decode)
  *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm
  *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows
  *   norm.c     rms_norm over many rows

@@ -11,7 +11,8 @@ form's two halves of kv_b kept contiguous, and decode shapes chosen for the CPU'
   spare (masked) buffer rows lets one kernel serve 64 steps. fp32 runs on MKL, which builds nothing per shape.
 * ``attend_absorbed``: one query per sequence (a decode step) runs in one C call (``kernels/mla.c`` mla_decode: the
   kv_b absorption, scores, softmax, the weighted history and the W_UV product, the same roundings) instead of ~45
-  tensor ops per layer; the history is read once per group of heads. Other shapes take the plain layer's path.
+  tensor ops per layer; the history is read once per group of heads (up to 8 MiB of it per sequence: ~7k tokens in
+  bf16, where it stays in the caches). Other shapes take the plain layer's path.
 * ``attend_latent``: an fp32 decode over exactly its history goes through SDPA's fused CPU kernel, which reads the
   history once per block for both products instead of twice (4 heads at 1k tokens: 515 -> 421 µs; 32 heads:
   3.3 -> 2.9 ms at 4k, 30 -> 21 ms at 32k). In bf16 it is slower than the two matmuls, so fp32 only.
@@ -35,6 +36,9 @@ from kimi_lm.cpu.products import FusedProducts, fusable
 from kimi_lm.model.mla import MultiheadLatentAttention
 
 DECODE_BUCKET = 64  # tokens: half-precision decode histories are padded to a multiple of this
+# Histories up to this many bytes per sequence decode in C (mla.c reads one twice per group of heads, from the caches
+# while it fits in them); longer ones take the plain path, whose two products stream it once each on all threads.
+C_DECODE_MAX_HISTORY = 8 << 20
 
 
 class CpuMultiheadLatentAttention(MultiheadLatentAttention):
@@ -84,6 +88,7 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
         """q [B, 1, H, nope + pe] against latent [B, S, C + pe] (rows past ``past`` + 1 are padding) in one C call;
         other shapes (several queries, ragged histories) as the plain layer."""
         if (q.shape[1] != 1 or past is None or not isinstance(latent, torch.Tensor) or latent.dtype != q.dtype
+                or (past + 1) * latent.shape[2] * latent.element_size() > C_DECODE_MAX_HISTORY
                 or latent.stride(2) != 1 or latent.stride(1) != latent.shape[2] or not native.supports(q)
                 or native.library() is None):
             return super().attend_absorbed(q, latent, past)

@@ -36,7 +36,8 @@ from kimi_lm.model.layers import MLP
 from kimi_lm.quant.fp8_block import BLOCK, FP8, TILE_ELEMENTS, FP8BlockLinear, FP8StackedExperts
 
 DECODE_ROWS = 8  # rows up to which a product runs in C (kernels/common.h ROWS_MAX: one pass over the weight)
-PATHS = {"scalar": 0, "avx2": 1, "avx512": 2}  # kernels/fp8.c: the decoding paths, best last
+# kernels/fp8.c: the decoding paths, best last (avx512bf16: byte lookups + vdpbf16ps; avx512: via fp16 bits)
+PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
 
 
 @functools.cache
@@ -64,7 +65,7 @@ def path() -> str:
 
 
 def limit_path(name: str) -> None:
-    """Use no better decoding path than ``name`` ("scalar", "avx2", "avx512"); tests run each path this CPU has."""
+    """Use no better decoding path than ``name`` (a key of ``PATHS``); tests run each path this CPU has."""
     fp8_library().fp8_limit_path(PATHS[name])
 
 

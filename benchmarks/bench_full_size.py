@@ -21,27 +21,28 @@ When the model exceeds RAM it still runs: the weights are clean file-backed page
 again instead of the process running out of memory; the process's own (anonymous) memory stays ~0.3-0.6 GiB.
 Prefill routes a prompt to nearly every expert (P(expert unused) = (1 - 8/256)^T per layer: 1.7 % at T = 128,
 1e-7 at 512), so it streams the whole checkpoint once, layer by layer: at least checkpoint bytes / disk bandwidth.
-A decode step needs 8 of 256 experts per layer (~0.8 GB of the ~1.2 GB it reads); with ~19 GiB of page cache for
-26 GB of weights about a third of those miss, and each miss (a page fault) reads the whole read-ahead window around
-it (read_ahead_kb = 8 MiB here, ~3 experts' worth), so a token reads more from disk than the bytes it uses.
+A decode step needs 8 of 256 experts per layer (~0.8 GB of the ~1.9 GB it reads); with ~19 GiB of page cache for
+26 GB of weights part of those miss. A page fault reads the whole read-ahead window around it (read_ahead_kb = 8 MiB
+here, ~7 experts of 1.2 MB), so faulting experts in reads several times the bytes needed and evicts pages still in
+use; ``kimi_lm.load`` therefore pages the experts of a checkpoint larger than the memory available
+(``mapped.page_experts``): MADV_RANDOM on the expert stacks, MADV_WILLNEED on exactly the active experts' byte
+ranges before the products, all at once (the reads in flight together).
 
 Measured here (2-core AMD EPYC, AVX-512 BF16, 23.5 GiB RAM shared with other sessions' test runs, load average
-8-13, this process at nice -5; virtio disk ~1.2 GB/s O_DIRECT reads), the defaults (512-token prompt, 16 tokens):
+4-7; virtio disk ~1.2 GB/s), the defaults (512-token prompt, 16 tokens), one run each:
 
-    checkpoint 26.11 GB (5 shards, 1,038 tensors, 49,122,681,728 parameters), RAM 23.5 GiB
-    load (checkpoint.load + cpu.prepare)   1.5 s, 0.30 GB read, RSS 0.37 GiB after (anon 0.29)
-    peak RSS                               19.5 GiB = 83 % of RAM: file pages of the page cache (reclaimable);
-                                           the process's own memory 0.66 GiB at the end
-    cold (page cache evicted):             first token 609 s (prefill 0.84 tok/s, 26.1 GB read: every expert)
-                                           decode 0.127 tok/s, 1.35 GB read and 251 major faults per token
-    warm (same process, 8-token prompt):   decode 0.163 tok/s, 0.90 GB read and 263 major faults per token
-    estimator (kimi_lm.paging, 24 GiB):    load 2.0 s, prefill 0.57 tok/s, decode 0.20 tok/s, "runs, paged"
-    (--prompt 128: first token 241 s, decode 0.158 cold / 0.247 warm tok/s, peak RSS 18.0 GiB)
+                                       experts faulted in (before)      experts paged (now)
+    load (checkpoint.load + prepare)   1.5 s, 0.30 GB read              4.7 s, 0.39 GB read
+    peak RSS                           19.5 GiB = 83 % of RAM           19.3 GiB = 82 % (own memory 0.7 GiB)
+    cold: first token (512 tokens)     609 s, 26.1 GB read              516 s, 25.9 GB read
+    cold: decode                       0.127 tok/s, 1.35 GB per token   0.97 tok/s, 0.86 GB per token
+    warm: decode                       0.163 tok/s, 0.90 GB per token   1.73 tok/s, 0.48 GB per token
+    estimator (kimi_lm.paging)                                          first token 513 s, decode 2.4 tok/s
 
-A decode token takes 6-8 s cold and 4-6 s warm. Without its disk reads (0.8-0.9 GB at ~1.2 GB/s, ~0.7 s; not
-measured: no machine here holds the model) it would take ~0.7 s less, so on this CPU-bound box paging costs
-~1.2x warm and ~1.5-1.9x cold; on a fast CPU the disk term dominates (0.8-1.4 GB per token bounds decode to
-~1 tok/s at 1.2 GB/s). A machine whose RAM holds the 26 GB (32 GB+) reads nothing after the first pass ("fits").
+A decode token now takes ~0.6 s warm, of which ~0.4 s are its disk reads (0.48 GB at ~1.2 GB/s): paging costs ~3x
+against a machine whose RAM holds the 26 GB (32 GB+ reads nothing after the first pass: "fits"). The first token
+stays slow: a 512-token prompt routes to every expert, so it streams the whole checkpoint once, and its products
+dequantize each expert's tiles (~16 rows per expert) — compute, not the disk, sets those ~8.5 minutes.
 """
 
 from __future__ import annotations

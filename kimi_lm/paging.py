@@ -41,8 +41,12 @@ USABLE = 0.90  # of RAM for this process and its page cache (the OS and other pr
 class Machine:
     ram: int
     disk_bytes_per_s: float = 1.2e9  # sequential reads, O_DIRECT (dd), the benchmark box's virtio disk
-    decode_bytes_per_s: float = 0.4e9  # packed bytes a one-row product streams (fused MXFP4 C product, 2 busy cores)
-    flops: float = 4e9  # prefill matrix products (dequantize + matmul, bf16, 2 busy cores)
+    # packed bytes a decode step streams: bench_quant_decode --config real-layers, MXFP4, 47 tok/s x 294 MB active
+    # = 13.9 GB/s on 2 quiet cores; 10 GB/s for a full model's scattered experts
+    decode_bytes_per_s: float = 10e9
+    # prefill matrix products (dequantize a tile + matmul, bf16, 2 cores): the 48B MXFP4 512-token prefill took 516 s
+    # for 2 x 3.5e9 active parameters x 512 tokens (its reads included: they overlap with the products)
+    flops: float = 7e9
     # load: the 48B MXFP4 checkpoint (1,038 tensors) took 2.0 s here, checkpoint.load + cpu.prepare
     load_s_per_tensor: float = 0.001  # header, names table, a mapping (or a read) per tensor
     load_base_s: float = 1.0  # the meta-device model, the backend's swaps

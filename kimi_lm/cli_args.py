@@ -57,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", "-y", action="store_true", help="download a Hub model without asking, however large")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the config's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    if p.prog in ("kimi-lm generate", "kimi-lm serve"):  # serve refuses values > 1 with a clear message
+    if p.prog in ("kimi-lm generate", "kimi-lm serve"):  # the commands that run split (kimi_lm.distributed)
         from kimi_lm.distributed.launch import add_parallel_args
 
         add_parallel_args(p)

@@ -197,8 +197,10 @@ def test_launch_checks(monkeypatch):
         launch.check_args(_args(tp=2, ep=4))
     with pytest.raises(UsageError, match=r"--ep must be >= 1"):
         launch.check_args(_args(ep=0))
-    with pytest.raises(UsageError, match=r"kimi-lm serve runs in one process.*vLLM or SGLang"):
-        launch.check_args(_args(tp=2, parallel_command="kimi-lm serve"))
+    with pytest.raises(UsageError, match=r"needs 2 processes started by torchrun: .* -m kimi_lm serve \.\.\. --tp 2"):
+        launch.check_args(_args(tp=2, parallel_command="kimi-lm serve"))  # serve runs split (test_parallel_serve.py)
+    with pytest.raises(UsageError, match=r"kimi-lm chat runs in one process: .*`kimi-lm generate` and `kimi-lm serve`"):
+        launch.check_args(_args(tp=2, parallel_command="kimi-lm chat"))
     with pytest.raises(UsageError, match=r"--prompt TEXT or --prompt-file FILE, not stdin"):
         launch.check_args(_args(ep=2, prompt="-"))
     with pytest.raises(UsageError, match=r"--prompt-cache-file .* cannot continue a split run"):

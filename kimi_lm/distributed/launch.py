@@ -8,9 +8,10 @@ they ask for more than one process, or when torchrun started several. What this 
 * bad input fails before any weight is read, with one line naming the flag: ``--tp`` / ``--ep`` below 1, both above
   1 but different, no torchrun (or a world size other than the split), a model whose heads / experts / intermediate
   sizes the value does not divide (``parallel.check``), a quantized checkpoint (``load.refuse_quantized``), and
-  ``serve``, which runs one process (its batching scheduler is not driven across ranks);
+  torchrun around a command that runs in one process (``chat``, ``cache-prompt``);
 * every rank samples alike: rank 0's seed is broadcast and seeds every rank's generator, the logits are identical
   on every rank after the all-reduces, and the model broadcasts rank 0's tokens before each forward anyway;
+* ``serve`` runs its scheduler in lockstep on every rank and HTTP on rank 0 (``kimi_lm.distributed.serve``);
 * only rank 0 prints: the other ranks' stdout and stderr go to /dev/null (their failures still end the run:
   torchrun reports each failed rank's exit code).
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from kimi_lm.distributed import runtime
 from kimi_lm.errors import UsageError
 
-COMMANDS = ("kimi-lm generate",)  # commands that run split; the others refuse --tp / --ep > 1
+COMMANDS = ("kimi-lm generate", "kimi-lm serve")  # commands that run split; the others refuse --tp / --ep > 1
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -63,8 +64,7 @@ def check_args(args) -> tuple[int, int]:
     if command not in COMMANDS:
         name = command or "this command"
         raise UsageError(f"{name} runs in one process: --tp / --ep and torchrun are supported by `kimi-lm generate` "
-                         f"(got --tp {tp} --ep {ep}, {world} process(es)); to serve a model split over GPUs, export it "
-                         f"with `kimi-lm convert --to-hf` and serve it with vLLM or SGLang")
+                         f"and `kimi-lm serve` (got --tp {tp} --ep {ep}, {world} process(es))")
     if "-" in (getattr(args, "prompt", None), getattr(args, "prompt_file", None)):
         raise UsageError("a split run reads the prompt on every rank: give it with --prompt TEXT or --prompt-file FILE, "
                          "not stdin ('-')")
@@ -76,7 +76,8 @@ def check_args(args) -> tuple[int, int]:
                          f"attention and dense products by head, routed experts by expert)")
     if not runtime.launched():
         raise UsageError(f"--tp {tp} --ep {ep} needs {n} processes started by torchrun: "
-                         f"torchrun --nproc-per-node {n} -m kimi_lm generate ... --tp {tp} --ep {ep}")
+                         f"torchrun --nproc-per-node {n} -m kimi_lm {command.removeprefix('kimi-lm ')} ... --tp {tp} "
+                         f"--ep {ep}")
     if world != n:
         hint = f"--tp {world} or --ep {world}" if n == 1 else f"torchrun --nproc-per-node {n}"
         raise UsageError(f"torchrun started {world} processes but --tp {tp} --ep {ep} splits the model {n} way(s); "

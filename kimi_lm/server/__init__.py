@@ -101,8 +101,10 @@ def startup_line(args, model, config: ServerConfig, pool_bytes: int) -> str:
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     host = f"[{args.host}]" if ":" in args.host else args.host
+    plan = getattr(model, "parallel_plan", None)
+    split = f", {plan.size} ranks: --tp {plan.tp} --ep {plan.ep}" if plan is not None and plan.size > 1 else ""
     return (f"kimi-lm serve: {args.model} as {config.model_name!r} ({model.config.model_type}, "
-            f"{str(dtype).removeprefix('torch.')}, {model.device}) at http://{host}:{args.port}/v1; prompts up to "
+            f"{str(dtype).removeprefix('torch.')}, {model.device}{split}) at http://{host}:{args.port}/v1; prompts up to "
             f"{config.max_prompt_tokens} tokens, context {config.context_length}, prefix cache "
             f"{pool_bytes / 2**20:.0f} MiB")
 
@@ -135,7 +137,16 @@ def _main(argv) -> int:
     if not tokenizer.has_chat_format:
         logging.warning("%s has no chat template: /v1/chat/completions will answer 400", args.model)
     pool = pool_bytes_for(model, args.max_batch_size) if args.prompt_cache_bytes is None else args.prompt_cache_bytes
-    engine = Engine(model, tokenizer, args.max_batch_size, args.max_kv_size, pool, args.prefill_step_size)
+    engine_args = (model, tokenizer, args.max_batch_size, args.max_kv_size, pool, args.prefill_step_size)
+    plan, servers = getattr(model, "parallel_plan", None), []  # servers: what a failed split run stops
+    if plan is not None and plan.size > 1:  # a split run: every rank runs the engine, rank 0 alone serves HTTP
+        from kimi_lm.distributed.serve import LockstepEngine, follow
+
+        engine = LockstepEngine(*engine_args, on_fatal=lambda: servers and setattr(servers[0], "should_exit", True))
+        if not engine.is_main:
+            return follow(engine)
+    else:
+        engine = Engine(*engine_args)
     context = args.max_context or context_length(model.config)
     config = ServerConfig(args.served_model_name or Path(args.model).resolve().name, context, args.api_key,
                           args.max_tokens, args.temp, min(args.max_prompt_tokens, context))
@@ -145,11 +156,13 @@ def _main(argv) -> int:
         print(warning, file=sys.stderr, flush=True)
     server = _Server(uvicorn.Config(create_app(engine, config), host=args.host, port=args.port,
                                     log_level=args.log_level, timeout_graceful_shutdown=5), engine)
+    servers.append(server)
     try:
-        server.run()
+        if not getattr(engine, "error", None):
+            server.run()
     finally:
         engine.close()
-    return 0
+    return 1 if getattr(engine, "error", None) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,7 +154,7 @@ class Engine:
         self._closed = threading.Event()
         self._lock = threading.Lock()  # submit's check-then-put against the final drain: no request is stranded
         self._thread = threading.Thread(target=self._run, name="kimi-lm-scheduler", daemon=True)
-        self._thread.start()
+        self._thread.start()  # last: a subclass sets its own state before calling this __init__
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -187,7 +187,7 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # per thread: this thread only runs inference
         try:
-            while not self._closed.is_set():
+            while self._sync():
                 self._admit()
                 self._drop_cancelled()
                 if self.prefilling:
@@ -197,6 +197,18 @@ class Engine:
         finally:
             self._abort_all()
 
+    def _sync(self) -> bool:
+        """False once the loop should end. (A split run's engine exchanges the iteration's inputs here.)"""
+        return not self._closed.is_set()
+
+    def _cancelled(self, seq: Sequence) -> bool:
+        """Whether the scheduler drops ``seq`` now (a split run decides this on rank 0 for every rank)."""
+        return seq.cancelled
+
+    def _accept(self, seqs: list[Sequence], logits) -> list[bool]:
+        """Sample each sequence's next token from its row of ``logits`` and emit it; which ones finished."""
+        return [seq.accept(row) for seq, row in zip(seqs, logits)]
+
     def _admit(self) -> None:
         """Start prefilling waiting requests until the batch is full; wait briefly for work when idle."""
         while self.num_active < self.max_batch_size:
@@ -204,7 +216,7 @@ class Engine:
                 seq = self._waiting.get(timeout=0.05) if not self.num_active else self._waiting.get_nowait()
             except queue.Empty:
                 return
-            if seq.cancelled:
+            if self._cancelled(seq):
                 continue
             try:
                 self._start(seq)
@@ -243,7 +255,7 @@ class Engine:
         self._begin_decoding(seq)
 
     def _begin_decoding(self, seq: Sequence) -> None:
-        if seq.accept(seq.pc.logits):
+        if self._accept([seq], [seq.pc.logits])[0]:
             self._release(seq)
         else:
             self.active = self.active + [seq]
@@ -258,21 +270,20 @@ class Engine:
             for s in seqs:
                 self._fail(s, exc)
             return
-        still = []
         for b, seq in enumerate(seqs):
             seq.pc.advance([seq.decoder.last_token], logits[b])
-            if seq.accept(logits[b]):
+        done = self._accept(seqs, logits)
+        for seq, finished in zip(seqs, done):
+            if finished:
                 self._release(seq)
-            else:
-                still.append(seq)
-        self.active = still
+        self.active = [seq for seq, finished in zip(seqs, done) if not finished]
 
     def _drop_cancelled(self) -> None:
-        for seq in self.prefilling + self.active:
-            if seq.cancelled:
-                self._release(seq)
-        self.prefilling = [s for s in self.prefilling if not s.cancelled]
-        self.active = [s for s in self.active if not s.cancelled]
+        dropped = [s for s in self.prefilling + self.active if self._cancelled(s)]
+        for seq in dropped:
+            self._release(seq)
+        self.prefilling = [s for s in self.prefilling if s not in dropped]
+        self.active = [s for s in self.active if s not in dropped]
 
     def _release(self, seq: Sequence) -> None:
         # the cache is consistent (its tokens are exactly what it consumed), so even a cancelled request's is reusable

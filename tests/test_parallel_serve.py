@@ -1,0 +1,161 @@
+"""``torchrun --nproc-per-node 2 -m kimi_lm serve --tp 2 --ep 2``: the OpenAI server over a split model (issue 22).
+
+Real launches (``torchrun --standalone``, gloo on CPU) serving the tiny chat checkpoint (tests/tiny_chat.py: 2 MLA
+heads, 2 KDA heads, 8 experts), fp32. The oracle is ``kimi_lm.generate`` on the same checkpoint in this process:
+greedy replies (one request, two at once, streamed) must be its text. Then the shutdown paths: SIGTERM to torchrun
+(what Ctrl-C or a service manager does) ends every process within seconds without torchrun's SIGKILL; a rank that
+dies makes rank 0 print one line and the job end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import kimi_lm
+from tiny_chat import chat_checkpoint
+
+HERE = Path(__file__).resolve().parent
+SHUTDOWN_S = 10  # every process gone this long after the signal (torchrun's own SIGKILL comes at 30 s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (its parent has not reaped it yet)
+
+
+class SplitServer:
+    """``torchrun --standalone --nproc-per-node 2 -m kimi_lm serve ARGS`` on a free localhost port."""
+
+    def __init__(self, model: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+        env.pop("WORLD_SIZE", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kimi_lm",
+             "serve", "--model", str(model), "--port", str(self.port), "--dtype", "float32", "--temp", "0",
+             "--log-level", "warning", *args], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.time() < deadline, "the split server did not come up"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.ranks = children(self.proc.pid)
+
+    def post(self, route: str, body: dict) -> httpx.Response:
+        return httpx.post(self.url + route, json=body, timeout=120)
+
+    def stop(self, sig=signal.SIGTERM, pid: int | None = None) -> tuple[float, str]:
+        """Send ``sig`` to ``pid`` (default torchrun); (seconds until torchrun and both ranks are gone, its stderr)."""
+        t0 = time.monotonic()
+        os.kill(pid or self.proc.pid, sig)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            for r in self.ranks:
+                os.kill(r, signal.SIGKILL)
+            raise
+        while any(alive(r) for r in self.ranks) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        return time.monotonic() - t0, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            for r in self.ranks:
+                if alive(r):
+                    os.kill(r, signal.SIGKILL)
+            self.proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    path = chat_checkpoint(tmp_path_factory)
+    return path, kimi_lm.load(path, dtype=torch.float32), kimi_lm.load_tokenizer(path)
+
+
+def greedy(model, tok, ids: list[int], max_tokens: int) -> tuple[str, str]:
+    """One process's greedy text and finish reason for ``ids``."""
+    steps = list(kimi_lm.stream_generate(model, tok, ids, max_tokens=max_tokens, temperature=0))
+    return "".join(s.text for s in steps), steps[-1].finish_reason
+
+
+def sse_text(body: str) -> tuple[str, str | None]:
+    chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0].get("text", "") for c in chunks if c["choices"])
+    return text, [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+
+
+def test_split_serve_matches_one_process_and_stops_on_sigterm(chat_model):
+    path, model, tok = chat_model
+    server = SplitServer(path, "--tp", "2", "--ep", "2")
+    try:
+        assert len(server.ranks) == 2
+        # one chat completion: the reply of one process
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
+        ids = tok.apply_chat_template(messages, tokenize=True)
+        expected, finish = greedy(model, tok, ids, 12)
+        r = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}).json()
+        assert r["choices"][0]["message"]["content"] == expected and r["choices"][0]["finish_reason"] == finish
+        assert r["usage"]["prompt_tokens"] == len(ids)
+
+        # two requests at once (batched decode steps over both ranks): each gets its own one-process reply
+        prompts = ["The quick brown fox", "12345 hello again, world. the then"]
+        want = [greedy(model, tok, tok.encode(p), 16) for p in prompts]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: server.post("/v1/completions", {"prompt": p, "max_tokens": 16}).json(),
+                                prompts))
+        assert [(g["choices"][0]["text"], g["choices"][0]["finish_reason"]) for g in got] == want
+
+        # streamed: the chunks add up to the same text
+        stream = server.post("/v1/completions", {"prompt": prompts[0], "max_tokens": 16, "stream": True})
+        assert sse_text(stream.text) == want[0]
+        health = httpx.get(server.url + "/health").json()
+        assert (health["waiting"], health["decoding"], health["prefilling"]) == (0, 0, [])
+    except BaseException:
+        server.kill()
+        raise
+    took, err = server.stop(signal.SIGTERM)
+    assert took < SHUTDOWN_S, err[-3000:]
+    assert "forcefully exiting" not in err  # torchrun did not have to SIGKILL a rank
+    assert f"(kimi_linear, float32, cpu, 2 ranks: --tp 2 --ep 2) at http://127.0.0.1:{server.port}/v1" in err

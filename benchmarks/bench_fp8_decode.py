@@ -52,18 +52,20 @@ def config(name: str) -> KimiK2Config:
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU time: the box's other load left out)
 
 
-def decode_speed(model, prompt: torch.Tensor, tokens: int) -> float:
-    """Decode tok/s of ``tokens`` cached steps after the prompt (two warm-up steps)."""
+def speeds(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """(prefill tok/s of the prompt, decode tok/s of ``tokens`` cached steps after it; two warm-up steps)."""
     ids = torch.tensor([[1]])
     with torch.inference_mode():
         cache = model.make_cache(1)
+        t0 = CLOCK()
         model(prompt, cache)
+        prefill = prompt.shape[1] / (CLOCK() - t0)
         for _ in range(2):
             model(ids, cache)
         t0 = CLOCK()
         for _ in range(tokens):
             model(ids, cache)
-        return tokens / (CLOCK() - t0)
+        return prefill, tokens / (CLOCK() - t0)
 
 
 def product_speeds(repeats: int, copies: int = 6) -> dict:
@@ -89,7 +91,7 @@ def product_speeds(repeats: int, copies: int = 6) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=["bench", "wide"], default="bench")
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
@@ -118,24 +120,29 @@ def main(argv=None) -> None:
         fp8.swap = swap
     models = {"bf16": cpu.prepare(dense), "fp8": cpu.prepare(quantized), "fp8-plain": before}
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt))
-    runs = {name: [] for name in models}
+    runs, prefills = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(args.repeats):  # interleaved rounds
         for name, model in models.items():
             steps = args.tokens if name != "fp8-plain" else max(4, args.tokens // 4)  # the plain one is ~10x slower
-            runs[name].append(decode_speed(model, prompt, steps))
+            prefill, decode = speeds(model, prompt, steps)
+            runs[name].append(decode)
+            prefills[name].append(prefill)
     ratios = {name: [r / b for r, b in zip(runs[name], runs["bf16"])] for name in models}
     print(f"K2-shaped config {args.config}, {args.threads} threads, prompt {args.prompt}, {args.tokens} decode steps, "
           f"{args.repeats} interleaved rounds, {args.clock} clock, fp8 path {fp8.path()}")
-    print(f"{'weights':<11}{'MiB':>8}{'best tok/s':>12}{'median':>9}{'vs bf16 (median, min..max)':>30}")
+    print(f"{'weights':<11}{'MiB':>8}{'decode best':>12}{'median':>9}{'vs bf16 (median, min..max)':>30}"
+          f"{'prefill best':>14}{'vs bf16':>9}")
     rows = []
-    for name, speeds in runs.items():
+    for name, decodes in runs.items():
         r = ratios[name]
-        print(f"{name:<11}{sizes[name] / 2**20:>8.1f}{max(speeds):>12.1f}{statistics.median(speeds):>9.1f}"
-              f"{statistics.median(r):>14.2f}x ({min(r):.2f}..{max(r):.2f})")
-        rows.append({"weights": name, "mib": round(sizes[name] / 2**20, 1), "decode_tok_s_best": round(max(speeds), 2),
-                     "decode_tok_s_median": round(statistics.median(speeds), 2),
+        print(f"{name:<11}{sizes[name] / 2**20:>8.1f}{max(decodes):>12.1f}{statistics.median(decodes):>9.1f}"
+              f"{statistics.median(r):>14.2f}x ({min(r):.2f}..{max(r):.2f})"
+              f"{max(prefills[name]):>14.0f}{max(prefills[name]) / max(prefills['bf16']):>8.2f}x")
+        rows.append({"weights": name, "mib": round(sizes[name] / 2**20, 1), "decode_tok_s_best": round(max(decodes), 2),
+                     "decode_tok_s_median": round(statistics.median(decodes), 2),
                      "vs_bf16_median": round(statistics.median(r), 3), "vs_bf16_min": round(min(r), 3),
-                     "vs_bf16_max": round(max(r), 3)})
+                     "vs_bf16_max": round(max(r), 3), "prefill_tok_s_best": round(max(prefills[name]), 1),
+                     "prefill_vs_bf16": round(max(prefills[name]) / max(prefills["bf16"]), 3)})
     product = {} if args.no_product else product_speeds(args.repeats)
     if product:
         print("one row, 7168 -> 2048, median µs: " + ", ".join(f"{k} {v:.0f}" for k, v in product.items())

@@ -150,6 +150,21 @@ def test_experts_few_rows_in_one_call(dtype, path):
         assert rel_err(out, ref) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_experts_shared_among_threads_give_the_same_numbers(monkeypatch):
+    _, plain = _experts(seed=2)
+    fast = CpuFP8StackedExperts(plain)
+    counts, threads = [2, 1, 0, 3, 1, 1], torch.get_num_threads()
+    xs = torch.randn(sum(counts), 200).bfloat16()
+    one = fast.grouped(xs, counts)
+    monkeypatch.setattr(fp8, "SMALL_BYTES", 0)  # these small experts shared among two threads
+    torch.set_num_threads(2)
+    try:
+        shared = fast.grouped(xs, counts)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, shared))
+
+
 def test_experts_single_products_equal_the_plain_module():
     _, plain = _experts(seed=1)
     fast = CpuFP8StackedExperts(plain)

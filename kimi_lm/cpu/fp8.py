@@ -38,6 +38,7 @@ from kimi_lm.quant.fp8_block import BLOCK, FP8, TILE_ELEMENTS, FP8BlockLinear, F
 DECODE_ROWS = 8  # rows up to which a product runs in C (kernels/common.h ROWS_MAX: one pass over the weight)
 # kernels/fp8.c: the decoding paths, best last (avx512bf16: byte lookups + vdpbf16ps; avx512: via fp16 bits)
 PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
+SMALL_BYTES = 256 << 10  # codes one core reads in ~10 µs: below this a parallel region costs more than it saves
 
 
 @functools.cache
@@ -191,10 +192,14 @@ class CpuFP8StackedExperts(FewRowsInC, FP8StackedExperts):
 def experts_rows(xs: torch.Tensor, starts: ctypes.Array, sizes: ctypes.Array, parts: list[int], intermediate: int,
                  nbytes: int) -> torch.Tensor:
     """``fp8_experts_rows``: rows [starts[i], starts[i] + sizes[i]) of xs [rows, hidden] through SwiGLU expert i, whose
-    (codes, scales) addresses are parts[6i : 6i + 6] (gate, up, down) -> out [rows, hidden] (those rows filled)."""
+    (codes, scales) addresses are parts[6i : 6i + 6] (gate, up, down) -> out [rows, hidden] (those rows filled).
+    Several experts are shared among torch's threads (whole experts per thread: no split product), as the bf16
+    experts' ``moe_experts_rows`` does, unless their codes are too few to pay for a parallel region."""
+    n = len(starts)
+    threads = torch.get_num_threads() if n > 1 and nbytes >= SMALL_BYTES else _threads(nbytes)
     out = torch.empty_like(xs)
-    if fp8_library().fp8_experts_rows(len(starts), xs.shape[-1], intermediate, _DTYPES[xs.dtype], starts, sizes,
-                                      (_P * len(parts))(*parts), xs.data_ptr(), out.data_ptr(), _threads(nbytes)):
+    if fp8_library().fp8_experts_rows(n, xs.shape[-1], intermediate, _DTYPES[xs.dtype], starts, sizes,
+                                      (_P * len(parts))(*parts), xs.data_ptr(), out.data_ptr(), threads):
         raise MemoryError("fp8_experts_rows: could not allocate its scratch memory")
     return out
 

@@ -12,7 +12,8 @@ processes hits every model alike; the ratio of each round is reported, min..max)
 
     bf16        the bf16 model (oneDNN / C products)
     fp8         the FP8 model with kernels/fp8.c (CpuFP8BlockLinear, CpuFP8StackedExperts)
-    fp8-plain   the FP8 model with its FP8 modules left plain (dequantize a tile per call, then BLAS): before fp8.c
+    fp8-plain   the FP8 model as prepared before fp8.c: FP8 modules plain (a tile dequantized per call, then BLAS),
+                MLA's absorbed halves rebuilt from the fp8 kv_b per call
 
 The product: y = x Wᵀ, W [2048, 7168] (one of K2's expert gate / up shapes), one row, rotated over copies whose
 total exceeds the last-level cache (weights read from memory as in a decode step). Prints a table, then one JSON line.
@@ -112,12 +113,16 @@ def main(argv=None) -> None:
     before = copy.deepcopy(quantized)
     nbytes = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
     sizes = {"bf16": nbytes(dense), "fp8": nbytes(quantized), "fp8-plain": nbytes(quantized)}
-    swap = fp8.swap
-    fp8.swap = lambda module, check_only=False: False if check_only else None  # what prepare did before fp8.c
+    # what prepare did before fp8.c: FP8 modules kept plain, MLA with an fp8 kv_b rebuilding its absorbed halves per
+    # call, an fp8 MLP plain
+    saved = fp8.swap, fp8.fp8_mlp, cpu.FP8BlockLinear
+    fp8.swap = lambda module, check_only=False: False if check_only else None
+    fp8.fp8_mlp = lambda module: False
+    cpu.FP8BlockLinear = type("NotSwapped", (), {})
     try:
         before = cpu.prepare(before)
     finally:
-        fp8.swap = swap
+        fp8.swap, fp8.fp8_mlp, cpu.FP8BlockLinear = saved
     models = {"bf16": cpu.prepare(dense), "fp8": cpu.prepare(quantized), "fp8-plain": before}
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt))
     runs, prefills = {name: [] for name in models}, {name: [] for name in models}

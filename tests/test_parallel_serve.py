@@ -138,6 +138,9 @@ def test_split_serve_matches_one_process_and_stops_on_sigterm(chat_model):
         r = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}).json()
         assert r["choices"][0]["message"]["content"] == expected and r["choices"][0]["finish_reason"] == finish
         assert r["usage"]["prompt_tokens"] == len(ids)
+        again = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 12}).json()
+        assert again["choices"][0]["message"]["content"] == expected  # from the prefix-cache pool, on every rank
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids)
 
         # two requests at once (batched decode steps over both ranks): each gets its own one-process reply
         prompts = ["The quick brown fox", "12345 hello again, world. the then"]
@@ -150,6 +153,15 @@ def test_split_serve_matches_one_process_and_stops_on_sigterm(chat_model):
         # streamed: the chunks add up to the same text
         stream = server.post("/v1/completions", {"prompt": prompts[0], "max_tokens": 16, "stream": True})
         assert sse_text(stream.text) == want[0]
+
+        # a client that goes away mid-stream: every rank drops its sequence, and the server goes on
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"prompt": prompts[1], "max_tokens": 400, "stream": True}) as gone:
+            for n, _ in enumerate(gone.iter_lines()):
+                if n == 6:
+                    break
+        assert server.post("/v1/completions", {"prompt": prompts[1], "max_tokens": 16}).json()["choices"][0][
+            "text"] == want[1][0]
         health = httpx.get(server.url + "/health").json()
         assert (health["waiting"], health["decoding"], health["prefilling"]) == (0, 0, [])
     except BaseException:
@@ -159,3 +171,32 @@ def test_split_serve_matches_one_process_and_stops_on_sigterm(chat_model):
     assert took < SHUTDOWN_S, err[-3000:]
     assert "forcefully exiting" not in err  # torchrun did not have to SIGKILL a rank
     assert f"(kimi_linear, float32, cpu, 2 ranks: --tp 2 --ep 2) at http://127.0.0.1:{server.port}/v1" in err
+
+
+@pytest.mark.slow  # ~40 s: two more launches
+def test_split_serve_rank0_sigterm_ends_the_job_cleanly_and_a_dead_rank_ends_it_with_one_line(chat_model):
+    path, _, _ = chat_model
+    server = SplitServer(path, "--tp", "2")
+    try:
+        assert server.post("/v1/completions", {"prompt": "hello", "max_tokens": 4}).status_code == 200
+    except BaseException:
+        server.kill()
+        raise
+    took, err = server.stop(signal.SIGTERM, server.ranks[0])  # rank 0 alone: it tells the other rank
+    assert took < SHUTDOWN_S and server.proc.returncode == 0, err[-3000:]  # every rank ended 0
+
+    server = SplitServer(path, "--tp", "2")
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                          json={"prompt": "hello", "max_tokens": 2000, "stream": True}) as r:
+            lines = r.iter_lines()
+            head = [next(lines) for _ in range(4)]
+            os.kill(server.ranks[1], signal.SIGKILL)
+            rest = "\n".join(lines)  # the stream in flight ends with an error event, not a hang
+        assert '"text"' in head[0] and '"code": "server_shutting_down"' in rest and "[DONE]" not in rest
+        server.proc.wait(timeout=SHUTDOWN_S)
+    finally:
+        server.kill()
+    err = server.proc.stderr.read()
+    assert server.proc.returncode != 0 and not any(alive(r) for r in server.ranks)
+    assert err.count("kimi-lm serve: the split run stopped on rank 0:") == 1, err[-3000:]

@@ -211,9 +211,19 @@ class LockstepEngine(Engine):
         super()._abort_all()
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
+        self._fail_all([seq], exc)
+
+    def _fail_all(self, seqs: list[Sequence], exc: Exception) -> None:
         """A failed forward or prefill may have left the ranks mid-collective or with different caches: the
-        lockstep cannot continue, so the whole run stops (one process would fail this request only)."""
+        lockstep cannot continue, so the whole run stops (one process would fail these requests only). ``seqs``
+        are answered here: the caller has already taken them off the scheduler's lists."""
+        for seq in seqs:
+            seq.pc = None
+            seq.fail("the server is shutting down: the split run stopped", 503)
         raise SplitRunError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _log_failure(self, what: str) -> None:
+        pass  # the run stops: _run prints the one line that says why
 
 
 def follow(engine: LockstepEngine) -> int:

@@ -22,6 +22,7 @@ Reference: mlx-lm ``server.py`` (flags, defaults); vLLM's OpenAI server (request
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -124,10 +125,16 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine):
         super().__init__(config)
         self.engine = engine
+        self.signals: list[int] = []
 
     def handle_exit(self, sig, frame):
         self.engine.stop()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signals it caught once it has stopped, and SIGTERM's default action would end the
+        # process before the engine is closed (a split run's other ranks would never hear of the shutdown): keep
+        # them for _main to re-raise afterwards
+        self.signals += getattr(self, "_captured_signals", [])
+        self._captured_signals = []
 
 
 def _main(argv) -> int:
@@ -162,7 +169,10 @@ def _main(argv) -> int:
             server.run()
     finally:
         engine.close()
-    return 1 if getattr(engine, "error", None) else 0
+    if plan is None or plan.size == 1:  # one process: end as uvicorn would (by the signal)
+        for sig in reversed(server.signals):
+            signal.raise_signal(sig)
+    return 1 if getattr(engine, "error", None) else 0  # a split run stopped by a signal ends 0: torchrun ends quietly
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,7 +221,7 @@ class Engine:
             try:
                 self._start(seq)
             except Exception as exc:  # one bad request never stops the others
-                log.exception("prefill failed")
+                self._log_failure("prefill failed")
                 self._fail(seq, exc)
 
     def _start(self, seq: Sequence) -> None:
@@ -243,7 +243,7 @@ class Engine:
             seq.pc.advance(chunk, forward_chunk(self.model, seq.pc.cache, chunk))
             seq.prefilled += len(chunk)
         except Exception as exc:
-            log.exception("prefill failed")
+            self._log_failure("prefill failed")
             self.prefilling = rest
             self._fail(seq, exc)
             return
@@ -265,10 +265,9 @@ class Engine:
         try:
             logits = decode_step(self.model, [s.pc.cache for s in seqs], [s.decoder.last_token for s in seqs])
         except Exception as exc:
-            log.exception("decode step failed")
+            self._log_failure("decode step failed")
             self.active = []
-            for s in seqs:
-                self._fail(s, exc)
+            self._fail_all(seqs, exc)
             return
         for b, seq in enumerate(seqs):
             seq.pc.advance([seq.decoder.last_token], logits[b])
@@ -291,9 +290,16 @@ class Engine:
             self.pool.put(seq.pc)
             seq.pc = None
 
+    def _log_failure(self, what: str) -> None:
+        log.exception(what)  # called in the except block: the traceback of the failure
+
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         seq.pc = None  # its state may be half-updated: never reuse it
         seq.fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail_all(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            self._fail(seq, exc)
 
     def _abort_all(self) -> None:
         """After the loop: every request still admitted or waiting gets a 503, so no HTTP handler waits forever."""

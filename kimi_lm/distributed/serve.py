@@ -107,6 +107,8 @@ class LockstepEngine(Engine):
 
     # ---- scheduler thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.device.type == "cuda":  # the current CUDA device is per thread: NCCL calls come from this one
+            torch.cuda.set_device(self.device)
         try:
             super()._run()
         except Exception as exc:

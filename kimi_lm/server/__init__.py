@@ -15,6 +15,9 @@ render in the jinja2 sandbox (:mod:`kimi_lm.chat`). At start it prints one line 
 SIGTERM or Ctrl-C stops the engine at once (in-flight requests get a 503), so shutdown takes seconds even in the
 middle of a long prefill.
 
+A model split over processes (``torchrun --nproc-per-node N -m kimi_lm serve --tp N [--ep N]``) is served by rank 0
+while every rank runs the same scheduler in lockstep (:mod:`kimi_lm.distributed.serve`).
+
 Reference: mlx-lm ``server.py`` (flags, defaults); vLLM's OpenAI server (request fields, errors, usage chunk,
 ``--max-model-len``-style limits).
 """

@@ -4,13 +4,16 @@ Real launches (``torchrun --standalone``, gloo on CPU) serving the tiny chat che
 heads, 2 KDA heads, 8 experts), fp32. The oracle is ``kimi_lm.generate`` on the same checkpoint in this process:
 greedy replies (one request, two at once, streamed) must be its text. Then the shutdown paths: SIGTERM to torchrun
 (what Ctrl-C or a service manager does) ends every process within seconds without torchrun's SIGKILL; a rank that
-dies makes rank 0 print one line and the job end.
+dies makes rank 0 print one line and the job end. Without a launch: two lockstep engines in this process over a
+stand-in for ``torch.distributed.broadcast`` check that the follower takes rank 0's decisions (admission, sampled
+tokens, cancellation, prefix-cache pool) and that a follower whose scheduler disagrees stops with a message.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import signal
 import socket
 import subprocess
@@ -24,6 +27,9 @@ import pytest
 import torch
 
 import kimi_lm
+from kimi_lm.distributed import serve as lockstep
+from kimi_lm.sample import Sampler, SamplingParams
+from kimi_lm.server.engine import Sequence
 from tiny_chat import chat_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -200,3 +206,123 @@ def test_split_serve_rank0_sigterm_ends_the_job_cleanly_and_a_dead_rank_ends_it_
     err = server.proc.stderr.read()
     assert server.proc.returncode != 0 and not any(alive(r) for r in server.ranks)
     assert err.count("kimi-lm serve: the split run stopped on rank 0:") == 1, err[-3000:]
+
+
+class ThreadDist:
+    """``get_rank`` / ``broadcast`` between engines of this process: rank r is the engine whose scheduler thread
+    is registered as r (the engine made on a thread registered as r)."""
+
+    def __init__(self, n: int):
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.ranks: dict[int, int] = {}
+        self.slot = None
+
+    def rank(self) -> int:
+        while threading.get_ident() not in self.ranks:  # a scheduler thread starts before it is registered
+            time.sleep(0.001)
+        return self.ranks[threading.get_ident()]
+
+    get_rank = rank
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
+        if self.rank() == src:
+            self.slot = t.clone()
+        self.barrier.wait()
+        if self.rank() != src:
+            assert t.shape == self.slot.shape, (t.shape, self.slot.shape)
+            t.copy_(self.slot)
+        self.barrier.wait()
+
+
+def lockstep_pair(monkeypatch, model, tok, follower_step: int = 16, follower_pool: int = 1 << 26):
+    """(rank 0's engine, the follower's engine, the follower's sequences as they arrive, with their events)."""
+    fake = ThreadDist(2)
+    monkeypatch.setattr(lockstep, "dist", fake)
+    received = []
+
+    def recording(spec, device):
+        seq = lockstep._sequence.__wrapped__(spec, device)
+        seq.events = []
+        seq.emit = seq.events.append
+        received.append(seq)
+        return seq
+
+    recording.__wrapped__ = lockstep._sequence
+    monkeypatch.setattr(lockstep, "_sequence", recording)
+    engines = []
+    for rank, step, pool in ((0, 16, 1 << 26), (1, follower_step, follower_pool)):
+        fake.ranks[threading.get_ident()] = rank
+        engine = lockstep.LockstepEngine(model, tok, 4, None, pool, step, on_fatal=fake.barrier.abort)
+        fake.ranks[engine._thread.ident] = rank
+        engines.append(engine)
+    return engines[0], engines[1], received
+
+
+def submit(engine, ids, max_tokens, on_event=None, **params) -> tuple[Sequence, list, threading.Event]:
+    events, done = [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if on_event:
+            on_event(seq, ev)
+        if ev.finish_reason:
+            done.set()
+
+    seq = Sequence(ids, Sampler(SamplingParams(**params)), max_tokens, emit)
+    engine.submit(seq)
+    return seq, events, done
+
+
+def test_follower_takes_rank0s_tokens_cancellations_and_cache_hits(monkeypatch, chat_model):
+    _, model, tok = chat_model
+    main, follower, received = lockstep_pair(monkeypatch, model, tok)
+    try:
+        prompt = tok.encode("The quick brown fox jumps over the lazy dog. Hello world!")  # > 16: chunked prefill
+        runs = [submit(main, prompt, 10),
+                submit(main, tok.encode("hello again"), 12, temperature=1.0, seed=7),  # sampled: rank 0 decides
+                submit(main, tok.encode("12345 123"), 50, on_event=lambda s, ev: ev.completion_tokens == 3 and
+                       s.cancel()),  # its client goes away after 3 tokens
+                submit(main, tok.encode("the then"), 9, temperature=0.8, top_k=5)]
+        for _, _, done in runs[:2] + runs[3:]:
+            assert done.wait(60)
+        serve_deadline = time.time() + 30
+        while main.num_active and time.time() < serve_deadline:
+            time.sleep(0.01)
+        again = submit(main, prompt, 10)  # the first prompt again: restored from the pool on both ranks
+        assert again[2].wait(60)
+        assert again[1][-1].cached_tokens == len(prompt)
+        assert [e.token for e in again[1]] == [e.token for e in runs[0][1]]
+        assert main.stats() == follower.stats()
+        assert [pc.tokens for pc in main.pool.entries] == [pc.tokens for pc in follower.pool.entries]
+    finally:
+        main.close()
+        follower._thread.join(10)
+    assert follower.shut_down and follower.error is None and main.error is None
+    mine = [events for _, events, _ in runs] + [again[1]]
+    assert [seq.ids for seq in received] == [seq.ids for seq, _, _ in runs] + [again[0].ids]
+    for seq, events in zip(received, mine):
+        if seq.ids == tok.encode("12345 123"):  # cancelled: the follower may have one token fewer or more queued
+            assert 3 <= len(seq.events) < 50 and [e.token for e in seq.events[:3]] == [e.token for e in events[:3]]
+            continue
+        assert [(e.token, e.text, e.finish_reason) for e in seq.events] == [
+            (e.token, e.text, e.finish_reason) for e in events]
+
+
+@pytest.mark.parametrize("follower, finish, message", [
+    (dict(follower_step=64), "error",  # fewer prefill chunks: it samples while rank 0 starts the next iteration
+     "rank 1 is out of step with rank 0: it expected the sampled tokens, rank 0 sent an iteration's inputs"),
+    (dict(follower_pool=0), "length",  # keeps no finished cache: the next iteration's digest differs
+     "rank 1's scheduler state [0, 0, 0, 0] differs from rank 0's [0, 0, 0, 1] (queued, prefilling, decoding, "
+     "pooled caches)")])
+def test_a_follower_out_of_step_stops_the_run_with_a_message(monkeypatch, chat_model, capfd, follower, finish,
+                                                             message):
+    _, model, tok = chat_model
+    main, follower, _ = lockstep_pair(monkeypatch, model, tok, **follower)
+    seq, events, done = submit(main, tok.encode("The quick brown fox jumps over the lazy dog. Hello world!"), 6)
+    assert done.wait(60)
+    assert events[-1].finish_reason == finish and (finish != "error" or events[-1].status == 503)
+    follower._thread.join(30)
+    main.close()
+    assert isinstance(follower.error, lockstep.SplitRunError) and str(follower.error) == message
+    assert main.error is not None  # its next collective failed (here: the broken barrier)
+    assert f"kimi-lm serve: the split run stopped on rank 1: SplitRunError: {message}" in capfd.readouterr().err

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import queue
 import signal
+import sys
 import threading
 
 import torch
@@ -46,9 +46,10 @@ import torch.distributed as dist
 from kimi_lm.sample import Sampler, SamplingParams
 from kimi_lm.server.engine import Engine, Sequence
 
-log = logging.getLogger("kimi_lm.server")
 IDLE_WAIT_S = 0.05  # an idle rank 0 sends an empty iteration this often (also bounds its reaction to shutdown)
 FOLLOWER_GRACE_S = 10.0  # a signalled follower exits on its own this long after the signal if rank 0 sent nothing
+ITERATION, TOKENS = 1, 2  # the kinds of control message (the first value of each)
+KINDS = {ITERATION: "an iteration's inputs", TOKENS: "the sampled tokens"}
 
 
 class SplitRunError(RuntimeError):
@@ -114,8 +115,10 @@ class LockstepEngine(Engine):
         except Exception as exc:
             self.error = exc
             self._closed.set()
-            log.error("kimi-lm serve: the split run stopped on rank %d: %s: %s (another rank exited or failed; "
-                      "torchrun ends the job)", self.rank, type(exc).__name__, exc)
+            # the other ranks' sys.stderr is /dev/null (launch.quiet_other_ranks): this line goes to the real one
+            print(f"kimi-lm serve: the split run stopped on rank {self.rank}: {type(exc).__name__}: {exc} (another "
+                  f"rank exited or failed; torchrun ends the job)", file=sys.stderr if self.is_main else sys.__stderr__,
+                  flush=True)
             if self.on_fatal is not None:
                 self.on_fatal()
 
@@ -123,11 +126,7 @@ class LockstepEngine(Engine):
         return [len(self._pending), len(self.prefilling), len(self.active), len(self.pool.entries)]
 
     def _sync(self) -> bool:
-        if self.is_main:
-            message = self._collect()
-        else:
-            message = None
-        message = self._broadcast_json(message)
+        message = self._broadcast_json(self._collect() if self.is_main else None)
         if message.get("shutdown"):
             self.shut_down = True
             return False
@@ -166,15 +165,28 @@ class LockstepEngine(Engine):
                   if s.cancelled and not getattr(s, "dropped", False)]
         return {"state": state, "new": specs, "cancel": cancel}
 
+    def _control(self, kind: int, values: list[int] = ()) -> list[int]:
+        """Rank 0's ``[kind, *values]`` on every rank, in an int64 tensor of one fixed size (max_batch_size + 2), so
+        that a rank out of step receives a message of the wrong kind, and says so, rather than one of the wrong
+        size; returns the values (zero-padded)."""
+        t = torch.zeros(self.max_batch_size + 2, dtype=torch.int64, device=self.device)
+        if self.is_main:
+            t[: len(values) + 1] = torch.tensor([kind, *values])
+        dist.broadcast(t, src=0)
+        got = t.tolist()
+        if got[0] != kind:
+            raise SplitRunError(f"rank {self.rank} is out of step with rank 0: it expected {KINDS.get(kind)}, rank 0 "
+                                f"sent {KINDS.get(got[0], got[0])}")
+        return got[1:]
+
     def _broadcast_json(self, message: dict | None) -> dict:
-        """Rank 0's ``message`` on every rank: its length, then its UTF-8 JSON bytes (uint8 tensors)."""
+        """Rank 0's ``message`` on every rank: its length (a control message), then its UTF-8 JSON bytes."""
         data = json.dumps(message).encode() if self.is_main else b""
-        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
-        dist.broadcast(n, src=0)
+        n = self._control(ITERATION, [len(data)])[0]
         if self.is_main:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         else:
-            buf = torch.empty(int(n), dtype=torch.uint8, device=self.device)
+            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, src=0)
         return message if self.is_main else json.loads(buf.cpu().numpy().tobytes())
 
@@ -196,16 +208,18 @@ class LockstepEngine(Engine):
         """Rank 0 samples and broadcasts the tokens; the other ranks feed those tokens to their decoders."""
         if self.is_main:
             done = super()._accept(seqs, logits)
-            tokens = torch.tensor([s.decoder.last_token for s in seqs], dtype=torch.int64, device=self.device)
-            dist.broadcast(tokens, src=0)
+            self._control(TOKENS, [len(seqs), *(s.decoder.last_token for s in seqs)])
             return done
-        tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
-        dist.broadcast(tokens, src=0)
-        for seq, token in zip(seqs, tokens.tolist()):
+        n, *tokens = self._control(TOKENS)
+        if n != len(seqs):
+            raise SplitRunError(f"rank {self.rank} is out of step with rank 0: it sampled {n} sequences' tokens, "
+                                f"this rank decoded {len(seqs)}")
+        for seq, token in zip(seqs, tokens):
             seq.sampler.forced = token
         return super()._accept(seqs, logits)
 
     def _abort_all(self) -> None:
+        self._closed.set()  # first: from now on submit() answers 503 itself (no request is left in the queue)
         pending, self._pending = self._pending, []
         for seq in pending:
             if not seq.cancelled:

@@ -18,7 +18,9 @@ every rank, since all ranks hold equal shares):
 * after each forward, the tokens rank 0 sampled: the other ranks feed them to their sequences' decoders (same stop
   strings, same lengths) through :class:`ForcedSampler` rather than sampling themselves.
 
-The inputs travel as JSON in a uint8 tensor (length first): no pickle, and a CUDA tensor under NCCL. While idle,
+The inputs travel as JSON in a uint8 tensor: no pickle, and a CUDA tensor under NCCL. Its length and the sampled
+tokens travel in control messages of one fixed size that start with their kind, so a rank out of step (a bug)
+reads a message of the wrong kind and stops with a message, instead of a collective of mismatched sizes. While idle,
 rank 0 still sends an empty iteration every 50 ms, so followers never wait near the process group's timeout.
 
 Shutdown: SIGTERM / Ctrl-C on rank 0 (uvicorn's handler stops the engine) sends a shutdown iteration and every rank

@@ -27,6 +27,10 @@ Prefix reuse: every finished (or cancelled) request leaves its :class:`~kimi_lm.
 an LRU bounded by bytes. A new request takes the cache that restores the longest prefix of its prompt *exactly*
 (live end, or a KDA snapshot at a prompt boundary with MLA trimmed to it; never an approximation), so a chat that
 resends its history re-computes only the new turn and still produces the tokens of a cold run.
+
+A model split over processes runs :class:`kimi_lm.distributed.serve.LockstepEngine`, which overrides the loop's
+inputs (``_sync``), cancellation (``_cancelled``), sampling (``_accept``) and failure (``_fail_all``) so that every
+rank takes rank 0's decisions.
 """
 
 from __future__ import annotations

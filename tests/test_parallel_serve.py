@@ -168,8 +168,10 @@ def test_split_serve_matches_one_process_and_stops_on_sigterm(chat_model):
                     break
         assert server.post("/v1/completions", {"prompt": prompts[1], "max_tokens": 16}).json()["choices"][0][
             "text"] == want[1][0]
-        health = httpx.get(server.url + "/health").json()
-        assert (health["waiting"], health["decoding"], health["prefilling"]) == (0, 0, [])
+        deadline = time.time() + 10  # (a reply is sent before the scheduler's lists are updated: poll)
+        while (health := httpx.get(server.url + "/health").json())["active"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert (health["active"], health["waiting"]) == (0, 0)
     except BaseException:
         server.kill()
         raise
@@ -285,25 +287,23 @@ def test_follower_takes_rank0s_tokens_cancellations_and_cache_hits(monkeypatch, 
                 submit(main, tok.encode("the then"), 9, temperature=0.8, top_k=5)]
         for _, _, done in runs[:2] + runs[3:]:
             assert done.wait(60)
-        serve_deadline = time.time() + 30
-        while main.num_active and time.time() < serve_deadline:
+        deadline = time.time() + 30
+        while main.num_active and time.time() < deadline:  # the cancelled one is dropped at the next iteration
             time.sleep(0.01)
         again = submit(main, prompt, 10)  # the first prompt again: restored from the pool on both ranks
         assert again[2].wait(60)
         assert again[1][-1].cached_tokens == len(prompt)
         assert [e.token for e in again[1]] == [e.token for e in runs[0][1]]
-        assert main.stats() == follower.stats()
-        assert [pc.tokens for pc in main.pool.entries] == [pc.tokens for pc in follower.pool.entries]
     finally:
         main.close()
         follower._thread.join(10)
     assert follower.shut_down and follower.error is None and main.error is None
+    assert len(main.pool.entries) == 4  # (both loops have ended: their pools are final)
+    assert [pc.tokens for pc in main.pool.entries] == [pc.tokens for pc in follower.pool.entries]
     mine = [events for _, events, _ in runs] + [again[1]]
     assert [seq.ids for seq in received] == [seq.ids for seq, _, _ in runs] + [again[0].ids]
+    assert len(mine[2]) == 3  # the cancelled request: dropped at the next iteration on every rank
     for seq, events in zip(received, mine):
-        if seq.ids == tok.encode("12345 123"):  # cancelled: the follower may have one token fewer or more queued
-            assert 3 <= len(seq.events) < 50 and [e.token for e in seq.events[:3]] == [e.token for e in events[:3]]
-            continue
         assert [(e.token, e.text, e.finish_reason) for e in seq.events] == [
             (e.token, e.text, e.finish_reason) for e in events]
 

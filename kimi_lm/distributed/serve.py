@@ -118,9 +118,9 @@ class LockstepEngine(Engine):
             self.error = exc
             self._closed.set()
             # the other ranks' sys.stderr is /dev/null (launch.quiet_other_ranks): this line goes to the real one
-            print(f"kimi-lm serve: the split run stopped on rank {self.rank}: {type(exc).__name__}: {exc} (another "
-                  f"rank exited or failed; torchrun ends the job)", file=sys.stderr if self.is_main else sys.__stderr__,
-                  flush=True)
+            print(f"kimi-lm serve: the split run stopped on rank {self.rank}: {type(exc).__name__}: {exc}; torchrun "
+                  f"ends the job (its report names a rank that exited or failed)",
+                  file=sys.stderr if self.is_main else sys.__stderr__, flush=True)
             if self.on_fatal is not None:
                 self.on_fatal()
 

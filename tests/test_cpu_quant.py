@@ -20,8 +20,8 @@ from kimi_lm.cpu.layers import CpuMLP
 from kimi_lm.cpu.moe import CpuSparseMoE
 from kimi_lm.cpu.onednn import OneDNNLinear, available
 from kimi_lm.cpu.products import FusedProducts, fusable
-from kimi_lm.cpu.quant import (CpuPackedLinear, CpuPackedMLA, CpuPackedRouter, CpuPackedStackedExperts,
-                                CpuSplitPackedExperts)
+from kimi_lm.cpu.quant import (CpuPackedEmbedding, CpuPackedLinear, CpuPackedMLA, CpuPackedRouter,
+                                CpuPackedStackedExperts, CpuSplitPackedExperts)
 from kimi_lm.config import preset
 from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.model.kda import KimiDeltaAttention
@@ -29,7 +29,7 @@ from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.layers import MLP
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import StackedExperts, TopkRouter
-from kimi_lm.quant.packed import PackedLinear, PackedStackedExperts, QuantSpec, swap_modules
+from kimi_lm.quant.packed import PackedEmbedding, PackedLinear, PackedStackedExperts, QuantSpec, swap_modules
 
 pytestmark = pytest.mark.skipif(quant_kernels.quant_library() is None, reason="no C compiler: the plain modules are all")
 
@@ -198,6 +198,24 @@ def test_symmetric_biases_are_derived_not_kept(dtype, path):
         with torch.inference_mode():
             for a, b in zip(fast.grouped(xs, counts), experts.grouped(xs, counts)):
                 assert rel_err(a, b) <= 2 * TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [QuantSpec("mxfp4", 4, 32), QuantSpec("affine", 4, 64), QuantSpec("nvfp4", 4, 16),
+                                  QuantSpec("mxfp8", 8, 32), QuantSpec("affine", 3, 32)],
+                         ids=lambda s: f"{s.mode}{s.bits}g{s.group_size}")
+def test_packed_embedding_rows_in_c_equal_plain(spec, dtype, path):
+    """The looked-up rows dequantized in C are the plain module's, bit for bit (a decode step's one id, a prompt's)."""
+    torch.manual_seed(0)
+    plain = PackedEmbedding(50, 256, spec, dtype)
+    for name, t in zip(("weight", "scales", "biases"), spec.quantize(torch.randn(50, 256).to(dtype))):
+        setattr(plain, name, t)
+    fast = cpu_quant.swap(copy.deepcopy(plain))
+    assert type(fast) is CpuPackedEmbedding
+    for ids in (torch.tensor([[7]]), torch.randint(0, 50, (2, 9))):
+        with torch.inference_mode():
+            got, want = fast(ids), plain(ids)
+        assert got.shape == want.shape and torch.equal(got, want)
 
 
 def _mlx_policy(model, spec: QuantSpec) -> dict:

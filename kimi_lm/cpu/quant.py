@@ -8,6 +8,7 @@ step) is one C call that decodes each weight block in registers and multiplies i
 weight instead of bf16's 16; many rows keep the plain path.
 
 * ``CpuPackedLinear``: ``PackedLinear`` (also the lm head) for affine 2-8 bit, MXFP4, MXFP8, NVFP4.
+* ``CpuPackedEmbedding``: the looked-up rows dequantized in C.
 * ``CpuPackedRouter``: the router's logits (mlx-lm: affine 8-bit) in the same kernel, fp32 in and out.
 * ``CpuPackedStackedExperts`` / ``CpuSplitPackedExperts`` (gate and up apart, as memory-mapped mlx-lm checkpoints
   hold them): a decode step's k experts (gate, up, SwiGLU, down) in one C call, experts shared among threads;
@@ -29,8 +30,8 @@ from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
 from kimi_lm.mapped import SplitPackedExperts
-from kimi_lm.quant.packed import (TILE_ELEMENTS, PackedLinear, PackedRouter, PackedSiTUExperts, PackedStackedExperts,
-                                  QuantSpec)
+from kimi_lm.quant.packed import (TILE_ELEMENTS, PackedEmbedding, PackedLinear, PackedRouter, PackedSiTUExperts,
+                                  PackedStackedExperts, QuantSpec)
 
 DECODE_ROWS = 8  # rows up to which a product runs in C (one pass over the weight per 8 rows); more go to BLAS
 # Below this many packed bytes a product runs on one thread: a parallel region costs a few µs, what one core needs to
@@ -149,6 +150,25 @@ class CpuPackedRouter(PackedRouter):
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
 
+class CpuPackedEmbedding(PackedEmbedding):
+    """``PackedEmbedding`` whose looked-up rows are dequantized in C (one call; the plain module's PyTorch
+    dequantization is ~25 tensor ops per decode step), bit-exact with it."""
+
+    def __init__(self, embedding: PackedEmbedding):
+        nn.Module.__init__(self)
+        _adopt(self, embedding)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        s, biases = self.spec, getattr(self, "biases", None)
+        dtype = self.scales.dtype if s.has_biases else self.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or ids.device.type != "cpu":
+            return super().forward(ids)
+        flat = ids.reshape(-1)
+        rows = [t.index_select(0, flat) for t in (self.weight, self.scales)]
+        rows.append(None if biases is None else biases.index_select(0, flat))
+        return quant_kernels.quant_dequantize(s.mode, s.bits, s.group_size, *rows, dtype).view(*ids.shape, -1)
+
+
 class FewRowExperts(DerivedBiases, FewRowsInC):
     """Experts with a few rows each (a decode step's) in one C call: gate and up, SwiGLU, down."""
 
@@ -257,6 +277,9 @@ def swap(module: nn.Module, check_only: bool = False) -> nn.Module | bool | None
     if kind is PackedLinear and not module.int4 and supported(module.spec, module.weight, module.scales,
                                                                getattr(module, "biases", None)):
         new = CpuPackedLinear
+    elif kind is PackedEmbedding and supported(module.spec, module.weight, module.scales,
+                                               getattr(module, "biases", None)):
+        new = CpuPackedEmbedding
     elif kind is PackedRouter and supported(module.spec, module.weight, module.scales, getattr(module, "biases", None)):
         new = CpuPackedRouter
     elif kind in EXPERTS and not module.int4 and all(

@@ -14,6 +14,7 @@
     RMSNorm                   -> layers.CpuRMSNorm              one C pass
     PackedLinear              -> quant.CpuPackedLinear         MLX-quantized (affine 2-8 bit, MXFP4, MXFP8, NVFP4):
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
+    PackedEmbedding           -> quant.CpuPackedEmbedding       looked-up rows dequantized in C
     PackedStackedExperts      -> quant.CpuPackedStackedExperts  a decode step's experts in one C call
     FP8BlockLinear            -> fp8.CpuFP8BlockLinear          FP8 128x128 blocks (Kimi K2 / DeepSeek-V3):
     FP8StackedExperts         -> fp8.CpuFP8StackedExperts       e4m3 bytes read in C (an fp8 kv_b_proj: CpuPackedMLA)

@@ -14,9 +14,10 @@ What runs:
 * kimi-lm: ``kimi_lm.load`` (CPU backend) on the same checkpoint; prefill the ``--prompt-tokens`` prompt into a fresh
   cache, then ``--gen-tokens`` greedy steps (each feeds the previous argmax).
 * Roofline: a decode step must read the active weights (all but the unselected experts and the embedding table) and
-  the cache once; the copy bandwidth of ``--threads`` threads (STREAM "copy": bytes read + written per second of a
-  256 MiB copy, the best seen in the run) divided by those bytes bounds decode tok/s. Each engine's fraction of it is
-  printed.
+  the cache once; the bytes a 256 MiB copy on ``--threads`` threads reads per second (the best seen in the run; half
+  of STREAM's "copy" figure, which counts the writes too) divided by those bytes is the decode roofline, as
+  bench_kimi_linear.py computes it. Each engine's fraction of it is printed. It is a yardstick, not a bound: a
+  stream that only reads can beat the read half of a copy (llama.cpp's fp32 decode does, slightly).
 
 Both engines run ``--threads`` threads, taking turns (never at once: llama-bench, then kimi-lm, ``--repeats``
 times); each number is the best of its ``--repeats`` runs. Neither counts its warm-up run.
@@ -172,7 +173,8 @@ def kimi_lm_speed(model, prompt: torch.Tensor, gen: int) -> tuple[float, float]:
 
 
 def copy_bandwidth(threads: int, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """STREAM-style copy bandwidth in bytes/s (read + write) with ``threads`` torch threads, best of ``repeats``."""
+    """Bytes per second a copy of ``nbytes`` reads with ``threads`` torch threads (pages touched first), best of
+    ``repeats``."""
     src = torch.ones(nbytes // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages
@@ -181,7 +183,7 @@ def copy_bandwidth(threads: int, nbytes: int = 256 * 2**20, repeats: int = 5) ->
         t0 = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
+    return nbytes / best
 
 
 def decode_bytes(cfg, dtype_bytes: int, depth: int) -> int:

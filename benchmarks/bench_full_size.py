@@ -24,25 +24,28 @@ Prefill routes a prompt to nearly every expert (P(expert unused) = (1 - 8/256)^T
 A decode step needs 8 of 256 experts per layer (~0.8 GB of the ~1.9 GB it reads); with ~19 GiB of page cache for
 26 GB of weights part of those miss. A page fault reads the whole read-ahead window around it (read_ahead_kb = 8 MiB
 here, ~7 experts of 1.2 MB), so faulting experts in reads several times the bytes needed and evicts pages still in
-use; ``kimi_lm.load`` therefore pages the experts of a checkpoint larger than the memory available
-(``mapped.page_experts``): MADV_RANDOM on the expert stacks, MADV_WILLNEED on exactly the active experts' byte
-ranges before the products, all at once (the reads in flight together).
+use; and a mapped page counts in the process's RSS until the kernel reclaims it, so on an idle machine the RSS grows
+to ~90 % of RAM. ``kimi_lm.load`` therefore pages the experts of a checkpoint larger than the memory available
+(``mapped.page_experts``, what this script calls after ``cpu.prepare``; ``--no-paging`` to compare): MADV_RANDOM on
+the expert stacks, MADV_WILLNEED on exactly the active experts' byte ranges before the products, all at once, and
+the experts kept mapped held to a budget (70 % of RAM less the rest of the checkpoint; past it the least recently
+used expert is unmapped with MADV_DONTNEED, its pages staying in the page cache).
 
-Measured here (2-core AMD EPYC, AVX-512 BF16, 23.5 GiB RAM shared with other sessions' test runs, load average
-4-7; virtio disk ~1.2 GB/s), the defaults (512-token prompt, 16 tokens), one run each:
+Measured here (2-core AMD EPYC, AVX-512 BF16, 23.5 GiB RAM, virtio disk ~1.2 GB/s), the defaults (512-token
+prompt, 16 tokens), one run each on a quiet box:
 
-                                       experts faulted in (before)      experts paged (now)
-    load (checkpoint.load + prepare)   1.5 s, 0.30 GB read              4.7 s, 0.39 GB read
-    peak RSS                           19.5 GiB = 83 % of RAM           19.3 GiB = 82 % (own memory 0.7 GiB)
-    cold: first token (512 tokens)     609 s, 26.1 GB read              516 s, 25.9 GB read
-    cold: decode                       0.127 tok/s, 1.35 GB per token   0.97 tok/s, 0.86 GB per token
-    warm: decode                       0.163 tok/s, 0.90 GB per token   1.73 tok/s, 0.48 GB per token
-    estimator (kimi_lm.paging)                                          first token 513 s, decode 2.4 tok/s
+                                       --no-paging (page faults)        paged experts (default)
+    load (checkpoint.load + prepare)   1.0 s, 0.41 GB read              1.2 s, 0.42 GB read
+    peak RSS                           20.97 GiB = 89 % of RAM          17.16 GiB = 73 % (own memory 0.7 GiB)
+    cold: first token (512 tokens)     42.1 s, 25.8 GB read             52.0 s, 25.7 GB read
+    cold: decode                       1.78 tok/s, 776 MB per token     5.17 tok/s, 67 MB per token
+    warm: decode                       2.17 tok/s, 435 MB per token     5.33 tok/s, 65 MB per token
+    estimator (kimi_lm.paging)                                          peak RSS 16.9 GiB, first token 54 s,
+                                                                        decode 3.6 tok/s
 
-A decode token now takes ~0.6 s warm, of which ~0.4 s are its disk reads (0.48 GB at ~1.2 GB/s): paging costs ~3x
-against a machine whose RAM holds the 26 GB (32 GB+ reads nothing after the first pass: "fits"). The first token
-stays slow: a 512-token prompt routes to every expert, so it streams the whole checkpoint once, and its products
-dequantize each expert's tiles (~16 rows per expert) — compute, not the disk, sets those ~8.5 minutes.
+With four other test runs on the same 2 cores the same checkpoint took 516-609 s to the first token and decoded at
+0.13-0.16 tok/s faulting, 0.97-1.73 tok/s paged. A machine whose RAM holds the 26 GB (32 GB+) reads nothing after
+the first pass ("fits"); here a paged decode step still reads ~65 MB, ~55 ms of disk, beside ~0.14 s of products.
 """
 
 from __future__ import annotations
@@ -250,6 +253,8 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="kimi-linear-48b-a3b", help="config (tiny / bench: a quick check)")
     p.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
     p.add_argument("--no-kernels", action="store_true", help="PyTorch dequantization only (see use_fused_kernels)")
+    p.add_argument("--no-paging", action="store_true",
+                   help="leave the experts to page faults (no mapped.page_experts: read-ahead windows, no RSS budget)")
     p.add_argument("--delete", action="store_true", help="delete the checkpoint at the end")
     args = p.parse_args(argv)
 
@@ -259,7 +264,7 @@ def main(argv=None) -> None:
         write_checkpoint(args.out, config)
     if args.write_only:
         return
-    from kimi_lm import checkpoint, cpu, paging
+    from kimi_lm import checkpoint, cpu, mapped, paging
 
     ckpt_bytes = sum(f.stat().st_size for f in shard_files(args.out))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -275,7 +280,9 @@ def main(argv=None) -> None:
           flush=True)
     c0 = counters()
     model = checkpoint.load(args.out, dtype=torch.bfloat16, mmap=not args.no_mmap)
-    cpu.prepare(model)  # what kimi_lm.load does on CPU
+    cpu.prepare(model)  # what kimi_lm.load does on CPU, with the paging of experts below
+    if not args.no_mmap and not args.no_paging:
+        mapped.page_experts(model, ckpt_bytes)
     load = delta(c0, counters())
     after_load = proc_status()
     print(f"  loaded in {load['t']:.1f} s ({load['read_bytes'] / 1e6:.0f} MB read); RSS {after_load['VmRSS'] / 2**30:.2f} "

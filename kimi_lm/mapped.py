@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -118,15 +119,21 @@ class SplitPackedExperts(PackedStackedExperts):
         return False  # affine 4-bit experts are never split (see split_experts)
 
     paged: tuple[torch.Tensor, ...] = ()  # set by :func:`page_experts`: the stacks read ahead per active expert
+    residency: "ExpertResidency | None" = None  # set by :func:`page_experts`: the mapped experts' byte budget
 
     def will_need(self, counts: list[int]) -> None:
         """Paged checkpoints (:func:`page_experts`): ask the kernel for the pages of the experts ``counts`` routes
         rows to, all at once, before the products touch them (their reads then run in parallel)."""
-        for t in self.paged:
-            per_expert = t[0].numel() * t.element_size()
-            for e, n in enumerate(counts):
-                if n:
-                    _madvise(t, mmap.MADV_WILLNEED, e * per_expert, per_expert)
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            ranges = []
+            for t in self.paged:
+                per_expert = t[0].numel() * t.element_size()
+                _madvise(t, mmap.MADV_WILLNEED, e * per_expert, per_expert)
+                ranges.append((t, e * per_expert, per_expert))
+            if self.residency is not None:
+                self.residency.use((id(self), e), ranges)
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         self.will_need(counts)
@@ -151,6 +158,7 @@ class SplitPackedExperts(PackedStackedExperts):
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 PAGED_FRACTION = 0.9  # page the experts when the checkpoint exceeds this share of the memory available at load
+RESIDENT_FRACTION = 0.7  # of RAM: what a paged model keeps mapped (its RSS), experts and the rest of the checkpoint
 
 
 def _madvise(t: torch.Tensor, advice: int, start: int = 0, nbytes: int | None = None) -> int:
@@ -163,36 +171,72 @@ def _madvise(t: torch.Tensor, advice: int, start: int = 0, nbytes: int | None = 
     return _LIBC.madvise(begin, end - begin, advice)
 
 
-def available_ram() -> int:
-    """MemAvailable (free + reclaimable page cache) in bytes, from /proc/meminfo; 0 where unknown."""
+def _meminfo(key: str) -> int:
+    """A /proc/meminfo value in bytes; 0 where unknown."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
 
 
-def page_experts(model: nn.Module, checkpoint_bytes: int, available: int | None = None) -> int:
+def available_ram() -> int:
+    """MemAvailable (free + reclaimable page cache) in bytes; 0 where unknown."""
+    return _meminfo("MemAvailable")
+
+
+class ExpertResidency:
+    """The experts a paged model keeps mapped, least recently used first, within ``budget`` bytes.
+
+    A mapped page stays in the process (its RSS) until the kernel reclaims it; on a machine with little else running
+    that is until the page cache is full, so a model larger than RAM would hold ~90 % of RAM as its RSS. Past the
+    budget the least recently used expert's ranges are dropped from the process (MADV_DONTNEED: a private file
+    mapping we never wrote loses only its page-table entries; the pages stay in the page cache, clean, and a later
+    touch maps them again without reading the disk unless the kernel evicted them meanwhile)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.mapped = budget, 0
+        self.lru: OrderedDict[tuple, list[tuple[torch.Tensor, int, int]]] = OrderedDict()
+
+    def use(self, key: tuple, ranges: list[tuple[torch.Tensor, int, int]]) -> None:
+        if key in self.lru:
+            self.lru.move_to_end(key)
+            return
+        self.lru[key] = ranges
+        self.mapped += sum(n for _, _, n in ranges)
+        while self.mapped > self.budget and len(self.lru) > 1:
+            _, old = self.lru.popitem(last=False)
+            for t, start, nbytes in old:
+                _madvise(t, mmap.MADV_DONTNEED, start, nbytes)
+            self.mapped -= sum(n for _, _, n in old)
+
+
+def page_experts(model: nn.Module, checkpoint_bytes: int, available: int | None = None,
+                 ram: int | None = None) -> int:
     """Prepare a memory-mapped model that does not fit in RAM for paging: each :class:`SplitPackedExperts`' stacks
     get MADV_RANDOM and read their active experts ahead (:meth:`SplitPackedExperts.will_need`). Only when
     ``checkpoint_bytes`` exceeds ``PAGED_FRACTION`` of ``available`` (default: MemAvailable now) — a model that fits
     keeps the kernel's read-ahead (its first pass reads whole windows, sequentially) and pays no madvise calls.
-    Returns the number of expert modules prepared."""
+    The experts kept mapped share one :class:`ExpertResidency` of ``RESIDENT_FRACTION`` of ``ram`` (default:
+    MemTotal) less the checkpoint's other bytes. Returns the number of expert modules prepared."""
     available = available_ram() if available is None else available
     if not available or checkpoint_bytes <= PAGED_FRACTION * available:
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, SplitPackedExperts):
-            stacks = (getattr(module, name, None) for half in ("gate_proj", "up_proj", "down_proj")
-                      for name in (half, f"{half}_scales", f"{half}_biases"))
-            module.paged = tuple(t for t in stacks if t is not None and t.numel() * t.element_size() >= MIN_BYTES)
-            for t in module.paged:
-                _madvise(t, mmap.MADV_RANDOM)
-            count += 1
-    return count
+    modules = [m for m in model.modules() if isinstance(m, SplitPackedExperts)]
+    for module in modules:
+        stacks = (getattr(module, name, None) for half in ("gate_proj", "up_proj", "down_proj")
+                  for name in (half, f"{half}_scales", f"{half}_biases"))
+        module.paged = tuple(t for t in stacks if t is not None and t.numel() * t.element_size() >= MIN_BYTES)
+        for t in module.paged:
+            _madvise(t, mmap.MADV_RANDOM)
+    expert_bytes = sum(t.numel() * t.element_size() for m in modules for t in m.paged)
+    ram = _meminfo("MemTotal") if ram is None else ram
+    residency = ExpertResidency(max(int(RESIDENT_FRACTION * ram) - (checkpoint_bytes - expert_bytes), expert_bytes // 4))
+    for module in modules:
+        module.residency = residency
+    return len(modules)
 
 
 def split_experts(model: nn.Module, targets: dict[str, tuple]) -> set[str]:

@@ -31,6 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kimi_lm.mapped import RESIDENT_FRACTION
 from kimi_lm.memory import Quant, Tensor, make_quant, recorded_quant, tensor_bytes, tensors
 
 RUNTIME_BYTES = 400 << 20  # PyTorch, its libraries, the C kernels, the tokenizer: measured VmRSS of a tiny model
@@ -44,9 +45,10 @@ class Machine:
     # packed bytes a decode step streams: bench_quant_decode --config real-layers, MXFP4, 47 tok/s x 294 MB active
     # = 13.9 GB/s on 2 quiet cores; 10 GB/s for a full model's scattered experts
     decode_bytes_per_s: float = 10e9
-    # prefill matrix products (dequantize a tile + matmul, bf16, 2 cores): the 48B MXFP4 512-token prefill took 516 s
-    # for 2 x 3.5e9 active parameters x 512 tokens (its reads included: they overlap with the products)
-    flops: float = 7e9
+    # prefill matrix products (dequantize a tile + matmul, bf16, 2 cores): the 48B MXFP4 512-token prefill took
+    # 42-52 s on a quiet box for 2 x 3.5e9 active parameters x 512 tokens (its 26 GB of reads included: they overlap
+    # with the products); 516 s with four other test runs on the same 2 cores
+    flops: float = 70e9
     # load: the 48B MXFP4 checkpoint (1,038 tensors) took 2.0 s here, checkpoint.load + cpu.prepare
     load_s_per_tensor: float = 0.001  # header, names table, a mapping (or a read) per tensor
     load_base_s: float = 1.0  # the meta-device model, the backend's swaps
@@ -117,9 +119,10 @@ def speed(config, s: Split, m: Machine, prompt: int) -> dict:
     prefill_bytes = s.active_bytes - s.expert_bytes * k / max(E, 1) + s.expert_bytes * used
     prefill_s = max(2 * s.active_params * prompt / m.flops, prefill_bytes / m.decode_bytes_per_s)
     prefill_s += (miss if s.mapped else 0) * prefill_bytes / m.disk_bytes_per_s
-    # a decode step after a prefill: the mapped part of its bytes missed at the page cache's miss rate
-    mapped_share = s.mapped / max(s.mapped + s.converted, 1)
-    decode_s = s.active_bytes / m.decode_bytes_per_s + miss * mapped_share * s.active_bytes / m.disk_bytes_per_s
+    # a decode step after a prefill: its routed experts' bytes missed at the page cache's miss rate (the rest of a
+    # step's bytes is read by every step: never the least recently used, it stays cached)
+    expert_share = k / max(E, 1) if s.mapped else 0.0
+    decode_s = s.active_bytes / m.decode_bytes_per_s + miss * s.expert_bytes * expert_share / m.disk_bytes_per_s
     load_s = m.load_base_s + s.tensors * m.load_s_per_tensor + s.converted / m.disk_bytes_per_s
     return {"load_s": load_s, "first_token_s": prefill_s, "prefill_tok_s": prompt / prefill_s,
             "decode_tok_s": 1 / decode_s, "miss_rate": miss}
@@ -138,7 +141,9 @@ def predict(path, ram: int, prompt: int = 512, machine: Machine | None = None, m
     s = split(config, quant, dtype_bytes, router, mmap=mmap)
     m = machine or Machine(ram)
     on_disk = sum(tensor_bytes(t, quant or make_quant("bf16"), dtype_bytes, router) for t in tensors(config))
-    peak = s.resident + min(s.mapped, max(USABLE * ram - s.resident, 0))
+    # paged: the experts kept mapped have a budget (kimi_lm.mapped.page_experts); the rest stays in the page cache
+    budget = RESIDENT_FRACTION * ram if verdict(s, ram) == "runs, paged" else USABLE * ram - s.resident
+    peak = s.resident + min(s.mapped, max(budget, 0))
     return {"checkpoint_bytes": on_disk, "resident_bytes": s.resident, "mapped_bytes": s.mapped,
             "peak_rss_bytes": int(peak), "verdict": verdict(s, ram), **speed(config, s, m, prompt)}
 

@@ -95,3 +95,45 @@ def greedy(model, steps: int = 6) -> list[int]:
             tokens.append(int(logits.argmax()))
             logits = forward_chunk(model, cache, tokens[-1:])
     return tokens
+
+
+def test_experts_past_the_residency_budget_are_unmapped_least_recently_used_first(packed, monkeypatch):
+    model = checkpoint.load(packed, dtype=torch.float32)
+    total = sum(getattr(m, f"{h}{s}").nbytes for m in experts_of(model) for h in ("gate_proj", "up_proj", "down_proj")
+                for s in ("", "_scales"))
+    # no RAM to speak of beside a checkpoint 10x its experts: the budget's floor, a quarter of the experts
+    mapped.page_experts(model, checkpoint_bytes=10 * total, available=1, ram=0)
+    experts = experts_of(model)[0]
+    residency = experts.residency
+    assert residency is not None and all(m.residency is residency for m in experts_of(model))
+    assert residency.budget == total // 4
+    per_expert = sum(t[0].numel() * t.element_size() for t in experts.paged)
+    dropped = []
+    real = mapped._madvise
+
+    def spy(t, advice, start=0, nbytes=None):
+        if advice == mmap.MADV_DONTNEED:
+            dropped.append((t.data_ptr(), start // nbytes))
+        assert real(t, advice, start, nbytes) == 0
+        return 0
+
+    monkeypatch.setattr(mapped, "_madvise", spy)
+    xs = torch.randn(1, experts.down_proj_scales.shape[1])
+    order, first = [], None  # every expert of every MoE layer, once, in this order
+    for m in experts_of(model):
+        for e in range(m.num_experts):
+            counts = [0] * m.num_experts
+            counts[e] = 1
+            out = m.grouped(xs, counts)[0]
+            first = out if first is None else first
+            order.append((id(m), e))
+    fits = residency.budget // per_expert  # (every layer's experts have one size here)
+    assert 0 < fits < len(order) and residency.mapped <= residency.budget
+    # the oldest were dropped from the process once the budget was full, each expert's every stack; the newest stay
+    assert len(dropped) == (len(order) - fits) * len(experts.paged)
+    assert [e for _, e in dropped[:: len(experts.paged)]] == [e for _, e in order[: len(order) - fits]]
+    assert list(residency.lru) == order[len(order) - fits :]
+    counts = [0] * experts.num_experts
+    counts[0] = 1  # dropped earlier: mapped again from the page cache, the same numbers
+    assert torch.equal(experts.grouped(xs, counts)[0], first)
+    assert list(residency.lru)[-1] == (id(experts), 0)

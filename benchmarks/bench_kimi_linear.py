@@ -111,8 +111,11 @@ def decode_bytes(ref, cfg: KimiLinearConfig, dtype: torch.dtype, history: int) -
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Bytes per second a ``copy_`` of ``nbytes`` reads (best of ``repeats``), on torch's threads."""
+    """Bytes per second a ``copy_`` of ``nbytes`` reads (best of ``repeats``, pages touched first), on torch's
+    threads: the decode roofline's bandwidth here and in bench_llama_cpp.py (half of STREAM's "copy" figure, which
+    counts the writes too)."""
     src, dst = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+    dst.copy_(src)  # touch the pages
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kimi_lm  # noqa: E402
-from bench_kimi_linear import build_reference, real_layers_config, save_reference  # noqa: E402 (puts tests/ on path)
+from bench_kimi_linear import build_reference, copy_bandwidth, real_layers_config, save_reference  # noqa: E402 (puts tests/ on path)
 from checkpoints import to_official_layout  # noqa: E402
 from kimi_lm.config import preset  # noqa: E402
 from kimi_lm.estimate import estimate  # noqa: E402
@@ -172,20 +172,6 @@ def kimi_lm_speed(model, prompt: torch.Tensor, gen: int) -> tuple[float, float]:
     return prompt.shape[1] / (t1 - t0), gen / (t2 - t1)
 
 
-def copy_bandwidth(threads: int, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second a copy of ``nbytes`` reads with ``threads`` torch threads (pages touched first), best of
-    ``repeats``."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch the pages
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
-
-
 def decode_bytes(cfg, dtype_bytes: int, depth: int) -> int:
     """Bytes a batch-1 decode step at ``depth`` reads: active weights (one embedding row), KDA state, MLA cache."""
     e = estimate(cfg, context=depth, cache_dtype="fp32" if dtype_bytes == 4 else "bf16")
@@ -213,7 +199,7 @@ def main(argv=None) -> int:
     src = llama_cpp_sources(args.cache)
     binary = build_llama_bench(src, args.cache, args.skip_build)
     cfg = preset("bench") if args.config == "bench" else real_layers_config()
-    bandwidth = copy_bandwidth(args.threads)  # re-measured between runs too: the best of all is the roofline's
+    bandwidth = copy_bandwidth()  # re-measured between runs too: the best of all is the roofline's
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
 
     rows = []
@@ -235,7 +221,7 @@ def main(argv=None) -> int:
                 ll_prefill, ll_decode = max(ll_prefill, pre), max(ll_decode, dec)
                 pre, dec = kimi_lm_speed(model, prompt, args.gen_tokens)
                 ours_prefill, ours_decode = max(ours_prefill, pre), max(ours_decode, dec)
-                bandwidth = max(bandwidth, copy_bandwidth(args.threads))
+                bandwidth = max(bandwidth, copy_bandwidth())
             del model
             gguf.unlink()
             rows.append({"dtype": name, "llama_cpp_prefill_tok_s": ll_prefill, "llama_cpp_decode_tok_s": ll_decode,

@@ -10,6 +10,7 @@ with a ``text_config`` and adds vision tensors the loader must skip. Spec ``kimi
 from __future__ import annotations
 
 import json
+import copy
 import re
 from pathlib import Path
 
@@ -18,17 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from k2_checkpoints import to_official_layout, write_sharded
 
+from kimi_lm.config import INT4_EXPERTS_CONFIG
+
 EXPERT = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-INT4_CONFIG = {  # spec §B1 (Kimi-K2-Thinking's quantization_config)
-    "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-    "kv_cache_scheme": None,
-    "config_groups": {"group_0": {
-        "targets": ["Linear"], "input_activations": None, "output_activations": None,
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
-                    "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
-                    "block_structure": None}}},
-    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-}
+INT4_CONFIG = copy.deepcopy(INT4_EXPERTS_CONFIG)  # spec §B1 (Kimi-K2-Thinking's quantization_config)
 
 
 def int4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,8 +9,8 @@ with a ``text_config`` and adds vision tensors the loader must skip. Spec ``kimi
 
 from __future__ import annotations
 
-import json
 import copy
+import json
 import re
 from pathlib import Path
 

@@ -129,9 +129,18 @@ class SafetensorsFile:
     def shape(self, name: str) -> list[int]:
         return list(self.header[name]["shape"])
 
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (contiguous, CPU, the file's dtype and shape) with tensor ``name``'s bytes."""
+    def _span(self, name: str, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """Data offsets of tensor ``name``, or of its ``rows`` = (first, count) along dim 0 (contiguous in the file)."""
         begin, end = self.header[name]["data_offsets"]
+        if rows is not None:
+            per_row = (end - begin) // self.shape(name)[0]
+            begin, end = begin + rows[0] * per_row, begin + (rows[0] + rows[1]) * per_row
+        return begin, end
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Fill ``out`` (contiguous, CPU, the file's dtype and shape) with tensor ``name``'s bytes; ``rows`` = (first,
+        count): only those entries along dim 0 (``out`` shaped so), the others' bytes never read."""
+        begin, end = self._span(name, rows)
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         self._fh.seek(self.data_start + begin)
         got = 0
@@ -142,18 +151,19 @@ class SafetensorsFile:
             got += n
         return out
 
-    def read(self, name: str, mapped: bool = False) -> torch.Tensor:
-        """Tensor ``name`` in memory of its own; ``mapped`` (in a file opened with ``mmap``): a view of the file's
-        pages instead, unless its offset is not aligned for its dtype."""
+    def read(self, name: str, mapped: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (``rows``: its entries [first, first + count) along dim 0) in memory of its own; ``mapped``
+        (in a file opened with ``mmap``): a view of the file's pages instead, unless not aligned for its dtype."""
         dtype = self.dtype(name)
         if dtype not in ST_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which kimi-lm cannot read")
+        shape = self.shape(name) if rows is None else [rows[1], *self.shape(name)[1:]]
         if mapped and self._mapping is not None:
-            begin, end = self.header[name]["data_offsets"]
-            t = self._mapping.view(self.data_start + begin, end - begin, ST_DTYPES[dtype], self.shape(name))
+            begin, end = self._span(name, rows)
+            t = self._mapping.view(self.data_start + begin, end - begin, ST_DTYPES[dtype], shape)
             if t is not None:
                 return t
-        return self.read_into(name, torch.empty(self.shape(name), dtype=ST_DTYPES[dtype]))
+        return self.read_into(name, torch.empty(shape, dtype=ST_DTYPES[dtype]), rows)
 
 
 def _numel(shape) -> int:
@@ -273,13 +283,17 @@ def _fp8_modules(config, targets: dict[str, tuple], files: dict[str, Path]) -> s
     return modules
 
 
-def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
+def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, split=None):
     """Load a Kimi Linear or Kimi K2 / DeepSeek-V3 checkpoint directory; returns the plain model (``kimi_lm.model``
     modules, quantized ones swapped in where the checkpoint is quantized) in eval mode, no grads. Only loads: the
     runtime set-up for a device (``kimi_lm.cpu.prepare``) is applied by ``kimi_lm.load``.
 
     ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass.
-    ``mmap`` (default: on for CPU): tensors kept as stored are views of the memory-mapped files (``kimi_lm.mapped``)."""
+    ``mmap`` (default: on for CPU): tensors kept as stored are views of the memory-mapped files (``kimi_lm.mapped``).
+    ``split`` (``kimi_lm.distributed.load``'s ``--ep`` loader; no mmap): called on the meta model once its quantized
+    modules are in place, it splits the routed experts and returns {experts module: (first, count, total)}; of each
+    expert tensor only experts [first, first + count) are read (per-expert tensors of others skipped, stacked ones
+    read as that row range)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
@@ -304,9 +318,11 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
         unpacked = mlx_load.dequantized_on_load(model, specs)
         split_kvb = {t.rsplit(".", 2)[0] for t, _, _ in targets.values() if ".kv_b_proj.embed_q." in t}
         swap_modules(model, specs, split_kvb, dtype=dtype)
-        use_mmap = torch.device(device).type == "cpu" if mmap is None else mmap
+        use_mmap = torch.device(device).type == "cpu" if mmap is None and split is None else bool(mmap)
         if use_mmap:  # mlx-lm's gate / up expert halves kept apart, so that they stay mapped
             targets = mapped.split_targets(targets, mapped.split_experts(model, targets))
+    full_shapes = {n: t.shape for n, t in model.state_dict().items()}
+    ranges = split(model) if split is not None else {}  # experts module -> (first, count, total) held here
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -322,7 +338,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
         ref = expected[target]
         want_dtype = (ref.dtype if ref.dtype in _KEEP_DTYPES else torch.float32 if target.endswith(FP32_SUFFIXES)
                       else dtype)
-        if placement != "copy" and placement != "conv" and expert >= ref.shape[0]:
+        if placement in names.PER_EXPERT and expert >= ref.shape[0]:
             raise CheckpointError(
                 f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}")
         if placement in ("copy", "conv"):
@@ -356,10 +372,19 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
                 if name not in f.header:
                     raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but missing from this file")
                 target, placement, expert = targets[name]
+                first, count, total = ranges.get(target.rpartition(".")[0], (0, None, None))
+                rows = None if count is None or placement in names.PER_EXPERT else (first, count)  # stacked: [E, ...]
+                if count is not None and placement in names.PER_EXPERT:
+                    if expert >= total:
+                        raise CheckpointError(f"{file}: tensor {name!r} names expert {expert}, but config.json has "
+                                              f"num_experts={total}")
+                    if not first <= expert < first + count:
+                        continue  # another rank's expert: never read
+                    expert -= first
                 key, part = mlx_load.packed_part(target)
                 if key in unpacked:  # packed in the file, float in the model: gather weight, scales, biases
                     got = parts.setdefault((key, placement), {})
-                    got[part] = f.read(name)
+                    got[part] = f.read(name, rows=rows)
                     spec, param = unpacked[key]
                     if len(got) == (3 if spec.has_biases else 2):
                         t = mlx_load.dequantize_part(file, name, spec, got, checkpoint_shape=names.checkpoint_shape(
@@ -377,7 +402,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
                         f"config.json; check num_hidden_layers, layer types and expert counts)"
                     )
                 shape, file_dtype = f.shape(name), f.dtype(name)
-                want_shape = names.checkpoint_shape(expected[target].shape, placement)
+                want_shape = names.checkpoint_shape(full_shapes[target], placement)
                 if mlx_names and target.endswith(".A_log") and len(shape) == 1 and want_shape == [config.kda_head_dim] \
                         and shape[0] == config.kda_num_heads:  # mlx-lm's K3 layout: the heads' values only
                     place(file, name, target, placement, expert, t=mlx_load.pad_a_log(f.read(name), want_shape[0]))
@@ -387,10 +412,10 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None):
                                           + _scale_hint(target, placement, expected))
                 _check_dtype(file, name, file_dtype, expected[target].dtype, config)
 
-                def read_into(dest, keep=None, f=f, name=name, file_dtype=file_dtype):
+                def read_into(dest, keep=None, f=f, name=name, file_dtype=file_dtype, rows=rows):
                     if dest is None:  # mapped (a view of the file) when kept as stored (``keep``: its dtype)
-                        return f.read(name, mapped=ST_DTYPES[file_dtype] == keep)
-                    return f.read_into(name, dest) if ST_DTYPES[file_dtype] == dest.dtype else None
+                        return f.read(name, mapped=ST_DTYPES[file_dtype] == keep, rows=rows)
+                    return f.read_into(name, dest, rows) if ST_DTYPES[file_dtype] == dest.dtype else None
 
                 place(file, name, target, placement, expert, read_into=read_into)
 

@@ -2,12 +2,16 @@
 
 The split runs are real torchrun launches (``--standalone``: a free port each); the oracle is the one-process plain
 model loaded by ``kimi_lm.checkpoint.load`` in fp32. Kimi Linear (official layout), Kimi K2 (DeepSeek-V3 layout),
-Kimi K3 (latent MoE, gates, Block AttnRes) and K2 in the FP8-block release format each run --tp 2, --ep 2 and both.
+Kimi K3 (latent MoE, gates, Block AttnRes) and K2 in the FP8-block release format each run --tp 2, --ep 2 and both;
+packed checkpoints (Kimi Linear in mlx-lm's MXFP4 layout, K2-Thinking's compressed-tensors INT4 experts, K3's MXFP4
+release) run --ep 2, against the same packed checkpoint in one process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -27,6 +31,7 @@ from kimi_lm.distributed import launch
 from kimi_lm.distributed.memory import per_rank
 from kimi_lm.distributed.parallel import Plan, check, shard_specs
 from kimi_lm.errors import CheckpointError, UsageError
+from kimi_lm.model.moe import StackedExperts
 
 HERE = Path(__file__).resolve().parent
 PLANS = [(2, 1), (1, 2), (2, 2)]
@@ -55,6 +60,26 @@ def checkpoints(tmp_path_factory, official_checkpoint):
     return {"kimi_linear": Path(official_checkpoint), "k2": k2, "k3": k3, "k2_fp8": k2_fp8}
 
 
+@pytest.fixture(scope="module")
+def packed_checkpoints(tmp_path_factory, checkpoints):
+    """Packed checkpoints with an even number of experts: Kimi Linear in mlx-lm's MXFP4 layout (stacked switch_mlp
+    experts, uint32 codes + E8M0 scales; the router affine 8-bit), K2-Thinking (compressed-tensors pack-quantized
+    INT4 per-expert tensors, of the K2 reference above) and K3's release (mxfp4-pack-quantized per-expert tensors)."""
+    import k2_int4_checkpoints
+    import k3_checkpoints
+
+    root = tmp_path_factory.mktemp("packed")
+    spec = importlib.util.spec_from_file_location("bench_full_size", HERE.parent / "benchmarks" / "bench_full_size.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # nope = 32: a whole MXFP4 group, so mlx-lm packs kv_b_proj's embed_q as the estimator prices it
+    bench.write_checkpoint(root / "kl-mxfp4", dataclasses.replace(preset("tiny"), qk_nope_head_dim=32))
+    k2_int4, _ = k2_int4_checkpoints.to_int4_layout(checkpoints["k2"].parent / "k2-hf", root / "k2-int4")
+    k3, _ = k3_checkpoints.write_mxfp4_checkpoint(k3_checkpoints.random_model(k3_checkpoints.mxfp4_config()),
+                                                  root / "k3-mxfp4")
+    return {"kl_mxfp4": root / "kl-mxfp4", "k2_int4": Path(k2_int4), "k3_mxfp4": Path(k3)}
+
+
 def fp8_config(**changes) -> KimiK2Config:
     """A tiny K2 in the FP8 release format whose split sizes are whole 128-blocks on 2 ranks (heads of 128 + 64)."""
     raw = {**preset("tiny-k2").to_dict(), **dict(
@@ -70,11 +95,12 @@ GENERATE = ["--ep", "2", "--dtype", "float32", "--prompt", PROMPT, "--max-tokens
 
 
 @pytest.fixture(scope="module")
-def launch_output(tmp_path_factory, checkpoints):
+def launch_output(tmp_path_factory, checkpoints, packed_checkpoints):
     """One torchrun launch (its start-up is most of the time): every (family, plan) run, written to
     OUT/NAME.safetensors and OUT/NAME.rankR.json, then `kimi-lm generate GENERATE` on the bundled model."""
     out = tmp_path_factory.mktemp("ranks")
     jobs = [f"{path}:{tp}:{ep}" for path in checkpoints.values() for tp, ep in PLANS]
+    jobs += [f"{path}:1:2" for path in packed_checkpoints.values()]  # packed: --ep only
     r = torchrun(str(HERE / "parallel_ranks.py"), str(out), *jobs, "--", *GENERATE)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r
@@ -128,6 +154,70 @@ def test_split_runs_match_one_process(family, checkpoints, split_runs):
 
             e = estimate(model.config, quant="fp32", context=[16])
             assert per_rank(model.config, e, tp, ep, quant="fp32")["weights_bytes"] == ranks[0]["param_bytes"], name
+
+
+def _expert_bytes(model) -> int:
+    """Bytes of the routed experts' stacks (float, or packed codes + scales [+ biases])."""
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, StackedExperts)
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+
+
+def _held_bytes(model) -> int:
+    return sum({id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+@pytest.mark.parametrize("family", ["kl_mxfp4", "k2_int4", "k3_mxfp4"])
+def test_packed_ep_runs_match_one_process(family, packed_checkpoints, split_runs):
+    """--ep 2 on a packed checkpoint: logits within 1e-5 of one process on the same checkpoint, same greedy tokens;
+    each rank holds the packed experts' half plus everything else, packed as in one process."""
+    path = packed_checkpoints[family]
+    model, full, steps, tokens = one_process(path)
+    name = f"{path.name}-tp1-ep2"
+    got = load_file(split_runs / f"{name}.safetensors")
+    assert rel_err(got["full"], full) < 1e-5, name
+    assert rel_err(got["steps"], steps) < 1e-5, name
+    assert got["tokens"].tolist() == tokens, name
+    ranks = [json.loads((split_runs / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    whole, experts = _held_bytes(model), _expert_bytes(model)
+    assert experts > 0.1 * whole and any(t.dtype == torch.uint32 for t in model.buffers())  # packed, not float
+    assert ranks[0]["param_bytes"] == whole - experts // 2
+
+
+@pytest.mark.parametrize("family", ["kl_mxfp4", "k2_int4", "k3_mxfp4"])
+def test_packed_ep_rank_holds_its_experts_and_reads_only_them(family, packed_checkpoints, monkeypatch):
+    """Each rank of --ep 2 (loaded without a process group) holds exactly the one-process packed model's tensors,
+    split by whole experts; of the expert tensors it reads only its own experts' bytes; its bytes are the
+    estimator's per-rank weights (`estimate --ep 2`)."""
+    from kimi_lm.checkpoint import SafetensorsFile
+    from kimi_lm.distributed.load import load_sharded
+    from kimi_lm.distributed.parallel import parallelize
+    from kimi_lm.estimate import estimate
+
+    path = packed_checkpoints[family]
+    spans = []
+    span = SafetensorsFile._span
+    monkeypatch.setattr(SafetensorsFile, "_span", lambda self, name, rows: spans.append((name, rows)) or
+                        span(self, name, rows))
+    want_bytes = per_rank(path, estimate(path, context=[16]), 1, 2)["weights_bytes"]
+    for rank in range(2):
+        spans.clear()
+        got = load_sharded(path, Plan(ep=2, rank=rank), dtype="auto")
+        read = list(spans)
+        want = load(path, dtype="auto", mmap=False)
+        n_experts = next(m for m in want.modules() if isinstance(m, StackedExperts)).num_experts
+        parallelize(want, Plan(ep=2, rank=rank))
+        a, b = want.state_dict(), got.state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), family
+        assert _held_bytes(got) == want_bytes, family
+        mine = range(rank * n_experts // 2, (rank + 1) * n_experts // 2)
+        per_expert = [n for n, _ in read if ".experts." in n and not n.endswith(".weight_shape")]
+        stacked = [(n, rows) for n, rows in read if ".switch_mlp." in n]
+        assert per_expert or stacked, family
+        for n in per_expert:  # K2 / K3: experts.E.*: this rank's E only
+            assert int(n.split(".experts.")[1].split(".")[0]) in mine, n
+        for n, rows in stacked:  # mlx-lm: [E, ...] stacks read as this rank's rows
+            assert rows == (mine.start, len(mine)), n
 
 
 def test_cached_decode_keeps_this_ranks_heads(checkpoints, split_runs):
@@ -223,15 +313,19 @@ def test_generate_without_torchrun_is_a_usage_error(capsys, monkeypatch):
     assert "needs 2 processes started by torchrun" in capsys.readouterr().err
 
 
-def test_packed_checkpoint_is_refused(tmp_path):
-    """MLX / compressed-tensors packed experts: one error saying what is supported."""
-    import k3_checkpoints
+def test_tp_on_a_packed_checkpoint_is_refused(packed_checkpoints):
+    """--tp splits rows and columns: refused for packed checkpoints, naming --ep (which loads them) and the float
+    copy; the estimator refuses the same split."""
     from kimi_lm.distributed.load import load_sharded
+    from kimi_lm.estimate import estimate
 
-    ckpt, _ = k3_checkpoints.write_mxfp4_checkpoint(k3_checkpoints.random_model(k3_checkpoints.mxfp4_config()),
-                                                    tmp_path / "mxfp4")
-    with pytest.raises(UsageError, match=r"load float \(F32, BF16, F16\) and FP8-block checkpoints.*--dequantize"):
-        load_sharded(ckpt, Plan(ep=2))
+    for path in packed_checkpoints.values():
+        for plan in (Plan(tp=2), Plan(tp=2, ep=2)):
+            with pytest.raises(UsageError, match=r"--tp 2 splits float \(F32, BF16, F16\) and FP8-block checkpoints; "
+                                                 r"this one is packed .*use --ep 2 alone.*--dequantize"):
+                load_sharded(path, plan)
+        with pytest.raises(UsageError, match=r"--tp 2: split runs load packed weights .* with --ep only"):
+            per_rank(path, estimate(path, context=[16]), 2, 2)
 
 
 def test_fp8_blocks_split_only_at_block_boundaries(tmp_path):

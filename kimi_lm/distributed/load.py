@@ -19,8 +19,11 @@ and attention being replicated), peak RSS = what it keeps; ``--tp 2 --ep 2`` rea
 Names, placements and checks are the single-process loader's (``kimi_lm.names``, ``kimi_lm.checkpoint``): the
 same tensors are required, with the same shapes, and a problem raises ``CheckpointError`` naming the file and tensor.
 Float (F32 / BF16 / F16) and FP8-block checkpoints (Kimi K2's release format: fp8 weights and their block scales are
-split together, at block boundaries); MLX / compressed-tensors packed ones raise a ``UsageError`` saying so
-(``kimi-lm convert --dequantize`` writes a float copy).
+split together, at block boundaries) split under ``--tp`` and ``--ep``. Packed ones (MLX-quantized, mlx-lm's or
+``kimi-lm convert --quantize``'s stacked ``switch_mlp`` experts; compressed-tensors INT4 / MXFP4 per-expert tensors of
+K2-Thinking, K2.5 and K3's releases) split under ``--ep`` only (:func:`load_packed`): whole experts, codes, scales and
+biases together, everything else packed as in one process. ``--tp`` on them raises a ``UsageError`` naming ``--ep``
+(splitting packed rows is exact only at whole groups and would need every packed module split; not done).
 
 Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the one-process loader it mirrors).
 """
@@ -41,14 +44,15 @@ from kimi_lm.checkpoint import (FP32_SUFFIXES, ST_DTYPES, SafetensorsFile, _fp8_
 from kimi_lm.config import load_config
 from kimi_lm.distributed.parallel import Plan, Shard, parallelize
 from kimi_lm.errors import CheckpointError, UsageError
+from kimi_lm.model.moe import StackedExperts
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 
 _FLOAT = ("F32", "BF16", "F16")
 
 
-def refuse_quantized(path: Path, config, files: dict[str, Path]) -> None:
-    """UsageError for a checkpoint whose weights are not plain floats: config.json says so, or a shard's header
-    holds a packed / fp8 tensor (headers only: nothing else is read)."""
+def packed_format(config, files: dict[str, Path]) -> str | None:
+    """What makes a checkpoint packed (MLX or compressed-tensors), or None for float / FP8-block weights: config.json
+    says so, or a shard's header holds a tensor that is neither float nor fp8 (headers only: nothing else is read)."""
     qc = getattr(config, "quantization_config", None)
     fp8 = isinstance(qc, dict) and qc.get("quant_method") == "fp8"
     found = "config.json's quantization block" if getattr(config, "quantization", None) or (qc and not fp8) else None
@@ -58,9 +62,34 @@ def refuse_quantized(path: Path, config, files: dict[str, Path]) -> None:
         if name is not None:
             found = f"{file.name}: {name!r} is {header[name]['dtype']}"
             break
-    if found:
-        raise UsageError(f"{path}: --tp / --ep load float (F32, BF16, F16) and FP8-block checkpoints; this one is "
-                         f"quantized otherwise ({found}); write a float copy with `kimi-lm convert --dequantize`")
+    return found
+
+
+def refuse_packed_tp(path: Path, plan: Plan, found: str | None) -> None:
+    """``--tp`` splits rows and columns of every product: refused for packed checkpoints (``--ep`` loads them)."""
+    if found and plan.tp > 1:
+        raise UsageError(f"{path}: --tp {plan.tp} splits float (F32, BF16, F16) and FP8-block checkpoints; this one is "
+                         f"packed ({found}): use --ep {plan.tp} alone, which splits packed experts whole, or write a "
+                         f"float copy for --tp with `kimi-lm convert --dequantize`")
+
+
+def load_packed(path: Path, plan: Plan, dtype, device) -> nn.Module:
+    """``--ep`` on a packed checkpoint (MLX, compressed-tensors INT4 / MXFP4): the one-process loader
+    (``kimi_lm.checkpoint.load``: its quantized-module swaps, names and checks) on this rank's split meta model,
+    reading of each expert tensor only this rank's experts (per-expert tensors of other ranks are skipped, stacked
+    mlx-lm ones are read as this rank's row range); everything else is read whole, packed as in one process."""
+    from kimi_lm.checkpoint import load
+
+    def split(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+        full = {n: m.num_experts for n, m in model.named_modules() if isinstance(m, StackedExperts)}
+        parallelize(model, plan)
+        ranges = {}
+        for name, total in full.items():
+            count = model.get_submodule(name).num_experts
+            ranges[name] = (plan.rank * count if plan.ep > 1 else 0, count, total)
+        return ranges
+
+    return load(path, dtype=dtype, device=device, split=split)
 
 
 def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Module:
@@ -71,7 +100,10 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     files = {n: f for n, f in weight_files(path).items() if not names.skipped(n, config)}
-    refuse_quantized(path, config, files)
+    found = packed_format(config, files)
+    refuse_packed_tp(path, plan, found)
+    if found:
+        return load_packed(path, plan, dtype, device)
     fam = names.family(config)
     fp8 = _fp8_modules(config, {n: names.to_parameter(n, fam) for n in files}, files)
     with torch.device("meta"):

@@ -8,6 +8,11 @@ state and conv tails hold this rank's heads (1/tp); the MLA latent cache [ĉ | k
 rank keeps all of it (as in vLLM's MLA under tensor parallelism). Activations: the one-process estimate (an upper
 bound: split layers' intermediates shrink, the residual stream does not).
 
+Packed checkpoints (``--ep`` only): experts priced in their format (``kimi_lm.memory.tensor_bytes``), E/N of them
+per rank; compressed-tensors INT4 experts as a rank holds them, MLX affine 4-bit: the codes, and a scale and a bias
+(−8·scale) per group in the model dtype, no ``weight_shape`` (the split runs the plain modules, not the CPU backend
+that derives the biases).
+
 Every rank of a run holds the same bytes (equal parts), so "per rank" is any rank's.
 """
 
@@ -61,6 +66,9 @@ def per_rank(model, e, tp: int, ep: int, quant: str | None = None, group_size: i
         q = src.recorded_quant
     else:
         q = make_quant(quant or src.dtype, group_size, src.dtype_bytes)
+    if tp > 1 and q.group:  # as the loader (kimi_lm.distributed.load.refuse_packed_tp)
+        raise UsageError(f"--tp {tp}: split runs load packed weights ({q.label()}) with --ep only (whole experts); "
+                         f"--tp needs float or FP8-block weights")
     plan = Plan(tp, ep, 0)
     with torch.device("meta"):
         meta = _model_class(cfg)(cfg)
@@ -70,6 +78,9 @@ def per_rank(model, e, tp: int, ep: int, quant: str | None = None, group_size: i
     for t in tensors(cfg):
         local, is_split = split_tensor(t, specs, names.family(cfg))
         nbytes = tensor_bytes(local, q, src.dtype_bytes, src.router_quant)
+        if q.name == "int4-experts" and local.component == "experts":  # held as MLX affine 4-bit: codes, and a
+            # scale and a bias (−8·scale) per group in the model dtype; no weight_shape
+            nbytes = local.numel * q.bits // 8 + local.numel // q.group * 2 * src.dtype_bytes
         split, replicated = (split + nbytes, replicated) if is_split else (split, replicated + nbytes)
     weights = split + replicated
     kda = kda_state_bytes(cfg, src.dtype_bytes) // tp  # every KDA state and conv-tail size is proportional to H

@@ -20,6 +20,8 @@ only its slice of each split parameter. One rank per process, one process group 
 
 FP8-block weights (Kimi K2's release format, ``kimi_lm.quant.fp8_block``) split with their 128×128 block scales,
 at block boundaries only (:func:`check_blocks`): K2 splits 8 ways (a rank's q_b rows are 8 heads × 192 = 12 blocks).
+Packed experts (``kimi_lm.quant.packed.PackedStackedExperts``: MLX and compressed-tensors INT4 / MXFP4) split under
+``--ep`` only, whole experts with their codes, scales and biases; the loader refuses ``--tp`` on packed checkpoints.
 
 Rank r holds heads [r·H/N, (r+1)·H/N) of every split layer. ``--tp`` and ``--ep`` are each 1 or the world size;
 both at N split attention and dense products by head / column and routed experts by expert, over the same ranks.
@@ -163,8 +165,11 @@ def shard_specs(model: nn.Module, plan: Plan) -> dict[str, Shard]:
             add(p, ["gate_proj.weight", "up_proj.weight"], 0, tp)
             add(p, ["down_proj.weight"], 1, tp)
         elif isinstance(m, StackedExperts):
-            if plan.ep > 1:
-                add(p, ["gate_up_proj", "down_proj"], 0, plan.ep)
+            if plan.ep > 1:  # whole experts: float stacks, or packed codes with their scales [and biases]
+                # (mapped packed experts, kimi_lm.mapped.SplitPackedExperts, hold gate and up apart)
+                stacks = [f"{w}{part}" for w in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+                          for part in ("", "_scales", "_biases")]
+                add(p, [n for n in stacks if n in m._parameters or n in m._buffers], 0, plan.ep)
             elif tp > 1:
                 add(p, ["gate_up_proj"], 1, tp, halves=True)
                 add(p, ["down_proj"], 2, tp)

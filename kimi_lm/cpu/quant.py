@@ -209,6 +209,7 @@ class FewRowExperts(DerivedBiases, FewRowsInC):
         few = [e for e, n in enumerate(counts) if 0 < n <= DECODE_ROWS]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
+        self.will_need(counts)  # a paged checkpoint's active experts read ahead, together (kimi_lm.mapped)
         specs = tuple((quant_kernels.QUANT_MODES[s.mode], s.bits, s.group_size) for s in (self.gate_up_spec, self.down_spec))
         in_c = quant_kernels.quant_experts_rows(xs.contiguous(), counts, few, *self._stacks(),
                                                 (self._tensors("down_proj"), 0), specs, self.intermediate_size)
@@ -231,10 +232,6 @@ class CpuSplitPackedExperts(FewRowExperts, SplitPackedExperts):
         nn.Module.__init__(self)
         _adopt(self, experts)
         self._drop_symmetric_biases()
-
-    def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        self.will_need(counts)  # a paged checkpoint's active experts read ahead, together (kimi_lm.mapped)
-        return FewRowExperts.grouped(self, xs, counts)
 
 
 class CpuPackedSiTUExperts(PackedSiTUExperts):

@@ -220,6 +220,10 @@ class PackedStackedExperts(StackedExperts):
     rows then ``up_proj`` rows), ``down_proj`` [E, hidden, I·b/32], each with ``*_scales`` [``*_biases``].
     Only the experts a batch routes to are dequantized, one at a time."""
 
+    def will_need(self, counts: list[int]) -> None:
+        """Read-ahead of the experts ``counts`` routes rows to: nothing for experts in memory (memory-mapped ones
+        that page, ``kimi_lm.mapped.SplitPackedExperts``, ask the kernel for them)."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, gate_up: QuantSpec,
                  down: QuantSpec, dtype=torch.float32):
         nn.Module.__init__(self)  # not StackedExperts.__init__: that would allocate float weights

@@ -18,7 +18,7 @@ from kimi_lm.chat import ChatDelta, ToolCall, parse_reply
 from kimi_lm.generate import ReplyPrinter, prefill
 from kimi_lm.prompt_cache import RotatingMLACache, make_cache
 from serving import ScriptedModel
-from tiny_chat import chat_checkpoint, ckpt, k3_chat_checkpoint, model, one_thread, tok  # noqa: F401 (fixtures)
+from tiny_chat import XTML_JINJA, chat_checkpoint, ckpt, k3_chat_checkpoint, model, one_thread, tok  # noqa: F401 (fixtures)
 
 
 
@@ -295,13 +295,6 @@ def test_chat_k3_keeps_tool_calls_and_reasoning_in_the_history(k3_ckpt, monkeypa
             '<|open|>argument key="city" type="string"<|sep|>Paris<|close|>argument<|sep|>') in text
 
 
-# A Jinja template in the XTML format (messages, thinking on/off), as a user would pass with --chat-template
-XTML_JINJA = """{%- for m in messages -%}
-<|open|>message role="{{ m.role }}"<|sep|>{{ m.content }}<|close|>message<|sep|><|end_of_msg|>
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-<|open|>message role="assistant"<|sep|><|open|>{{ 'think' if thinking | default(true) else 'response' }}<|sep|>
-{%- endif -%}"""
 
 
 def test_chat_template_file_replaces_the_checkpoints_format(k3_ckpt, tmp_path, capsys):

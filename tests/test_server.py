@@ -17,7 +17,7 @@ from kimi_lm.chat import count_tool_calls, parse_assistant_message
 from kimi_lm.server import ServerConfig, create_app
 from kimi_lm.server.engine import Engine
 from serving import ScriptedModel, Server
-from tiny_chat import chat_checkpoint, k3_chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from tiny_chat import XTML_JINJA, chat_checkpoint, k3_chat_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 NAME = "tiny-kimi"
 
@@ -470,12 +470,6 @@ def test_k3_tools_are_declared_and_tool_results_render_in_xtml(k3_server):
     assert again["choices"][0]["message"]["tool_calls"][0]["id"] == "functions.get_weather:1"
 
 
-XTML_JINJA = """{%- for m in messages -%}
-<|open|>message role="{{ m.role }}"<|sep|>{{ m.content }}<|close|>message<|sep|><|end_of_msg|>
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-<|open|>message role="assistant"<|sep|><|open|>{{ 'think' if thinking | default(true) else 'response' }}<|sep|>
-{%- endif -%}"""
 
 
 @pytest.mark.slow  # ~25 s: a fresh interpreter imports torch and loads the model

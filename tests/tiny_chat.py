@@ -32,6 +32,13 @@ from kimi_lm.train.bpe import write_tokenizer
 from kimi_lm.xtml import SPECIAL_TOKENS as K3_SPECIAL_TOKENS
 
 TEMPLATE = Path(__file__).parent / "data" / "kimi-linear-48b-a3b-instruct.chat_template.jinja"
+# A Jinja template in the XTML format (messages, thinking on/off), as a user would pass with --chat-template
+XTML_JINJA = """{%- for m in messages -%}
+<|open|>message role="{{ m.role }}"<|sep|>{{ m.content }}<|close|>message<|sep|><|end_of_msg|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|open|>message role="assistant"<|sep|><|open|>{{ 'think' if thinking | default(true) else 'response' }}<|sep|>
+{%- endif -%}"""
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. the then there these those this that. "
     "Hello world! hello again, world. 12345 123456 1234567 12345678 2024 3.14159 1000000 "

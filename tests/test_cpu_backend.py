@@ -164,6 +164,42 @@ def test_routing_in_c_chooses_and_weighs_like_the_plain_router(n_group, topk_gro
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [0, 2])
+def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, monkeypatch):
+    """A decode step's MoE block in one C call (native.moe_decode: router, k experts, shared expert, weighted sum)
+    against the same module's multi-call path and the plain block; widths that are no multiple of 64 or 32 (the
+    packed layouts' tails), group-limited routing, 1 or 2 shared experts' worth of intermediate width."""
+    torch.manual_seed(0)
+    moe = SparseMoE(96, 16, 5, 40, shared, 4, 2, True, 2.5).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.2)
+        moe.gate.e_score_correction_bias.normal_(std=0.5)
+    moe = moe.to(dtype)
+    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    holder = torch.nn.Module()
+    holder.moe = copy.deepcopy(moe)
+    onednn.pack_linears(holder, OneDNNStackedExperts)
+    if shared:
+        holder.moe.shared_experts = CpuMLP(holder.moe.shared_experts)
+    ours = CpuSparseMoE(holder.moe)
+    calls = []
+    real = native.moe_decode
+    monkeypatch.setattr(native, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for _ in range(6):
+            x = torch.randn(1, 1, 96, generator=g).to(dtype)
+            one_call = ours(x)
+            plan, ours._plan = ours._plan, None  # the multi-call path
+            calls_path = ours(x)
+            ours._plan = plan
+            assert rel_err(one_call, calls_path) <= (1e-6 if dtype == torch.float32 else 0.0)
+            assert rel_err(one_call, moe(x)) <= TOL[dtype]
+    assert len(calls) == 6 and ours._plan is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_packed_experts_equal_stacked_experts(dtype, tokens):
     torch.manual_seed(0)

@@ -26,7 +26,8 @@
                                  ``INT4_KERNEL`` is set (off: quant.c reads MLX's packing faster)
     symmetric affine biases   -> not kept (−2^(bits−1)·scales: compressed-tensors INT4), derived in the kernels
 
-plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``). Each swapped module computes
+plus glibc malloc thresholds raised so activations reuse freed pages (``malloc.py``), and the weights moved onto
+transparent huge pages in place (``pages.py``: fewer TLB misses in the decode stream). Each swapped module computes
 what the plain one does (tests compare them, the plain one being the oracle); each swap happens only where it
 applies (oneDNN for the dtype, the C kernels built, plain float weights or an MLX packing the kernels read), so an
 unusual model keeps its plain modules. A quantized model's layers take the same paths as a bf16 model's (KDA's C
@@ -34,7 +35,8 @@ decode step and scan, MLA's fused projection, the MLP's fused gate|up): their pr
 prepared model is for inference at its dtype on the CPU: packed weights refuse ``.to()``.
 
 Environment: ``KIMI_LM_NATIVE=0`` turns the C kernels off, ``KIMI_LM_MALLOC=default`` keeps glibc's defaults,
-``KIMI_LM_CACHE`` moves the compiled kernels' directory. Only this package reads them; model code reads none.
+``KIMI_LM_CACHE`` moves the compiled kernels' directory, ``KIMI_LM_HUGE_PAGES=0`` keeps the weights on the pages they
+were given. Only this package reads them; model code reads none.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cpu import fp8, malloc, native, onednn, quant
+from kimi_lm.cpu import fp8, malloc, native, onednn, pages, quant
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.kda import applies as kda_applies
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
@@ -115,4 +117,5 @@ def prepare(model: nn.Module) -> nn.Module:
         setattr(model.get_submodule(parent), child, new)
         trim.freed(onednn.module_nbytes(module))  # the separately packed parts fusing replaced
     malloc.release_free_memory()  # what the replaced plain weights occupied: not 2x at rest
+    pages.to_huge_pages(model)  # the weights a decode step streams, on 2 MiB pages (Linux, THP on request)
     return model

@@ -110,11 +110,37 @@ class CpuSparseMoE(SparseMoE):
         plain_router = type(moe.gate) is TopkRouter
         self.register_buffer("router_fp32", moe.gate.weight.detach().float().contiguous() if plain_router else None,
                              persistent=False)
+        self._plan = False  # the one-call decode's plan (native.MoEDecodePlan), made at the first token; None: n/a
+
+    def decode_plan(self) -> native.MoEDecodePlan | None:
+        """The whole block in one C call (``native.moe_decode``) where everything it reads has a C reader: oneDNN-packed
+        experts and shared expert, a plain router. None elsewhere (quantized or FP8 experts take the calls below)."""
+        if self._plan is False:
+            self._plan = None
+            experts, shared = self.experts, self.shared_experts
+            readers = [] if type(experts) is not OneDNNStackedExperts else [*experts.gate_up_gemv, *experts.down_gemv]
+            if shared is not None:
+                from kimi_lm.cpu.layers import CpuMLP  # layers.py imports this module's neighbours
+
+                parts = [getattr(getattr(shared, name, None), "gemv", None) for name in ("gate_up_proj", "down_proj")]
+                readers = readers if type(shared) is CpuMLP and None not in parts else []
+            if self.router_fp32 is not None and readers and None not in readers:
+                E = experts.num_experts
+                self._plan = native.MoEDecodePlan(experts.gate_up_gemv, experts.down_gemv,
+                                                  *((None, None) if shared is None else
+                                                    (shared.gate_up_proj.gemv, shared.down_proj.gemv)))
+                assert len(self._plan.gate_up_layouts) == E
+        return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate = self.gate
         if flat.shape[0] == 1 and self.router_fp32 is not None:
+            plan = self.decode_plan()
+            if (plan is not None and flat.dtype == plan.dtype and plan.nbytes <= native.gemv_max_bytes()
+                    and native.supports(flat)):
+                return native.moe_decode(flat, plan, self.router_fp32, gate.e_score_correction_bias, gate.top_k,
+                                         gate.n_group, gate.topk_group, gate.renormalize, gate.scaling).view(x.shape)
             experts, weights = native.moe_route(flat, self.router_fp32, gate.e_score_correction_bias, gate.top_k,
                                                 gate.n_group, gate.topk_group, gate.renormalize, gate.scaling)
             return self._one_token(flat, experts, weights).view(x.shape)

@@ -129,7 +129,7 @@ def library() -> ctypes.CDLL | None:
     lib.swiglu_rows.restype = None
     lib.weighted_sum_rows.argtypes = [_L, _L, _I, _P, _P, _P, _P]
     lib.weighted_sum_rows.restype = None
-    lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P]
+    lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P, _I]
     lib.packed_gemv.restype = _I
     lib.kda_scan.argtypes = [_L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I]
     lib.kda_scan.restype = _I
@@ -149,6 +149,9 @@ def library() -> ctypes.CDLL | None:
     lib.moe_dispatch.restype = _I
     lib.moe_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
     lib.moe_experts_rows.restype = _I
+    lib.moe_decode.argtypes = [_L, _L, _L, _L, _L, _L, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _L, _I, _P, _I, _P,
+                               _P, _P, _P, _I]
+    lib.moe_decode.restype = _I
     lib.elementwise.argtypes = [_I, _L, _P, _P]
     lib.elementwise.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
@@ -233,14 +236,14 @@ def weighted_sum_rows(rows: list[torch.Tensor], weights: torch.Tensor, shared: t
     return out
 
 
-# One-row products on packed weights up to this size run in C (one thread, no set-up cost) instead of oneDNN (two
-# threads, ≈ 15–20 µs of set-up per call). Measured on a 2-core AVX-512 machine with the weight evicted from the
-# caches before each call: C is faster for every weight up to 16 MiB (bf16 512×256: 42 vs 133 µs; 2048×2304:
-# 329 vs 416 µs; fp32 8192×512: 617 vs 737 µs) and slower above (bf16 4096×2304: 749 vs 649 µs; fp32 2048×2304:
-# 752 vs 664 µs), where two threads' bandwidth wins. The bench preset's 101 products per decode step: 2.4 vs 3.8 ms
-# (bf16), 5.8 vs 7.3 ms (fp32).
+# One-row products on packed weights up to this size run in C (output rows shared among torch's threads, ≈ 1 µs of
+# set-up on its OpenMP team) instead of oneDNN (≈ 15–20 µs of set-up per call). Measured on a 2-core AVX-512 VM,
+# each weight streamed from memory (hundreds of distinct weights called in turn): C on 2 threads ≥ oneDNN at every
+# size up to 16 MiB (fp32 1024×512: 106 vs 113 µs, 2048×2304: 663 vs 775 µs; bf16 1024×512: 50 vs 64 µs,
+# 2304×1024: 197 vs 210 µs), level above (bf16 4096×2304: 781 vs 749 µs: oneDNN's padded 4-row kernel).
+# Before the C products were threaded (one core's bandwidth), a bench-preset decode step: 2.4 vs 3.8 ms (bf16).
 GEMV_MAX_BYTES = 16 << 20
-# With more threads oneDNN streams large weights faster than one core can, so the limit shrinks in proportion to
+# With more threads oneDNN's many-row kernels may stream large weights faster, so the limit shrinks in proportion to
 # the thread count (not measured beyond 2 cores: a cautious guess), but never below the size where oneDNN's set-up
 # alone costs what one core needs to read the weight (≈ 15 µs at ≈ 25 GB/s ≈ 384 KiB).
 GEMV_MIN_BYTES = 512 << 10
@@ -289,7 +292,7 @@ class PackedGemv:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
         if library().packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features, self.pointer(),
-                                 x.data_ptr(), y.data_ptr()):
+                                 x.data_ptr(), y.data_ptr(), 2):
             raise MemoryError("packed_gemv: could not allocate its scratch memory")
         return y
 
@@ -454,4 +457,39 @@ def moe_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], ga
         xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("moe_experts_rows: could not allocate its scratch memory")
+    return out
+
+
+class MoEDecodePlan:
+    """What ``moe_decode`` reads of an MoE block besides the token: every expert's packed gate | up and down weights
+    (``PackedGemv`` readers, indexed by expert) and the shared expert's (or None), as ctypes arrays made once."""
+
+    def __init__(self, gate_up: list[PackedGemv], down: list[PackedGemv], shared_gate_up: PackedGemv | None,
+                 shared_down: PackedGemv | None):
+        E = len(gate_up)
+        self.intermediate = down[0].in_features
+        self.gate_up_layouts = (_I * E)(*(g.layout for g in gate_up))
+        self.gate_up = (_P * E)(*(g.pointer() for g in gate_up))
+        self.down_layouts = (_I * E)(*(g.layout for g in down))
+        self.down = (_P * E)(*(g.pointer() for g in down))
+        self.shared = (0, 0, None, 0, None) if shared_gate_up is None else (
+            shared_down.in_features, shared_gate_up.layout, shared_gate_up.pointer(), shared_down.layout,
+            shared_down.pointer())
+        self.nbytes = max(g.nbytes for g in [*gate_up, *down, *([shared_gate_up, shared_down] if shared_gate_up else [])])
+        self.dtype = gate_up[0].packed.dtype
+
+
+def moe_decode(x: torch.Tensor, plan: MoEDecodePlan, router: torch.Tensor, bias: torch.Tensor, top_k: int,
+               n_group: int, topk_group: int, renormalize: bool, scaling: float) -> torch.Tensor:
+    """A whole MoE block for one token in one call (``kernels/moe.c`` moe_decode): x [1, hidden] model dtype, router
+    [E, hidden] fp32, bias [E] fp32 -> [1, hidden]: what ``moe_route``, the experts, the shared expert and
+    ``weighted_sum_rows`` compute in turn."""
+    E, hidden = router.shape
+    out = torch.empty_like(x)
+    idx, weights = (ctypes.c_int64 * top_k)(), (ctypes.c_float * top_k)()
+    if library().moe_decode(E, hidden, plan.intermediate, top_k, n_group, topk_group, int(renormalize), scaling,
+                            _DTYPES[x.dtype], x.data_ptr(), router.data_ptr(), bias.data_ptr(), plan.gate_up_layouts,
+                            plan.gate_up, plan.down_layouts, plan.down, *plan.shared, idx, weights, out.data_ptr(),
+                            torch.get_num_threads()):
+        raise MemoryError("moe_decode: could not allocate its scratch memory")
     return out

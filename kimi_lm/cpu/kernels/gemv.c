@@ -1,6 +1,6 @@
 /* Products of weights packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) or by MLX (LAYOUT_QUANT: quant.c),
  * read in place: product_f32 (one input row, fp32 in and out), product_rows_f32 (up to ROWS_MAX rows per pass over
- * the weight), packed_gemv (one row in the model dtype, exported) and fused_products (several weights that read the
+ * the weight), packed_gemv (one row in the model dtype, output rows shared among threads) and fused_products (several weights that read the
  * same input, e.g. KDA's six input projections, in one call: one dispatch instead of six, output rows of all of
  * them shared among threads).
  *
@@ -112,22 +112,6 @@ int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M
     return 0;
 }
 
-/* ---- one-row products on oneDNN's packed weights ---------------------------------------------------------------- */
-
-/* y[O] = W x for one input row x [I], both in the model dtype, W packed by oneDNN in ``layout`` (see product_f32);
- * fp32 accumulation, one rounding. Returns 0, or 1 when scratch memory could not be allocated. */
-int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void *x, void *y) {
-    float *buf = malloc(sizeof(float) * (size_t)(I + O));
-    if (!buf) return 1;
-    float *xf = buf, *yf = buf + I;
-    load_row(xf, x, I, bf16);
-    const int failed = product_f32(layout, bf16, O, I, w, xf, yf);
-    if (!failed)
-        for (long r = 0; r < O; r++) store_one(y, r, yf[r], bf16);
-    free(buf);
-    return failed;
-}
-
 /* ---- several products of one input ------------------------------------------------------------------------------ */
 
 #define FUSED_ROWS 64 /* output rows per work item: one AB16b64a2b block row; 4-bit ones are ~1/4 the bytes */
@@ -151,6 +135,12 @@ static void fused_item(const void *ctx, long item) {
     const long r1 = r0 + FUSED_ROWS < O ? r0 + FUSED_ROWS : O, I = job->I, M = job->M;
     if (job->layouts[p] == LAYOUT_QUANT) {
         quant_rows((const qweight *)job->weights[p], job->inputs[p], r0, r1, job->y[p]);
+        return;
+    }
+    if (M == 1) {
+        float part[FUSED_ROWS];
+        packed_rows_range(job->layouts[p], job->bf16, O, I, job->weights[p], job->x, r0, r1, part);
+        memcpy(job->y[p] + r0, part, sizeof(float) * (size_t)(r1 - r0));
         return;
     }
     /* oneDNN's layouts: rows r0 .. r1 are a weight of their own (layout 0: whole rows; layout 1: one block row) */
@@ -213,4 +203,40 @@ int fused_products(long n, const int *layouts, const void *const *weights, const
     free(inputs);
     free(ys);
     return failed;
+}
+
+/* y[O] = W x for one input row x [I], both in the model dtype, W packed by oneDNN in ``layout`` (see product_f32);
+ * fp32 accumulation, one rounding; output rows shared among `threads`. Returns 0, or 1 when out of memory. */
+int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void *x, void *y, int threads) {
+    return fused_products(1, &layout, &w, &O, I, bf16, 1, x, y, threads);
+}
+
+/* one dot product of a plain weight row (fp32 or bf16) with x [I] fp32 */
+static inline float plain_dot(int bf16, long I, const void *row, const float *x) {
+    float t = 0.0f;
+    if (bf16) {
+        const uint16_t *w = (const uint16_t *)row;
+#pragma omp simd reduction(+ : t)
+        for (long i = 0; i < I; i++) t += bf16_to_f32(w[i]) * x[i];
+    } else {
+        const float *w = (const float *)row;
+#pragma omp simd reduction(+ : t)
+        for (long i = 0; i < I; i++) t += w[i] * x[i];
+    }
+    return t;
+}
+
+/* rows [r0, r1) of y [O] = W x for one input row, W packed by oneDNN (layout 0 / 1, as product_f32; for layout 1 r0 a
+ * multiple of 64) -> y[0 .. r1 - r0) fp32. What a work item of a threaded one-row product computes. (Layout 0 has its
+ * own loop: reached through product_rows_f32, GCC's clone of it for this caller ran the dot products unvectorised.) */
+INTERNAL void packed_rows_range(int layout, int bf16, long O, long I, const void *w, const float *x, long r0, long r1,
+                                float *y) {
+    (void)O;
+    if (layout == 0) {
+        const size_t esize = bf16 ? 2 : 4;
+        for (long r = r0; r < r1; r++) y[r - r0] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * esize, x);
+        return;
+    }
+    const size_t offset = (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
+    product_f32(layout, bf16, r1 - r0, I, (const char *)w + offset, x, y); /* its one-row loop: unrolled, in registers */
 }

@@ -328,3 +328,115 @@ int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *s
     parallel_for(experts_item, &job, items, threads);
     return job.failed;
 }
+
+/* ---- a whole MoE block for one token: route, k experts and the shared expert, weighted sum ---------------------- */
+
+typedef struct {
+    long n, hidden, k; /* n parts: the k routed experts, then the shared expert if any */
+    int bf16;
+    const int *gate_up_layout, *down_layout; /* per part */
+    const void *const *gate_up, *const *down;
+    const long *I, *first_item; /* per part: intermediate size, first gate|up work item */
+    const float *x;             /* [hidden] fp32 */
+    float *const *gate_up_out, *const *h, *const *down_out; /* per part: [2 I], [I] and [hidden] fp32 */
+} moe_token_job;
+
+/* phase 1: 64 rows of one part's gate | up product */
+static void moe_token_gate_up(const void *ctx, long item) {
+    const moe_token_job *job = (const moe_token_job *)ctx;
+    long p = 0;
+    while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
+    const long O = 2 * job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < O ? r0 + 64 : O;
+    packed_rows_range(job->gate_up_layout[p], job->bf16, O, job->hidden, job->gate_up[p], job->x, r0, r1,
+                      job->gate_up_out[p] + r0);
+}
+
+/* phase 2: 64 output columns of one part's down product (items ordered part by part, so that each thread streams
+ * whole stretches of one weight: interleaving the parts' weights 64 rows at a time measured 1.5x slower) */
+static void moe_token_down(const void *ctx, long item) {
+    const moe_token_job *job = (const moe_token_job *)ctx;
+    const long hidden = job->hidden, chunks = (hidden + 63) / 64, p = item / chunks, r0 = item % chunks * 64;
+    const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden;
+    packed_rows_range(job->down_layout[p], job->bf16, hidden, job->I[p], job->down[p], job->h[p], r0, r1,
+                      job->down_out[p] + r0);
+}
+
+/* The MoE block of one token in one call, as CpuSparseMoE computes it in several (kimi_lm/cpu/moe.py): the router
+ * (x W_r^T with W_r [E, hidden] fp32, then route_logits), the k chosen experts' SwiGLU (their packed gate | up
+ * [2 I, hidden] and down [hidden, I] weights read in place, oneDNN layouts 0 / 1, per expert arrays of E), and the
+ * shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing weights.
+ * Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype.
+ * Both phases (gate | up rows of every part, then output columns of every down product) are shared among threads.
+ * x, out [hidden] model dtype; idx [top_k] int64 and weights [top_k] fp32 receive the routing.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+               int bf16, const void *x, const float *router, const float *bias, const int *gate_up_layouts,
+               const void *const *gate_up, const int *down_layouts, const void *const *down, long I_shared,
+               int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
+               int64_t *idx, float *weights, void *out, int threads) {
+    const long n = top_k + (I_shared > 0);
+    const long scratch = hidden + 3 * E + n_group + 3 * (top_k * I + I_shared) + n * hidden;
+    float *buf = malloc(sizeof(float) * (size_t)scratch);
+    unsigned char *taken = malloc((size_t)(E + n_group));
+    int part_layout[2][65];
+    const void *part_w[2][65];
+    long part_I[65], first_item[65];
+    float *gu[65], *h[65], *y[65];
+    if (!buf || !taken || n > 65) {
+        free(buf);
+        free(taken);
+        return 1;
+    }
+    float *xf = buf, *logits = xf + hidden, *route_scratch = logits + E, *at = route_scratch + 2 * E + n_group;
+    load_row(xf, x, hidden, bf16);
+    for (long e = 0; e < E; e++) {
+        const float *row = router + e * hidden;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
+        logits[e] = s;
+    }
+    route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, route_scratch, taken, idx, weights);
+    long items = 0;
+    for (long p = 0; p < n; p++) {
+        const int shared = p == top_k;
+        const long e = shared ? 0 : idx[p];
+        part_layout[0][p] = shared ? shared_gate_up_layout : gate_up_layouts[e];
+        part_layout[1][p] = shared ? shared_down_layout : down_layouts[e];
+        part_w[0][p] = shared ? shared_gate_up : gate_up[e];
+        part_w[1][p] = shared ? shared_down : down[e];
+        part_I[p] = shared ? I_shared : I;
+        first_item[p] = items;
+        items += (2 * part_I[p] + 63) / 64;
+        gu[p] = at;
+        h[p] = at + 2 * part_I[p];
+        y[p] = at + 3 * part_I[p];
+        at += 3 * part_I[p] + hidden;
+    }
+    moe_token_job job = {n, hidden, top_k, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I,
+                         first_item, xf, gu, h, y};
+    parallel_for(moe_token_gate_up, &job, items, threads);
+    for (long p = 0; p < n; p++) /* SwiGLU with the model dtype's roundings (as experts_item) */
+        for (long j = 0; j < part_I[p]; j++) {
+            const float g = as_model_dtype(gu[p][j], bf16), u = as_model_dtype(gu[p][part_I[p] + j], bf16);
+            h[p][j] = as_model_dtype(as_model_dtype(silu(g), bf16) * u, bf16);
+        }
+    parallel_for(moe_token_down, &job, n * ((hidden + 63) / 64), threads);
+    /* the routed experts' outputs (each rounded to the model dtype) weighted and summed in fp32, rounded, then the
+     * shared expert's output added and rounded: as weighted_sum_rows */
+    float acc[256];
+    for (long r0 = 0; r0 < hidden; r0 += 256) {
+        const long m = hidden - r0 < 256 ? hidden - r0 : 256;
+        memset(acc, 0, sizeof(float) * (size_t)m);
+        for (long p = 0; p < top_k; p++) {
+            const float w = weights[p];
+            for (long r = 0; r < m; r++) acc[r] += w * as_model_dtype(y[p][r0 + r], bf16);
+        }
+        if (n > top_k)
+            for (long r = 0; r < m; r++) acc[r] = as_model_dtype(acc[r], bf16) + as_model_dtype(y[top_k][r0 + r], bf16);
+        store_row((char *)out + (size_t)r0 * (bf16 ? 2 : 4), acc, m, bf16);
+    }
+    free(buf);
+    free(taken);
+    return 0;
+}

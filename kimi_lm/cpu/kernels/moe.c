@@ -375,28 +375,22 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
                int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
                int64_t *idx, float *weights, void *out, int threads) {
     const long n = top_k + (I_shared > 0);
-    const long scratch = hidden + 3 * E + n_group + 3 * (top_k * I + I_shared) + n * hidden;
+    const long scratch = hidden + 3 * (top_k * I + I_shared) + n * hidden;
     float *buf = malloc(sizeof(float) * (size_t)scratch);
-    unsigned char *taken = malloc((size_t)(E + n_group));
     int part_layout[2][65];
     const void *part_w[2][65];
     long part_I[65], first_item[65];
     float *gu[65], *h[65], *y[65];
-    if (!buf || !taken || n > 65) {
+    if (!buf || n > 65) {
         free(buf);
-        free(taken);
         return 1;
     }
-    float *xf = buf, *logits = xf + hidden, *route_scratch = logits + E, *at = route_scratch + 2 * E + n_group;
-    load_row(xf, x, hidden, bf16);
-    for (long e = 0; e < E; e++) {
-        const float *row = router + e * hidden;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
-        logits[e] = s;
+    float *xf = buf, *at = xf + hidden;
+    if (moe_route(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router, bias, idx, weights)) {
+        free(buf);
+        return 1;
     }
-    route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, route_scratch, taken, idx, weights);
+    load_row(xf, x, hidden, bf16);
     long items = 0;
     for (long p = 0; p < n; p++) {
         const int shared = p == top_k;
@@ -437,6 +431,5 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
         store_row((char *)out + (size_t)r0 * (bf16 ? 2 : 4), acc, m, bf16);
     }
     free(buf);
-    free(taken);
     return 0;
 }

@@ -118,18 +118,16 @@ class CpuSparseMoE(SparseMoE):
         if self._plan is False:
             self._plan = None
             experts, shared = self.experts, self.shared_experts
-            readers = [] if type(experts) is not OneDNNStackedExperts else [*experts.gate_up_gemv, *experts.down_gemv]
+            readers = [*experts.gate_up_gemv, *experts.down_gemv] if type(experts) is OneDNNStackedExperts else []
+            shared_readers = (None, None)  # no shared expert
             if shared is not None:
                 from kimi_lm.cpu.layers import CpuMLP  # layers.py imports this module's neighbours
 
-                parts = [getattr(getattr(shared, name, None), "gemv", None) for name in ("gate_up_proj", "down_proj")]
-                readers = readers if type(shared) is CpuMLP and None not in parts else []
+                parts = (shared.gate_up_proj, shared.down_proj) if type(shared) is CpuMLP else (None, None)
+                shared_readers = tuple(getattr(part, "gemv", None) for part in parts)  # oneDNN-packed parts only
+                readers += shared_readers
             if self.router_fp32 is not None and readers and None not in readers:
-                E = experts.num_experts
-                self._plan = native.MoEDecodePlan(experts.gate_up_gemv, experts.down_gemv,
-                                                  *((None, None) if shared is None else
-                                                    (shared.gate_up_proj.gemv, shared.down_proj.gemv)))
-                assert len(self._plan.gate_up_layouts) == E
+                self._plan = native.MoEDecodePlan(experts.gate_up_gemv, experts.down_gemv, *shared_readers)
         return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

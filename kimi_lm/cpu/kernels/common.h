@@ -191,8 +191,8 @@ INTERNAL void quant_rows(const qweight *W, const qinput *X, long r0, long r1, fl
 #define ROWS_MAX 8
 INTERNAL int product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y);
 INTERNAL int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M, const float *x, float *y);
-/* rows [r0, r1) of a one-row product on oneDNN's layouts 0 / 1 (r0 a multiple of 64) -> y[0 .. r1 - r0) */
-INTERNAL void packed_rows_range(int layout, int bf16, long O, long I, const void *w, const float *x, long r0, long r1,
+/* rows [r0, r1) of an M-row product on oneDNN's layouts 0 / 1 (r0 a multiple of 64) -> y [M, r1 - r0] */
+INTERNAL void packed_rows_range(int layout, int bf16, long I, const void *w, long r0, long r1, long M, const float *x,
                                 float *y);
 
 /* fn(ctx, item) for every item in [0, items), split among up to `threads` threads (threads.c) */

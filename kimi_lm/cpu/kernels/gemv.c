@@ -18,6 +18,21 @@ static inline void accumulate_pairs(float *acc, const uint32_t *row, float x0, f
     }
 }
 
+/* one dot product of a plain weight row (fp32 or bf16) with x [I] fp32 */
+static inline float plain_dot(int bf16, long I, const void *row, const float *x) {
+    float t = 0.0f;
+    if (bf16) {
+        const uint16_t *w = (const uint16_t *)row;
+#pragma omp simd reduction(+ : t)
+        for (long i = 0; i < I; i++) t += bf16_to_f32(w[i]) * x[i];
+    } else {
+        const float *w = (const float *)row;
+#pragma omp simd reduction(+ : t)
+        for (long i = 0; i < I; i++) t += w[i] * x[i];
+    }
+    return t;
+}
+
 /* y[O] = W x in fp32 for one input row x [I] (fp32), W as ``torch.ops.mkldnn._reorder_linear_weight`` stores it.
  * layout 0: plain row-major [O, I] in the model dtype (what oneDNN keeps for fp32 here); layout 1: bf16 "AB16b64a2b"
  * ([O/64][I/32] blocks of [16][64][2]: 64 outputs by 32 inputs, input pairs adjacent, padded to whole blocks).
@@ -25,19 +40,7 @@ static inline void accumulate_pairs(float *acc, const uint32_t *row, float x0, f
 int product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y) {
     if (layout == LAYOUT_QUANT) return product_rows_f32(layout, bf16, O, I, w, 1, x, y);
     if (layout == 0) {
-        for (long r = 0; r < O; r++) {
-            float s = 0.0f;
-            if (bf16) {
-                const uint16_t *row = (const uint16_t *)w + r * I;
-#pragma omp simd reduction(+ : s)
-                for (long i = 0; i < I; i++) s += bf16_to_f32(row[i]) * x[i];
-            } else {
-                const float *row = (const float *)w + r * I;
-#pragma omp simd reduction(+ : s)
-                for (long i = 0; i < I; i++) s += row[i] * x[i];
-            }
-            y[r] = s;
-        }
+        for (long r = 0; r < O; r++) y[r] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * (bf16 ? 2 : 4), x);
         return 0;
     }
     const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
@@ -71,22 +74,13 @@ int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M
         quant_input_free(X);
         return 0;
     }
+    if (M == 1) /* one row: product_f32's loops (the accumulators in registers; GCC's clone of the loops below for a
+                 * one-row caller measured 3x slower, its dot products unvectorised) */
+        return product_f32(layout, bf16, O, I, w, x, y);
     if (layout == 0) {
         for (long r = 0; r < O; r++) /* the weight row stays in L1 for the M dots */
-            for (long m = 0; m < M; m++) {
-                const float *xm = x + m * I;
-                float s = 0.0f;
-                if (bf16) {
-                    const uint16_t *row = (const uint16_t *)w + r * I;
-#pragma omp simd reduction(+ : s)
-                    for (long i = 0; i < I; i++) s += bf16_to_f32(row[i]) * xm[i];
-                } else {
-                    const float *row = (const float *)w + r * I;
-#pragma omp simd reduction(+ : s)
-                    for (long i = 0; i < I; i++) s += row[i] * xm[i];
-                }
-                y[m * O + r] = s;
-            }
+            for (long m = 0; m < M; m++)
+                y[m * O + r] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * (bf16 ? 2 : 4), x + m * I);
         return 0;
     }
     const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
@@ -137,17 +131,8 @@ static void fused_item(const void *ctx, long item) {
         quant_rows((const qweight *)job->weights[p], job->inputs[p], r0, r1, job->y[p]);
         return;
     }
-    if (M == 1) {
-        float part[FUSED_ROWS];
-        packed_rows_range(job->layouts[p], job->bf16, O, I, job->weights[p], job->x, r0, r1, part);
-        memcpy(job->y[p] + r0, part, sizeof(float) * (size_t)(r1 - r0));
-        return;
-    }
-    /* oneDNN's layouts: rows r0 .. r1 are a weight of their own (layout 0: whole rows; layout 1: one block row) */
-    const size_t offset = job->layouts[p] == 0 ? (size_t)(r0 * I) * (job->bf16 ? 2 : 4)
-                                               : (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
-    float part[ROWS_MAX * FUSED_ROWS];
-    product_rows_f32(job->layouts[p], job->bf16, r1 - r0, I, (const char *)job->weights[p] + offset, M, job->x, part);
+    float part[ROWS_MAX * FUSED_ROWS]; /* oneDNN's layouts: rows r0 .. r1 as a weight of their own */
+    packed_rows_range(job->layouts[p], job->bf16, I, job->weights[p], r0, r1, M, job->x, part);
     for (long m = 0; m < M; m++) memcpy(job->y[p] + m * O + r0, part + m * (r1 - r0), sizeof(float) * (size_t)(r1 - r0));
 }
 
@@ -211,32 +196,11 @@ int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void 
     return fused_products(1, &layout, &w, &O, I, bf16, 1, x, y, threads);
 }
 
-/* one dot product of a plain weight row (fp32 or bf16) with x [I] fp32 */
-static inline float plain_dot(int bf16, long I, const void *row, const float *x) {
-    float t = 0.0f;
-    if (bf16) {
-        const uint16_t *w = (const uint16_t *)row;
-#pragma omp simd reduction(+ : t)
-        for (long i = 0; i < I; i++) t += bf16_to_f32(w[i]) * x[i];
-    } else {
-        const float *w = (const float *)row;
-#pragma omp simd reduction(+ : t)
-        for (long i = 0; i < I; i++) t += w[i] * x[i];
-    }
-    return t;
-}
-
-/* rows [r0, r1) of y [O] = W x for one input row, W packed by oneDNN (layout 0 / 1, as product_f32; for layout 1 r0 a
- * multiple of 64) -> y[0 .. r1 - r0) fp32. What a work item of a threaded one-row product computes. (Layout 0 has its
- * own loop: reached through product_rows_f32, GCC's clone of it for this caller ran the dot products unvectorised.) */
-INTERNAL void packed_rows_range(int layout, int bf16, long O, long I, const void *w, const float *x, long r0, long r1,
+/* rows [r0, r1) of y [M, O] = x W^T for M <= ROWS_MAX input rows x [M, I] fp32, W packed by oneDNN (layout 0: whole
+ * rows; layout 1: AB16b64a2b, r0 a multiple of 64, one block row per 64 rows) -> y [M, r1 - r0] fp32: the rows as a
+ * weight of their own, what a work item of a threaded product computes */
+INTERNAL void packed_rows_range(int layout, int bf16, long I, const void *w, long r0, long r1, long M, const float *x,
                                 float *y) {
-    (void)O;
-    if (layout == 0) {
-        const size_t esize = bf16 ? 2 : 4;
-        for (long r = r0; r < r1; r++) y[r - r0] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * esize, x);
-        return;
-    }
-    const size_t offset = (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
-    product_f32(layout, bf16, r1 - r0, I, (const char *)w + offset, x, y); /* its one-row loop: unrolled, in registers */
+    const size_t offset = layout == 0 ? (size_t)(r0 * I) * (bf16 ? 2 : 4) : (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
+    product_rows_f32(layout, bf16, r1 - r0, I, (const char *)w + offset, M, x, y); /* oneDNN layouts: cannot fail */
 }

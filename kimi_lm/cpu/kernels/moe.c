@@ -270,6 +270,15 @@ int moe_dispatch(long N, long k, long E, long hidden, int bf16, const int64_t *i
     return 0;
 }
 
+/* h [I] = silu(gate) * up of one fp32 gate | up row [2 I], with the roundings of the model dtype the PyTorch path
+ * makes: the product's output, silu's and the gated product each rounded */
+static void swiglu_rounded(long I, int bf16, const float *gate_up, float *h) {
+    for (long j = 0; j < I; j++) {
+        const float gate = as_model_dtype(gate_up[j], bf16), up = as_model_dtype(gate_up[I + j], bf16);
+        h[j] = as_model_dtype(as_model_dtype(silu(gate), bf16) * up, bf16);
+    }
+}
+
 /* ---- MoE experts for a few rows: one-row products straight from the packed weights ------------------------------ */
 
 typedef struct {
@@ -301,12 +310,7 @@ static void experts_item(const void *ctx, long item) {
             job->failed = 1;
             break;
         }
-        for (long m = 0; m < M; m++)
-            for (long j = 0; j < I; j++) { /* the product's output, silu's and the gated product each rounded */
-                const float gate = as_model_dtype(gate_up[m * 2 * I + j], job->bf16);
-                const float up = as_model_dtype(gate_up[m * 2 * I + I + j], job->bf16);
-                h[m * I + j] = as_model_dtype(as_model_dtype(silu(gate), job->bf16) * up, job->bf16);
-            }
+        for (long m = 0; m < M; m++) swiglu_rounded(I, job->bf16, gate_up + m * 2 * I, h + m * I);
         if (product_rows_f32(job->down_layout[e], job->bf16, hidden, I, job->down[e], M, h, y)) {
             job->failed = 1;
             break;
@@ -332,13 +336,14 @@ int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *s
 /* ---- a whole MoE block for one token: route, k experts and the shared expert, weighted sum ---------------------- */
 
 typedef struct {
-    long n, hidden, k; /* n parts: the k routed experts, then the shared expert if any */
+    long n, hidden; /* n parts: the k routed experts, then the shared expert if any */
     int bf16;
     const int *gate_up_layout, *down_layout; /* per part */
     const void *const *gate_up, *const *down;
     const long *I, *first_item; /* per part: intermediate size, first gate|up work item */
     const float *x;             /* [hidden] fp32 */
-    float *const *gate_up_out, *const *h, *const *down_out; /* per part: [2 I], [I] and [hidden] fp32 */
+    float *const *gate_up_out, *const *h; /* per part: [2 I] and [I] fp32 */
+    void *const *down_out;                /* per part: [hidden] model dtype */
 } moe_token_job;
 
 /* phase 1: 64 rows of one part's gate | up product */
@@ -347,7 +352,7 @@ static void moe_token_gate_up(const void *ctx, long item) {
     long p = 0;
     while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
     const long O = 2 * job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < O ? r0 + 64 : O;
-    packed_rows_range(job->gate_up_layout[p], job->bf16, O, job->hidden, job->gate_up[p], job->x, r0, r1,
+    packed_rows_range(job->gate_up_layout[p], job->bf16, job->hidden, job->gate_up[p], r0, r1, 1, job->x,
                       job->gate_up_out[p] + r0);
 }
 
@@ -357,15 +362,17 @@ static void moe_token_down(const void *ctx, long item) {
     const moe_token_job *job = (const moe_token_job *)ctx;
     const long hidden = job->hidden, chunks = (hidden + 63) / 64, p = item / chunks, r0 = item % chunks * 64;
     const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden;
-    packed_rows_range(job->down_layout[p], job->bf16, hidden, job->I[p], job->down[p], job->h[p], r0, r1,
-                      job->down_out[p] + r0);
+    float y[64];
+    packed_rows_range(job->down_layout[p], job->bf16, job->I[p], job->down[p], r0, r1, 1, job->h[p], y);
+    store_row((char *)job->down_out[p] + (size_t)r0 * (job->bf16 ? 2 : 4), y, r1 - r0, job->bf16); /* rounded */
 }
 
 /* The MoE block of one token in one call, as CpuSparseMoE computes it in several (kimi_lm/cpu/moe.py): the router
- * (x W_r^T with W_r [E, hidden] fp32, then route_logits), the k chosen experts' SwiGLU (their packed gate | up
+ * (moe_route, W_r [E, hidden] fp32), the k chosen experts' SwiGLU (their packed gate | up
  * [2 I, hidden] and down [hidden, I] weights read in place, oneDNN layouts 0 / 1, per expert arrays of E), and the
  * shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing weights.
- * Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype.
+ * Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype, the sum
+ * as weighted_sum_rows.
  * Both phases (gate | up rows of every part, then output columns of every down product) are shared among threads.
  * x, out [hidden] model dtype; idx [top_k] int64 and weights [top_k] fp32 receive the routing.
  * Returns 0, or 1 when scratch memory could not be allocated. */
@@ -375,12 +382,14 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
                int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
                int64_t *idx, float *weights, void *out, int threads) {
     const long n = top_k + (I_shared > 0);
+    /* x, then per part gate | up, h (fp32) and its down output (model dtype, in room for fp32) */
     const long scratch = hidden + 3 * (top_k * I + I_shared) + n * hidden;
     float *buf = malloc(sizeof(float) * (size_t)scratch);
     int part_layout[2][65];
     const void *part_w[2][65];
     long part_I[65], first_item[65];
-    float *gu[65], *h[65], *y[65];
+    float *gu[65], *h[65];
+    void *y[65];
     if (!buf || n > 65) {
         free(buf);
         return 1;
@@ -407,29 +416,12 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
         y[p] = at + 3 * part_I[p];
         at += 3 * part_I[p] + hidden;
     }
-    moe_token_job job = {n, hidden, top_k, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I,
-                         first_item, xf, gu, h, y};
+    moe_token_job job = {n, hidden, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I, first_item,
+                         xf, gu, h, y};
     parallel_for(moe_token_gate_up, &job, items, threads);
-    for (long p = 0; p < n; p++) /* SwiGLU with the model dtype's roundings (as experts_item) */
-        for (long j = 0; j < part_I[p]; j++) {
-            const float g = as_model_dtype(gu[p][j], bf16), u = as_model_dtype(gu[p][part_I[p] + j], bf16);
-            h[p][j] = as_model_dtype(as_model_dtype(silu(g), bf16) * u, bf16);
-        }
+    for (long p = 0; p < n; p++) swiglu_rounded(part_I[p], bf16, gu[p], h[p]);
     parallel_for(moe_token_down, &job, n * ((hidden + 63) / 64), threads);
-    /* the routed experts' outputs (each rounded to the model dtype) weighted and summed in fp32, rounded, then the
-     * shared expert's output added and rounded: as weighted_sum_rows */
-    float acc[256];
-    for (long r0 = 0; r0 < hidden; r0 += 256) {
-        const long m = hidden - r0 < 256 ? hidden - r0 : 256;
-        memset(acc, 0, sizeof(float) * (size_t)m);
-        for (long p = 0; p < top_k; p++) {
-            const float w = weights[p];
-            for (long r = 0; r < m; r++) acc[r] += w * as_model_dtype(y[p][r0 + r], bf16);
-        }
-        if (n > top_k)
-            for (long r = 0; r < m; r++) acc[r] = as_model_dtype(acc[r], bf16) + as_model_dtype(y[top_k][r0 + r], bf16);
-        store_row((char *)out + (size_t)r0 * (bf16 ? 2 : 4), acc, m, bf16);
-    }
+    weighted_sum_rows(top_k, hidden, bf16, (const void *const *)y, weights, n > top_k ? y[top_k] : NULL, out);
     free(buf);
     return 0;
 }

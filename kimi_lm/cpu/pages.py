@@ -133,7 +133,7 @@ def to_huge_pages(model: nn.Module) -> int:
     for start, end in weight_ranges(model):
         i = bisect.bisect_right(starts, start) - 1
         if i < 0 or end > mappings[i][1]:
-            continue  # not (wholly) in one anonymous mapping: file pages, or spanning two mappings
+            continue  # not wholly in private anonymous memory: file pages (a memory-mapped checkpoint)
         lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE  # the whole huge pages inside
         for at in range(lo, hi, BATCH):  # in batches of whole pages, so that the time budget is kept
             done = lib.huge_pages(at, min(hi, at + BATCH) - at, CHUNK)

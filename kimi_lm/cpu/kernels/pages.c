@@ -4,7 +4,7 @@
  * Why: a decode step streams every active weight once, and on 4 KiB pages that is one TLB miss per 4 KiB read (more
  * expensive still under a hypervisor's nested page tables). Where the kernel hands out transparent huge pages only
  * on request (transparent_hugepage/enabled = madvise, the common default), memory PyTorch and oneDNN allocated has
- * none. Measured on this project's 2-core VM: a bench-preset fp32 decode step 15-25 % faster (kimi_lm/cpu/pages.py).
+ * none. Measured on this project's 2-core VM: bench-preset fp32 decode 12-20 % faster (kimi_lm/cpu/pages.py).
  *
  * How: for each chunk of the interior, fresh anonymous memory aligned to 2 MiB is asked for huge pages
  * (MADV_HUGEPAGE) before it is touched, the chunk's bytes are copied into it, and mremap(MREMAP_FIXED) puts it in the

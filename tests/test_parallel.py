@@ -126,6 +126,18 @@ def one_process(path: Path):
     return model, full, torch.cat(steps), tokens
 
 
+def _matching_split_run(split_runs, name: str, full, steps, tokens) -> list[dict]:
+    """Checks the 2-rank run ``name`` against one process (full-forward and cached-step logits within 1e-5, the same
+    greedy tokens, both ranks holding equal parts); returns the ranks' reports."""
+    got = load_file(split_runs / f"{name}.safetensors")
+    assert rel_err(got["full"], full) < 1e-5, name
+    assert rel_err(got["steps"], steps) < 1e-5, name
+    assert got["tokens"].tolist() == tokens, name
+    ranks = [json.loads((split_runs / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1], name  # equal parts
+    return ranks
+
+
 @pytest.mark.parametrize("family", ["kimi_linear", "k2", "k3", "k2_fp8"])
 def test_split_runs_match_one_process(family, checkpoints, split_runs):
     """Logits of a full forward and of cached decode steps within 1e-5 of one process's; same greedy tokens;
@@ -137,13 +149,7 @@ def test_split_runs_match_one_process(family, checkpoints, split_runs):
         full_bytes.pop("lm_head.weight")
     for tp, ep in PLANS:
         name = f"{path.name}-tp{tp}-ep{ep}"
-        got = load_file(split_runs / f"{name}.safetensors")
-        assert rel_err(got["full"], full) < 1e-5, name
-        assert rel_err(got["steps"], steps) < 1e-5, name
-        assert got["tokens"].tolist() == tokens, name
-
-        ranks = [json.loads((split_runs / f"{name}.rank{r}.json").read_text()) for r in range(2)]
-        assert ranks[0] == ranks[1]  # equal parts
+        ranks = _matching_split_run(split_runs, name, full, steps, tokens)
         split = sum(b for n, b in full_bytes.items() if n in shard_specs(model, Plan(tp, ep, 0)))
         replicated = sum(full_bytes.values()) - split
         assert split > 0.3 * sum(full_bytes.values()), name  # experts, heads: a good part of even a tiny model
@@ -172,13 +178,7 @@ def test_packed_ep_runs_match_one_process(family, packed_checkpoints, split_runs
     each rank holds the packed experts' half plus everything else, packed as in one process."""
     path = packed_checkpoints[family]
     model, full, steps, tokens = one_process(path)
-    name = f"{path.name}-tp1-ep2"
-    got = load_file(split_runs / f"{name}.safetensors")
-    assert rel_err(got["full"], full) < 1e-5, name
-    assert rel_err(got["steps"], steps) < 1e-5, name
-    assert got["tokens"].tolist() == tokens, name
-    ranks = [json.loads((split_runs / f"{name}.rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0] == ranks[1]
+    ranks = _matching_split_run(split_runs, f"{path.name}-tp1-ep2", full, steps, tokens)
     whole, experts = _held_bytes(model), _expert_bytes(model)
     assert experts > 0.1 * whole and any(t.dtype == torch.uint32 for t in model.buffers())  # packed, not float
     assert ranks[0]["param_bytes"] == whole - experts // 2

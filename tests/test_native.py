@@ -224,3 +224,27 @@ def test_disabled_by_environment(monkeypatch):
         assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+def test_release_thread_team_ends_this_threads_openmp_workers():
+    """The server's Engine lets the loading thread's OpenMP workers go before its scheduler thread takes the model
+    (more workers than CPUs make GNU OpenMP throttle their spin-waits); a later parallel op starts a team again."""
+    import sys
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("PyTorch here does not run on OpenMP")
+    script = """
+import os, torch
+from kimi_lm.cpu import native
+tasks = lambda: len(os.listdir("/proc/self/task"))
+torch.set_num_threads(2)
+torch.randn(2048, 2048).sum()  # a parallel op: this thread's team of 2 exists
+before = tasks()
+released = native.release_thread_team()
+after = tasks()
+torch.randn(2048, 2048).sum()
+print(before, released, after, tasks())
+"""
+    before, released, after, again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                                    check=True).stdout.split()
+    assert released == "True" and int(after) == int(before) - 1 and int(again) == int(before)

@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from kimi_lm.batching import decode_step
+from kimi_lm.cpu import native
 from kimi_lm.generate import DEFAULT_PREFILL_STEP, Decoder, forward_chunk
 from kimi_lm.prompt_cache import MAX_SNAPSHOTS, PromptCache
 from kimi_lm.sample import Sampler
@@ -158,6 +159,7 @@ class Engine:
         self._closed = threading.Event()
         self._lock = threading.Lock()  # submit's check-then-put against the final drain: no request is stranded
         self._thread = threading.Thread(target=self._run, name="kimi-lm-scheduler", daemon=True)
+        native.release_thread_team()  # the model's parallel work is the scheduler thread's from now on
         self._thread.start()  # last: a subclass sets its own state before calling this __init__
 
     def submit(self, seq: Sequence) -> None:

@@ -50,11 +50,26 @@ def served(bundled):
     engine.pool.entries.clear()  # other modules count live caches
 
 
+@pytest.fixture
+def slow_prefill(served, monkeypatch):
+    """Each prefill chunk takes at least 50 ms, so the 32-chunk long prompt lasts > 1.6 s on any machine: the
+    tests below need it still prefilling when a short request finishes or a 1 s client timeout fires."""
+    engine, _ = served
+    chunk = engine._prefill_chunk
+
+    def slow_chunk():
+        time.sleep(0.05)
+        chunk()
+
+    monkeypatch.setattr(engine, "_prefill_chunk", slow_chunk)
+
+
 def health(server) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()
 
 
-def test_short_request_is_served_while_a_long_prompt_prefills_and_a_disconnect_stops_the_prefill(served, long_ids):
+def test_short_request_is_served_while_a_long_prompt_prefills_and_a_disconnect_stops_the_prefill(served, long_ids,
+                                                                                                  slow_prefill):
     engine, server = served
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"prompt": long_ids, "max_tokens": 1, "stream": True}):
@@ -72,11 +87,14 @@ def test_short_request_is_served_while_a_long_prompt_prefills_and_a_disconnect_s
     print(f"short request while a {len(long_ids)}-token prompt prefilled: {short_s:.2f} s")
 
 
-def test_non_streaming_client_that_times_out_cancels_its_prefill(served, long_ids):
-    _, server = served
+def test_non_streaming_client_that_times_out_cancels_its_prefill(served, long_ids, slow_prefill):
+    engine, server = served
+    prompt = long_ids[::-1]
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json={"prompt": long_ids[::-1], "max_tokens": 1}, timeout=1.0)
+        httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=1.0)
     wait_until(lambda: not health(server)["prefilling"], 3, "the abandoned prefill to stop")
+    left = [pc for pc in engine.pool.entries if pc.tokens and pc.tokens == prompt[: len(pc.tokens)]]
+    assert left and max(len(pc.tokens) for pc in left) < len(prompt)  # stopped part-way, not run to the end
 
 
 def test_prompt_above_max_prompt_tokens_is_a_400_before_any_work(served, bundled):

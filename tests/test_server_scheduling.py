@@ -50,11 +50,10 @@ def served(bundled):
     engine.pool.entries.clear()  # other modules count live caches
 
 
-@pytest.fixture
-def slow_prefill(served, monkeypatch):
+def slow_down_prefill(engine, monkeypatch) -> None:
     """Each prefill chunk takes at least 50 ms, so the 32-chunk long prompt lasts > 1.6 s on any machine: the
-    tests below need it still prefilling when a short request finishes or a 1 s client timeout fires."""
-    engine, _ = served
+    tests below need it still prefilling when a short request finishes, a 1 s client timeout fires or the engine
+    stops."""
     chunk = engine._prefill_chunk
 
     def slow_chunk():
@@ -62,6 +61,11 @@ def slow_prefill(served, monkeypatch):
         chunk()
 
     monkeypatch.setattr(engine, "_prefill_chunk", slow_chunk)
+
+
+@pytest.fixture
+def slow_prefill(served, monkeypatch):
+    slow_down_prefill(served[0], monkeypatch)
 
 
 def health(server) -> dict:
@@ -106,9 +110,10 @@ def test_prompt_above_max_prompt_tokens_is_a_400_before_any_work(served, bundled
     assert health(server)["prefilling"] == []
 
 
-def test_engine_stop_mid_prefill_answers_503_and_returns_at_once(bundled, long_ids):
+def test_engine_stop_mid_prefill_answers_503_and_returns_at_once(bundled, long_ids, monkeypatch):
     model, tok = bundled
     engine = Engine(model, tok, prefill_step_size=STEP)
+    slow_down_prefill(engine, monkeypatch)
     server = Server(create_app(engine, ServerConfig(NAME, 1 << 20)))
     answer = {}
     request = threading.Thread(target=lambda: answer.update(r=httpx.post(

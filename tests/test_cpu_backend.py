@@ -15,7 +15,7 @@ import torch
 import kimi_lm
 from conftest import rel_err
 from kimi_lm import cpu
-from kimi_lm.cpu import native, onednn
+from kimi_lm.cpu import moe_kernels, native, onednn
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
@@ -155,7 +155,7 @@ def test_routing_in_c_chooses_and_weighs_like_the_plain_router(n_group, topk_gro
     x = torch.randn(tokens, 64)
     with torch.inference_mode():
         assert rel_err(ours(x), moe(x)) <= 1e-5
-        weights, idx = native.moe_route_logits(moe.gate.logits(x), moe.gate.e_score_correction_bias, 6, n_group,
+        weights, idx = moe_kernels.moe_route_logits(moe.gate.logits(x), moe.gate.e_score_correction_bias, 6, n_group,
                                                topk_group, renormalize, 2.5)
         want_weights, want_idx = moe.gate(x)
     order, want_order = idx.argsort(1), want_idx.argsort(1)
@@ -166,7 +166,7 @@ def test_routing_in_c_chooses_and_weighs_like_the_plain_router(n_group, topk_gro
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shared", [0, 2])
 def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, monkeypatch):
-    """A decode step's MoE block in one C call (native.moe_decode: router, k experts, shared expert, weighted sum)
+    """A decode step's MoE block in one C call (moe_kernels.moe_decode: router, k experts, shared expert, weighted sum)
     against the same module's multi-call path and the plain block; widths that are no multiple of 64 or 32 (the
     packed layouts' tails), group-limited routing, 1 or 2 shared experts' worth of intermediate width."""
     torch.manual_seed(0)
@@ -184,8 +184,8 @@ def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, mon
         holder.moe.shared_experts = CpuMLP(holder.moe.shared_experts)
     ours = CpuSparseMoE(holder.moe)
     calls = []
-    real = native.moe_decode
-    monkeypatch.setattr(native, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    real = moe_kernels.moe_decode
+    monkeypatch.setattr(moe_kernels, "moe_decode", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for _ in range(6):
@@ -230,8 +230,8 @@ def test_experts_with_few_rows_in_c_equal_onednn(dtype, monkeypatch):
     counts = [1, 0, 3, 4, 9, 2, 0, 6]  # 1-4 rows: C; 6 and 9: oneDNN
     xs = torch.randn(sum(counts), 96).to(dtype)
     calls = []
-    real = native.moe_experts_rows
-    monkeypatch.setattr(native, "moe_experts_rows", lambda xs, counts, few, *a: calls.append(few) or real(xs, counts, few, *a))
+    real = moe_kernels.moe_experts_rows
+    monkeypatch.setattr(moe_kernels, "moe_experts_rows", lambda xs, counts, few, *a: calls.append(few) or real(xs, counts, few, *a))
     with torch.inference_mode():
         got = experts.grouped(xs, counts)
         want = StackedExperts.grouped(experts, xs, counts)

@@ -13,13 +13,13 @@ import kimi_lm
 from conftest import rel_err
 from kimi_lm import cpu
 from kimi_lm.cli import main as cli
-from kimi_lm.cpu import quant_kernels
+from kimi_lm.cpu import moe_kernels, quant_kernels
 from kimi_lm.cpu import quant as cpu_quant
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.layers import CpuMLP
 from kimi_lm.cpu.moe import CpuSparseMoE
 from kimi_lm.cpu.onednn import OneDNNLinear, available
-from kimi_lm.cpu.products import FusedProducts, fusable
+from kimi_lm.cpu.products import LAYOUT_QUANT, FusedProducts, fusable
 from kimi_lm.cpu.quant import (CpuPackedEmbedding, CpuPackedLinear, CpuPackedMLA, CpuPackedRouter,
                                 CpuPackedStackedExperts, CpuSplitPackedExperts)
 from kimi_lm.config import preset
@@ -28,7 +28,7 @@ from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.model.layers import MLP
 from kimi_lm.model.mla import MultiheadLatentAttention
-from kimi_lm.model.moe import StackedExperts, TopkRouter
+from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
 from kimi_lm.quant.packed import PackedEmbedding, PackedLinear, PackedStackedExperts, QuantSpec, swap_modules
 
 pytestmark = pytest.mark.skipif(quant_kernels.quant_library() is None, reason="no C compiler: the plain modules are all")
@@ -117,6 +117,73 @@ def test_packed_experts_in_c_equal_plain_experts(spec, dtype, path):
         state = reference.state_dict()
         assert fast.state_dict().keys() == state.keys()
         assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+
+
+def _quantized_moe(spec: QuantSpec, dtype, shared: int) -> tuple[torch.nn.Module, CpuSparseMoE]:
+    """A plain MoE block quantized as mlx-lm converts one (experts, shared expert, router at affine 8-bit g64; with no
+    shared expert the router stays float, as in checkpoints converted with other recipes), and the backend's block
+    made from a copy of it. Widths off the work items: hidden 192 (a 128-weight block and a tail), intermediate 96 (a
+    64-row gate | up work item straddles gate and up)."""
+    torch.manual_seed(0)
+    moe = SparseMoE(192, 12, 4, 96, shared, 4, 2, True, 2.5).eval().requires_grad_(False)
+    for p in moe.parameters():
+        p.normal_(0, 0.1)
+    moe.gate.e_score_correction_bias.normal_(0, 0.5)
+    moe = moe.to(dtype)
+    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    holder = torch.nn.Module()
+    holder.moe = moe
+    names = ["moe.experts.gate_up_proj", "moe.experts.down_proj"] + (
+        [f"moe.shared_experts.{n}" for n in ("gate_proj", "up_proj", "down_proj")] if shared else [])
+    specs = dict.fromkeys(names, spec) | ({"moe.gate": QuantSpec("affine", 8, 64)} if shared else {})
+    swap_modules(holder, specs, pack=True, dtype=dtype)
+    fast = copy.deepcopy(moe)
+    fast.experts = cpu_quant.swap(fast.experts)
+    if shared:
+        fast.gate = cpu_quant.swap(fast.gate)
+    if shared:
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            setattr(fast.shared_experts, n, cpu_quant.swap(getattr(fast.shared_experts, n)))
+        fast.shared_experts = CpuMLP(fast.shared_experts)
+    return moe, CpuSparseMoE(fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("spec", [QuantSpec("mxfp4", 4, 32), QuantSpec("affine", 4, 32), QuantSpec("nvfp4", 4, 16),
+                                  QuantSpec("mxfp8", 8, 32), QuantSpec("affine", 8, 32), QuantSpec("affine", 3, 32)],
+                         ids=lambda s: f"{s.mode}{s.bits}g{s.group_size}")
+def test_quantized_moe_token_in_one_call_equals_the_calls_and_plain(spec, dtype, shared, path, monkeypatch):
+    """A decode step's MoE block with MLX-quantized experts, shared expert and router in one C call
+    (moe_kernels.moe_decode) against the same module's multi-call path (bit-identical: the same quantized row
+    products and roundings) and the plain quantized block; after the experts' tensors are replaced, the plan is made
+    again from the new ones."""
+    plain, ours = _quantized_moe(spec, dtype, shared)
+    assert (type(ours.gate) is CpuPackedRouter) == bool(shared)
+    calls = []
+    real = moe_kernels.moe_decode
+    monkeypatch.setattr(moe_kernels, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(1)
+
+    def check():
+        for _ in range(4):
+            x = torch.randn(1, 1, 192, generator=g).to(dtype)
+            one_call = ours(x)
+            plan, ours._plan = ours._plan, None  # the multi-call path
+            calls_path = ours(x)
+            ours._plan = plan
+            assert torch.equal(one_call, calls_path)
+            assert rel_err(one_call, plain(x)) <= 2 * TOL[dtype]
+
+    with torch.inference_mode():
+        check()
+        first = ours._plan
+        assert first is not None and first.dtype is None  # quantized parts read fp32 and bf16 inputs
+        assert first.router.layout == (LAYOUT_QUANT if shared else 0)
+        for module in (plain.experts, ours.experts):  # new tensors (other values) under the same names
+            module.down_proj_scales = module.down_proj_scales.flip(1).contiguous()
+        check()
+    assert len(calls) == 8 and ours._plan is not first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

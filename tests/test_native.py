@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from kimi_lm.cpu import native, onednn
+from kimi_lm.cpu import moe_kernels, native, onednn
 from kimi_lm.ops.kda_naive import kda_recurrent_naive
 from test_kda_ops import make_inputs
 
@@ -26,13 +26,13 @@ def test_moe_dispatch_groups_like_a_stable_sort(dtype):
     x = torch.randn(70, 24, generator=g).to(dtype)
     idx = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(70)])  # [70, 3], experts 0..9 (some idle)
     idx[idx == 4] = 5  # expert 4 gets nothing
-    xs, counts, slot_row = native.moe_dispatch(x, idx, 10)
+    xs, counts, slot_row = moe_kernels.moe_dispatch(x, idx, 10)
     order = idx.flatten().argsort(stable=True)
     assert counts == torch.bincount(idx.flatten(), minlength=10).tolist() and counts[4] == 0
     assert torch.equal(slot_row, order.argsort())
     assert torch.equal(xs, x[order // 3])
     with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
-        native.moe_dispatch(x, torch.full((70, 3), 10), 10)
+        moe_kernels.moe_dispatch(x, torch.full((70, 3), 10), 10)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,9 +3,11 @@ in C (``cpu/native.py``), swapped in for ``kimi_lm.model.moe``'s modules by ``ki
 
 ``CpuSparseMoE`` computes what ``SparseMoE`` computes (the oracle in the tests) for inference:
 
-* one token (a decode step): the router in one C call (``moe_route``: product, sigmoid, group-limited top-k,
-  weights), the k experts' products (few-row experts in one C call that reads their packed weights in place), the
-  SwiGLU and the weighted sum plus shared expert in one call each;
+* one token (a decode step): the whole block in one C call (``moe_decode``: router, the k experts and the shared
+  expert read where they lie, oneDNN-packed or MLX-quantized, the weighted sum) wherever every part has a C reader;
+  elsewhere the router in one C call (``moe_route``: product, sigmoid, group-limited top-k, weights), the k experts'
+  products (few-row experts in one C call that reads their packed weights in place), the SwiGLU and the weighted sum
+  plus shared expert in one call each;
 * many tokens: the selection from the router logits (``moe_route_logits``), the grouping by expert (a counting sort
   and row gather, ``moe_dispatch``) and the weighted combine back to tokens with the shared expert
   (``moe_combine``) in C; the expert products on oneDNN.
@@ -18,11 +20,14 @@ Reference: DeepSeek-V3 ``inference/model.py`` (Gate, MoE); spec ``shared/specs/k
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
-from kimi_lm.cpu import native
+from kimi_lm.cpu import moe_kernels, native
 from kimi_lm.cpu.layers import swiglu
+from kimi_lm.cpu.moe_kernels import DecodeParts, DecodeRouter
 from kimi_lm.cpu.onednn import pack, packed_linear, refuse_conversion
 from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
 
@@ -66,14 +71,22 @@ class OneDNNStackedExperts(FewRowsInC, StackedExperts):
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Experts with a few rows (a decode step of several sequences) run in one C call that reads their packed
-        weights in place (``native.moe_experts_rows``) instead of two oneDNN calls each (mostly set-up at 1–4
+        weights in place (``moe_kernels.moe_experts_rows``) instead of two oneDNN calls each (mostly set-up at 1–4
         rows); experts with more rows, and weights without a reader, go to oneDNN."""
         few = [e for e, n in enumerate(counts) if 0 < n <= EXPERT_ROWS_IN_C and self.gate_up_gemv[e] is not None
                and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
-        in_c = native.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)
+        in_c = moe_kernels.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)
         return merge_expert_outputs(self, xs, counts, few, in_c)
+
+    def decode_parts(self) -> DecodeParts | None:
+        """Every expert's gate | up and down as ``moe_decode`` reads them (None: a weight without a C reader)."""
+        if None in self.gate_up_gemv or None in self.down_gemv:
+            return None
+        return DecodeParts([(g.layout, g.pointer()) for g in self.gate_up_gemv],
+                           [(g.layout, g.pointer()) for g in self.down_gemv], self.intermediate_size,
+                           self.gate_up_packed[0].dtype, max(g.nbytes for g in [*self.gate_up_gemv, *self.down_gemv]))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
@@ -98,6 +111,40 @@ def merge_expert_outputs(experts: StackedExperts, xs: torch.Tensor, counts: list
     return outputs
 
 
+def shared_expert_parts(mlp: nn.Module) -> DecodeParts | None:
+    """A shared expert (``layers.CpuMLP``) as ``moe_decode`` reads it: gate | up one oneDNN-packed product, or gate and
+    up quantized apart (a pair of qweights), and down; None where a product has no C reader."""
+    from kimi_lm.cpu.layers import CpuMLP  # layers.py imports this module's neighbours
+    from kimi_lm.cpu.products import LAYOUT_QUANT, FusedProducts, reader
+
+    if type(mlp) is not CpuMLP:
+        return None
+    down = reader(mlp.down_proj)
+    gate_up = mlp.gate_up_proj
+    if isinstance(gate_up, FusedProducts):  # gate and up apart: both quantized, read as a pair
+        halves = gate_up.readers
+        if down is None or any(r.layout != LAYOUT_QUANT for r in halves):
+            return None
+        pair = (ctypes.c_void_p * 2)(*(r.pointer() for r in halves))
+        sources = tuple((r.module, "weight") for r in (*halves, down) if r.layout == LAYOUT_QUANT)
+        return DecodeParts([(LAYOUT_QUANT, ctypes.addressof(pair))], [(down.layout, down.pointer())],
+                           mlp.down_proj.in_features, down.dtype, _onednn_bytes(down), (pair, halves, down), sources)
+    gemv = getattr(gate_up, "gemv", None)
+    if gemv is None or down is None:
+        return None
+    sources = ((mlp.down_proj, "weight"),) if down.layout == LAYOUT_QUANT else ()
+    dtypes = {gate_up.packed.dtype, down.dtype} - {None}
+    if len(dtypes) > 1:
+        return None
+    return DecodeParts([(gemv.layout, gemv.pointer())], [(down.layout, down.pointer())], mlp.down_proj.in_features,
+                       gate_up.packed.dtype, max(gemv.nbytes, _onednn_bytes(down)), (down,), sources)
+
+
+def _onednn_bytes(r) -> int:
+    """A reader's weight bytes where the oneDNN limit applies (quantized products always run in C)."""
+    return 0 if r.dtype is None else r.module.gemv.nbytes
+
+
 class CpuSparseMoE(SparseMoE):
     """``SparseMoE`` for CPU inference: routing, grouping and combining in C (see the module docstring). Adopts the
     plain module's router, experts and shared experts (same names, same state_dict)."""
@@ -110,46 +157,48 @@ class CpuSparseMoE(SparseMoE):
         plain_router = type(moe.gate) is TopkRouter
         self.register_buffer("router_fp32", moe.gate.weight.detach().float().contiguous() if plain_router else None,
                              persistent=False)
-        self._plan = False  # the one-call decode's plan (native.MoEDecodePlan), made at the first token; None: n/a
+        self._plan = False  # the one-call decode's plan (moe_kernels.MoEDecodePlan), made at the first token; None: n/a
 
-    def decode_plan(self) -> native.MoEDecodePlan | None:
-        """The whole block in one C call (``native.moe_decode``) where everything it reads has a C reader: oneDNN-packed
-        experts and shared expert, a plain router. None elsewhere (quantized or FP8 experts take the calls below)."""
-        if self._plan is False:
-            self._plan = None
-            experts, shared = self.experts, self.shared_experts
-            readers = [*experts.gate_up_gemv, *experts.down_gemv] if type(experts) is OneDNNStackedExperts else []
-            shared_readers = (None, None)  # no shared expert
-            if shared is not None:
-                from kimi_lm.cpu.layers import CpuMLP  # layers.py imports this module's neighbours
-
-                parts = (shared.gate_up_proj, shared.down_proj) if type(shared) is CpuMLP else (None, None)
-                shared_readers = tuple(getattr(part, "gemv", None) for part in parts)  # oneDNN-packed parts only
-                readers += shared_readers
-            if self.router_fp32 is not None and readers and None not in readers:
-                self._plan = native.MoEDecodePlan(experts.gate_up_gemv, experts.down_gemv, *shared_readers)
+    def decode_plan(self) -> moe_kernels.MoEDecodePlan | None:
+        """The whole block in one C call (``moe_kernels.moe_decode``) where everything it reads has a C reader: a plain
+        or quantized router, experts with ``decode_parts`` (oneDNN-packed, MLX-quantized in memory) and a shared
+        expert whose products have readers. None elsewhere (FP8 or paged experts take the calls below)."""
+        if self._plan is not False and (self._plan is None or not self._plan.stale()):
+            return self._plan
+        self._plan = None
+        if self.router_fp32 is not None:
+            router = DecodeRouter(0, self.router_fp32.data_ptr(), *self.router_fp32.shape, keep=(self.router_fp32,))
+        else:
+            router = getattr(self.gate, "decode_router", lambda: None)()  # a quantized router's qweight
+        parts = getattr(self.experts, "decode_parts", None)
+        routed = None if parts is None or router is None else parts()
+        shared = None if self.shared_experts is None else shared_expert_parts(self.shared_experts)
+        if routed is not None and (shared is not None or self.shared_experts is None):
+            if len({p.dtype for p in (routed, shared) if p is not None} - {None}) <= 1:
+                self._plan = moe_kernels.MoEDecodePlan(router, routed, shared)
         return self._plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate = self.gate
-        if flat.shape[0] == 1 and self.router_fp32 is not None:
+        if flat.shape[0] == 1:
             plan = self.decode_plan()
-            if (plan is not None and flat.dtype == plan.dtype and plan.nbytes <= native.gemv_max_bytes()
-                    and native.supports(flat)):
-                return native.moe_decode(flat, plan, self.router_fp32, gate.e_score_correction_bias, gate.top_k,
-                                         gate.n_group, gate.topk_group, gate.renormalize, gate.scaling).view(x.shape)
-            experts, weights = native.moe_route(flat, self.router_fp32, gate.e_score_correction_bias, gate.top_k,
-                                                gate.n_group, gate.topk_group, gate.renormalize, gate.scaling)
-            return self._one_token(flat, experts, weights).view(x.shape)
-        weights, idx = native.moe_route_logits(gate.logits(flat).contiguous(), gate.e_score_correction_bias,
+            if plan is not None and plan.takes(flat):
+                return moe_kernels.moe_decode(flat, plan, gate.e_score_correction_bias, gate.top_k, gate.n_group,
+                                              gate.topk_group, gate.renormalize, gate.scaling).view(x.shape)
+            if self.router_fp32 is not None:
+                experts, weights = moe_kernels.moe_route(flat, self.router_fp32, gate.e_score_correction_bias,
+                                                         gate.top_k, gate.n_group, gate.topk_group, gate.renormalize,
+                                                         gate.scaling)
+                return self._one_token(flat, experts, weights).view(x.shape)
+        weights, idx = moe_kernels.moe_route_logits(gate.logits(flat).contiguous(), gate.e_score_correction_bias,
                                                gate.top_k, gate.n_group, gate.topk_group, gate.renormalize, gate.scaling)
         if flat.shape[0] == 1:
             return self._one_token(flat, idx[0].tolist(), weights).view(x.shape)
-        xs, counts, slot_row = native.moe_dispatch(flat, idx, self.experts.num_experts)
+        xs, counts, slot_row = moe_kernels.moe_dispatch(flat, idx, self.experts.num_experts)
         outputs = [o.contiguous() for o in self.experts.grouped(xs, counts)]
         shared = None if self.shared_experts is None else self.shared_experts(flat).contiguous()
-        return native.moe_combine(outputs, counts, idx.flatten(), slot_row, weights, shared).view(x.shape)
+        return moe_kernels.moe_combine(outputs, counts, idx.flatten(), slot_row, weights, shared).view(x.shape)
 
     def _one_token(self, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """One token, its routing done: x [1, hidden], its k experts, weights [1, k] -> [1, hidden]."""
@@ -161,7 +210,7 @@ class CpuSparseMoE(SparseMoE):
             rank = {e: i for i, e in enumerate(sorted(experts))}
             out = [by_expert[rank[e]].contiguous() for e in experts]  # k × [1, hidden]
         else:
-            h = native.swiglu_rows([self.experts.gate_up(e, x).contiguous() for e in experts])  # [k, I]
+            h = moe_kernels.swiglu_rows([self.experts.gate_up(e, x).contiguous() for e in experts])  # [k, I]
             out = [self.experts.down(e, h[i : i + 1]).contiguous() for i, e in enumerate(experts)]  # k × [1, hidden]
         shared = None if self.shared_experts is None else self.shared_experts(x).contiguous()
-        return native.weighted_sum_rows(out, weights, shared)
+        return moe_kernels.weighted_sum_rows(out, weights, shared)

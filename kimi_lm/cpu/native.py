@@ -123,12 +123,6 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P, _I]
     lib.kda_decode.restype = _I
-    lib.moe_route.argtypes = [_L, _L, _L, _L, _L, _I, _F, _I, _P, _P, _P, _P, _P]
-    lib.moe_route.restype = _I
-    lib.swiglu_rows.argtypes = [_L, _L, _I, _P, _P]
-    lib.swiglu_rows.restype = None
-    lib.weighted_sum_rows.argtypes = [_L, _L, _I, _P, _P, _P, _P]
-    lib.weighted_sum_rows.restype = None
     lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P, _I]
     lib.packed_gemv.restype = _I
     lib.kda_scan.argtypes = [_L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I]
@@ -137,21 +131,10 @@ def library() -> ctypes.CDLL | None:
     lib.kda_prefill_inputs.restype = _I
     lib.gated_rms_norm.argtypes = [_L, _L, _L, _I, _P, _P, _P, _F, _P, _I]
     lib.gated_rms_norm.restype = _I
-    lib.moe_combine.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _I]
-    lib.moe_combine.restype = None
     lib.swiglu.argtypes = [_L, _L, _I, _P, _P, _I]
     lib.swiglu.restype = None
     lib.rms_norm.argtypes = [_L, _L, _I, _P, _P, _F, _P, _I]
     lib.rms_norm.restype = None
-    lib.moe_route_logits.argtypes = [_L, _L, _L, _L, _L, _I, _F, _P, _P, _P, _P, _I]
-    lib.moe_route_logits.restype = _I
-    lib.moe_dispatch.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I]
-    lib.moe_dispatch.restype = _I
-    lib.moe_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
-    lib.moe_experts_rows.restype = _I
-    lib.moe_decode.argtypes = [_L, _L, _L, _L, _L, _L, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _L, _I, _P, _I, _P,
-                               _P, _P, _P, _I]
-    lib.moe_decode.restype = _I
     lib.elementwise.argtypes = [_I, _L, _P, _P]
     lib.elementwise.restype = None
     lib.use_openmp.argtypes = [_P, _P, _P]
@@ -215,41 +198,6 @@ def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor
         norm_weight.data_ptr(), norm_eps, l2_eps, out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("kda_decode: could not allocate its scratch memory")
-    return out
-
-
-def moe_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-              renormalize: bool, scaling: float) -> tuple[list[int], torch.Tensor]:
-    """The router of one token (``moe.TopkRouter.forward``): x [1, hidden] model dtype, weight [E, hidden] and bias [E]
-    fp32 -> (the k chosen experts, their weights [1, k] fp32)."""
-    E, hidden = weight.shape
-    idx = (ctypes.c_int64 * top_k)()
-    weights = torch.empty(1, top_k)
-    status = library().moe_route(E, hidden, top_k, n_group, topk_group, int(renormalize), scaling, _DTYPES[x.dtype],
-                                 x.data_ptr(), weight.data_ptr(), bias.data_ptr(), idx, weights.data_ptr())
-    if status:
-        raise MemoryError("moe_route: could not allocate its scratch memory")
-    return list(idx), weights
-
-
-def _row_pointers(rows: list[torch.Tensor]) -> ctypes.Array:
-    return (_P * len(rows))(*(r.data_ptr() for r in rows))
-
-
-def swiglu_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """n contiguous [1, 2I] gate | up rows (model dtype) -> silu(gate) · up [n, I], rounded as PyTorch does."""
-    I = rows[0].shape[-1] // 2
-    out = torch.empty(len(rows), I, dtype=rows[0].dtype)
-    library().swiglu_rows(len(rows), I, _DTYPES[out.dtype], _row_pointers(rows), out.data_ptr())
-    return out
-
-
-def weighted_sum_rows(rows: list[torch.Tensor], weights: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-    """Σ weights[r] · rows[r] (rows [1, hidden] model dtype, weights [1, n] fp32; fp32 sum, one rounding), plus
-    ``shared`` [1, hidden] when given -> [1, hidden]."""
-    out = torch.empty_like(rows[0])
-    library().weighted_sum_rows(len(rows), out.shape[-1], _DTYPES[out.dtype], _row_pointers(rows),
-                                weights.data_ptr(), None if shared is None else shared.data_ptr(), out.data_ptr())
     return out
 
 
@@ -385,28 +333,6 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     return out
 
 
-def moe_combine(outputs: list[torch.Tensor], counts: list[int], expert_of_slot: torch.Tensor, slot_row: torch.Tensor,
-                weights: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-    """Routed experts' outputs back to their tokens (``moe.StackedExperts.forward``), read where the experts wrote
-    them: ``outputs`` [n_e, hidden] per active expert (model dtype, contiguous; ``counts`` [E] rows per expert, in
-    expert order), expert_of_slot / slot_row [N·k] int64 (token t's j-th expert at t·k + j, and that pair's row in
-    the expert-sorted order), weights [N, k] fp32, shared [N, hidden] or None
-    -> Σ_j weights[t, j] · (row of slot t·k + j) (+ shared[t]), [N, hidden]."""
-    N, k = weights.shape
-    hidden, dtype = outputs[0].shape[-1], outputs[0].dtype
-    active = iter(outputs)
-    # address of expert e's first row, as if it sat at row starts[e] of one sorted block: address of a slot's row
-    # = base[e] + (sorted row − starts[e]) · row bytes
-    starts = torch.tensor([0] + counts[:-1]).cumsum(0)
-    bases = torch.tensor([next(active).data_ptr() if n else 0 for n in counts])
-    row_bytes = hidden * outputs[0].element_size()
-    addresses = bases[expert_of_slot] + (slot_row - starts[expert_of_slot]) * row_bytes  # [N·k] int64
-    out = torch.empty(N, hidden, dtype=dtype)
-    library().moe_combine(N, k, hidden, _DTYPES[dtype], addresses.data_ptr(), weights.data_ptr(),
-                          None if shared is None else shared.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
-
-
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up for contiguous gate | up rows [..., 2I] -> [..., I], rounded as PyTorch does."""
     I = gate_up.shape[-1] // 2
@@ -425,88 +351,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def moe_route_logits(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                     renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe.TopkRouter.forward`` after its product: logits [N, E] fp32, bias [E] fp32
-    -> (weights [N, k] fp32, expert indices [N, k] int64)."""
-    N, E = logits.shape
-    idx = torch.empty(N, top_k, dtype=torch.int64)
-    weights = torch.empty(N, top_k)
-    if library().moe_route_logits(N, E, top_k, n_group, topk_group, int(renormalize), scaling, logits.data_ptr(),
-                                  bias.data_ptr(), idx.data_ptr(), weights.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("moe_route_logits: could not allocate its scratch memory")
-    return weights, idx
-
-
-def moe_dispatch(x: torch.Tensor, idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """Tokens grouped by expert (``moe.StackedExperts.forward``): x [N, hidden], idx [N, k] int64 -> (xs [N·k, hidden]:
-    each (token, slot) pair's input row, grouped by expert, slot order kept within an expert; counts: rows per
-    expert; slot_row [N·k]: where pair t·k + j went)."""
-    N, k = idx.shape
-    xs = torch.empty(N * k, x.shape[-1], dtype=x.dtype)
-    counts = torch.empty(num_experts, dtype=torch.int64)
-    slot_row, order = torch.empty(N * k, dtype=torch.int64), torch.empty(N * k, dtype=torch.int64)
-    status = library().moe_dispatch(N, k, num_experts, x.shape[-1], _DTYPES[x.dtype], idx.data_ptr(), x.data_ptr(),
-                                    counts.data_ptr(), slot_row.data_ptr(), order.data_ptr(), xs.data_ptr(),
-                                    torch.get_num_threads())
-    if status == 1:
-        raise ValueError(f"moe_dispatch: an expert index outside [0, {num_experts})")
-    if status:
-        raise MemoryError("moe_dispatch: could not allocate its scratch memory")
-    return xs, counts.tolist(), slot_row
-
-
-def moe_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], gate_up: list[PackedGemv],
-                     down: list[PackedGemv]) -> torch.Tensor:
-    """The SwiGLU of each expert in ``experts`` on its rows of xs [rows, hidden] (grouped by expert, ``counts`` rows
-    per expert), products read from the experts' packed weights (``gate_up`` [2I, hidden] and ``down`` [hidden, I]
-    readers, indexed by expert) -> out [rows, hidden], those experts' rows filled."""
-    n = len(experts)
-    firsts = [0] * len(counts)
-    for e in range(1, len(counts)):
-        firsts[e] = firsts[e - 1] + counts[e - 1]
-    starts, sizes = (ctypes.c_int64 * n)(*(firsts[e] for e in experts)), (ctypes.c_int64 * n)(*(counts[e] for e in experts))
-    out = torch.empty_like(xs)
-    status = library().moe_experts_rows(
-        n, xs.shape[-1], down[experts[0]].in_features, _DTYPES[xs.dtype], starts, sizes,
-        (_I * n)(*(gate_up[e].layout for e in experts)), (_P * n)(*(gate_up[e].pointer() for e in experts)),
-        (_I * n)(*(down[e].layout for e in experts)), (_P * n)(*(down[e].pointer() for e in experts)),
-        xs.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    if status:
-        raise MemoryError("moe_experts_rows: could not allocate its scratch memory")
-    return out
-
-
-class MoEDecodePlan:
-    """What ``moe_decode`` reads of an MoE block besides the token: every expert's packed gate | up and down weights
-    (``PackedGemv`` readers, indexed by expert) and the shared expert's (or None), as ctypes arrays made once."""
-
-    def __init__(self, gate_up: list[PackedGemv], down: list[PackedGemv], shared_gate_up: PackedGemv | None,
-                 shared_down: PackedGemv | None):
-        E = len(gate_up)
-        self.intermediate = down[0].in_features
-        self.gate_up_layouts = (_I * E)(*(g.layout for g in gate_up))
-        self.gate_up = (_P * E)(*(g.pointer() for g in gate_up))
-        self.down_layouts = (_I * E)(*(g.layout for g in down))
-        self.down = (_P * E)(*(g.pointer() for g in down))
-        self.shared = (0, 0, None, 0, None) if shared_gate_up is None else (
-            shared_down.in_features, shared_gate_up.layout, shared_gate_up.pointer(), shared_down.layout,
-            shared_down.pointer())
-        self.nbytes = max(g.nbytes for g in [*gate_up, *down, *([shared_gate_up, shared_down] if shared_gate_up else [])])
-        self.dtype = gate_up[0].packed.dtype
-
-
-def moe_decode(x: torch.Tensor, plan: MoEDecodePlan, router: torch.Tensor, bias: torch.Tensor, top_k: int,
-               n_group: int, topk_group: int, renormalize: bool, scaling: float) -> torch.Tensor:
-    """A whole MoE block for one token in one call (``kernels/moe.c`` moe_decode): x [1, hidden] model dtype, router
-    [E, hidden] fp32, bias [E] fp32 -> [1, hidden]: what ``moe_route``, the experts, the shared expert and
-    ``weighted_sum_rows`` compute in turn."""
-    E, hidden = router.shape
-    out = torch.empty_like(x)
-    idx, weights = (ctypes.c_int64 * top_k)(), (ctypes.c_float * top_k)()
-    if library().moe_decode(E, hidden, plan.intermediate, top_k, n_group, topk_group, int(renormalize), scaling,
-                            _DTYPES[x.dtype], x.data_ptr(), router.data_ptr(), bias.data_ptr(), plan.gate_up_layouts,
-                            plan.gate_up, plan.down_layouts, plan.down, *plan.shared, idx, weights, out.data_ptr(),
-                            torch.get_num_threads()):
-        raise MemoryError("moe_decode: could not allocate its scratch memory")
-    return out

@@ -22,6 +22,8 @@ Each keeps the plain module's buffers (the same tensors, names and state_dict). 
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,8 @@ from torch import nn
 from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
+from kimi_lm.cpu.moe_kernels import DecodeParts, DecodeRouter
+from kimi_lm.cpu.products import LAYOUT_QUANT, QWeight
 from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.quant.packed import (TILE_ELEMENTS, PackedEmbedding, PackedLinear, PackedRouter, PackedSiTUExperts,
                                   PackedStackedExperts, QuantSpec)
@@ -149,6 +153,16 @@ class CpuPackedRouter(PackedRouter):
         return quant_kernels.quant_matmul(x, s.mode, s.bits, s.group_size, self.weight, self.scales,
                                    getattr(self, "biases", None), torch.get_num_threads() if x.shape[0] > 1 else 1)
 
+    def decode_router(self) -> DecodeRouter:
+        """This router as ``moe_kernels.moe_decode`` reads it: a qweight over its packed tensors."""
+        s, biases = self.spec, getattr(self, "biases", None)
+        E, hidden = self.scales.shape[0], self.scales.shape[1] * s.group_size
+        q = QWeight(quant_kernels.QUANT_MODES[s.mode], s.bits, s.group_size, E, hidden, self.weight.data_ptr(),
+                    self.scales.data_ptr(), None if biases is None else biases.data_ptr(),
+                    int(self.scales.dtype == torch.bfloat16))
+        names = ("weight", "scales") + (("biases",) if biases is not None else ())
+        return DecodeRouter(LAYOUT_QUANT, ctypes.addressof(q), E, hidden, keep=(q,), sources=tuple((self, n) for n in names))
+
 
 class CpuPackedEmbedding(PackedEmbedding):
     """``PackedEmbedding`` whose looked-up rows are dequantized in C (one call; the plain module's PyTorch
@@ -181,6 +195,12 @@ class FewRowExperts(DerivedBiases, FewRowsInC):
         """(weight, scales, biases) as kept: the C kernels' arguments (derived biases: None)."""
         return tuple(self.stored(name + suffix) for suffix in ("", "_scales", "_biases"))
 
+    def _stored_names(self) -> tuple[tuple[nn.Module, str], ...]:
+        """(self, name) of every tensor the C kernels read (derived biases are not kept)."""
+        parts = ("gate_proj", "up_proj") if isinstance(self, SplitPackedExperts) else ("gate_up_proj",)
+        names = (p + suffix for p in (*parts, "down_proj") for suffix in ("", "_scales", "_biases"))
+        return tuple((self, n) for n in names if self.stored(n) is not None)
+
     def _stacks(self) -> tuple[tuple, tuple]:
         """(gate, up) as (stacked (weight, scales, biases) [E, …], first row of the part in them)."""
         if isinstance(self, SplitPackedExperts):  # gate and up kept apart (memory-mapped mlx-lm checkpoints)
@@ -204,6 +224,31 @@ class FewRowExperts(DerivedBiases, FewRowsInC):
         if not native.supports(h):
             return super().down(e, h)
         return dequantized_linear(h, self.down_spec, *(None if t is None else t[e] for t in self._tensors("down_proj")))
+
+    def decode_parts(self) -> DecodeParts | None:
+        """Every expert's gate, up and down as qweights (``kernels/common.h``) for ``moe_kernels.moe_decode``, made
+        once: gate | up as the address of a (gate, up) pair of qweight pointers. None for paged experts (a decode
+        step reads their active experts ahead first, ``will_need``)."""
+        if getattr(self, "paged", ()):  # set on memory-mapped experts only
+            return None
+        (gate, gate_row0), (up, up_row0) = self._stacks()
+        down = self._tensors("down_proj")
+        E, hidden, I = down[0].shape[0], down[1].shape[1], self.intermediate_size
+        parts = ((gate, gate_row0, self.gate_up_spec, I, hidden), (up, up_row0, self.gate_up_spec, I, hidden),
+                 (down, 0, self.down_spec, hidden, I))
+        structs = (QWeight * (3 * E))()
+        for k, (tensors, row0, spec, rows, width) in enumerate(parts):
+            mode, scale_bf16 = quant_kernels.QUANT_MODES[spec.mode], int(tensors[1].dtype == torch.bfloat16)
+            bases = quant_kernels.expert_addresses((tensors, row0))
+            for e in range(E):
+                w, scales, biases = (None if b is None else b[0] + e * b[1] for b in bases)
+                structs[3 * e + k] = QWeight(mode, spec.bits, spec.group_size, rows, width, w, scales, biases, scale_bf16)
+        base, size = ctypes.addressof(structs), ctypes.sizeof(QWeight)
+        pairs = (ctypes.c_void_p * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
+        pairs_at = ctypes.addressof(pairs)
+        return DecodeParts([(LAYOUT_QUANT, pairs_at + 2 * e * ctypes.sizeof(ctypes.c_void_p)) for e in range(E)],
+                           [(LAYOUT_QUANT, base + (3 * e + 2) * size) for e in range(E)], I, None, 0,
+                           keep=(structs, pairs), sources=self._stored_names())
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         few = [e for e, n in enumerate(counts) if 0 < n <= DECODE_ROWS]

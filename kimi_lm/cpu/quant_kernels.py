@@ -68,7 +68,7 @@ def expert_rows(counts: list[int], experts: list[int]) -> tuple[ctypes.Array, ct
     return (ctypes.c_int64 * n)(*(firsts[e] for e in experts)), (ctypes.c_int64 * n)(*(counts[e] for e in experts))
 
 
-def _expert_addresses(part: tuple) -> list:
+def expert_addresses(part: tuple) -> list:
     """part = (stacked (weight, scales, biases or None), each [E, rows, …] contiguous; first row) -> per tensor
     (address of expert 0's first row, bytes per expert), None for a missing one."""
     tensors, row0 = part
@@ -86,7 +86,7 @@ def quant_experts_rows(xs: torch.Tensor, counts: list[int], experts: list[int], 
     starts, sizes = expert_rows(counts, experts)
     out = torch.empty_like(xs)
     at = lambda bases, e: [None if b is None else b[0] + e * b[1] for b in bases]  # noqa: E731
-    g, u, d = _expert_addresses(gate), _expert_addresses(up), _expert_addresses(down)
+    g, u, d = expert_addresses(gate), expert_addresses(up), expert_addresses(down)
     gate_up = (_P * (6 * n))(*(a for e in experts for a in (*at(g, e), *at(u, e))))
     downs = (_P * (3 * n))(*(a for e in experts for a in at(d, e)))
     scale_bf16 = int(gate[0][1].dtype == torch.bfloat16)

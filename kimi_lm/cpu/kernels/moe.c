@@ -59,30 +59,52 @@ static void route_logits(long E, long top_k, long n_group, long topk_group, int 
     }
 }
 
-/* The router of one token: its logits x W^T (x [hidden] model dtype, W [E, hidden] fp32), then route_logits.
+/* The router's logits of one token: xf [hidden] fp32 -> logits [E] = xf W^T, W fp32 [E, hidden] (layout 0) or
+ * quantized by MLX (LAYOUT_QUANT: W a qweight; its input prepared from fp32, as CpuPackedRouter hands it x.float()).
  * Returns 0, or 1 when scratch memory could not be allocated. */
-int moe_route(long E, long hidden, long top_k, long n_group, long topk_group, int renormalize, float scaling,
-              int bf16, const void *x, const float *W, const float *bias, int64_t *idx, float *weights) {
-    float *buf = malloc(sizeof(float) * (size_t)(hidden + 3 * E + n_group));
-    unsigned char *taken = malloc((size_t)(E + n_group));
-    if (!buf || !taken) {
-        free(buf);
-        free(taken);
-        return 1;
+static int router_logits(int layout, long E, long hidden, const void *W, const float *xf, float *logits) {
+    if (layout == LAYOUT_QUANT) {
+        qinput *X = quant_input((const qweight *)W, 1, xf, 0);
+        if (!X) return 1;
+        quant_rows((const qweight *)W, X, 0, E, logits);
+        quant_input_free(X);
+        return 0;
     }
-    float *xf = buf, *logits = xf + hidden, *scratch = logits + E;
-    load_row(xf, x, hidden, bf16);
     for (long e = 0; e < E; e++) {
-        const float *row = W + e * hidden;
+        const float *row = (const float *)W + e * hidden;
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
         logits[e] = s;
     }
-    route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, scratch, taken, idx, weights);
+    return 0;
+}
+
+/* moe_route with the router in either layout of router_logits */
+static int route_token(long E, long hidden, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+                       int bf16, const void *x, int router_layout, const void *W, const float *bias, int64_t *idx,
+                       float *weights) {
+    float *buf = malloc(sizeof(float) * (size_t)(hidden + 3 * E + n_group));
+    unsigned char *taken = malloc((size_t)(E + n_group));
+    int failed = !buf || !taken;
+    if (!failed) {
+        float *xf = buf, *logits = xf + hidden, *scratch = logits + E;
+        load_row(xf, x, hidden, bf16);
+        failed = router_logits(router_layout, E, hidden, W, xf, logits);
+        if (!failed)
+            route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits, bias, scratch, taken, idx,
+                         weights);
+    }
     free(buf);
     free(taken);
-    return 0;
+    return failed;
+}
+
+/* The router of one token: its logits x W^T (x [hidden] model dtype, W [E, hidden] fp32), then route_logits.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+int moe_route(long E, long hidden, long top_k, long n_group, long topk_group, int renormalize, float scaling,
+              int bf16, const void *x, const float *W, const float *bias, int64_t *idx, float *weights) {
+    return route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, 0, W, bias, idx, weights);
 }
 
 /* SwiGLU of n rows: out[r] = silu(gate) * up, where rows[r] points at one [2I] row (gate | up) in the model dtype.
@@ -335,15 +357,20 @@ int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *s
 
 /* ---- a whole MoE block for one token: route, k experts and the shared expert, weighted sum ---------------------- */
 
+/* A part's weights (a routed expert's or the shared expert's) as moe_decode reads them: gate | up [2 I, hidden] and
+ * down [hidden, I] packed by oneDNN (layouts 0 / 1: the packed memory), or quantized by MLX (LAYOUT_QUANT: gate | up
+ * points at two qweight pointers, gate's and up's [I, hidden] each; down at one qweight). */
 typedef struct {
     long n, hidden; /* n parts: the k routed experts, then the shared expert if any */
     int bf16;
     const int *gate_up_layout, *down_layout; /* per part */
     const void *const *gate_up, *const *down;
-    const long *I, *first_item; /* per part: intermediate size, first gate|up work item */
-    const float *x;             /* [hidden] fp32 */
-    float *const *gate_up_out, *const *h; /* per part: [2 I] and [I] fp32 */
-    void *const *down_out;                /* per part: [hidden] model dtype */
+    const long *I, *first_item;           /* per part: intermediate size, first gate|up work item */
+    qinput *const *x_in, *const *h_in;     /* per quantized part: x and h prepared for its products (else NULL) */
+    const float *x;                        /* [hidden] fp32 */
+    float *const *gate_up_out, *const *h;  /* per part: [2 I] and [I] fp32 */
+    float *const *down_f32;                /* per part: [hidden] fp32 */
+    void *const *down_out;                 /* per part: [hidden] model dtype */
 } moe_token_job;
 
 /* phase 1: 64 rows of one part's gate | up product */
@@ -351,9 +378,15 @@ static void moe_token_gate_up(const void *ctx, long item) {
     const moe_token_job *job = (const moe_token_job *)ctx;
     long p = 0;
     while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
-    const long O = 2 * job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < O ? r0 + 64 : O;
-    packed_rows_range(job->gate_up_layout[p], job->bf16, job->hidden, job->gate_up[p], r0, r1, 1, job->x,
-                      job->gate_up_out[p] + r0);
+    const long I = job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < 2 * I ? r0 + 64 : 2 * I;
+    float *out = job->gate_up_out[p];
+    if (job->gate_up_layout[p] == LAYOUT_QUANT) { /* rows below I from gate's weight, the rest from up's */
+        const qweight *const *halves = (const qweight *const *)job->gate_up[p];
+        if (r0 < I) quant_rows(halves[0], job->x_in[p], r0, r1 < I ? r1 : I, out);
+        if (r1 > I) quant_rows(halves[1], job->x_in[p], (r0 > I ? r0 : I) - I, r1 - I, out + I);
+        return;
+    }
+    packed_rows_range(job->gate_up_layout[p], job->bf16, job->hidden, job->gate_up[p], r0, r1, 1, job->x, out + r0);
 }
 
 /* phase 2: 64 output columns of one part's down product (items ordered part by part, so that each thread streams
@@ -362,14 +395,31 @@ static void moe_token_down(const void *ctx, long item) {
     const moe_token_job *job = (const moe_token_job *)ctx;
     const long hidden = job->hidden, chunks = (hidden + 63) / 64, p = item / chunks, r0 = item % chunks * 64;
     const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden;
-    float y[64];
-    packed_rows_range(job->down_layout[p], job->bf16, job->I[p], job->down[p], r0, r1, 1, job->h[p], y);
-    store_row((char *)job->down_out[p] + (size_t)r0 * (job->bf16 ? 2 : 4), y, r1 - r0, job->bf16); /* rounded */
+    float *y = job->down_f32[p];
+    if (job->down_layout[p] == LAYOUT_QUANT)
+        quant_rows((const qweight *)job->down[p], job->h_in[p], r0, r1, y);
+    else
+        packed_rows_range(job->down_layout[p], job->bf16, job->I[p], job->down[p], r0, r1, 1, job->h[p], y + r0);
+    store_row((char *)job->down_out[p] + (size_t)r0 * (job->bf16 ? 2 : 4), y + r0, r1 - r0, job->bf16); /* rounded */
 }
 
+/* x (fp32) prepared for a quantized part's gate | up, shared with an earlier part of the same packing */
+static qinput *gate_up_input(long p, const int *layout, const void *const *gate_up, qinput *const *prepared,
+                             const float *x, int bf16) {
+    const qweight *W = ((const qweight *const *)gate_up[p])[0];
+    for (long q = 0; q < p; q++) {
+        if (layout[q] != LAYOUT_QUANT) continue;
+        const qweight *V = ((const qweight *const *)gate_up[q])[0];
+        if (V->mode == W->mode && V->bits == W->bits && V->group == W->group && V->I == W->I) return prepared[q];
+    }
+    return quant_input(W, 1, x, bf16);
+}
+
+#define MOE_PARTS_MAX 65 /* top_k <= 64 routed experts and a shared one */
+
 /* The MoE block of one token in one call, as CpuSparseMoE computes it in several (kimi_lm/cpu/moe.py): the router
- * (moe_route, W_r [E, hidden] fp32), the k chosen experts' SwiGLU (their packed gate | up
- * [2 I, hidden] and down [hidden, I] weights read in place, oneDNN layouts 0 / 1, per expert arrays of E), and the
+ * (route_token: W_r [E, hidden] in a layout of router_logits), the k chosen experts' SwiGLU (their gate | up and down weights read in place,
+ * per expert arrays of E layouts and pointers as moe_token_job describes: oneDNN-packed or MLX-quantized), and the
  * shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing weights.
  * Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype, the sum
  * as weighted_sum_rows.
@@ -377,51 +427,67 @@ static void moe_token_down(const void *ctx, long item) {
  * x, out [hidden] model dtype; idx [top_k] int64 and weights [top_k] fp32 receive the routing.
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize, float scaling,
-               int bf16, const void *x, const float *router, const float *bias, const int *gate_up_layouts,
-               const void *const *gate_up, const int *down_layouts, const void *const *down, long I_shared,
+               int bf16, const void *x, int router_layout, const void *router, const float *bias,
+               const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts, const void *const *down, long I_shared,
                int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
                int64_t *idx, float *weights, void *out, int threads) {
     const long n = top_k + (I_shared > 0);
-    /* x, then per part gate | up, h (fp32) and its down output (model dtype, in room for fp32) */
-    const long scratch = hidden + 3 * (top_k * I + I_shared) + n * hidden;
+    if (n > MOE_PARTS_MAX) return 1;
+    /* x, then per part gate | up, h, its down output in fp32 and in the model dtype (in room for fp32) */
+    const long scratch = hidden + 3 * (top_k * I + I_shared) + 2 * n * hidden;
     float *buf = malloc(sizeof(float) * (size_t)scratch);
-    int part_layout[2][65];
-    const void *part_w[2][65];
-    long part_I[65], first_item[65];
-    float *gu[65], *h[65];
-    void *y[65];
-    if (!buf || n > 65) {
-        free(buf);
-        return 1;
+    int part_layout[2][MOE_PARTS_MAX];
+    const void *part_w[2][MOE_PARTS_MAX];
+    long part_I[MOE_PARTS_MAX], first_item[MOE_PARTS_MAX];
+    float *gu[MOE_PARTS_MAX], *h[MOE_PARTS_MAX], *yf[MOE_PARTS_MAX];
+    void *y[MOE_PARTS_MAX];
+    qinput *x_in[MOE_PARTS_MAX] = {0}, *h_in[MOE_PARTS_MAX] = {0};
+    int failed = !buf;
+    if (!failed)
+        failed = route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router_layout, router,
+                             bias, idx, weights);
+    if (!failed) {
+        float *xf = buf, *at = xf + hidden;
+        load_row(xf, x, hidden, bf16);
+        long items = 0;
+        for (long p = 0; p < n && !failed; p++) {
+            const int shared = p == top_k;
+            const long e = shared ? 0 : idx[p];
+            part_layout[0][p] = shared ? shared_gate_up_layout : gate_up_layouts[e];
+            part_layout[1][p] = shared ? shared_down_layout : down_layouts[e];
+            part_w[0][p] = shared ? shared_gate_up : gate_up[e];
+            part_w[1][p] = shared ? shared_down : down[e];
+            part_I[p] = shared ? I_shared : I;
+            first_item[p] = items;
+            items += (2 * part_I[p] + 63) / 64;
+            gu[p] = at;
+            h[p] = at + 2 * part_I[p];
+            yf[p] = at + 3 * part_I[p];
+            y[p] = yf[p] + hidden;
+            at += 3 * part_I[p] + 2 * hidden;
+            if (part_layout[0][p] == LAYOUT_QUANT)
+                failed = !(x_in[p] = gate_up_input(p, part_layout[0], part_w[0], x_in, xf, bf16));
+        }
+        moe_token_job job = {n, hidden, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I,
+                             first_item, x_in, h_in, xf, gu, h, yf, y};
+        if (!failed) {
+            parallel_for(moe_token_gate_up, &job, items, threads);
+            for (long p = 0; p < n && !failed; p++) {
+                swiglu_rounded(part_I[p], bf16, gu[p], h[p]);
+                if (part_layout[1][p] == LAYOUT_QUANT) failed = !(h_in[p] = quant_input(part_w[1][p], 1, h[p], bf16));
+            }
+        }
+        if (!failed) {
+            parallel_for(moe_token_down, &job, n * ((hidden + 63) / 64), threads);
+            weighted_sum_rows(top_k, hidden, bf16, (const void *const *)y, weights, n > top_k ? y[top_k] : NULL, out);
+        }
     }
-    float *xf = buf, *at = xf + hidden;
-    if (moe_route(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router, bias, idx, weights)) {
-        free(buf);
-        return 1;
+    for (long p = 0; p < n; p++) { /* each prepared input once, though parts may share one */
+        int shared = 0;
+        for (long q = 0; q < p; q++) shared |= x_in[q] == x_in[p];
+        if (!shared) quant_input_free(x_in[p]);
+        quant_input_free(h_in[p]);
     }
-    load_row(xf, x, hidden, bf16);
-    long items = 0;
-    for (long p = 0; p < n; p++) {
-        const int shared = p == top_k;
-        const long e = shared ? 0 : idx[p];
-        part_layout[0][p] = shared ? shared_gate_up_layout : gate_up_layouts[e];
-        part_layout[1][p] = shared ? shared_down_layout : down_layouts[e];
-        part_w[0][p] = shared ? shared_gate_up : gate_up[e];
-        part_w[1][p] = shared ? shared_down : down[e];
-        part_I[p] = shared ? I_shared : I;
-        first_item[p] = items;
-        items += (2 * part_I[p] + 63) / 64;
-        gu[p] = at;
-        h[p] = at + 2 * part_I[p];
-        y[p] = at + 3 * part_I[p];
-        at += 3 * part_I[p] + hidden;
-    }
-    moe_token_job job = {n, hidden, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I, first_item,
-                         xf, gu, h, y};
-    parallel_for(moe_token_gate_up, &job, items, threads);
-    for (long p = 0; p < n; p++) swiglu_rounded(part_I[p], bf16, gu[p], h[p]);
-    parallel_for(moe_token_down, &job, n * ((hidden + 63) / 64), threads);
-    weighted_sum_rows(top_k, hidden, bf16, (const void *const *)y, weights, n > top_k ? y[top_k] : NULL, out);
     free(buf);
-    return 0;
+    return failed;
 }

@@ -98,7 +98,8 @@ def test_mla_layer_equals_plain_layer(models, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mla_decode_in_c_equals_the_absorbed_form(models, dtype, monkeypatch):
     """One query per sequence (a decode step) in one C call (kernels/mla.c) against the plain absorbed form on the
-    same layer: batch 1 and 3, histories with spare padding rows, heads split over 1 and 2 threads."""
+    same layer: batch 1 and 3, histories with spare padding rows, on 1-3 threads (batch 1 on several: the phases, a
+    long history split into 2 or 3 row ranges)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOps(TorchDispatchMode):
@@ -111,11 +112,11 @@ def test_mla_decode_in_c_equals_the_absorbed_form(models, dtype, monkeypatch):
     ours = _layers(models, dtype, lambda layer: not layer.is_kda)[0].self_attn
     g = torch.Generator().manual_seed(7)
     H, width = ours.num_heads, ours.latent_dim + ours.pe_dim
-    for B, past, padded in ((1, 37, 64), (3, 5, 8)):
+    for B, past, padded in ((1, 37, 64), (1, 300, 320), (3, 5, 8)):
         q = torch.randn(B, 1, H, ours.nope_dim + ours.pe_dim, generator=g).to(dtype)
         history = torch.randn(B, padded, width, generator=g).to(dtype)
         want = MultiheadLatentAttention.attend_absorbed(ours, q, history, past)
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
             with torch.inference_mode(), CountOps():
                 CountOps.ops = 0

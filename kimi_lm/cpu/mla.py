@@ -36,9 +36,10 @@ from kimi_lm.cpu.products import FusedProducts, fusable
 from kimi_lm.model.mla import MultiheadLatentAttention
 
 DECODE_BUCKET = 64  # tokens: half-precision decode histories are padded to a multiple of this
-# Histories up to this many bytes per sequence decode in C (mla.c reads one twice per group of heads, from the caches
-# while it fits in them); longer ones take the plain path, whose two products stream it once each on all threads.
+# Histories up to this many bytes per sequence decode in C (mla.c reads one twice, from the caches while it fits in
+# them); longer ones take the plain path, whose two products stream it once each on all threads.
 C_DECODE_MAX_HISTORY = 8 << 20
+SPLIT_ROWS = 64  # history rows per thread below which a one-sequence decode step is not split
 
 
 class CpuMultiheadLatentAttention(MultiheadLatentAttention):
@@ -97,12 +98,14 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
         q = q.contiguous()
         out = torch.empty(B, 1, H, self.v_dim, dtype=q.dtype)
         threads = torch.get_num_threads()
-        groups = max(1, min(H, -(-threads // B)))  # heads split so that every thread has work at batch 1
+        # fewer sequences than threads: each history split into row ranges (at least SPLIT_ROWS each) read by
+        # different threads, so that every thread has work at batch 1 (mla.c splits the per-head work by head)
+        splits = max(1, min(-(-threads // B), (past + 1) // SPLIT_ROWS))
         lengths = (ctypes.c_int64 * B)(*([past + 1] * B))
         if _mla_library().mla_decode(B, H, self.nope_dim, self.pe_dim, self.latent_dim, self.v_dim,
                                      int(q.dtype == torch.bfloat16), q.data_ptr(), latent.data_ptr(),
                                      latent.stride(0) // latent.shape[2], lengths, w_uk.data_ptr(), w_uv_t.data_ptr(),
-                                     self.scale, out.data_ptr(), groups, threads):
+                                     self.scale, out.data_ptr(), splits, threads):
             raise MemoryError("mla_decode: could not allocate its scratch memory")
         return out
 

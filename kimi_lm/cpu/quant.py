@@ -161,7 +161,8 @@ class CpuPackedRouter(PackedRouter):
                     self.scales.data_ptr(), None if biases is None else biases.data_ptr(),
                     int(self.scales.dtype == torch.bfloat16))
         names = ("weight", "scales") + (("biases",) if biases is not None else ())
-        return DecodeRouter(LAYOUT_QUANT, ctypes.addressof(q), E, hidden, keep=(q,), sources=tuple((self, n) for n in names))
+        return DecodeRouter(LAYOUT_QUANT, ctypes.addressof(q), E, hidden, keep=(q,),
+                            sources=tuple((self, n) for n in names))
 
 
 class CpuPackedEmbedding(PackedEmbedding):
@@ -242,7 +243,8 @@ class FewRowExperts(DerivedBiases, FewRowsInC):
             bases = quant_kernels.expert_addresses((tensors, row0))
             for e in range(E):
                 w, scales, biases = (None if b is None else b[0] + e * b[1] for b in bases)
-                structs[3 * e + k] = QWeight(mode, spec.bits, spec.group_size, rows, width, w, scales, biases, scale_bf16)
+                structs[3 * e + k] = QWeight(mode, spec.bits, spec.group_size, rows, width, w, scales, biases,
+                                             scale_bf16)
         base, size = ctypes.addressof(structs), ctypes.sizeof(QWeight)
         pairs = (ctypes.c_void_p * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
         pairs_at = ctypes.addressof(pairs)

@@ -8,15 +8,27 @@
  *     p = softmax(score)                         fp32, rounded to the model dtype
  *     o_lat = sum_s p_s ĉ_s                      [512]   rounded
  *     o = W_UV[h] o_lat                          [v]     rounded, stored
- * The history is read once per work item for all of its heads (rows outer, heads inner), as the plain path's
- * [H, 576] x [576, S] product reads it once; work items are (sequence, group of heads), shared among threads.
+ * The history is read once per pass for all heads (rows outer, heads inner), as the plain path's [H, 576] x [576, S]
+ * product reads it once. Work items: whole sequences when there are at least as many as threads; otherwise
+ * (a decode step of one sequence) five phases, each shared among threads: the absorbed queries by head, the scores
+ * by ranges of history rows, the softmax by head, the weighted latents by row range, their sums and W_UV by head,
+ * so that each thread reads its share of the history rather than all of it.
  *
  * Reference: kimi_lm/model/mla.py (the oracle); DeepSeek-V3 inference/model.py (absorb).
  */
 #include "common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MLA_AVX512 1
+#else
+#define MLA_AVX512 0
+#endif
+
+#define HEAD_BLOCK 4 /* heads whose dot products with one history row run side by side */
+
 typedef struct {
-    long B, H, S_stride, nope, pe, C, V, groups;
+    long B, H, S_stride, nope, pe, C, V, splits;
     int bf16;
     const void *q;          /* [B, H, nope + pe] */
     const void *history;    /* row b at b * S_stride: [S_b, C + pe] */
@@ -25,95 +37,279 @@ typedef struct {
     const void *w_uv_t;     /* [H, C, V] */
     float scale;
     void *out;              /* [B, H, V] */
+    /* the phases' shared scratch (splits > 1): */
+    float *qf;              /* [B, Hq, D] full queries (Hq: H padded to a multiple of HEAD_BLOCK with zero rows) */
+    long Hq;
+    float *p;               /* [B, Hq, S_max] scores, then probabilities (padding rows zero) */
+    float *ol;              /* [B, splits, Hq, C] Σ p ĉ over each split's rows */
+    long S_max;
     int failed;
 } mla_job;
 
-static void mla_item(const void *ctx, long item) {
-    mla_job *job = (mla_job *)ctx;
-    const long H = job->H, nope = job->nope, pe = job->pe, C = job->C, V = job->V, D = C + pe;
-    const long b = item / job->groups, g = item % job->groups;
-    const long h0 = H * g / job->groups, h1 = H * (g + 1) / job->groups, nh = h1 - h0, S = job->lengths[b];
+/* qf [D] = [round(W_UK[h]^T q_nope) | q_pe] for sequence b, head h; scratch [nope + C] */
+static void absorbed_query(const mla_job *job, long b, long h, float *qf, float *scratch) {
+    const long nope = job->nope, pe = job->pe, C = job->C;
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
-    float *buf = malloc(sizeof(float) * (size_t)(nh * (D + S + C) + D + nope + C));
+    float *qn = scratch, *tmp = qn + nope;
+    const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
+    load_row(qn, qh, nope, bf16);
+    load_row(qf + C, qh + (size_t)nope * es, pe, bf16);
+    memset(tmp, 0, sizeof(float) * (size_t)C);
+    for (long d = 0; d < nope; d++) { /* W_UK[h]^T q_nope: rows of W_UK[h] [nope, C] scaled and summed */
+        const char *w = (const char *)job->w_uk + (size_t)((h * nope + d) * C) * es;
+        const float x = qn[d];
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)w;
+#pragma omp simd
+            for (long c = 0; c < C; c++) tmp[c] += x * bf16_to_f32(row[c]);
+        } else {
+            const float *row = (const float *)w;
+#pragma omp simd
+            for (long c = 0; c < C; c++) tmp[c] += x * row[c];
+        }
+    }
+    for (long c = 0; c < C; c++) qf[c] = as_model_dtype(tmp[c], bf16);
+}
+
+/* p[k, s] = round(qf[k] . c_s) scale for history rows [s0, s1) of sequence b and its H queries qf [H, D] (rows up to
+ * a multiple of HEAD_BLOCK, the extra ones zero): each row read once for all heads, four heads' dot products at a
+ * time in 16-lane partial sums (one head's alone is a chain of dependent multiply-adds: 2-3x slower); row [D]
+ * scratch */
+static void scores(const mla_job *job, long b, long s0, long s1, const float *qf, float *p, long S, float *row) {
+    const long H = job->H, D = job->C + job->pe, full = D / 16 * 16;
+    const int bf16 = job->bf16;
+    const char *hist = (const char *)job->history + (size_t)(b * job->S_stride * D) * (bf16 ? 2 : 4);
+    for (long s = s0; s < s1; s++) {
+        load_row(row, hist + (size_t)(s * D) * (bf16 ? 2 : 4), D, bf16);
+        for (long k0 = 0; k0 < H; k0 += HEAD_BLOCK) {
+            const float *q = qf + k0 * D;
+#if MLA_AVX512 /* GCC keeps the portable loop's partial sums on the stack */
+            __m512 a[HEAD_BLOCK];
+            for (long k = 0; k < HEAD_BLOCK; k++) a[k] = _mm512_setzero_ps();
+            for (long j0 = 0; j0 < full; j0 += 16) {
+                const __m512 r = _mm512_loadu_ps(row + j0);
+                for (long k = 0; k < HEAD_BLOCK; k++)
+                    a[k] = _mm512_add_ps(a[k], _mm512_mul_ps(_mm512_loadu_ps(q + k * D + j0), r));
+            }
+            for (long k = 0; k < HEAD_BLOCK && k0 + k < H; k++) {
+                float d = _mm512_reduce_add_ps(a[k]);
+                for (long j = full; j < D; j++) d += q[k * D + j] * row[j];
+                p[(k0 + k) * S + s] = as_model_dtype(d, bf16) * job->scale;
+            }
+            continue;
+#endif
+            float acc[HEAD_BLOCK][16] = {{0}};
+            for (long j0 = 0; j0 < full; j0 += 16)
+                for (long k = 0; k < HEAD_BLOCK; k++)
+#pragma omp simd
+                    for (long l = 0; l < 16; l++) acc[k][l] += q[k * D + j0 + l] * row[j0 + l];
+            for (long k = 0; k < HEAD_BLOCK && k0 + k < H; k++) {
+                float d = 0.0f;
+                for (long l = 0; l < 16; l++) d += acc[k][l];
+                for (long j = full; j < D; j++) d += q[k * D + j] * row[j];
+                p[(k0 + k) * S + s] = as_model_dtype(d, bf16) * job->scale;
+            }
+        }
+    }
+}
+
+/* softmax of one head's S scores in fp32, probabilities rounded to the model dtype */
+static void softmax_rounded(float *pk, long S, int bf16) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (long s = 0; s < S; s++) mx = pk[s] > mx ? pk[s] : mx;
+    for (long s = 0; s < S; s++) {
+        pk[s] = exp_f32(pk[s] - mx);
+        sum += pk[s];
+    }
+    for (long s = 0; s < S; s++) pk[s] = as_model_dtype(pk[s] / sum, bf16);
+}
+
+#define LATENT_BLOCK 32 /* latent channels per pass over the rows: one 64-byte line of a bf16 row */
+
+/* ol [Hq, C] = Σ_{s in [s0, s1)} p[k, s] ĉ_s for sequence b (p [Hq, S], rows past H zero): for each block of
+ * LATENT_BLOCK channels and HEAD_BLOCK heads, the sums stay in registers while the rows stream by (accumulating into
+ * ol row by row was bound by its loads and stores: 2x slower); a block of channels of all rows is read again from
+ * L2 for the next heads */
+static void weighted_latents(const mla_job *job, long b, long s0, long s1, const float *p, long S, float *ol) {
+    const long H = job->H, C = job->C, D = C + job->pe;
+    const int bf16 = job->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    const char *hist = (const char *)job->history + (size_t)(b * job->S_stride * D) * es;
+    for (long c0 = 0; c0 < C; c0 += LATENT_BLOCK) {
+        const long n = C - c0 < LATENT_BLOCK ? C - c0 : LATENT_BLOCK;
+        for (long k0 = 0; k0 < H; k0 += HEAD_BLOCK) {
+#if MLA_AVX512 /* the sums in registers (GCC keeps the portable loop's on the stack); the same roundings */
+            if (n == LATENT_BLOCK) {
+                __m512 a[HEAD_BLOCK][2];
+                for (long k = 0; k < HEAD_BLOCK; k++) a[k][0] = a[k][1] = _mm512_setzero_ps();
+                for (long s = s0; s < s1; s++) {
+                    const char *at = hist + (size_t)(s * D + c0) * es;
+                    __m512 v0, v1;
+                    if (bf16) {
+                        const __m512i raw = _mm512_loadu_si512(at);
+                        const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw));
+                        const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1));
+                        v0 = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16));
+                        v1 = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+                    } else {
+                        v0 = _mm512_loadu_ps((const float *)at);
+                        v1 = _mm512_loadu_ps((const float *)at + 16);
+                    }
+                    for (long k = 0; k < HEAD_BLOCK; k++) {
+                        const __m512 w = _mm512_set1_ps(p[(k0 + k) * S + s]);
+                        a[k][0] = _mm512_add_ps(a[k][0], _mm512_mul_ps(w, v0));
+                        a[k][1] = _mm512_add_ps(a[k][1], _mm512_mul_ps(w, v1));
+                    }
+                }
+                for (long k = 0; k < HEAD_BLOCK; k++) {
+                    _mm512_storeu_ps(ol + (k0 + k) * C + c0, a[k][0]);
+                    _mm512_storeu_ps(ol + (k0 + k) * C + c0 + 16, a[k][1]);
+                }
+                continue;
+            }
+#endif
+            float acc[HEAD_BLOCK][LATENT_BLOCK] = {{0}};
+            float v[LATENT_BLOCK] = {0};
+            for (long s = s0; s < s1; s++) {
+                load_row(v, hist + (size_t)(s * D + c0) * es, n, bf16);
+                for (long k = 0; k < HEAD_BLOCK; k++) {
+                    const float w = p[(k0 + k) * S + s];
+#pragma omp simd
+                    for (long l = 0; l < LATENT_BLOCK; l++) acc[k][l] += w * v[l];
+                }
+            }
+            for (long k = 0; k < HEAD_BLOCK; k++) memcpy(ol + (k0 + k) * C + c0, acc[k], sizeof(float) * (size_t)n);
+        }
+    }
+}
+
+/* out[b, h] = round(W_UV[h] round(o_lat)) for the head's latent output o [C] (rounded in place); scratch [V] */
+static void value_out(const mla_job *job, long b, long h, float *o, float *tmp) {
+    const long C = job->C, V = job->V;
+    const int bf16 = job->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
+    memset(tmp, 0, sizeof(float) * (size_t)V);
+    for (long c = 0; c < C; c++) { /* W_UV[h] o_lat: rows of W_UVᵀ[h] [C, V] scaled and summed */
+        const char *w = (const char *)job->w_uv_t + (size_t)((h * C + c) * V) * es;
+        const float x = o[c];
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)w;
+#pragma omp simd
+            for (long v = 0; v < V; v++) tmp[v] += x * bf16_to_f32(row[v]);
+        } else {
+            const float *row = (const float *)w;
+#pragma omp simd
+            for (long v = 0; v < V; v++) tmp[v] += x * row[v];
+        }
+    }
+    store_row((char *)job->out + (size_t)((b * job->H + h) * V) * es, tmp, V, bf16);
+}
+
+/* one whole sequence per work item (as many sequences as threads, or more) */
+static void mla_sequence(const void *ctx, long b) {
+    mla_job *job = (mla_job *)ctx;
+    const long H = job->H, C = job->C, D = C + job->pe, S = job->lengths[b];
+    const long scratch = job->nope + C + (C > job->V ? C : job->V);
+    const long Hq = (H + HEAD_BLOCK - 1) / HEAD_BLOCK * HEAD_BLOCK; /* queries padded with zero rows */
+    float *buf = malloc(sizeof(float) * (size_t)(Hq * (D + S + C) + D + scratch));
     if (!buf) {
         job->failed = 1;
         return;
     }
-    float *qf = buf;            /* [nh, D] full queries */
-    float *p = qf + nh * D;     /* [nh, S] scores, then probabilities */
-    float *ol = p + nh * S;     /* [nh, C] Σ p ĉ */
-    float *row = ol + nh * C;   /* [D] one history row / weight row in fp32 */
-    float *qn = row + D;        /* [nope] */
-    float *tmp = qn + nope;     /* [C] */
-    for (long k = 0; k < nh; k++) {
-        const long h = h0 + k;
-        const char *qh = (const char *)job->q + (size_t)((b * H + h) * (nope + pe)) * es;
-        load_row(qn, qh, nope, bf16);
-        load_row(qf + k * D + C, qh + (size_t)nope * es, pe, bf16);
-        memset(tmp, 0, sizeof(float) * (size_t)C);
-        for (long d = 0; d < nope; d++) { /* W_UK[h]^T q_nope: rows of W_UK[h] [nope, C] scaled and summed */
-            load_row(row, (const char *)job->w_uk + (size_t)((h * nope + d) * C) * es, C, bf16);
-            const float x = qn[d];
-#pragma omp simd
-            for (long c = 0; c < C; c++) tmp[c] += x * row[c];
-        }
-        for (long c = 0; c < C; c++) qf[k * D + c] = as_model_dtype(tmp[c], bf16);
-    }
-    const char *hist = (const char *)job->history + (size_t)(b * job->S_stride * D) * es;
-    for (long s = 0; s < S; s++) { /* scores: each history row read once for the group's heads */
-        load_row(row, hist + (size_t)(s * D) * es, D, bf16);
-        for (long k = 0; k < nh; k++) {
-            const float *q = qf + k * D;
-            float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-            for (long j = 0; j < D; j++) d += q[j] * row[j];
-            p[k * S + s] = as_model_dtype(d, bf16) * job->scale;
-        }
-    }
-    for (long k = 0; k < nh; k++) { /* softmax in fp32, probabilities rounded to the model dtype */
-        float *pk = p + k * S, mx = -INFINITY, sum = 0.0f;
-        for (long s = 0; s < S; s++) mx = pk[s] > mx ? pk[s] : mx;
-        for (long s = 0; s < S; s++) {
-            pk[s] = exp_f32(pk[s] - mx);
-            sum += pk[s];
-        }
-        for (long s = 0; s < S; s++) pk[s] = as_model_dtype(pk[s] / sum, bf16);
-    }
-    memset(ol, 0, sizeof(float) * (size_t)(nh * C));
-    for (long s = 0; s < S; s++) { /* Σ_s p_s ĉ_s, the history read once more */
-        load_row(row, hist + (size_t)(s * D) * es, C, bf16);
-        for (long k = 0; k < nh; k++) {
-            const float w = p[k * S + s];
-            float *o = ol + k * C;
-#pragma omp simd
-            for (long c = 0; c < C; c++) o[c] += w * row[c];
-        }
-    }
-    for (long k = 0; k < nh; k++) { /* W_UV[h] o_lat: rows of W_UVᵀ[h] [C, V] scaled and summed */
-        const long h = h0 + k;
-        float *o = ol + k * C;
-        for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
-        memset(tmp, 0, sizeof(float) * (size_t)V);
-        for (long c = 0; c < C; c++) {
-            load_row(row, (const char *)job->w_uv_t + (size_t)((h * C + c) * V) * es, V, bf16);
-            const float x = o[c];
-#pragma omp simd
-            for (long v = 0; v < V; v++) tmp[v] += x * row[v];
-        }
-        store_row((char *)job->out + (size_t)((b * H + h) * V) * es, tmp, V, bf16);
-    }
+    float *qf = buf, *p = qf + Hq * D, *ol = p + Hq * S, *row = ol + Hq * C, *tmp = row + D;
+    memset(qf + H * D, 0, sizeof(float) * (size_t)((Hq - H) * D));
+    memset(p + H * S, 0, sizeof(float) * (size_t)((Hq - H) * S));
+    for (long h = 0; h < H; h++) absorbed_query(job, b, h, qf + h * D, tmp);
+    scores(job, b, 0, S, qf, p, S, row);
+    for (long h = 0; h < H; h++) softmax_rounded(p + h * S, S, job->bf16);
+    weighted_latents(job, b, 0, S, p, S, ol);
+    for (long h = 0; h < H; h++) value_out(job, b, h, ol + h * C, tmp);
     free(buf);
+}
+
+/* fewer sequences than threads: each phase a parallel_for of its own, the history split into `splits`
+ * row ranges per sequence (each read by one thread, twice) and heads shared among threads for the per-head work */
+static inline void split_rows(const mla_job *job, long b, long i, long *s0, long *s1) {
+    const long S = job->lengths[b];
+    *s0 = S * i / job->splits;
+    *s1 = S * (i + 1) / job->splits;
+}
+
+static void phase_queries(const void *ctx, long item) { /* item = (b, h) */
+    mla_job *job = (mla_job *)ctx;
+    float scratch[job->nope + job->C];
+    const long b = item / job->H, h = item % job->H;
+    absorbed_query(job, b, h, job->qf + (b * job->Hq + h) * (job->C + job->pe), scratch);
+}
+
+static void phase_scores(const void *ctx, long item) { /* item = (b, split) */
+    mla_job *job = (mla_job *)ctx;
+    const long b = item / job->splits, D = job->C + job->pe;
+    long s0, s1;
+    split_rows(job, b, item % job->splits, &s0, &s1);
+    float row[D];
+    scores(job, b, s0, s1, job->qf + b * job->Hq * D, job->p + b * job->Hq * job->S_max, job->S_max, row);
+}
+
+static void phase_softmax(const void *ctx, long item) { /* item = (b, h) */
+    mla_job *job = (mla_job *)ctx;
+    const long b = item / job->H, h = item % job->H;
+    softmax_rounded(job->p + (b * job->Hq + h) * job->S_max, job->lengths[b], job->bf16);
+}
+
+static void phase_latents(const void *ctx, long item) { /* item = (b, split) */
+    mla_job *job = (mla_job *)ctx;
+    const long b = item / job->splits;
+    long s0, s1;
+    split_rows(job, b, item % job->splits, &s0, &s1);
+    weighted_latents(job, b, s0, s1, job->p + b * job->Hq * job->S_max, job->S_max, job->ol + item * job->Hq * job->C);
+}
+
+static void phase_values(const void *ctx, long item) { /* item = (b, h): the splits' sums, then W_UV */
+    mla_job *job = (mla_job *)ctx;
+    const long b = item / job->H, h = item % job->H, C = job->C;
+    float o[C], tmp[job->V];
+    memset(o, 0, sizeof(float) * (size_t)C);
+    for (long i = 0; i < job->splits; i++) {
+        const float *part = job->ol + ((b * job->splits + i) * job->Hq + h) * C;
+#pragma omp simd
+        for (long c = 0; c < C; c++) o[c] += part[c];
+    }
+    value_out(job, b, h, o, tmp);
 }
 
 /* One absorbed MLA decode token for B sequences (see the top of this file): q [B, H, nope + pe], histories at
  * history + b S_stride rows ([lengths[b], C + pe] each, model dtype), w_uk [H, nope, C], w_uv_t [H, C, V] ->
- * out [B, H, V] (model dtype). Heads split into `groups` per sequence; items shared among `threads`.
+ * out [B, H, V] (model dtype). At least as many sequences as threads: a sequence per work item; fewer: the phases,
+ * each history read in `splits` row ranges (a decode step of one sequence on several threads). Items shared among
+ * `threads`.
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, const void *q, const void *history,
                long S_stride, const int64_t *lengths, const void *w_uk, const void *w_uv_t, float scale, void *out,
-               long groups, int threads) {
-    mla_job job = {B, H, S_stride, nope, pe, C, V, groups, bf16, q, history, lengths, w_uk, w_uv_t, scale, out, 0};
-    parallel_for(mla_item, &job, B * groups, threads);
-    return job.failed;
+               long splits, int threads) {
+    mla_job job = {B, H, S_stride, nope, pe, C, V, splits < 1 ? 1 : splits, bf16, q, history, lengths, w_uk, w_uv_t,
+                   scale, out, NULL, 0, NULL, NULL, 0, 0};
+    if (B >= threads) {
+        parallel_for(mla_sequence, &job, B, threads);
+        return job.failed;
+    }
+    for (long b = 0; b < B; b++) job.S_max = lengths[b] > job.S_max ? lengths[b] : job.S_max;
+    const long Hq = (H + HEAD_BLOCK - 1) / HEAD_BLOCK * HEAD_BLOCK; /* each sequence's queries padded with zero rows */
+    const size_t queries = (size_t)(B * Hq * (C + pe)), probabilities = (size_t)(B * Hq * job.S_max);
+    float *buf = malloc(sizeof(float) * (queries + probabilities + (size_t)(B * job.splits * Hq * C)));
+    if (!buf) return 1;
+    memset(buf, 0, sizeof(float) * (queries + probabilities)); /* the padding rows stay zero */
+    job.qf = buf;
+    job.Hq = Hq;
+    job.p = job.qf + queries;
+    job.ol = job.p + probabilities;
+    parallel_for(phase_queries, &job, B * H, threads);
+    parallel_for(phase_scores, &job, B * job.splits, threads);
+    parallel_for(phase_softmax, &job, B * H, threads);
+    parallel_for(phase_latents, &job, B * job.splits, threads);
+    parallel_for(phase_values, &job, B * H, threads);
+    free(buf);
+    return 0;
 }

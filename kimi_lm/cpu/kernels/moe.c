@@ -418,17 +418,18 @@ static qinput *gate_up_input(long p, const int *layout, const void *const *gate_
 #define MOE_PARTS_MAX 65 /* top_k <= 64 routed experts and a shared one */
 
 /* The MoE block of one token in one call, as CpuSparseMoE computes it in several (kimi_lm/cpu/moe.py): the router
- * (route_token: W_r [E, hidden] in a layout of router_logits), the k chosen experts' SwiGLU (their gate | up and down weights read in place,
- * per expert arrays of E layouts and pointers as moe_token_job describes: oneDNN-packed or MLX-quantized), and the
- * shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing weights.
- * Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype, the sum
- * as weighted_sum_rows.
+ * (route_token: W_r [E, hidden] in a layout of router_logits), the k chosen experts' SwiGLU (their gate | up and down
+ * weights read in place, per expert arrays of E layouts and pointers as moe_token_job describes: oneDNN-packed or
+ * MLX-quantized), and the shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing
+ * weights. Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype,
+ * the sum as weighted_sum_rows.
  * Both phases (gate | up rows of every part, then output columns of every down product) are shared among threads.
  * x, out [hidden] model dtype; idx [top_k] int64 and weights [top_k] fp32 receive the routing.
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize, float scaling,
                int bf16, const void *x, int router_layout, const void *router, const float *bias,
-               const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts, const void *const *down, long I_shared,
+               const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts, const void *const *down,
+               long I_shared,
                int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
                int64_t *idx, float *weights, void *out, int threads) {
     const long n = top_k + (I_shared > 0);
@@ -444,8 +445,8 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
     qinput *x_in[MOE_PARTS_MAX] = {0}, *h_in[MOE_PARTS_MAX] = {0};
     int failed = !buf;
     if (!failed)
-        failed = route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router_layout, router,
-                             bias, idx, weights);
+        failed = route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router_layout,
+                             router, bias, idx, weights);
     if (!failed) {
         float *xf = buf, *at = xf + hidden;
         load_row(xf, x, hidden, bf16);

@@ -12,6 +12,7 @@
     SparseMoE                 -> moe.CpuSparseMoE               routing, grouping, combining in C
     MLP                       -> layers.CpuMLP                  gate|up as one product, SwiGLU in C
     RMSNorm                   -> layers.CpuRMSNorm              one C pass
+    DecoderLayer (KDA)        -> layer.CpuDecoderLayer          a one-sequence decode step: the whole layer in one call
     PackedLinear              -> quant.CpuPackedLinear         MLX-quantized (affine 2-8 bit, MXFP4, MXFP8, NVFP4):
     PackedRouter              -> quant.CpuPackedRouter          few-row products read the packed bytes in C
     PackedEmbedding           -> quant.CpuPackedEmbedding       looked-up rows dequantized in C
@@ -47,11 +48,13 @@ from torch import nn
 from kimi_lm.cpu import fp8, malloc, native, onednn, pages, quant
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
 from kimi_lm.cpu.kda import applies as kda_applies
+from kimi_lm.cpu.layer import CpuDecoderLayer
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.products import fusable
 from kimi_lm.cpu.moe import CpuSparseMoE, OneDNNStackedExperts
 from kimi_lm.model.kda import KimiDeltaAttention
+from kimi_lm.model.kimi_linear import DecoderLayer
 from kimi_lm.model.layers import MLP, RMSNorm
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import SparseMoE
@@ -85,6 +88,8 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
         return CpuSparseMoE(module)
     if kind is RMSNorm:
         return CpuRMSNorm(module)
+    if kind is DecoderLayer and module.is_kda:  # its decode step in one call once its parts have C readers
+        return CpuDecoderLayer(module)
     return None
 
 

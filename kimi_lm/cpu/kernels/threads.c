@@ -4,6 +4,7 @@
  * Reference: the GCC OpenMP ABI (GOMP_parallel, omp_get_thread_num, omp_get_num_threads); POSIX threads.
  */
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "common.h"
 
@@ -23,31 +24,53 @@ void use_openmp(void *parallel, void *thread_num, void *num_threads) {
     omp_num_threads = (omp_int_fn)num_threads;
 }
 
+/* Each of the `members` shares of the items is a contiguous range (a thread streams one stretch of a weight); a
+ * member that has finished its own takes the remaining items of the others' (an atomic counter per range, on its own
+ * cache line), so a thread that joins the region late, or not at all (the team may be smaller than asked for), delays
+ * nothing: with a fixed split the first thread waited for the other's wake-up in every region of a decode step. */
+typedef struct {
+    _Alignas(64) _Atomic long next; /* the range's next item to run */
+} range_counter;
+
 typedef struct {
     item_fn fn;
     const void *ctx;
-    long items, member, members; /* this member runs items [member items / members, (member + 1) items / members) */
+    long items, members;
+    range_counter *next; /* [members] */
 } team_share;
 
-static void run_share(const team_share *share) {
-    const long begin = share->items * share->member / share->members;
-    const long end = share->items * (share->member + 1) / share->members;
-    for (long item = begin; item < end; item++) share->fn(share->ctx, item);
+static void run_range(const team_share *share, long member) {
+    const long end = share->items * (member + 1) / share->members;
+    for (;;) {
+        const long item = atomic_fetch_add_explicit(&share->next[member].next, 1, memory_order_relaxed);
+        if (item >= end) return;
+        share->fn(share->ctx, item);
+    }
+}
+
+/* member `me`'s own range, then what is left of the others' */
+static void run_share(const team_share *share, long me) {
+    for (long k = 0; k < share->members; k++) run_range(share, (me + k) % share->members);
 }
 
 static void omp_member(void *arg) {
-    team_share share = *(const team_share *)arg;
-    share.member = omp_thread_num(); /* the team may be smaller than asked for: share by its real size */
-    share.members = omp_num_threads();
-    run_share(&share);
+    const team_share *share = (const team_share *)arg;
+    const long me = omp_thread_num();
+    if (me < share->members) run_share(share, me);
 }
 
+typedef struct {
+    const team_share *share;
+    long member;
+} pthread_share;
+
 static void *pthread_member(void *arg) {
-    run_share((const team_share *)arg);
+    const pthread_share *p = (const pthread_share *)arg;
+    run_share(p->share, p->member);
     return NULL;
 }
 
-/* fn(ctx, item) for every item in [0, items), on up to `threads` threads, each taking one contiguous range */
+/* fn(ctx, item) for every item in [0, items), on up to `threads` threads, each taking one contiguous range first */
 void parallel_for(item_fn fn, const void *ctx, long items, int threads) {
     if (threads > items) threads = (int)items;
     if (threads > 64) threads = 64;
@@ -55,21 +78,21 @@ void parallel_for(item_fn fn, const void *ctx, long items, int threads) {
         for (long item = 0; item < items; item++) fn(ctx, item);
         return;
     }
+    range_counter next[64];
+    for (int i = 0; i < threads; i++) atomic_init(&next[i].next, items * i / threads);
+    team_share share = {fn, ctx, items, threads, next};
     if (omp_parallel) {
-        team_share share = {fn, ctx, items, 0, 1};
         omp_parallel(omp_member, &share, (unsigned)threads, 0);
         return;
     }
-    team_share shares[64];
+    pthread_share shares[64];
     pthread_t ids[64];
     int started[64] = {0};
-    for (int i = 0; i < threads; i++) shares[i] = (team_share){fn, ctx, items, i, threads};
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, pthread_member, &shares[i]) == 0;
-    run_share(&shares[0]);
-    for (int i = 1; i < threads; i++) { /* a thread that could not start: its share runs here */
-        if (started[i])
-            pthread_join(ids[i], NULL);
-        else
-            run_share(&shares[i]);
+    for (int i = 1; i < threads; i++) {
+        shares[i] = (pthread_share){&share, i};
+        started[i] = pthread_create(&ids[i], NULL, pthread_member, &shares[i]) == 0;
     }
+    run_share(&share, 0); /* a thread that could not start: its range is taken here */
+    for (int i = 1; i < threads; i++)
+        if (started[i]) pthread_join(ids[i], NULL);
 }

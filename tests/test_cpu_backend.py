@@ -243,12 +243,17 @@ def test_experts_with_few_rows_in_c_equal_onednn(dtype, monkeypatch):
 
 
 def test_whole_model_fp32_prefill_and_cached_decode_equal_plain(models, token_ids, monkeypatch):
-    """Full forward, a prompt in two chunks, then decode steps of one row (router and expert kernels) and of two
-    (the KDA decode kernel takes both rows: its input comes from the norm kernel contiguous)."""
+    """Full forward, a prompt in two chunks, then decode steps of one row (a KDA layer in one C call, kernels/layer.c;
+    MLA layers' router and expert kernels) and of two (the KDA decode kernel takes both rows: its input comes from the
+    norm kernel contiguous)."""
+    from kimi_lm.cpu import layer as cpu_layer
+
     prepared, plain = models[torch.float32]
-    kda_rows = []
+    kda_rows, layer_calls = [], []
     real = native.kda_decode
     monkeypatch.setattr(native, "kda_decode", lambda proj, *a: kda_rows.append(proj.shape[0]) or real(proj, *a))
+    lib = cpu_layer._layer_library()
+    monkeypatch.setattr(cpu_layer, "_layer_library", lambda: layer_calls.append(1) or lib)
     with torch.inference_mode():
         assert rel_err(prepared(token_ids), plain(token_ids)) <= 1e-5
         for ids in (token_ids[:1, :40], token_ids[:, :40]):
@@ -258,7 +263,7 @@ def test_whole_model_fp32_prefill_and_cached_decode_equal_plain(models, token_id
             for t in range(30, 40):
                 got, want = prepared(ids[:, t : t + 1], cache=caches[0]), plain(ids[:, t : t + 1], cache=caches[1])
                 assert rel_err(got, want) <= 1e-5
-    assert set(kda_rows) == {1, 2}
+    assert set(kda_rows) == {2} and layer_calls
 
 
 def test_bf16_backend_adds_no_error_beyond_bf16_itself(models, hf_checkpoint, token_ids):

@@ -43,7 +43,7 @@ static void gated_norm_head(const float *o, const float *z, const float *w, long
  *                              f_layout / g_layout, or MLX-quantized (LAYOUT_QUANT: a qweight; see product_f32)
  * norm_w     [K]               fp32: gated RMSNorm weight; norm_eps its eps; l2_eps the q/k L2-norm eps
  * out        [B, D]            model dtype: gated-normed output, the input of o_proj
- * The B rows are independent: several are shared among `threads` threads (parallel_for).
+ * The B H (sequence, head) pairs are independent: they are shared among `threads` threads (parallel_for).
  * Returns 0, or 1 when the scratch memory could not be allocated.
  */
 typedef struct {
@@ -57,108 +57,128 @@ typedef struct {
     int failed; /* set when a row could not allocate its scratch memory */
 } kda_decode_job;
 
-static void kda_decode_row(const void *ctx, long bi) {
-    kda_decode_job *job = (kda_decode_job *)ctx;
+/* rows [r0, r1) of a gate product y = W x (W [D, K] read in place: oneDNN layout 0 / 1, or a qweight) for one input
+ * row x [K] fp32 -> y [r1 - r0] fp32. Returns 0, or 1 when out of memory. */
+static int gate_rows(int layout, int bf16, long K, const void *w, long r0, long r1, const float *x, float *y) {
+    if (layout == 1 && (r0 % 64 || r1 % 64)) { /* rows mid-block (K not a multiple of 64): the whole blocks around
+                                                * them (layout 1 is padded to whole blocks), then the rows wanted */
+        const long a0 = r0 / 64 * 64, a1 = (r1 + 63) / 64 * 64;
+        float *tmp = malloc(sizeof(float) * (size_t)(a1 - a0));
+        if (!tmp) return 1;
+        packed_rows_range(layout, bf16, K, w, a0, a1, 1, x, tmp);
+        memcpy(y, tmp + (r0 - a0), sizeof(float) * (size_t)(r1 - r0));
+        free(tmp);
+        return 0;
+    }
+    if (layout != LAYOUT_QUANT) {
+        packed_rows_range(layout, bf16, K, w, r0, r1, 1, x, y);
+        return 0;
+    }
+    const qweight *W = (const qweight *)w;
+    qinput *X = quant_input(W, 1, x, bf16);
+    if (!X) return 1;
+    quant_rows(W, X, r0, r1, y - r0); /* quant_rows writes y[r] for the absolute row r */
+    quant_input_free(X);
+    return 0;
+}
+
+/* One head h of sequence bi: its q, k, v channels' conv and SiLU (and their slide of the conv window), its rows of
+ * the gate products, the delta-rule step on its state and its gated norm; heads are independent. */
+static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     const long H = job->H, K = job->K, W = job->W;
-    const int bf16 = job->bf16, f_layout = job->f_layout, g_layout = job->g_layout;
-    const void *proj = job->proj, *f_b = job->f_b, *g_b = job->g_b;
-    void *conv_state = job->conv_state, *out = job->out;
-    float *state = job->state;
-    const float *taps = job->taps, *neg_A = job->neg_A, *dt_bias = job->dt_bias, *norm_w = job->norm_w;
-    const float norm_eps = job->norm_eps, l2_eps = job->l2_eps;
+    const int bf16 = job->bf16;
     const long D = H * K, C = 3 * D, P = 3 * D + 2 * K + H;
     const size_t esize = bf16 ? 2 : 4;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * C + 2 * K + H + 4 * D));
+    float *buf = malloc(sizeof(float) * (size_t)(12 * K));
     if (!buf) {
         job->failed = 1;
         return;
     }
-    float *x = buf;            /* [C] this token's q | k | v inputs, fp32 */
-    float *qkv = x + C;        /* [C] after conv + SiLU */
-    float *fa = qkv + C;       /* [K] */
-    float *ga = fa + K;        /* [K] */
-    float *bb = ga + K;        /* [H] */
-    float *g = bb + H;         /* [D] log-decay per head and key channel */
-    float *z = g + D;          /* [D] output gate (pre-sigmoid) */
-    float *o = z + D;          /* [D] attention output */
-    float *pred = o + D;       /* [D] k^T S per head, then delta */
-    const char *row = (const char *)proj + (size_t)(bi * P) * esize;
-    load_row(x, row, C, bf16);
+    float *x = buf;        /* [3K] this head's q | k | v inputs, fp32 */
+    float *qkv = x + 3 * K; /* [3K] after conv + SiLU */
+    float *fa = qkv + 3 * K, *ga = fa + K, *g = ga + K, *z = g + K, *o = z + K, *pr = o + K; /* [K] each */
+    const char *row = (const char *)job->proj + (size_t)(bi * P) * esize;
+    char *cs = (char *)job->conv_state + (size_t)(bi * (W - 1) * C) * esize;
+    for (long sec = 0; sec < 3; sec++) { /* q, k, v: channels sec D + h K .. + K */
+        const long c0 = sec * D + h * K;
+        float *xs = x + sec * K, *ys = qkv + sec * K;
+        load_row(xs, row + (size_t)c0 * esize, K, bf16);
+        const float *tap_now = job->taps + (W - 1) * C + c0;
+#pragma omp simd
+        for (long c = 0; c < K; c++) ys[c] = xs[c] * tap_now[c];
+        for (long w = 0; w < W - 1; w++) { /* causal depthwise conv over [conv_state, x] */
+            const float *tap = job->taps + w * C + c0;
+            if (bf16) {
+                const uint16_t *hist = (const uint16_t *)cs + w * C + c0;
+#pragma omp simd
+                for (long c = 0; c < K; c++) ys[c] += bf16_to_f32(hist[c]) * tap[c];
+            } else {
+                const float *hist = (const float *)cs + w * C + c0;
+#pragma omp simd
+                for (long c = 0; c < K; c++) ys[c] += hist[c] * tap[c];
+            }
+        }
+        for (long w = 0; w + 1 < W - 1; w++) /* the window slides by one */
+            memcpy(cs + (size_t)(w * C + c0) * esize, cs + (size_t)((w + 1) * C + c0) * esize, (size_t)K * esize);
+        if (W > 1) memcpy(cs + (size_t)((W - 2) * C + c0) * esize, row + (size_t)c0 * esize, (size_t)K * esize);
+#pragma omp simd
+        for (long c = 0; c < K; c++) ys[c] = silu(ys[c]);
+    }
     load_row(fa, row + (size_t)C * esize, K, bf16);
     load_row(ga, row + (size_t)(C + K) * esize, K, bf16);
-    load_row(bb, row + (size_t)(C + 2 * K) * esize, H, bf16);
+    const float b_h = load_one(row + (size_t)(C + 2 * K) * esize, h, bf16);
 
-    /* causal depthwise conv over [conv_state, x] and SiLU; then the window slides by one */
-    char *cs = (char *)conv_state + (size_t)(bi * (W - 1) * C) * esize;
-#pragma omp simd
-    for (long c = 0; c < C; c++) qkv[c] = x[c] * taps[(W - 1) * C + c];
-    for (long w = 0; w < W - 1; w++) {
-        const float *tap = taps + w * C;
-        if (bf16) {
-            const uint16_t *hist = (const uint16_t *)cs + w * C;
-#pragma omp simd
-            for (long c = 0; c < C; c++) qkv[c] += bf16_to_f32(hist[c]) * tap[c];
-        } else {
-            const float *hist = (const float *)cs + w * C;
-#pragma omp simd
-            for (long c = 0; c < C; c++) qkv[c] += hist[c] * tap[c];
-        }
-    }
-    if (W > 1) {
-        memmove(cs, cs + (size_t)C * esize, (size_t)((W - 2) * C) * esize);
-        memcpy(cs + (size_t)((W - 2) * C) * esize, row, (size_t)C * esize);
-    }
-#pragma omp simd
-    for (long c = 0; c < C; c++) qkv[c] = silu(qkv[c]);
-
-    /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b) */
-    if (product_f32(f_layout, bf16, D, K, f_b, fa, g) || product_f32(g_layout, bf16, D, K, g_b, ga, z)) {
+    /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b); this head's rows */
+    if (gate_rows(job->f_layout, bf16, K, job->f_b, h * K, (h + 1) * K, fa, g) ||
+        gate_rows(job->g_layout, bf16, K, job->g_b, h * K, (h + 1) * K, ga, z)) {
         job->failed = 1;
         free(buf);
         return;
     }
-    for (long h = 0; h < H; h++)
-        for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
-            z[h * K + i] = as_model_dtype(z[h * K + i], bf16);
-            g[h * K + i] = neg_A[h] * softplus(as_model_dtype(g[h * K + i], bf16) + dt_bias[h * K + i]);
-        }
-
-    float *S_b = state + bi * H * K * K;
-    for (long h = 0; h < H; h++) {
-        float *q = qkv + h * K, *k = qkv + D + h * K, *v = qkv + 2 * D + h * K;
-        float q_scale, k_scale;
-        qk_l2_scales(q, k, K, l2_eps, &q_scale, &k_scale);
-        const float beta = sigmoid(bb[h]);
-        float *S = S_b + h * K * K, *pr = pred + h * K, *oh = o + h * K;
-        /* S <- diag(exp(g)) S and pred = k^T S in one pass */
-        memset(pr, 0, sizeof(float) * (size_t)K);
-        for (long i = 0; i < K; i++) {
-            const float decay = exp_f32(g[h * K + i]), ki = k[i] * k_scale;
-            float *Si = S + i * K;
-#pragma omp simd
-            for (long j = 0; j < K; j++) {
-                Si[j] *= decay;
-                pr[j] += ki * Si[j];
-            }
-        }
-        /* delta = beta (v - pred); S += k delta^T and o = q^T S in one pass */
-#pragma omp simd
-        for (long j = 0; j < K; j++) pr[j] = beta * (v[j] - pr[j]);
-        memset(oh, 0, sizeof(float) * (size_t)K);
-        for (long i = 0; i < K; i++) {
-            const float ki = k[i] * k_scale, qi = q[i] * q_scale;
-            float *Si = S + i * K;
-#pragma omp simd
-            for (long j = 0; j < K; j++) {
-                Si[j] += ki * pr[j];
-                oh[j] += qi * Si[j];
-            }
-        }
-        /* gated RMSNorm, one rounding to the model dtype */
-        gated_norm_head(oh, z + h * K, norm_w, K, norm_eps, z + h * K);
-        store_row((char *)out + (size_t)(bi * D + h * K) * esize, z + h * K, K, bf16);
+    for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
+        z[i] = as_model_dtype(z[i], bf16);
+        g[i] = job->neg_A[h] * softplus(as_model_dtype(g[i], bf16) + job->dt_bias[h * K + i]);
     }
+
+    float *q = qkv, *k = qkv + K, *v = qkv + 2 * K;
+    float q_scale, k_scale;
+    qk_l2_scales(q, k, K, job->l2_eps, &q_scale, &k_scale);
+    const float beta = sigmoid(b_h);
+    float *S = job->state + (bi * H + h) * K * K;
+    /* S <- diag(exp(g)) S and pred = k^T S in one pass */
+    memset(pr, 0, sizeof(float) * (size_t)K);
+    for (long i = 0; i < K; i++) {
+        const float decay = exp_f32(g[i]), ki = k[i] * k_scale;
+        float *Si = S + i * K;
+#pragma omp simd
+        for (long j = 0; j < K; j++) {
+            Si[j] *= decay;
+            pr[j] += ki * Si[j];
+        }
+    }
+    /* delta = beta (v - pred); S += k delta^T and o = q^T S in one pass */
+#pragma omp simd
+    for (long j = 0; j < K; j++) pr[j] = beta * (v[j] - pr[j]);
+    memset(o, 0, sizeof(float) * (size_t)K);
+    for (long i = 0; i < K; i++) {
+        const float ki = k[i] * k_scale, qi = q[i] * q_scale;
+        float *Si = S + i * K;
+#pragma omp simd
+        for (long j = 0; j < K; j++) {
+            Si[j] += ki * pr[j];
+            o[j] += qi * Si[j];
+        }
+    }
+    /* gated RMSNorm, one rounding to the model dtype */
+    gated_norm_head(o, z, job->norm_w, K, job->norm_eps, z);
+    store_row((char *)job->out + (size_t)(bi * D + h * K) * esize, z, K, bf16);
     free(buf);
+}
+
+/* work item: one head of one sequence (the heads of a token are independent) */
+static void kda_decode_item(const void *ctx, long item) {
+    kda_decode_job *job = (kda_decode_job *)ctx;
+    kda_decode_head(job, item / job->H, item % job->H);
 }
 
 int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void *conv_state, float *state,
@@ -167,7 +187,7 @@ int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void 
                int threads) {
     kda_decode_job job = {H, K, W, bf16, f_layout, g_layout, proj, f_b, g_b, conv_state, out, state, taps, neg_A,
                           dt_bias, norm_w, norm_eps, l2_eps, 0};
-    parallel_for(kda_decode_row, &job, B, threads); /* rows (sequences) are independent */
+    parallel_for(kda_decode_item, &job, B * H, threads);
     return job.failed;
 }
 

@@ -31,6 +31,11 @@
 #else
 #define QUANT_AVX512 0
 #endif
+#if QUANT_AVX512 && defined(__AVX512VBMI__)
+#define QUANT_VBMI 1 /* byte permutes across a whole vector (vpermi2b): MXFP8's codes looked up as bf16 */
+#else
+#define QUANT_VBMI 0
+#endif
 
 static int force_generic; /* tests: the generic path on a CPU that has the vector ones */
 
@@ -94,12 +99,19 @@ static inline long scale_chunk_rows(const qweight *W) {
 struct qinput {
     long M;
     float *xf;          /* [M, I] fp32 */
-    uint16_t *xh, *xl;  /* [M, I] bf16, permuted per block of 128 for the nibble path; xl: x - hi (NULL: x is bf16) */
+    uint16_t *xh, *xl;  /* [M, I] bf16, permuted per block of 128 for the nibble path, of 64 for the fp8 path;
+                         * xl: x - hi (NULL: x is bf16) */
     float *xsum;        /* [M, I / group]: affine groups' input sums */
 };
 
 static inline int nibble_path(const qweight *W) {
     return QUANT_AVX512 && !force_generic && W->bits == 4 && (W->mode != AFFINE || W->group >= 32);
+}
+
+/* MXFP8 (group 32) with whole-vector byte permutes: each code looked up as bf16 and multiplied with vdpbf16ps, as the
+ * nibble path does for 4-bit codes (the fp32 conversion of the byte path was 2x the instructions per weight) */
+static inline int fp8_path(const qweight *W) {
+    return QUANT_VBMI && !force_generic && W->mode == MXFP8 && W->group == 32;
 }
 
 static inline int byte_path(const qweight *W) {
@@ -115,10 +127,18 @@ static inline long nibble_slot(long j) {
     return 32 * (2 * odd + half) + 8 * l + p;
 }
 
-static long slots[128]; /* nibble_slot(j), filled when the library loads */
+/* where element j of a block of 64 goes in the fp8 path's order: vector 0 holds each 16-code lane's codes 0-7, vector
+ * 1 its codes 8-15 (what unpacklo/hi of the looked-up low and high bytes give) */
+static inline long fp8_slot(long j) {
+    const long lane = j / 16, r = j % 16;
+    return (r < 8 ? 0 : 32) + 8 * lane + (r & 7);
+}
+
+static long slots[128], slots8[64]; /* nibble_slot(j), fp8_slot(j), filled when the library loads */
 
 __attribute__((constructor)) static void fill_slots(void) {
     for (long j = 0; j < 128; j++) slots[j] = nibble_slot(j);
+    for (long j = 0; j < 64; j++) slots8[j] = fp8_slot(j);
 }
 
 static void free_input(qinput *X) {
@@ -129,9 +149,9 @@ static void free_input(qinput *X) {
 /* M rows of x (model dtype) -> the forms the paths read. Returns 0, or 1 when memory could not be allocated. */
 static int prepare_input(const qweight *W, long M, const float *x, int exact_bf16, qinput *X) {
     const long I = W->I, n = I / W->group;
-    const int nib = nibble_path(W);
+    const int nib = nibble_path(W), fp8 = fp8_path(W);
     X->M = M;
-    size_t floats = (size_t)(M * I) + (size_t)(M * n) + (nib ? (size_t)(M * I) : 0) + 16;
+    size_t floats = (size_t)(M * I) + (size_t)(M * n) + (nib || fp8 ? (size_t)(M * I) : 0) + 16;
     X->xf = malloc(sizeof(float) * floats);
     if (!X->xf) return 1;
     memcpy(X->xf, x, sizeof(float) * (size_t)(M * I));
@@ -146,17 +166,18 @@ static int prepare_input(const qweight *W, long M, const float *x, int exact_bf1
                 for (long i = 0; i < W->group; i++) s += xg[i];
                 X->xsum[m * n + g] = s;
             }
-    if (nib) {
+    if (nib || fp8) { /* bf16 copies of x in the vector path's order per block */
+        const long B = nib ? 128 : 64, full = I / B * B;
+        const long *slot = nib ? slots : slots8;
         X->xh = (uint16_t *)(X->xsum + M * n);
         X->xl = exact_bf16 ? NULL : X->xh + M * I;
-        const long full = I / 128 * 128;
         for (long m = 0; m < M; m++)
-            for (long b = 0; b < full; b += 128)
-                for (long j = 0; j < 128; j++) {
+            for (long b = 0; b < full; b += B)
+                for (long j = 0; j < B; j++) {
                     const float v = x[m * I + b + j];
                     const uint16_t hi = f32_to_bf16(v);
-                    X->xh[m * I + b + slots[j]] = hi;
-                    if (X->xl) X->xl[m * I + b + slots[j]] = f32_to_bf16(v - bf16_to_f32(hi));
+                    X->xh[m * I + b + slot[j]] = hi;
+                    if (X->xl) X->xl[m * I + b + slot[j]] = f32_to_bf16(v - bf16_to_f32(hi));
                 }
     }
     return 0;
@@ -400,6 +421,89 @@ static void rows_byte(const qweight *W, const qinput *X, long r0, long r1, float
 }
 #endif
 
+#if QUANT_VBMI
+/* the bf16 bits of each E4M3 magnitude (7 bits; the sign is the byte's top bit, as bf16's), low and high bytes, as
+ * two 64-byte halves each for vpermi2b: e4m3_to_f32's values, all exact in bf16 */
+static uint8_t fp8_lo[128], fp8_hi[128];
+
+__attribute__((constructor)) static void fill_fp8_tables(void) {
+    for (uint32_t c = 0; c < 128; c++) {
+        const uint16_t bits = f32_to_bf16(e4m3_to_f32(c));
+        fp8_lo[c] = (uint8_t)bits;
+        fp8_hi[c] = (uint8_t)(bits >> 8);
+    }
+}
+
+/* 64 E4M3 codes -> their values as bf16 in two vectors (fp8_slot's order) */
+static inline void fp8_decode(const uint8_t *p, const __m512i *tables, __m512i *v0, __m512i *v1) {
+    const __m512i raw = _mm512_loadu_si512(p), mag = _mm512_and_si512(raw, _mm512_set1_epi8(0x7f));
+    const __m512i lo = _mm512_permutex2var_epi8(tables[0], mag, tables[1]);
+    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(tables[2], mag, tables[3]),
+                                       _mm512_and_si512(raw, _mm512_set1_epi8((char)0x80)));
+    *v0 = _mm512_unpacklo_epi8(lo, hi);
+    *v1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* one row's products with M input rows on the fp8 path; M a constant where inlined. Lane i of a block's dot
+ * products covers codes of group i / 8 (two groups of 32 per block of 64). */
+static inline __attribute__((always_inline)) void fp8_row(const qweight *W, const qinput *X, long r, long M,
+                                                          const float *s, const __m512i *tables, __m512i sidx,
+                                                          float *y) {
+    const long I = W->I, G = W->group, full = I / 64;
+    const uint8_t *row = W->w + r * I;
+    __m512 acc[ROWS_MAX];
+    for (long m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (long blk = 0; blk < full; blk++) {
+        __m512i v0, v1;
+        fp8_decode(row + blk * 64, tables, &v0, &v1);
+        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(s + blk * 2));
+        for (long m = 0; m < M; m++) {
+            const uint16_t *xh = X->xh + m * I + blk * 64;
+            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v0), as_bh(_mm512_loadu_si512(xh)));
+            t = _mm512_dpbf16_ps(t, as_bh(v1), as_bh(_mm512_loadu_si512(xh + 32)));
+            if (X->xl) {
+                const uint16_t *xl = X->xl + m * I + blk * 64;
+                t = _mm512_dpbf16_ps(t, as_bh(v0), as_bh(_mm512_loadu_si512(xl)));
+                t = _mm512_dpbf16_ps(t, as_bh(v1), as_bh(_mm512_loadu_si512(xl + 32)));
+            }
+            acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+        }
+    }
+    for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
+    for (long g = full * 64 / G; g < I / G; g++) { /* the tail below a whole block: generic */
+        float v[32];
+        decode_group(W, row, g, v);
+        for (long m = 0; m < M; m++) {
+            const float *xg = X->xf + m * I + g * G;
+            float d = 0.0f;
+            for (long i = 0; i < G; i++) d += v[i] * xg[i];
+            y[m * W->O + r] += s[g] * d;
+        }
+    }
+}
+
+static void rows_fp8(const qweight *W, const qinput *X, long r0, long r1, float *y) {
+    const long n = W->I / W->group, chunk = scale_chunk_rows(W);
+    float s[chunk * n + 16], b[1]; /* 16 past the end: a block's scale load may read them */
+    memset(s + chunk * n, 0, sizeof(float) * 16);
+    const __m512i tables[4] = {_mm512_loadu_si512(fp8_lo), _mm512_loadu_si512(fp8_lo + 64),
+                               _mm512_loadu_si512(fp8_hi), _mm512_loadu_si512(fp8_hi + 64)};
+    const __m512i sidx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (long c0 = r0; c0 < r1; c0 += chunk) {
+        const long c1 = c0 + chunk < r1 ? c0 + chunk : r1;
+        rows_scales(W, c0, c1 - c0, s, b);
+        for (long r = c0; r < c1; r++) {
+            const float *rs = s + (r - c0) * n;
+            switch (X->M) {
+#define CASE(k) case k: fp8_row(W, X, r, k, rs, tables, sidx, y); break;
+                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+            }
+        }
+    }
+}
+#endif
+
 qinput *quant_input(const qweight *W, long M, const float *x, int exact_bf16) {
     qinput *X = malloc(sizeof(qinput));
     if (!X) return NULL;
@@ -420,6 +524,9 @@ void quant_input_free(qinput *X) {
 void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y) {
 #if QUANT_AVX512
     if (nibble_path(W)) return rows_nibble(W, X, r0, r1, y);
+#if QUANT_VBMI
+    if (fp8_path(W)) return rows_fp8(W, X, r0, r1, y);
+#endif
     if (byte_path(W)) return rows_byte(W, X, r0, r1, y);
 #endif
     rows_generic(W, X, r0, r1, y);

@@ -108,10 +108,12 @@ static inline int nibble_path(const qweight *W) {
     return QUANT_AVX512 && !force_generic && W->bits == 4 && (W->mode != AFFINE || W->group >= 32);
 }
 
-/* MXFP8 (group 32) with whole-vector byte permutes: each code looked up as bf16 and multiplied with vdpbf16ps, as the
- * nibble path does for 4-bit codes (the fp32 conversion of the byte path was 2x the instructions per weight) */
+/* 8-bit codes (MXFP8, affine 8-bit) with whole-vector byte permutes: each code looked up as bf16 and multiplied with
+ * vdpbf16ps, as the nibble path does for 4-bit codes (the fp32 conversion of the byte path was 2x the instructions per
+ * weight); groups of 32 or whole multiples of the 64-code block */
 static inline int fp8_path(const qweight *W) {
-    return QUANT_VBMI && !force_generic && W->mode == MXFP8 && W->group == 32;
+    return QUANT_VBMI && !force_generic && W->bits == 8 && (W->mode == MXFP8 || W->mode == AFFINE) &&
+           (W->group == 32 || W->group % 64 == 0);
 }
 
 static inline int byte_path(const qweight *W) {
@@ -149,7 +151,9 @@ static void free_input(qinput *X) {
 /* M rows of x (model dtype) -> the forms the paths read. Returns 0, or 1 when memory could not be allocated. */
 static int prepare_input(const qweight *W, long M, const float *x, int exact_bf16, qinput *X) {
     const long I = W->I, n = I / W->group;
-    const int nib = nibble_path(W), fp8 = fp8_path(W);
+    /* affine 8-bit from an fp32 input stays on the byte path: its codes up to 255 against biases near -128 scale
+     * cancel, and the input's bf16 high and low halves (17 bits) then fall short of fp32's accuracy */
+    const int nib = nibble_path(W), fp8 = fp8_path(W) && (W->mode == MXFP8 || exact_bf16);
     X->M = M;
     size_t floats = (size_t)(M * I) + (size_t)(M * n) + (nib || fp8 ? (size_t)(M * I) : 0) + 16;
     X->xf = malloc(sizeof(float) * floats);
@@ -422,41 +426,55 @@ static void rows_byte(const qweight *W, const qinput *X, long r0, long r1, float
 #endif
 
 #if QUANT_VBMI
-/* the bf16 bits of each E4M3 magnitude (7 bits; the sign is the byte's top bit, as bf16's), low and high bytes, as
- * two 64-byte halves each for vpermi2b: e4m3_to_f32's values, all exact in bf16 */
-static uint8_t fp8_lo[128], fp8_hi[128];
+/* the bf16 bits of each code's value, low and high bytes, as 64-byte quarters for vpermi2b: E4M3 magnitudes (7 bits;
+ * the sign is the byte's top bit, as bf16's: e4m3_to_f32's values) and the affine codes 0-255 (integers), all exact
+ * in bf16 */
+static uint8_t fp8_lo[128], fp8_hi[128], int8_lo[256], int8_hi[256];
 
 __attribute__((constructor)) static void fill_fp8_tables(void) {
-    for (uint32_t c = 0; c < 128; c++) {
-        const uint16_t bits = f32_to_bf16(e4m3_to_f32(c));
-        fp8_lo[c] = (uint8_t)bits;
-        fp8_hi[c] = (uint8_t)(bits >> 8);
+    for (uint32_t c = 0; c < 256; c++) {
+        const uint16_t e4m3 = f32_to_bf16(e4m3_to_f32(c & 0x7f)), code = f32_to_bf16((float)c);
+        if (c < 128) fp8_lo[c] = (uint8_t)e4m3, fp8_hi[c] = (uint8_t)(e4m3 >> 8);
+        int8_lo[c] = (uint8_t)code;
+        int8_hi[c] = (uint8_t)(code >> 8);
     }
 }
 
-/* 64 E4M3 codes -> their values as bf16 in two vectors (fp8_slot's order) */
-static inline void fp8_decode(const uint8_t *p, const __m512i *tables, __m512i *v0, __m512i *v1) {
-    const __m512i raw = _mm512_loadu_si512(p), mag = _mm512_and_si512(raw, _mm512_set1_epi8(0x7f));
-    const __m512i lo = _mm512_permutex2var_epi8(tables[0], mag, tables[1]);
-    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(tables[2], mag, tables[3]),
-                                       _mm512_and_si512(raw, _mm512_set1_epi8((char)0x80)));
+/* 64 codes -> their values as bf16 in two vectors (fp8_slot's order); tables: MXFP8's four quarters, or affine's
+ * eight (low bytes of codes 0-127, 128-255, then high bytes) */
+static inline void fp8_decode(int mode, const uint8_t *p, const __m512i *tables, __m512i *v0, __m512i *v1) {
+    const __m512i raw = _mm512_loadu_si512(p), low7 = _mm512_and_si512(raw, _mm512_set1_epi8(0x7f));
+    __m512i lo, hi;
+    if (mode == MXFP8) {
+        lo = _mm512_permutex2var_epi8(tables[0], low7, tables[1]);
+        hi = _mm512_or_si512(_mm512_permutex2var_epi8(tables[2], low7, tables[3]),
+                             _mm512_and_si512(raw, _mm512_set1_epi8((char)0x80)));
+    } else { /* codes 128-255 from the second half of each table */
+        const __mmask64 upper = _mm512_movepi8_mask(raw);
+        lo = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(tables[0], low7, tables[1]),
+                                    _mm512_permutex2var_epi8(tables[2], low7, tables[3]));
+        hi = _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(tables[4], low7, tables[5]),
+                                    _mm512_permutex2var_epi8(tables[6], low7, tables[7]));
+    }
     *v0 = _mm512_unpacklo_epi8(lo, hi);
     *v1 = _mm512_unpackhi_epi8(lo, hi);
 }
 
 /* one row's products with M input rows on the fp8 path; M a constant where inlined. Lane i of a block's dot
- * products covers codes of group i / 8 (two groups of 32 per block of 64). */
+ * products covers codes of group i / 8 for groups of 32 (two per block of 64), of one group for larger ones. */
 static inline __attribute__((always_inline)) void fp8_row(const qweight *W, const qinput *X, long r, long M,
-                                                          const float *s, const __m512i *tables, __m512i sidx,
-                                                          float *y) {
+                                                          const float *s, const float *b, const __m512i *tables,
+                                                          __m512i sidx, float *y) {
+    const long n = W->I / W->group;
     const long I = W->I, G = W->group, full = I / 64;
     const uint8_t *row = W->w + r * I;
     __m512 acc[ROWS_MAX];
     for (long m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     for (long blk = 0; blk < full; blk++) {
         __m512i v0, v1;
-        fp8_decode(row + blk * 64, tables, &v0, &v1);
-        const __m512 sv = _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(s + blk * 2));
+        fp8_decode(W->mode, row + blk * 64, tables, &v0, &v1);
+        const __m512 sv = G == 32 ? _mm512_permutexvar_ps(sidx, _mm512_loadu_ps(s + blk * 2))
+                                  : _mm512_set1_ps(s[blk * 64 / G]);
         for (long m = 0; m < M; m++) {
             const uint16_t *xh = X->xh + m * I + blk * 64;
             __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(v0), as_bh(_mm512_loadu_si512(xh)));
@@ -469,8 +487,10 @@ static inline __attribute__((always_inline)) void fp8_row(const qweight *W, cons
             acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
         }
     }
+    if (W->mode == AFFINE)
+        for (long m = 0; m < M; m++) acc[m] = _mm512_add_ps(acc[m], bias_dot(b, X->xsum + m * n, n));
     for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
-    for (long g = full * 64 / G; g < I / G; g++) { /* the tail below a whole block: generic */
+    for (long g = full * 64 / G; g < n; g++) { /* the tail below a whole block (groups of 32): generic */
         float v[32];
         decode_group(W, row, g, v);
         for (long m = 0; m < M; m++) {
@@ -484,18 +504,21 @@ static inline __attribute__((always_inline)) void fp8_row(const qweight *W, cons
 
 static void rows_fp8(const qweight *W, const qinput *X, long r0, long r1, float *y) {
     const long n = W->I / W->group, chunk = scale_chunk_rows(W);
-    float s[chunk * n + 16], b[1]; /* 16 past the end: a block's scale load may read them */
+    float s[chunk * n + 16], b[chunk * n + 1]; /* 16 past the end: a block's scale load may read them */
     memset(s + chunk * n, 0, sizeof(float) * 16);
-    const __m512i tables[4] = {_mm512_loadu_si512(fp8_lo), _mm512_loadu_si512(fp8_lo + 64),
-                               _mm512_loadu_si512(fp8_hi), _mm512_loadu_si512(fp8_hi + 64)};
+    __m512i tables[8];
+    const uint8_t *quarters[8] = {fp8_lo, fp8_lo + 64, fp8_hi, fp8_hi + 64, NULL, NULL, NULL, NULL};
+    if (W->mode == AFFINE)
+        for (int q = 0; q < 8; q++) quarters[q] = (q < 4 ? int8_lo : int8_hi) + 64 * (q % 4);
+    for (int q = 0; q < 8; q++) tables[q] = quarters[q] ? _mm512_loadu_si512(quarters[q]) : _mm512_setzero_si512();
     const __m512i sidx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (long c0 = r0; c0 < r1; c0 += chunk) {
         const long c1 = c0 + chunk < r1 ? c0 + chunk : r1;
         rows_scales(W, c0, c1 - c0, s, b);
         for (long r = c0; r < c1; r++) {
-            const float *rs = s + (r - c0) * n;
+            const float *rs = s + (r - c0) * n, *rb = b + (r - c0) * n;
             switch (X->M) {
-#define CASE(k) case k: fp8_row(W, X, r, k, rs, tables, sidx, y); break;
+#define CASE(k) case k: fp8_row(W, X, r, k, rs, rb, tables, sidx, y); break;
                 CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
             }
@@ -525,7 +548,7 @@ void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y) {
 #if QUANT_AVX512
     if (nibble_path(W)) return rows_nibble(W, X, r0, r1, y);
 #if QUANT_VBMI
-    if (fp8_path(W)) return rows_fp8(W, X, r0, r1, y);
+    if (fp8_path(W) && X->xh) return rows_fp8(W, X, r0, r1, y);
 #endif
     if (byte_path(W)) return rows_byte(W, X, r0, r1, y);
 #endif

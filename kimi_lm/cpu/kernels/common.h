@@ -23,7 +23,9 @@
  *   quant.c    products of MLX-quantized weights read in their packed bytes
  *   mla.c      Multi-head Latent Attention: one absorbed decode token per sequence (mla_decode)
  *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm
- *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows
+ *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows,
+ *              a decode token's whole block (moe_decode)
+ *   layer.c    a KDA decoder layer's decode step for one sequence, the kernels above in one call
  *   norm.c     rms_norm over many rows
  *   math.c     elementwise: the vector math below, exported for the tests
  * Only the functions the ctypes bindings call are exported; what one file lends another is INTERNAL (hidden).

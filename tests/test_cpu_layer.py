@@ -66,6 +66,13 @@ def _decode_both_ways(prepared, ids: torch.Tensor, steps: int) -> list[tuple[tor
     return pairs
 
 
+def _plain_decode(plain, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The plain model's logits of the same `steps` decode steps."""
+    cache = plain.make_cache(ids.shape[0])
+    plain(ids[:, : ids.shape[1] - steps], cache)
+    return [plain(ids[:, t : t + 1], cache) for t in range(ids.shape[1] - steps, ids.shape[1])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kda_layer_in_one_call_equals_its_modules_and_the_plain_model(dtype, token_ids, layer_calls):
     plain = _plain(dtype)
@@ -75,10 +82,7 @@ def test_kda_layer_in_one_call_equals_its_modules_and_the_plain_model(dtype, tok
     assert {layer.is_moe for layer in layers} == {True, False}  # an MoE and a dense feed-forward among them
     ids = token_ids[:1, :24]
     with torch.inference_mode():
-        pairs = _decode_both_ways(prepared, ids, 6)
-        cache = plain.make_cache(1)
-        plain(ids[:, :18], cache)
-        want = [plain(ids[:, t : t + 1], cache) for t in range(18, 24)]
+        pairs, want = _decode_both_ways(prepared, ids, 6), _plain_decode(plain, ids, 6)
     assert all(layer._plan is not None for layer in layers)
     assert len(layer_calls) == 6 * len(layers)
     for (one_call, modules), w in zip(pairs, want):
@@ -98,10 +102,7 @@ def test_quantized_kda_layer_in_one_call_equals_its_modules(spec, dtype, token_i
     prepared = cpu.prepare(copy.deepcopy(plain))
     ids = token_ids[:1, :20]
     with torch.inference_mode():
-        pairs = _decode_both_ways(prepared, ids, 4)
-        cache = plain.make_cache(1)
-        plain(ids[:, :16], cache)
-        want = [plain(ids[:, t : t + 1], cache) for t in range(16, 20)]
+        pairs, want = _decode_both_ways(prepared, ids, 4), _plain_decode(plain, ids, 4)
     assert layer_calls
     for (one_call, modules), w in zip(pairs, want):
         assert torch.equal(one_call, modules)

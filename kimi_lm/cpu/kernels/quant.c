@@ -253,6 +253,27 @@ static inline __m512 bias_dot(const float *b, const float *xs, long n) {
     return acc;
 }
 
+/* the end of a vector path's row r: an affine row's bias term added to each input row's sums, their horizontal sums
+ * stored, then groups `tail` .. n - 1 (below a whole block) by the generic decode */
+static inline __attribute__((always_inline)) void finish_row(const qweight *W, const qinput *X, long r, long M,
+                                                             const float *s, const float *b, __m512 *acc, long tail,
+                                                             float *y) {
+    const long I = W->I, G = W->group, n = I / G;
+    if (W->mode == AFFINE)
+        for (long m = 0; m < M; m++) acc[m] = _mm512_add_ps(acc[m], bias_dot(b, X->xsum + m * n, n));
+    for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
+    float v[128];
+    for (long g = tail; g < n; g++) {
+        decode_group(W, W->w + r * (I * W->bits / 8), g, v);
+        for (long m = 0; m < M; m++) {
+            const float *xg = X->xf + m * I + g * G;
+            float d = 0.0f;
+            for (long i = 0; i < G; i++) d += v[i] * xg[i];
+            y[m * W->O + r] += s[g] * d;
+        }
+    }
+}
+
 /* the low and high bytes of the bf16 bits of each code's value, for vpshufb (each 16-byte table in every lane) */
 static void nibble_tables(int mode, __m512i *lo, __m512i *hi) {
     uint8_t l[16], h[16];
@@ -300,7 +321,7 @@ static inline void nibble_dot(const __m512i *v, const qinput *X, long at, __m512
 static inline __attribute__((always_inline)) void nibble_row(const qweight *W, const qinput *X, long r, long M,
                                                              const float *s, const float *b, __m512i lut_lo,
                                                              __m512i lut_hi, __m512i idx0, __m512i idx1, float *y) {
-    const long I = W->I, G = W->group, n = I / G, full = I / 128, row_bytes = I / 2;
+    const long I = W->I, G = W->group, full = I / 128, row_bytes = I / 2;
     const uint8_t *row = W->w + r * row_bytes;
     __m512 acc[ROWS_MAX];
     for (long m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
@@ -325,21 +346,7 @@ static inline __attribute__((always_inline)) void nibble_row(const qweight *W, c
             }
         }
     }
-    if (W->mode == AFFINE)
-        for (long m = 0; m < M; m++) acc[m] = _mm512_add_ps(acc[m], bias_dot(b, X->xsum + m * n, n));
-    for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
-    if (full * 128 < I) { /* the tail below a whole block: generic */
-        float v[128];
-        for (long g = full * 128 / G; g < n; g++) {
-            decode_group(W, row, g, v);
-            for (long m = 0; m < M; m++) {
-                const float *xg = X->xf + m * I + g * G;
-                float d = 0.0f;
-                for (long i = 0; i < G; i++) d += v[i] * xg[i];
-                y[m * W->O + r] += s[g] * d;
-            }
-        }
-    }
+    finish_row(W, X, r, M, s, b, acc, full * 128 / G, y);
 }
 
 static void rows_nibble(const qweight *W, const qinput *X, long r0, long r1, float *y) {
@@ -465,7 +472,6 @@ static inline void fp8_decode(int mode, const uint8_t *p, const __m512i *tables,
 static inline __attribute__((always_inline)) void fp8_row(const qweight *W, const qinput *X, long r, long M,
                                                           const float *s, const float *b, const __m512i *tables,
                                                           __m512i sidx, float *y) {
-    const long n = W->I / W->group;
     const long I = W->I, G = W->group, full = I / 64;
     const uint8_t *row = W->w + r * I;
     __m512 acc[ROWS_MAX];
@@ -487,19 +493,7 @@ static inline __attribute__((always_inline)) void fp8_row(const qweight *W, cons
             acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
         }
     }
-    if (W->mode == AFFINE)
-        for (long m = 0; m < M; m++) acc[m] = _mm512_add_ps(acc[m], bias_dot(b, X->xsum + m * n, n));
-    for (long m = 0; m < M; m++) y[m * W->O + r] = _mm512_reduce_add_ps(acc[m]);
-    for (long g = full * 64 / G; g < n; g++) { /* the tail below a whole block (groups of 32): generic */
-        float v[32];
-        decode_group(W, row, g, v);
-        for (long m = 0; m < M; m++) {
-            const float *xg = X->xf + m * I + g * G;
-            float d = 0.0f;
-            for (long i = 0; i < G; i++) d += v[i] * xg[i];
-            y[m * W->O + r] += s[g] * d;
-        }
-    }
+    finish_row(W, X, r, M, s, b, acc, full * 64 / G, y); /* a tail only for groups of 32 */
 }
 
 static void rows_fp8(const qweight *W, const qinput *X, long r0, long r1, float *y) {

@@ -235,3 +235,31 @@ def test_tiny_k2_fp8_model_on_the_cpu_backend(k2_fp8, dtype):
         one = fast.make_cache(batch_size=1)  # batch 1: the one-token MoE path (router and k experts in C)
         single = [fast(ids[:1, :16], cache=one)] + [fast(ids[:1, t : t + 1], cache=one) for t in range(16, 24)]
         assert rel_err(torch.cat(single, dim=1), full_plain[:1]) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_moe_token_in_one_call_equals_the_calls(k2_fp8, dtype, path, monkeypatch):
+    """A decode step's MoE block with FP8 experts and FP8 shared expert in one C call (moe_kernels.moe_decode: the
+    fp8_weight descriptors) against the same block's multi-call path, bit for bit (the same row products on the same
+    prepared inputs), and the plain block; on every decoding path."""
+    from kimi_lm.cpu import moe_kernels
+
+    plain = kimi_lm.load(k2_fp8, dtype=dtype, backend=None)
+    fast = cpu.prepare(kimi_lm.load(k2_fp8, dtype=dtype, backend=None))
+    blocks = [(p.mlp, f.mlp) for p, f in zip(plain.model.layers, fast.model.layers) if isinstance(f.mlp, CpuSparseMoE)]
+    calls = []
+    real = moe_kernels.moe_decode
+    monkeypatch.setattr(moe_kernels, "moe_decode", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for reference, ours in blocks:
+            for _ in range(4):
+                x = torch.randn(1, 1, reference.gate.weight.shape[1], generator=g).to(dtype)
+                one_call = ours(x)
+                plan, ours._plan = ours._plan, None  # the multi-call path
+                calls_path = ours(x)
+                ours._plan = plan
+                assert torch.equal(one_call, calls_path)
+                assert rel_err(one_call, reference(x)) <= (1e-5 if dtype == torch.float32 else 2e-2)
+            assert ours._plan is not None and ours._plan.dtype is None
+    assert len(calls) == 4 * len(blocks) > 0

@@ -30,11 +30,13 @@ from torch import nn
 
 from kimi_lm.cpu import native
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
+from kimi_lm.cpu.moe_kernels import DecodeParts
 from kimi_lm.cpu.native import _DTYPES, _I, _L, _P
 from kimi_lm.cpu.quant_kernels import expert_rows
 from kimi_lm.model.layers import MLP
 from kimi_lm.quant.fp8_block import BLOCK, FP8, TILE_ELEMENTS, FP8BlockLinear, FP8StackedExperts
 
+LAYOUT_FP8 = 3  # kernels/common.h: moe_decode's weight pointer is an fp8_weight
 DECODE_ROWS = 8  # rows up to which a product runs in C (kernels/common.h ROWS_MAX: one pass over the weight)
 # kernels/fp8.c: the decoding paths, best last (avx512bf16: byte lookups + vdpbf16ps; avx512: via fp16 bits)
 PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512bf16": 3}
@@ -131,6 +133,25 @@ def _adopt(new: nn.Module, old: nn.Module) -> None:
         new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
 
 
+class FP8Weight(ctypes.Structure):
+    """``kernels/common.h`` fp8_weight: codes [O, I] and block scales of one matrix, read in place."""
+    _fields_ = [("q", _P), ("s", _P), ("O", _L), ("I", _L)]
+
+
+def decode_parts(matrices: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int], tuple[int, int, int, int]]],
+                 intermediate: int, sources: tuple) -> DecodeParts:
+    """Experts given as (gate, up, down) ``(codes address, scales address, O, I)`` each, as ``moe_decode`` reads them:
+    gate | up as the address of a (gate, up) pair of fp8_weight pointers, down as one fp8_weight's address."""
+    E = len(matrices)
+    structs = (FP8Weight * (3 * E))(*(FP8Weight(*m) for parts in matrices for m in parts))
+    base, size = ctypes.addressof(structs), ctypes.sizeof(FP8Weight)
+    pairs = (ctypes.c_void_p * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
+    step = 2 * ctypes.sizeof(ctypes.c_void_p)
+    return DecodeParts([(LAYOUT_FP8, ctypes.addressof(pairs) + e * step) for e in range(E)],
+                       [(LAYOUT_FP8, base + (3 * e + 2) * size) for e in range(E)], intermediate, None, 0,
+                       keep=(structs, pairs), sources=sources)
+
+
 class CpuFP8BlockLinear(FP8BlockLinear):
     """``FP8BlockLinear`` whose products read the e4m3 bytes in C (see the module docstring)."""
 
@@ -174,6 +195,17 @@ class CpuFP8StackedExperts(FewRowsInC, FP8StackedExperts):
         q, s = self.down_proj[e], self.down_proj_scale_inv[e]
         return matmul(h, q, s) if 0 < _rows(h) <= DECODE_ROWS else dequantized_linear(h, q, s)
 
+    def decode_parts(self) -> DecodeParts:
+        """Every expert's gate, up and down as fp8_weights for ``moe_kernels.moe_decode``, made once."""
+        I, rb = self.intermediate_size, self.gate_up_proj_scale_inv.shape[1] // 2
+        gu, gus, d, ds = self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
+        hidden = d.shape[1]
+        at = lambda t, e, row=0: t.data_ptr() + (e * t.stride(0) + row * t.stride(1)) * t.element_size()  # noqa: E731
+        matrices = [((at(gu, e), at(gus, e), I, hidden), (at(gu, e, I), at(gus, e, rb), I, hidden),
+                     (at(d, e), at(ds, e), hidden, I)) for e in range(d.shape[0])]
+        names = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+        return decode_parts(matrices, I, tuple((self, n) for n in names))
+
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Experts with up to 8 rows in one C call reading their codes in place (addresses computed from the stacks:
         no tensor op per expert); the others by ``expert`` (many-row path)."""
@@ -214,6 +246,14 @@ class CpuFP8MLP(MLP):
         self.gate_proj, self.up_proj, self.down_proj = (p if type(p) is CpuFP8BlockLinear else CpuFP8BlockLinear(p)
                                                         for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self.nbytes = sum(p.weight.numel() for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def decode_parts(self) -> DecodeParts:
+        """This MLP as ``moe_decode``'s shared expert: one expert of fp8_weights."""
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        matrices = [tuple((p.weight.data_ptr(), p.weight_scale_inv.data_ptr(), p.out_features, p.in_features)
+                          for p in (g, u, d))]
+        return decode_parts(matrices, g.out_features,
+                            tuple((p, n) for p in (g, u, d) for n in ("weight", "weight_scale_inv")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

@@ -112,11 +112,14 @@ def merge_expert_outputs(experts: StackedExperts, xs: torch.Tensor, counts: list
 
 
 def shared_expert_parts(mlp: nn.Module) -> DecodeParts | None:
-    """A shared expert (``layers.CpuMLP``) as ``moe_decode`` reads it: gate | up one oneDNN-packed product, or gate and
-    up quantized apart (a pair of qweights), and down; None where a product has no C reader."""
+    """A shared expert (``layers.CpuMLP``, or ``fp8.CpuFP8MLP``) as ``moe_decode`` reads it: gate | up one oneDNN-packed
+    product, or gate and up quantized (or FP8) apart, a pair of descriptors, and down; None where a product has no C
+    reader."""
     from kimi_lm.cpu.layers import CpuMLP  # layers.py imports this module's neighbours
     from kimi_lm.cpu.products import LAYOUT_QUANT, FusedProducts, reader
 
+    if hasattr(mlp, "decode_parts"):  # an MLP of FP8 blocks (fp8.CpuFP8MLP)
+        return mlp.decode_parts()
     if type(mlp) is not CpuMLP:
         return None
     down = reader(mlp.down_proj)
@@ -161,8 +164,8 @@ class CpuSparseMoE(SparseMoE):
 
     def decode_plan(self) -> moe_kernels.MoEDecodePlan | None:
         """The whole block in one C call (``moe_kernels.moe_decode``) where everything it reads has a C reader: a plain
-        or quantized router, experts with ``decode_parts`` (oneDNN-packed, MLX-quantized in memory) and a shared
-        expert whose products have readers. None elsewhere (FP8 or paged experts take the calls below)."""
+        or quantized router, experts with ``decode_parts`` (oneDNN-packed, MLX-quantized in memory, FP8 blocks) and a
+        shared expert whose products have readers. None elsewhere (paged experts take the calls below)."""
         if self._plan is not False and (self._plan is None or not self._plan.stale()):
             return self._plan
         self._plan = None

@@ -188,6 +188,27 @@ INTERNAL qinput *quant_input(const qweight *W, long M, const float *x, int exact
 INTERNAL void quant_input_free(qinput *X);
 INTERNAL void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y);
 
+/* FP8 128x128 blocks (fp8.c): codes [O, I] e4m3 and scales [ceil(O/128), ceil(I/128)] fp32. moe_decode takes one as
+ * layout LAYOUT_FP8, `w` pointing at this descriptor (kimi_lm/cpu/fp8.py FP8Weight mirrors it). */
+typedef struct {
+    const void *q, *s;
+    long O, I;
+} fp8_weight;
+#define LAYOUT_FP8 3
+typedef struct fp8_prepared fp8_prepared;
+INTERNAL fp8_prepared *fp8_prepare(long M, long I, const float *x, int exact_bf16); /* NULL when out of memory */
+INTERNAL void fp8_prepared_free(fp8_prepared *X);
+INTERNAL void fp8_weight_rows(const fp8_weight *W, const fp8_prepared *X, long r0, long r1, float *y);
+
+/* one input row x [I] fp32 through a weight in any layout (gemv.c): output rows [r0, r1) into y[r0 .. r1) fp32;
+ * `input` what row_input prepared for the layout (none for oneDNN's: NULL). row_input returns 1 when out of memory;
+ * same_row_input: whether two weights take the same prepared input. */
+INTERNAL int row_input(int layout, const void *w, const float *x, int bf16, void **input);
+INTERNAL void row_input_free(int layout, void *input);
+INTERNAL int same_row_input(int layout_a, const void *a, int layout_b, const void *b);
+INTERNAL void weight_rows(int layout, int bf16, const void *w, const void *input, long I, const float *x, long r0,
+                          long r1, float *y);
+
 /* products of packed weights (gemv.c): oneDNN's layouts 0 and 1, or LAYOUT_QUANT; one input row, or up to ROWS_MAX
  * rows at once (fp32 in and out; `bf16`: the model dtype, whose values the inputs hold). 0, or 1 when out of memory */
 #define ROWS_MAX 8

@@ -358,6 +358,26 @@ static void fp8_rows(const fp8w *W, const fp8in *X, long r0, long r1, float *y) 
     rows_scalar(W, M, x, r0, r1, y);
 }
 
+/* ---- one input prepared for moe_decode's parts (common.h) -------------------------------------------------- */
+
+struct fp8_prepared {
+    fp8in X;
+    uint16_t xp[]; /* fp8_input_size(M, I) */
+};
+
+fp8_prepared *fp8_prepare(long M, long I, const float *x, int exact_bf16) {
+    fp8_prepared *in = malloc(sizeof(fp8_prepared) + sizeof(uint16_t) * (size_t)fp8_input_size(M, I));
+    if (in) in->X = fp8_input(M, I, x, exact_bf16, in->xp);
+    return in;
+}
+
+void fp8_prepared_free(fp8_prepared *X) { free(X); }
+
+void fp8_weight_rows(const fp8_weight *W, const fp8_prepared *X, long r0, long r1, float *y) {
+    const fp8w matrix = fp8_matrix(W->q, W->s, W->O, W->I);
+    fp8_rows(&matrix, &X->X, r0, r1, y);
+}
+
 /* ---- exported: products ------------------------------------------------------------------------------------------ */
 
 typedef struct {

@@ -204,3 +204,33 @@ INTERNAL void packed_rows_range(int layout, int bf16, long I, const void *w, lon
     const size_t offset = layout == 0 ? (size_t)(r0 * I) * (bf16 ? 2 : 4) : (size_t)(r0 / 64) * (size_t)((I + 31) / 32) * 1024 * 4;
     product_rows_f32(layout, bf16, r1 - r0, I, (const char *)w + offset, M, x, y); /* oneDNN layouts: cannot fail */
 }
+
+/* ---- one input row through a weight in any layout (moe_decode's parts) ------------------------------------------ */
+
+int row_input(int layout, const void *w, const float *x, int bf16, void **input) {
+    *input = NULL;
+    if (layout == LAYOUT_QUANT) *input = quant_input((const qweight *)w, 1, x, bf16);
+    else if (layout == LAYOUT_FP8) *input = fp8_prepare(1, ((const fp8_weight *)w)->I, x, bf16);
+    else return 0;
+    return *input == NULL;
+}
+
+void row_input_free(int layout, void *input) {
+    if (layout == LAYOUT_QUANT) quant_input_free((qinput *)input);
+    else if (layout == LAYOUT_FP8) fp8_prepared_free((fp8_prepared *)input);
+}
+
+int same_row_input(int layout_a, const void *a, int layout_b, const void *b) {
+    if (layout_a != layout_b) return 0;
+    if (layout_a == LAYOUT_FP8) return ((const fp8_weight *)a)->I == ((const fp8_weight *)b)->I;
+    if (layout_a != LAYOUT_QUANT) return 0;
+    const qweight *V = (const qweight *)a, *W = (const qweight *)b;
+    return V->mode == W->mode && V->bits == W->bits && V->group == W->group && V->I == W->I;
+}
+
+void weight_rows(int layout, int bf16, const void *w, const void *input, long I, const float *x, long r0, long r1,
+                 float *y) {
+    if (layout == LAYOUT_QUANT) quant_rows((const qweight *)w, (const qinput *)input, r0, r1, y);
+    else if (layout == LAYOUT_FP8) fp8_weight_rows((const fp8_weight *)w, (const fp8_prepared *)input, r0, r1, y);
+    else packed_rows_range(layout, bf16, I, w, r0, r1, 1, x, y + r0);
+}

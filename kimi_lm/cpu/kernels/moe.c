@@ -358,20 +358,24 @@ int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *s
 /* ---- a whole MoE block for one token: route, k experts and the shared expert, weighted sum ---------------------- */
 
 /* A part's weights (a routed expert's or the shared expert's) as moe_decode reads them: gate | up [2 I, hidden] and
- * down [hidden, I] packed by oneDNN (layouts 0 / 1: the packed memory), or quantized by MLX (LAYOUT_QUANT: gate | up
- * points at two qweight pointers, gate's and up's [I, hidden] each; down at one qweight). */
+ * down [hidden, I] packed by oneDNN (layouts 0 / 1: the packed memory), quantized by MLX (LAYOUT_QUANT) or in FP8
+ * blocks (LAYOUT_FP8): gate | up then points at two descriptor pointers, gate's and up's [I, hidden] each, down at
+ * one descriptor (qweight, fp8_weight). */
 typedef struct {
     long n, hidden; /* n parts: the k routed experts, then the shared expert if any */
     int bf16;
     const int *gate_up_layout, *down_layout; /* per part */
     const void *const *gate_up, *const *down;
     const long *I, *first_item;           /* per part: intermediate size, first gate|up work item */
-    qinput *const *x_in, *const *h_in;     /* per quantized part: x and h prepared for its products (else NULL) */
+    void *const *x_in, *const *h_in;       /* per part: x and h prepared for its products (row_input) */
     const float *x;                        /* [hidden] fp32 */
     float *const *gate_up_out, *const *h;  /* per part: [2 I] and [I] fp32 */
     float *const *down_f32;                /* per part: [hidden] fp32 */
     void *const *down_out;                 /* per part: [hidden] model dtype */
 } moe_token_job;
+
+/* gate | up as two descriptors (quantized or FP8 parts) rather than one packed weight */
+static inline int is_pair(int layout) { return layout == LAYOUT_QUANT || layout == LAYOUT_FP8; }
 
 /* phase 1: 64 rows of one part's gate | up product */
 static void moe_token_gate_up(const void *ctx, long item) {
@@ -379,14 +383,18 @@ static void moe_token_gate_up(const void *ctx, long item) {
     long p = 0;
     while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
     const long I = job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < 2 * I ? r0 + 64 : 2 * I;
+    const int layout = job->gate_up_layout[p];
     float *out = job->gate_up_out[p];
-    if (job->gate_up_layout[p] == LAYOUT_QUANT) { /* rows below I from gate's weight, the rest from up's */
-        const qweight *const *halves = (const qweight *const *)job->gate_up[p];
-        if (r0 < I) quant_rows(halves[0], job->x_in[p], r0, r1 < I ? r1 : I, out);
-        if (r1 > I) quant_rows(halves[1], job->x_in[p], (r0 > I ? r0 : I) - I, r1 - I, out + I);
+    if (is_pair(layout)) { /* rows below I from gate's weight, the rest from up's */
+        const void *const *halves = (const void *const *)job->gate_up[p];
+        const long hidden = job->hidden;
+        if (r0 < I) weight_rows(layout, job->bf16, halves[0], job->x_in[p], hidden, job->x, r0, r1 < I ? r1 : I, out);
+        if (r1 > I)
+            weight_rows(layout, job->bf16, halves[1], job->x_in[p], hidden, job->x, (r0 > I ? r0 : I) - I, r1 - I,
+                        out + I);
         return;
     }
-    packed_rows_range(job->gate_up_layout[p], job->bf16, job->hidden, job->gate_up[p], r0, r1, 1, job->x, out + r0);
+    weight_rows(layout, job->bf16, job->gate_up[p], NULL, job->hidden, job->x, r0, r1, out);
 }
 
 /* phase 2: 64 output columns of one part's down product (items ordered part by part, so that each thread streams
@@ -396,23 +404,26 @@ static void moe_token_down(const void *ctx, long item) {
     const long hidden = job->hidden, chunks = (hidden + 63) / 64, p = item / chunks, r0 = item % chunks * 64;
     const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden;
     float *y = job->down_f32[p];
-    if (job->down_layout[p] == LAYOUT_QUANT)
-        quant_rows((const qweight *)job->down[p], job->h_in[p], r0, r1, y);
-    else
-        packed_rows_range(job->down_layout[p], job->bf16, job->I[p], job->down[p], r0, r1, 1, job->h[p], y + r0);
+    weight_rows(job->down_layout[p], job->bf16, job->down[p], job->h_in[p], job->I[p], job->h[p], r0, r1, y);
     store_row((char *)job->down_out[p] + (size_t)r0 * (job->bf16 ? 2 : 4), y + r0, r1 - r0, job->bf16); /* rounded */
 }
 
-/* x (fp32) prepared for a quantized part's gate | up, shared with an earlier part of the same packing */
-static qinput *gate_up_input(long p, const int *layout, const void *const *gate_up, qinput *const *prepared,
-                             const float *x, int bf16) {
-    const qweight *W = ((const qweight *const *)gate_up[p])[0];
-    for (long q = 0; q < p; q++) {
-        if (layout[q] != LAYOUT_QUANT) continue;
-        const qweight *V = ((const qweight *const *)gate_up[q])[0];
-        if (V->mode == W->mode && V->bits == W->bits && V->group == W->group && V->I == W->I) return prepared[q];
+/* x (fp32) prepared for part p's gate | up, shared with an earlier part that takes the same (*shared set) */
+static int gate_up_input(long p, const int *layout, const void *const *gate_up, void *const *prepared, const float *x,
+                         int bf16, void **input, int *shared) {
+    *shared = 0;
+    if (!is_pair(layout[p])) {
+        *input = NULL;
+        return 0;
     }
-    return quant_input(W, 1, x, bf16);
+    const void *W = ((const void *const *)gate_up[p])[0];
+    for (long q = 0; q < p; q++)
+        if (is_pair(layout[q]) && same_row_input(layout[q], ((const void *const *)gate_up[q])[0], layout[p], W)) {
+            *input = prepared[q];
+            *shared = 1;
+            return 0;
+        }
+    return row_input(layout[p], W, x, bf16, input);
 }
 
 #define MOE_PARTS_MAX 65 /* top_k <= 64 routed experts and a shared one */
@@ -442,7 +453,8 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
     long part_I[MOE_PARTS_MAX], first_item[MOE_PARTS_MAX];
     float *gu[MOE_PARTS_MAX], *h[MOE_PARTS_MAX], *yf[MOE_PARTS_MAX];
     void *y[MOE_PARTS_MAX];
-    qinput *x_in[MOE_PARTS_MAX] = {0}, *h_in[MOE_PARTS_MAX] = {0};
+    void *x_in[MOE_PARTS_MAX] = {0}, *h_in[MOE_PARTS_MAX] = {0};
+    int x_shared[MOE_PARTS_MAX] = {0};
     int failed = !buf;
     if (!failed)
         failed = route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router_layout,
@@ -466,8 +478,7 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
             yf[p] = at + 3 * part_I[p];
             y[p] = yf[p] + hidden;
             at += 3 * part_I[p] + 2 * hidden;
-            if (part_layout[0][p] == LAYOUT_QUANT)
-                failed = !(x_in[p] = gate_up_input(p, part_layout[0], part_w[0], x_in, xf, bf16));
+            failed = gate_up_input(p, part_layout[0], part_w[0], x_in, xf, bf16, &x_in[p], &x_shared[p]);
         }
         moe_token_job job = {n, hidden, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I,
                              first_item, x_in, h_in, xf, gu, h, yf, y};
@@ -475,7 +486,7 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
             parallel_for(moe_token_gate_up, &job, items, threads);
             for (long p = 0; p < n && !failed; p++) {
                 swiglu_rounded(part_I[p], bf16, gu[p], h[p]);
-                if (part_layout[1][p] == LAYOUT_QUANT) failed = !(h_in[p] = quant_input(part_w[1][p], 1, h[p], bf16));
+                failed = row_input(part_layout[1][p], part_w[1][p], h[p], bf16, &h_in[p]);
             }
         }
         if (!failed) {
@@ -484,10 +495,8 @@ int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_
         }
     }
     for (long p = 0; p < n; p++) { /* each prepared input once, though parts may share one */
-        int shared = 0;
-        for (long q = 0; q < p; q++) shared |= x_in[q] == x_in[p];
-        if (!shared) quant_input_free(x_in[p]);
-        quant_input_free(h_in[p]);
+        if (!x_shared[p]) row_input_free(part_layout[0][p], x_in[p]);
+        row_input_free(part_layout[1][p], h_in[p]);
     }
     free(buf);
     return failed;

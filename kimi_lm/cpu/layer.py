@@ -110,7 +110,8 @@ class KDALayerPlan:
                        I_mlp=layer.mlp.down_proj.in_features)
         self.struct = KDALayer(
             hidden=norm1.weight_fp32.shape[0], bf16=int(self.dtype == torch.bfloat16),
-            norm1=norm1.weight_fp32.data_ptr(), norm2=norm2.weight_fp32.data_ptr(), eps1=norm1.eps, eps2=norm2.eps, in_proj=parts["in_proj"].struct,
+            norm1=norm1.weight_fp32.data_ptr(), norm2=norm2.weight_fp32.data_ptr(), eps1=norm1.eps, eps2=norm2.eps,
+            in_proj=parts["in_proj"].struct,
             H=attn.num_heads, K=attn.head_dim, W=attn.conv_width, taps=attn.taps.data_ptr(),
             neg_A=attn.neg_A.data_ptr(), dt_bias=attn.dt_bias_fp32.data_ptr(), gate_norm=attn.norm_weight.data_ptr(),
             gate_norm_eps=attn.o_norm.eps, l2_eps=L2_EPS, f_layout=attn.f_b_reader.layout,

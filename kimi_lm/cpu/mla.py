@@ -33,6 +33,7 @@ from kimi_lm.cache import MLACache
 from kimi_lm.cpu import native
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import FusedProducts, fusable
+from kimi_lm.cpu.rope import CpuRotaryEmbedding
 from kimi_lm.model.mla import MultiheadLatentAttention
 
 DECODE_BUCKET = 64  # tokens: half-precision decode histories are padded to a multiple of this
@@ -50,6 +51,8 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
         nn.Module.__init__(self)
         for name in ("num_heads", "nope_dim", "pe_dim", "v_dim", "latent_dim", "scale", "rope", "q_lora_rank"):
             setattr(self, name, getattr(layer, name))
+        if self.rope is not None and native.library() is not None:  # a decode step's rotation in one C call
+            self.rope = CpuRotaryEmbedding.of(self.rope)
         for name, module in layer.named_children():
             setattr(self, name, module)
         q_name = "q_proj" if self.q_lora_rank is None else "q_a_proj"

@@ -26,6 +26,7 @@
  *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows,
  *              a decode token's whole block (moe_decode)
  *   layer.c    a KDA decoder layer's decode step for one sequence, the kernels above in one call
+ *   rope.c     rotary position embedding of a decode step's queries and keys (Kimi K2's MLA)
  *   norm.c     rms_norm over many rows
  *   math.c     elementwise: the vector math below, exported for the tests
  * Only the functions the ctypes bindings call are exported; what one file lends another is INTERNAL (hidden).

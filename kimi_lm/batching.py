@@ -5,7 +5,8 @@ can join and leave between steps and keep their own prefix-cache state. To decod
 temporary batched cache:
 
 * KDA layers: the conv tails [1, W−1, 3D] and recurrent states [1, H, K, V] are concatenated along the batch; after
-  the forward the updated rows are copied back into each request's cache.
+  the forward the updated rows are copied back into each request's cache. The CPU backend reads each row's where it
+  lies instead (``BatchedKDACache.rows``): nothing concatenated or copied back.
 * MLA layers: each request's cache still appends its own new latent (so its buffer, sliding window and length stay
   exact) and hands back its own history; the layer attends row by row over these ragged histories (projections,
   KDA and MoE run batched). Padding them into one [B, S_max, 576] tensor would copy every history at every step,
@@ -27,14 +28,30 @@ from kimi_lm.cache import KDACache, ModelCache
 
 
 class BatchedKDACache:
-    """The rows' KDA states stacked along the batch (copies: written back by :meth:`scatter`)."""
+    """The rows' KDA states stacked along the batch on first use (copies: written back by :meth:`scatter`). A layer
+    that reads each row's state where it lies (``rows``: the CPU backend's decode step) never stacks them."""
 
     def __init__(self, rows: list[KDACache]):
         self.rows = rows
-        self.conv_state = torch.cat([r.conv_state for r in rows])  # [B, W − 1, 3D]
-        self.state = torch.cat([r.state for r in rows])  # [B, H, K, V] fp32
+        self._stacked = None
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
+            self._stacked = (torch.cat([r.conv_state for r in self.rows]),  # [B, W − 1, 3D]
+                             torch.cat([r.state for r in self.rows]))  # [B, H, K, V] fp32
+        return self._stacked
+
+    @property
+    def conv_state(self) -> torch.Tensor:
+        return self._stack()[0]
+
+    @property
+    def state(self) -> torch.Tensor:
+        return self._stack()[1]
 
     def scatter(self) -> None:
+        if self._stacked is None:
+            return
         for b, r in enumerate(self.rows):
             r.conv_state.copy_(self.conv_state[b : b + 1])
             r.state.copy_(self.state[b : b + 1])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kimi_lm import cpu
 from kimi_lm.batching import decode_step
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
@@ -10,11 +11,12 @@ from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
 from kimi_lm.prompt_cache import make_cache
 
 
-@pytest.fixture(scope="module", params=["kimi_linear", "kimi_k2"])
+@pytest.fixture(scope="module", params=["kimi_linear", "kimi_k2", "kimi_linear-cpu", "kimi_k2-cpu"])
 def model(request):
-    """Kimi Linear (KDA + NoPE MLA) and K2 (rotary MLA: each row needs its own positions)."""
+    """Kimi Linear (KDA + NoPE MLA) and K2 (rotary MLA: each row needs its own positions), plain and on the CPU
+    backend (its KDA decode reads each row's state where it lies; its rope and products run in C)."""
     torch.manual_seed(0)
-    m = (KimiLinearForCausalLM(preset("tiny")) if request.param == "kimi_linear"
+    m = (KimiLinearForCausalLM(preset("tiny")) if request.param.startswith("kimi_linear")
          else KimiK2ForCausalLM(preset("tiny-k2"))).eval()
     with torch.no_grad():  # make the KDA decay and the MLA scores matter (default init leaves them near-trivial)
         for name, p in m.named_parameters():
@@ -22,6 +24,8 @@ def model(request):
                 p.copy_(torch.empty_like(p).uniform_(1, 16).log())
             elif "norm" not in name:
                 p.normal_(0, p.shape[-1] ** -0.5)
+    if request.param.endswith("-cpu"):
+        m = cpu.prepare(m.requires_grad_(False))
     return m
 
 

@@ -79,6 +79,9 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
     def forward(self, x: torch.Tensor, cache: KDACache | None = None, positions=None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` if given (as the plain layer)."""
         x = x.contiguous()
+        rows = getattr(cache, "rows", None)  # a batched step's per-sequence caches (kimi_lm.batching)
+        if rows is not None and x.shape[1] == 1 and all(native.supports(r.conv_state, r.state) for r in rows):
+            return self._decode(x, cache, [r.conv_state for r in rows], [r.state for r in rows])
         if cache is not None and not native.supports(cache.conv_state, cache.state):
             raise ValueError("a KDA cache for the CPU kernels must be contiguous CPU tensors of the model's dtype "
                              "(conv) and fp32 (state); make it with model.make_cache")
@@ -86,9 +89,13 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
             return self._decode(x, cache)
         return self._prefill(x, cache)
 
-    def _decode(self, x: torch.Tensor, cache: KDACache) -> torch.Tensor:
-        """One token per sequence: x [B, 1, hidden] -> [B, 1, hidden]."""
-        o = native.kda_decode(self.in_proj(x[:, 0]), cache.conv_state, cache.state, self.taps, self.neg_A,
+    def _decode(self, x: torch.Tensor, cache: KDACache, conv_rows: list | None = None,
+                state_rows: list | None = None) -> torch.Tensor:
+        """One token per sequence: x [B, 1, hidden] -> [B, 1, hidden]; each sequence's caches where they lie when
+        given as rows (a batched step: nothing stacked or copied back)."""
+        conv_state = cache.conv_state if conv_rows is None else conv_rows
+        state = cache.state if state_rows is None else state_rows
+        o = native.kda_decode(self.in_proj(x[:, 0]), conv_state, state, self.taps, self.neg_A,
                               self.dt_bias_fp32, self.f_b_reader, self.g_b_reader, self.norm_weight,
                               self.o_norm.eps, L2_EPS)  # [B, D]
         return self.o_proj(o.unsqueeze(1))

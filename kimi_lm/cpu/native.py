@@ -123,8 +123,12 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.kda_decode.argtypes = [_L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _I, _P, _I, _P, _P, _F, _F, _P, _I]
     lib.kda_decode.restype = _I
+    lib.kda_decode_rows.argtypes = lib.kda_decode.argtypes
+    lib.kda_decode_rows.restype = _I
     lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P, _I]
     lib.packed_gemv.restype = _I
+    lib.fused_products.argtypes = [_L, _P, _P, _P, _L, _I, _L, _P, _P, _I]
+    lib.fused_products.restype = _I
     lib.kda_scan.argtypes = [_L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I]
     lib.kda_scan.restype = _I
     lib.kda_prefill_inputs.argtypes = [_L, _L, _L, _L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _I]
@@ -183,19 +187,26 @@ def supports(*tensors: torch.Tensor) -> bool:
     return library() is not None
 
 
-def kda_decode(proj: torch.Tensor, conv_state: torch.Tensor, state: torch.Tensor, taps: torch.Tensor,
-               neg_A: torch.Tensor, dt_bias: torch.Tensor, f_b, g_b,
-               norm_weight: torch.Tensor, norm_eps: float, l2_eps: float) -> torch.Tensor:
-    """One KDA decode token (see ``kernels.c``). proj [B, 3D + 2K + H] and conv_state [B, W − 1, 3D] in the
-    model dtype, state [B, H, K, K] fp32 (both caches updated in place); f_b / g_b: the gate products' weights,
-    read in place (``products.Reader``: ``layout`` and ``pointer()``; oneDNN-packed or MLX-quantized). Returns [B, D] in the model dtype."""
-    B, H, K, _ = state.shape
+def kda_decode(proj: torch.Tensor, conv_state, state, taps: torch.Tensor, neg_A: torch.Tensor, dt_bias: torch.Tensor,
+               f_b, g_b, norm_weight: torch.Tensor, norm_eps: float, l2_eps: float) -> torch.Tensor:
+    """One KDA decode token (see ``kernels.c``). proj [B, 3D + 2K + H] in the model dtype; the caches, updated in
+    place: conv_state [B, W − 1, 3D] (model dtype) and state [B, H, K, K] fp32, or lists of B such [1, …] tensors,
+    each sequence's own (a batched step of sequences with caches of their own: read where they lie); f_b / g_b: the
+    gate products' weights, read in place (``products.Reader``: ``layout`` and ``pointer()``; oneDNN-packed or
+    MLX-quantized). Returns [B, D] in the model dtype."""
+    B = proj.shape[0]
+    rows = isinstance(state, list)
+    H, K = (state[0] if rows else state).shape[1:3]
     W = taps.shape[0]
     out = torch.empty(B, H * K, dtype=proj.dtype)
-    status = library().kda_decode(
-        B, H, K, W, _DTYPES[proj.dtype], proj.data_ptr(), conv_state.data_ptr(), state.data_ptr(), taps.data_ptr(),
-        neg_A.data_ptr(), dt_bias.data_ptr(), f_b.layout, f_b.pointer(), g_b.layout, g_b.pointer(),
-        norm_weight.data_ptr(), norm_eps, l2_eps, out.data_ptr(), torch.get_num_threads())
+    if rows:
+        call = library().kda_decode_rows
+        conv, st = (_P * B)(*(t.data_ptr() for t in conv_state)), (_P * B)(*(t.data_ptr() for t in state))
+    else:
+        call, conv, st = library().kda_decode, conv_state.data_ptr(), state.data_ptr()
+    status = call(B, H, K, W, _DTYPES[proj.dtype], proj.data_ptr(), conv, st, taps.data_ptr(), neg_A.data_ptr(),
+                  dt_bias.data_ptr(), f_b.layout, f_b.pointer(), g_b.layout, g_b.pointer(), norm_weight.data_ptr(),
+                  norm_eps, l2_eps, out.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError("kda_decode: could not allocate its scratch memory")
     return out
@@ -254,11 +265,21 @@ class PackedGemv:
         return self._pointer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] with up to ``ROWS`` rows -> [..., out]: the weight read once for all rows, output rows shared
+        among torch's threads."""
         x = x.contiguous()
+        rows = x.numel() // self.in_features
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        if library().packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features, self.pointer(),
-                                 x.data_ptr(), y.data_ptr(), 2):
-            raise MemoryError("packed_gemv: could not allocate its scratch memory")
+        lib, threads = library(), torch.get_num_threads()
+        if rows == 1:
+            status = lib.packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features,
+                                     self.pointer(), x.data_ptr(), y.data_ptr(), threads)
+        else:
+            status = lib.fused_products(1, ctypes.byref(_I(self.layout)), ctypes.byref(_P(self.pointer())),
+                                        ctypes.byref(_L(self.out_features)), self.in_features, self.dtype_code, rows,
+                                        x.data_ptr(), y.data_ptr(), threads)
+        if status:
+            raise MemoryError("packed products: could not allocate their scratch memory")
         return y
 
 

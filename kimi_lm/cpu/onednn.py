@@ -52,14 +52,18 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 # unchanged). fp32 keeps 1 row: there the 1-row kernel is the fastest.
 _BF16_ROWS = 4
 _BF16_PAD_MIN_BYTES = 2 << 20
+# rows up to which a product with a C reader runs in C (kernels/common.h ROWS_MAX: the weight read once for all of
+# them); a batched decode step of up to 8 sequences
+GEMV_ROWS = 8
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, gemv: native.PackedGemv | None = None) -> torch.Tensor:
-    """x [..., in] (the weight's dtype) @ packedᵀ -> [..., out]. One row (a decode step) goes to ``gemv``, the C
-    kernel on the same packed memory, where the weight has one (``native.for_packed``)."""
+    """x [..., in] (the weight's dtype) @ packedᵀ -> [..., out]. Up to ``GEMV_ROWS`` rows (a decode step, of one
+    sequence or a few) go to ``gemv``, the C kernel on the same packed memory, where the weight has one
+    (``native.for_packed``)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows == 1 and gemv is not None and gemv.nbytes <= native.gemv_max_bytes() and x.dtype == packed.dtype
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    if (0 < rows <= GEMV_ROWS and gemv is not None and gemv.nbytes <= native.gemv_max_bytes()
+            and x.dtype == packed.dtype and not (torch.is_grad_enabled() and x.requires_grad)):
         return gemv(x)
     if 0 < rows < _BF16_ROWS and x.dtype == torch.bfloat16 and packed.numel() * 2 >= _BF16_PAD_MIN_BYTES:
         padded = torch.cat([x.reshape(rows, -1), x.new_zeros(_BF16_ROWS - rows, x.shape[-1])])

@@ -14,7 +14,6 @@ Reference: ``kernels/common.h`` (qweight, LAYOUT_QUANT); the parts' own forwards
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 from torch import nn
@@ -79,14 +78,6 @@ def reader(module: nn.Module) -> Reader | None:
     return None
 
 
-@functools.cache
-def _fused_library() -> ctypes.CDLL:
-    lib = native.library()
-    lib.fused_products.argtypes = [_L, _P, _P, _P, _L, _I, _L, _P, _P, _I]
-    lib.fused_products.restype = _I
-    return lib
-
-
 class FusedProducts:
     """Several product modules that read the same input, as one: ``forward(x)`` = the parts' outputs side by side
     [..., Σ out] (``sizes`` splits it). Up to 8 rows: one C call (``fused_products``) reading every part's weight in
@@ -110,7 +101,7 @@ class FusedProducts:
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], sum(self.sizes), dtype=x.dtype)
         weights = (_P * len(self.parts))(*(r.pointer() for r in self.readers))
-        if _fused_library().fused_products(len(self.parts), self._layouts, weights, self._outs, self.in_features,
+        if native.library().fused_products(len(self.parts), self._layouts, weights, self._outs, self.in_features,
                                            _DTYPES[x.dtype], rows, x.data_ptr(), y.data_ptr(),
                                            torch.get_num_threads()):
             raise MemoryError("fused_products: could not allocate its scratch memory")

@@ -50,8 +50,9 @@ typedef struct {
     long H, K, W;
     int bf16, f_layout, g_layout;
     const void *proj, *f_b, *g_b;
-    void *conv_state, *out;
-    float *state;
+    void *const *conv_rows; /* [B]: each sequence's conv_state [W - 1, 3D] */
+    float *const *state_rows; /* [B]: each sequence's state [H, K, K] */
+    void *out;
     const float *taps, *neg_A, *dt_bias, *norm_w;
     float norm_eps, l2_eps;
     int failed; /* set when a row could not allocate its scratch memory */
@@ -98,7 +99,7 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     float *qkv = x + 3 * K; /* [3K] after conv + SiLU */
     float *fa = qkv + 3 * K, *ga = fa + K, *g = ga + K, *z = g + K, *o = z + K, *pr = o + K; /* [K] each */
     const char *row = (const char *)job->proj + (size_t)(bi * P) * esize;
-    char *cs = (char *)job->conv_state + (size_t)(bi * (W - 1) * C) * esize;
+    char *cs = (char *)job->conv_rows[bi];
     for (long sec = 0; sec < 3; sec++) { /* q, k, v: channels sec D + h K .. + K */
         const long c0 = sec * D + h * K;
         float *xs = x + sec * K, *ys = qkv + sec * K;
@@ -144,7 +145,7 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     float q_scale, k_scale;
     qk_l2_scales(q, k, K, job->l2_eps, &q_scale, &k_scale);
     const float beta = sigmoid(b_h);
-    float *S = job->state + (bi * H + h) * K * K;
+    float *S = job->state_rows[bi] + h * K * K;
     /* S <- diag(exp(g)) S and pred = k^T S in one pass */
     memset(pr, 0, sizeof(float) * (size_t)K);
     for (long i = 0; i < K; i++) {
@@ -181,14 +182,33 @@ static void kda_decode_item(const void *ctx, long item) {
     kda_decode_head(job, item / job->H, item % job->H);
 }
 
+/* kda_decode with each sequence's caches where they lie: conv_rows[b] [W - 1, 3D] and state_rows[b] [H, K, K] (a
+ * batched decode step of sequences with caches of their own: nothing stacked, nothing copied back) */
+int kda_decode_rows(long B, long H, long K, long W, int bf16, const void *proj, void *const *conv_rows,
+                    float *const *state_rows, const float *taps, const float *neg_A, const float *dt_bias, int f_layout,
+                    const void *f_b, int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps,
+                    void *out, int threads) {
+    kda_decode_job job = {H, K, W, bf16, f_layout, g_layout, proj, f_b, g_b, conv_rows, state_rows, out, taps, neg_A,
+                          dt_bias, norm_w, norm_eps, l2_eps, 0};
+    parallel_for(kda_decode_item, &job, B * H, threads);
+    return job.failed;
+}
+
 int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void *conv_state, float *state,
                const float *taps, const float *neg_A, const float *dt_bias, int f_layout, const void *f_b,
                int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps, void *out,
                int threads) {
-    kda_decode_job job = {H, K, W, bf16, f_layout, g_layout, proj, f_b, g_b, conv_state, out, state, taps, neg_A,
-                          dt_bias, norm_w, norm_eps, l2_eps, 0};
-    parallel_for(kda_decode_item, &job, B * H, threads);
-    return job.failed;
+    void **rows = malloc(sizeof(void *) * (size_t)(2 * B));
+    if (!rows) return 1;
+    const long D = H * K;
+    for (long b = 0; b < B; b++) {
+        rows[b] = (char *)conv_state + (size_t)(b * (W - 1) * 3 * D) * (bf16 ? 2 : 4);
+        rows[B + b] = state + b * H * K * K;
+    }
+    const int failed = kda_decode_rows(B, H, K, W, bf16, proj, rows, (float *const *)(rows + B), taps, neg_A, dt_bias,
+                                       f_layout, f_b, g_layout, g_b, norm_w, norm_eps, l2_eps, out, threads);
+    free(rows);
+    return failed;
 }
 
 /* ---- KDA over many tokens: the recurrence itself, for prefill and multi-token steps ------------------------------ */

@@ -11,7 +11,7 @@ from torch import nn
 
 import kimi_lm
 from conftest import load_rss_growth, rel_err
-from kimi_lm.cpu import malloc, onednn
+from kimi_lm.cpu import malloc, native, onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(torch.float32, "cpu"), reason="no oneDNN in this torch build")
 
@@ -91,12 +91,12 @@ def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_
     assert r["after"] <= 1.2 * model_bytes
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("out_features", [64, 4096])  # 64 KiB / 4 MiB of bf16 weight: below / above the padding size
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("out_features", [64, 4096, 20480])  # 64 KiB / 4 MiB / 20 MiB of bf16 weight
 def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
-    """A bf16 product with < 4 rows and a weight ≥ 2 MiB runs on a zero-padded 4-row input (a faster oneDNN
-    kernel) unless it has one row and the C kernel takes it (ops/native.py); whatever the path, the result is the
-    plain product in the input's shape."""
+    """A product of up to 8 rows runs in C where the weight has a C reader (up to the C products' size limit); other
+    bf16 products with < 4 rows and a weight ≥ 2 MiB on a zero-padded 4-row input (a faster oneDNN kernel); whatever
+    the path, the result is the plain product in the input's shape."""
     if not onednn.available(torch.bfloat16, "cpu"):
         pytest.skip("no oneDNN bf16 on this CPU")
     torch.manual_seed(0)
@@ -110,7 +110,9 @@ def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
         got = packed(x)
     assert got.shape == (rows, 1, out_features)
     padded = rows < 4 and out_features * 512 * 2 >= 2 << 20
-    if rows == 1 and packed.gemv is not None:
+    in_c = packed.gemv is not None and rows <= onednn.GEMV_ROWS and packed.gemv.nbytes <= native.gemv_max_bytes()
+    assert in_c == (out_features <= 4096 and rows <= 8) or packed.gemv is None
+    if in_c:
         assert calls == []
     else:
         assert calls == [(4, 512) if padded else (rows, 1, 512)]

@@ -52,17 +52,18 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 # unchanged). fp32 keeps 1 row: there the 1-row kernel is the fastest.
 _BF16_ROWS = 4
 _BF16_PAD_MIN_BYTES = 2 << 20
-# rows up to which a product with a C reader runs in C (kernels/common.h ROWS_MAX: the weight read once for all of
-# them); a batched decode step of up to 8 sequences
-GEMV_ROWS = 8
+# rows up to which a product with a C reader runs in C (the weight read once for all of them; kernels/common.h
+# ROWS_MAX = 8), per dtype. Bench-model batched steps, fp32: B=4 15.0 -> 11.5 ms, B=8 20 -> 18 ms; bf16 B=4 9.7 -> 8.7
+# ms. Beyond 4 bf16 rows oneDNN's bf16 kernel computes faster than the C loop (real-layers bf16 B=8: 53 vs 60 ms).
+GEMV_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, gemv: native.PackedGemv | None = None) -> torch.Tensor:
     """x [..., in] (the weight's dtype) @ packedᵀ -> [..., out]. Up to ``GEMV_ROWS`` rows (a decode step, of one
-    sequence or a few) go to ``gemv``, the C kernel on the same packed memory, where the weight has one
+    sequence or a few; per dtype) go to ``gemv``, the C kernel on the same packed memory, where the weight has one
     (``native.for_packed``)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= GEMV_ROWS and gemv is not None and gemv.nbytes <= native.gemv_max_bytes()
+    if (0 < rows <= GEMV_ROWS.get(x.dtype, 1) and gemv is not None and gemv.nbytes <= native.gemv_max_bytes()
             and x.dtype == packed.dtype and not (torch.is_grad_enabled() and x.requires_grad)):
         return gemv(x)
     if 0 < rows < _BF16_ROWS and x.dtype == torch.bfloat16 and packed.numel() * 2 >= _BF16_PAD_MIN_BYTES:

@@ -89,26 +89,31 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
         return history if padded is None else padded
 
     def attend_absorbed(self, q: torch.Tensor, latent, past: int | None = None) -> torch.Tensor:
-        """q [B, 1, H, nope + pe] against latent [B, S, C + pe] (rows past ``past`` + 1 are padding) in one C call;
-        other shapes (several queries, ragged histories) as the plain layer."""
-        if (q.shape[1] != 1 or past is None or not isinstance(latent, torch.Tensor) or latent.dtype != q.dtype
-                or (past + 1) * latent.shape[2] * latent.element_size() > C_DECODE_MAX_HISTORY
-                or latent.stride(2) != 1 or latent.stride(1) != latent.shape[2] or not native.supports(q)
-                or native.library() is None):
+        """q [B, 1, H, nope + pe] against latent [B, S, C + pe] (rows past ``past`` + 1 are padding), or against each
+        sequence's own history (a list of B [S_b, C + pe]: a batched step of caches of their own), in one C call;
+        other shapes (several queries) as the plain layer."""
+        if isinstance(latent, torch.Tensor):
+            histories = None if past is None else [latent[b, : past + 1] for b in range(latent.shape[0])]
+        else:
+            histories = latent
+        if (q.shape[1] != 1 or histories is None or not native.supports(q) or native.library() is None
+                or not all(h.dtype == q.dtype and h.stride(-1) == 1 and h.stride(0) == h.shape[1]
+                           and h.numel() * h.element_size() <= C_DECODE_MAX_HISTORY for h in histories)):
             return super().attend_absorbed(q, latent, past)
         B, _, H, _ = q.shape
-        w_uk, w_uv_t = (w.contiguous() for w in self.absorbed_weights(latent.dtype))
+        w_uk, w_uv_t = (w.contiguous() for w in self.absorbed_weights(q.dtype))
         q = q.contiguous()
         out = torch.empty(B, 1, H, self.v_dim, dtype=q.dtype)
         threads = torch.get_num_threads()
+        lengths = [h.shape[0] for h in histories]
         # fewer sequences than threads: each history split into row ranges (at least SPLIT_ROWS each) read by
         # different threads, so that every thread has work at batch 1 (mla.c splits the per-head work by head)
-        splits = max(1, min(-(-threads // B), (past + 1) // SPLIT_ROWS))
-        lengths = (ctypes.c_int64 * B)(*([past + 1] * B))
+        splits = max(1, min(-(-threads // B), min(lengths) // SPLIT_ROWS))
         if _mla_library().mla_decode(B, H, self.nope_dim, self.pe_dim, self.latent_dim, self.v_dim,
-                                     int(q.dtype == torch.bfloat16), q.data_ptr(), latent.data_ptr(),
-                                     latent.stride(0) // latent.shape[2], lengths, w_uk.data_ptr(), w_uv_t.data_ptr(),
-                                     self.scale, out.data_ptr(), splits, threads):
+                                     int(q.dtype == torch.bfloat16), q.data_ptr(),
+                                     (ctypes.c_void_p * B)(*(h.data_ptr() for h in histories)),
+                                     (ctypes.c_int64 * B)(*lengths), w_uk.data_ptr(), w_uv_t.data_ptr(), self.scale,
+                                     out.data_ptr(), splits, threads):
             raise MemoryError("mla_decode: could not allocate its scratch memory")
         return out
 
@@ -124,6 +129,6 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
 def _mla_library() -> ctypes.CDLL:
     lib = native.library()
     P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.mla_decode.argtypes = [L, L, L, L, L, L, I, P, P, L, P, P, P, ctypes.c_float, P, L, I]
+    lib.mla_decode.argtypes = [L, L, L, L, L, L, I, P, P, P, P, P, ctypes.c_float, P, L, I]
     lib.mla_decode.restype = I
     return lib

@@ -28,10 +28,10 @@
 #define HEAD_BLOCK 4 /* heads whose dot products with one history row run side by side */
 
 typedef struct {
-    long B, H, S_stride, nope, pe, C, V, splits;
+    long B, H, nope, pe, C, V, splits;
     int bf16;
     const void *q;          /* [B, H, nope + pe] */
-    const void *history;    /* row b at b * S_stride: [S_b, C + pe] */
+    const void *const *histories; /* [B]: sequence b's [S_b, C + pe] rows, contiguous */
     const int64_t *lengths; /* [B] rows of each history that are real */
     const void *w_uk;       /* [H, nope, C] */
     const void *w_uv_t;     /* [H, C, V] */
@@ -79,7 +79,7 @@ static void absorbed_query(const mla_job *job, long b, long h, float *qf, float 
 static void scores(const mla_job *job, long b, long s0, long s1, const float *qf, float *p, long S, float *row) {
     const long H = job->H, D = job->C + job->pe, full = D / 16 * 16;
     const int bf16 = job->bf16;
-    const char *hist = (const char *)job->history + (size_t)(b * job->S_stride * D) * (bf16 ? 2 : 4);
+    const char *hist = (const char *)job->histories[b];
     for (long s = s0; s < s1; s++) {
         load_row(row, hist + (size_t)(s * D) * (bf16 ? 2 : 4), D, bf16);
         for (long k0 = 0; k0 < H; k0 += HEAD_BLOCK) {
@@ -135,7 +135,7 @@ static void weighted_latents(const mla_job *job, long b, long s0, long s1, const
     const long H = job->H, C = job->C, D = C + job->pe;
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
-    const char *hist = (const char *)job->history + (size_t)(b * job->S_stride * D) * es;
+    const char *hist = (const char *)job->histories[b];
     for (long c0 = 0; c0 < C; c0 += LATENT_BLOCK) {
         const long n = C - c0 < LATENT_BLOCK ? C - c0 : LATENT_BLOCK;
         for (long k0 = 0; k0 < H; k0 += HEAD_BLOCK) {
@@ -281,15 +281,16 @@ static void phase_values(const void *ctx, long item) { /* item = (b, h): the spl
 }
 
 /* One absorbed MLA decode token for B sequences (see the top of this file): q [B, H, nope + pe], histories at
- * history + b S_stride rows ([lengths[b], C + pe] each, model dtype), w_uk [H, nope, C], w_uv_t [H, C, V] ->
+ * histories[b] ([lengths[b], C + pe] each, model dtype, each its own buffer: the rows of a batched step's caches
+ * where they lie), w_uk [H, nope, C], w_uv_t [H, C, V] ->
  * out [B, H, V] (model dtype). At least as many sequences as threads: a sequence per work item; fewer: the phases,
  * each history read in `splits` row ranges (a decode step of one sequence on several threads). Items shared among
  * `threads`.
  * Returns 0, or 1 when scratch memory could not be allocated. */
-int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, const void *q, const void *history,
-               long S_stride, const int64_t *lengths, const void *w_uk, const void *w_uv_t, float scale, void *out,
+int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, const void *q,
+               const void *const *histories, const int64_t *lengths, const void *w_uk, const void *w_uv_t, float scale, void *out,
                long splits, int threads) {
-    mla_job job = {B, H, S_stride, nope, pe, C, V, splits < 1 ? 1 : splits, bf16, q, history, lengths, w_uk, w_uv_t,
+    mla_job job = {B, H, nope, pe, C, V, splits < 1 ? 1 : splits, bf16, q, histories, lengths, w_uk, w_uv_t,
                    scale, out, NULL, 0, NULL, NULL, 0, 0};
     if (B >= threads) {
         parallel_for(mla_sequence, &job, B, threads);

@@ -220,26 +220,31 @@ def test_packed_experts_equal_stacked_experts(dtype, tokens):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_experts_with_few_rows_in_c_equal_onednn(dtype, monkeypatch):
-    """Experts with 1–4 rows run in one C call (several rows per pass over the weights), the rest on oneDNN; each
-    expert's output as the per-expert oneDNN loop gives it."""
+    """Experts with 1–4 rows (1–8 for small experts) run in one C call (several rows per pass over the weights), the
+    rest on oneDNN; each expert's output as the per-expert oneDNN loop gives it."""
+    from kimi_lm.cpu import moe as cpu_moe
+
     torch.manual_seed(0)
     plain = StackedExperts(8, 96, 40)
     with torch.no_grad():
         plain.gate_up_proj.normal_(std=0.1)
         plain.down_proj.normal_(std=0.1)
     experts = OneDNNStackedExperts(plain.to(dtype))
-    counts = [1, 0, 3, 4, 9, 2, 0, 6]  # 1-4 rows: C; 6 and 9: oneDNN
+    counts = [1, 0, 3, 4, 9, 2, 0, 6]  # small experts: 1-8 rows in C, 9 on oneDNN; large ones: 6 on oneDNN too
     xs = torch.randn(sum(counts), 96).to(dtype)
     calls = []
     real = moe_kernels.moe_experts_rows
     monkeypatch.setattr(moe_kernels, "moe_experts_rows", lambda xs, counts, few, *a: calls.append(few) or real(xs, counts, few, *a))
-    with torch.inference_mode():
-        got = experts.grouped(xs, counts)
-        want = StackedExperts.grouped(experts, xs, counts)
-    assert calls == [[0, 2, 3, 5]]
-    assert len(got) == len(want) == 6
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and rel_err(g, w) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    for small_bytes, in_c in ((cpu_moe.SMALL_EXPERT_BYTES, [0, 2, 3, 5, 7]), (0, [0, 2, 3, 5])):
+        monkeypatch.setattr(cpu_moe, "SMALL_EXPERT_BYTES", small_bytes)
+        calls.clear()
+        with torch.inference_mode():
+            got = experts.grouped(xs, counts)
+            want = StackedExperts.grouped(experts, xs, counts)
+        assert calls == [in_c]
+        assert len(got) == len(want) == 6
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and rel_err(g, w) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_whole_model_fp32_prefill_and_cached_decode_equal_plain(models, token_ids, monkeypatch):

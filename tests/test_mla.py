@@ -37,25 +37,35 @@ def test_absorbed_equals_naive(mla, T, past):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_decode_path(mla, dtype, monkeypatch):
-    """The CPU backend's fp32 one-token decode over exactly its history goes through SDPA's fused kernel (one read of
-    the history); bf16 keeps the two matmuls. Both against the plain layer's naive form."""
+    """The CPU backend's one-token decode: one C call (kernels/mla.c) where the kernels are built; without them, fp32
+    over exactly its history goes through SDPA's fused kernel (one read of the history) and bf16 keeps the two
+    matmuls. Each against the plain layer's naive form."""
+    from kimi_lm.cpu import mla as cpu_mla
     from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 
     past = 25
     layer = CpuMultiheadLatentAttention(mla.to(dtype))
     x = torch.randn(2, past + 1, preset("tiny").hidden_size).to(dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    built = cpu_mla.native.library() is not None
     with torch.no_grad():
         q_in, kv_in = layer.project(x)
         latent = layer.latent(kv_in, POS(past + 1))
-        q = layer._queries(q_in[:, past:], POS(past + 1)[:, past:])
+        q = layer._queries(q_in[:, past:], POS(past + 1)[:, past:])  # a strided view, as the layer hands it
         naive = layer.attend_naive(q, latent, past)
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        calls = []
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                            lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
-        absorbed = layer.attend_absorbed(q, latent, past)
-    assert len(calls) == (2 if dtype == torch.float32 else 0)  # one per sequence
-    assert rel_err(absorbed, naive) < (1e-5 if dtype == torch.float32 else 3e-2)
+        calls.clear()
+        in_c = layer.attend_absorbed(q, latent, past)
+        c_calls = len(calls)
+        monkeypatch.setattr(cpu_mla.native, "library", lambda: None)
+        fallback = layer.attend_absorbed(q, latent, past)
+    sdpa_calls = 2 if dtype == torch.float32 else 0  # the fallback: one per sequence
+    assert c_calls == (0 if built else sdpa_calls)  # the C call, not SDPA
+    assert len(calls) - c_calls == sdpa_calls, calls
+    for got in (in_c, fallback):
+        assert rel_err(got, naive) < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
 def test_cache_stores_only_the_latent(mla):

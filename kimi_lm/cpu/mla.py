@@ -96,7 +96,7 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
             histories = None if past is None else [latent[b, : past + 1] for b in range(latent.shape[0])]
         else:
             histories = latent
-        if (q.shape[1] != 1 or histories is None or not native.supports(q) or native.library() is None
+        if (q.shape[1] != 1 or histories is None or not native.supports(q.contiguous()) or native.library() is None
                 or not all(h.dtype == q.dtype and h.stride(-1) == 1 and h.stride(0) == h.shape[1]
                            and h.numel() * h.element_size() <= C_DECODE_MAX_HISTORY for h in histories)):
             return super().attend_absorbed(q, latent, past)

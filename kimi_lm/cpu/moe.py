@@ -37,6 +37,10 @@ from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
 # oneDNN, fp32 0.54 / 0.74 / 1.08 / 2.45 vs 1.31 / 2.58 / 2.57 / 3.01; Kimi-Linear-48B's experts (2304 -> 1024) bf16
 # 5.1 / 5.7 / 8.8 / 17.2 vs 10.0 / 9.1 / 8.9 / 10.9 (there 8 rows are compute, and oneDNN's two threads win).
 EXPERT_ROWS_IN_C = 4
+# Experts up to this size (gate | up bytes) take up to 8 rows in C: the bench preset's (512 KiB in bf16) measured
+# faster in C at every row count above, Kimi-Linear-48B's (9 MiB) not past 4.
+SMALL_EXPERT_BYTES = 1 << 20
+SMALL_EXPERT_ROWS = 8
 
 
 class FewRowsInC:
@@ -70,11 +74,12 @@ class OneDNNStackedExperts(FewRowsInC, StackedExperts):
         return packed_linear(h, self.down_packed[e], self.down_gemv[e])
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        """Experts with a few rows (a decode step of several sequences) run in one C call that reads their packed
-        weights in place (``moe_kernels.moe_experts_rows``) instead of two oneDNN calls each (mostly set-up at 1–4
-        rows); experts with more rows, and weights without a reader, go to oneDNN."""
-        few = [e for e, n in enumerate(counts) if 0 < n <= EXPERT_ROWS_IN_C and self.gate_up_gemv[e] is not None
-               and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()]
+        """Experts with a few rows (a decode step of several sequences: up to 4, or 8 for small experts) run in one C
+        call that reads their packed weights in place (``moe_kernels.moe_experts_rows``) instead of two oneDNN calls
+        each (mostly set-up at 1–4 rows); experts with more rows, and weights without a reader, go to oneDNN."""
+        few = [e for e, n in enumerate(counts) if n and self.gate_up_gemv[e] is not None
+               and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()
+               and n <= (SMALL_EXPERT_ROWS if self.gate_up_gemv[e].nbytes <= SMALL_EXPERT_BYTES else EXPERT_ROWS_IN_C)]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)
         in_c = moe_kernels.moe_experts_rows(xs, counts, few, self.gate_up_gemv, self.down_gemv)

@@ -27,6 +27,7 @@ from kimi_lm.cpu import native
 from kimi_lm.cpu.kda import L2_EPS, CpuKimiDeltaAttention
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.moe import CpuSparseMoE
+from kimi_lm.cpu.moe_kernels import TensorWatch
 from kimi_lm.cpu.native import _DTYPES, _I, _L, _P
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import LAYOUT_QUANT, FusedProducts, reader
@@ -91,7 +92,7 @@ class KDALayerPlan:
         self.dtype = norm1.weight.dtype  # the model dtype: the input the kernels take, whatever packed the weights
         self.nbytes = max(p.nbytes for p in parts.values())
         self.parts, self.moe_plan = parts, moe_plan
-        self.sources = tuple((m, m.weight.data_ptr()) for p in parts.values() for m in p.sources)
+        self.watch = TensorWatch([(m, "weight") for p in parts.values() for m in p.sources])
         ffn = {}
         if moe_plan is not None:
             gate, r = layer.block_sparse_moe.gate, moe_plan.router
@@ -122,7 +123,7 @@ class KDALayerPlan:
 
     def stale(self, layer: CpuDecoderLayer) -> bool:
         """Whether a quantized weight was replaced, or the MoE block's plan was made again."""
-        if any(m.weight.data_ptr() != address for m, address in self.sources):
+        if self.watch.stale():
             return True
         return self.moe_plan is not None and layer.block_sparse_moe.decode_plan() is not self.moe_plan
 

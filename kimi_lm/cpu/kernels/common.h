@@ -170,6 +170,11 @@ static inline float softplus(float x) {
 
 /* ---- shared with the other files -------------------------------------------------------------------------------- */
 
+/* where code j of a block of 64 lands when its two byte halves (looked up per 16-byte lane) are interleaved by
+ * unpacklo / unpackhi: the first vector holds each lane's codes 0-7, the second its codes 8-15. The 8-bit vector paths
+ * (fp8.c, quant.c) permute their bf16 inputs into this order once per call. */
+static inline long unpacked_slot(long j) { return ((j & 15) >= 8) * 32 + 8 * (j >> 4) + (j & 7); }
+
 /* A weight packed by MLX (quant.c): affine 2-8 bit, MXFP4, MXFP8, NVFP4 (mode AFFINE .. NVFP4). The products below
  * take one as layout LAYOUT_QUANT, `w` pointing at this descriptor (kimi_lm/cpu/products.py QWeight mirrors it). */
 enum { AFFINE = 0, MXFP4 = 1, MXFP8 = 2, NVFP4 = 3 };

@@ -95,16 +95,13 @@ static fp8w fp8_matrix(const void *q, const void *s, long O, long I) {
 
 /* M <= ROWS_MAX input rows, prepared once per call: fp32, and for the bf16 path `parts` bf16 vectors whose sum is x
  * (1 when x holds bf16 values, else 3: hi, mid, lo, within 2^-24 of x), each full 64-column chunk permuted into the
- * order the path's decoded codes come in (fp8_slot) */
+ * order the path's decoded codes come in (unpacked_slot) */
 typedef struct {
     long M, parts;
     const float *x;   /* [M, I] */
     uint16_t *xp;     /* [parts][M, I], or NULL (other paths) */
 } fp8in;
 
-/* where column j of a 64-column chunk goes: unpacking 16-byte lanes, a vector holds each lane's bytes 0-7, the next
- * its bytes 8-15 */
-static inline long fp8_slot(long j) { return ((j & 15) >= 8) * 32 + 8 * (j >> 4) + (j & 7); }
 
 static long fp8_input_size(long M, long I) { return FP8_HAVE_BF16 && fp8_path() == FP8_BF16 ? 3 * M * I : 0; }
 
@@ -119,7 +116,7 @@ static fp8in fp8_input(long M, long I, const float *x, int exact_bf16, uint16_t 
                 float v = x[m * I + c0 + j];
                 for (long p = 0; p < X.parts; p++) { /* each part the rounding of what the ones before left */
                     const uint16_t h = f32_to_bf16(v);
-                    xp[(p * M + m) * I + c0 + fp8_slot(j)] = h;
+                    xp[(p * M + m) * I + c0 + unpacked_slot(j)] = h;
                     v -= bf16_to_f32(h);
                 }
             }

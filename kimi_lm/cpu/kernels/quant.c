@@ -122,18 +122,11 @@ static inline long nibble_slot(long j) {
     return 32 * (2 * odd + half) + 8 * l + p;
 }
 
-/* where element j of a block of 64 goes in the fp8 path's order: vector 0 holds each 16-code lane's codes 0-7, vector
- * 1 its codes 8-15 (what unpacklo/hi of the looked-up low and high bytes give) */
-static inline long fp8_slot(long j) {
-    const long lane = j / 16, r = j % 16;
-    return (r < 8 ? 0 : 32) + 8 * lane + (r & 7);
-}
-
-static long slots[128], slots8[64]; /* nibble_slot(j), fp8_slot(j), filled when the library loads */
+static long slots[128], slots8[64]; /* nibble_slot(j), unpacked_slot(j) (the 8-bit path), filled at load */
 
 __attribute__((constructor)) static void fill_slots(void) {
     for (long j = 0; j < 128; j++) slots[j] = nibble_slot(j);
-    for (long j = 0; j < 64; j++) slots8[j] = fp8_slot(j);
+    for (long j = 0; j < 64; j++) slots8[j] = unpacked_slot(j);
 }
 
 static void free_input(qinput *X) {
@@ -470,7 +463,7 @@ __attribute__((constructor)) static void fill_fp8_tables(void) {
     }
 }
 
-/* 64 codes -> their values as bf16 in two vectors (fp8_slot's order); tables: MXFP8's four quarters, or affine's
+/* 64 codes -> their values as bf16 in two vectors (unpacked_slot's order); tables: MXFP8's four quarters, or affine's
  * eight (low bytes of codes 0-127, 128-255, then high bytes) */
 static inline void fp8_decode(int mode, const uint8_t *p, const __m512i *tables, __m512i *v0, __m512i *v1) {
     const __m512i raw = _mm512_loadu_si512(p), low7 = _mm512_and_si512(raw, _mm512_set1_epi8(0x7f));

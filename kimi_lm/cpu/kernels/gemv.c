@@ -159,13 +159,9 @@ int fused_products(long n, const int *layouts, const void *const *weights, const
             ys[p] = buf + at;
             at += M * outs[p];
             if (layouts[p] == LAYOUT_QUANT) { /* the same spec's input is prepared once */
-                const qweight *W = (const qweight *)weights[p];
-                for (long q = 0; q < p && !inputs[p]; q++) {
-                    const qweight *V = (const qweight *)weights[q];
-                    if (layouts[q] == LAYOUT_QUANT && V->mode == W->mode && V->bits == W->bits && V->group == W->group)
-                        inputs[p] = inputs[q];
-                }
-                if (!inputs[p]) failed = !(inputs[p] = quant_input(W, M, xf, bf16));
+                for (long q = 0; q < p && !inputs[p]; q++)
+                    if (same_row_input(layouts[q], weights[q], layouts[p], weights[p])) inputs[p] = inputs[q];
+                if (!inputs[p]) failed = !(inputs[p] = quant_input((const qweight *)weights[p], M, xf, bf16));
             }
         }
         if (!failed) {

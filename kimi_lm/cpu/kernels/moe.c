@@ -59,24 +59,14 @@ static void route_logits(long E, long top_k, long n_group, long topk_group, int 
     }
 }
 
-/* The router's logits of one token: xf [hidden] fp32 -> logits [E] = xf W^T, W fp32 [E, hidden] (layout 0) or
- * quantized by MLX (LAYOUT_QUANT: W a qweight; its input prepared from fp32, as CpuPackedRouter hands it x.float()).
- * Returns 0, or 1 when scratch memory could not be allocated. */
+/* The router's logits of one token: xf [hidden] fp32 -> logits [E] = xf W^T, W fp32 [E, hidden] (layout 0: plain rows
+ * in fp32) or quantized by MLX (LAYOUT_QUANT: W a qweight; its input prepared from fp32, as CpuPackedRouter hands it
+ * x.float()), through the row readers. Returns 0, or 1 when scratch memory could not be allocated. */
 static int router_logits(int layout, long E, long hidden, const void *W, const float *xf, float *logits) {
-    if (layout == LAYOUT_QUANT) {
-        qinput *X = quant_input((const qweight *)W, 1, xf, 0);
-        if (!X) return 1;
-        quant_rows((const qweight *)W, X, 0, E, logits);
-        quant_input_free(X);
-        return 0;
-    }
-    for (long e = 0; e < E; e++) {
-        const float *row = (const float *)W + e * hidden;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (long i = 0; i < hidden; i++) s += row[i] * xf[i];
-        logits[e] = s;
-    }
+    void *input;
+    if (row_input(layout, W, xf, 0, &input)) return 1;
+    weight_rows(layout, 0, W, input, hidden, xf, 0, E, logits);
+    row_input_free(layout, input);
     return 0;
 }
 

@@ -37,7 +37,7 @@ typedef struct {
     const void *w_uv_t;     /* [H, C, V] */
     float scale;
     void *out;              /* [B, H, V] */
-    /* the phases' shared scratch (splits > 1): */
+    /* the phases' shared scratch (fewer sequences than threads): */
     float *qf;              /* [B, Hq, D] full queries (Hq: H padded to a multiple of HEAD_BLOCK with zero rows) */
     long Hq;
     float *p;               /* [B, Hq, S_max] scores, then probabilities (padding rows zero) */
@@ -45,6 +45,24 @@ typedef struct {
     long S_max;
     int failed;
 } mla_job;
+
+/* y [n_out] = x W for x [n_in] fp32 and W [n_in, n_out] in the model dtype: W's rows scaled and summed (each row
+ * read once, in order), fp32 */
+static void vector_matrix(int bf16, long n_in, long n_out, const void *W, const float *x, float *y) {
+    memset(y, 0, sizeof(float) * (size_t)n_out);
+    for (long d = 0; d < n_in; d++) {
+        const float xd = x[d];
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)W + d * n_out;
+#pragma omp simd
+            for (long c = 0; c < n_out; c++) y[c] += xd * bf16_to_f32(row[c]);
+        } else {
+            const float *row = (const float *)W + d * n_out;
+#pragma omp simd
+            for (long c = 0; c < n_out; c++) y[c] += xd * row[c];
+        }
+    }
+}
 
 /* qf [D] = [round(W_UK[h]^T q_nope) | q_pe] for sequence b, head h; scratch [nope + C] */
 static void absorbed_query(const mla_job *job, long b, long h, float *qf, float *scratch) {
@@ -55,20 +73,7 @@ static void absorbed_query(const mla_job *job, long b, long h, float *qf, float 
     const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
     load_row(qn, qh, nope, bf16);
     load_row(qf + C, qh + (size_t)nope * es, pe, bf16);
-    memset(tmp, 0, sizeof(float) * (size_t)C);
-    for (long d = 0; d < nope; d++) { /* W_UK[h]^T q_nope: rows of W_UK[h] [nope, C] scaled and summed */
-        const char *w = (const char *)job->w_uk + (size_t)((h * nope + d) * C) * es;
-        const float x = qn[d];
-        if (bf16) {
-            const uint16_t *row = (const uint16_t *)w;
-#pragma omp simd
-            for (long c = 0; c < C; c++) tmp[c] += x * bf16_to_f32(row[c]);
-        } else {
-            const float *row = (const float *)w;
-#pragma omp simd
-            for (long c = 0; c < C; c++) tmp[c] += x * row[c];
-        }
-    }
+    vector_matrix(bf16, nope, C, (const char *)job->w_uk + (size_t)(h * nope * C) * es, qn, tmp); /* W_UK[h]^T q */
     for (long c = 0; c < C; c++) qf[c] = as_model_dtype(tmp[c], bf16);
 }
 
@@ -190,20 +195,7 @@ static void value_out(const mla_job *job, long b, long h, float *o, float *tmp) 
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
     for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
-    memset(tmp, 0, sizeof(float) * (size_t)V);
-    for (long c = 0; c < C; c++) { /* W_UV[h] o_lat: rows of W_UVᵀ[h] [C, V] scaled and summed */
-        const char *w = (const char *)job->w_uv_t + (size_t)((h * C + c) * V) * es;
-        const float x = o[c];
-        if (bf16) {
-            const uint16_t *row = (const uint16_t *)w;
-#pragma omp simd
-            for (long v = 0; v < V; v++) tmp[v] += x * bf16_to_f32(row[v]);
-        } else {
-            const float *row = (const float *)w;
-#pragma omp simd
-            for (long v = 0; v < V; v++) tmp[v] += x * row[v];
-        }
-    }
+    vector_matrix(bf16, C, V, (const char *)job->w_uv_t + (size_t)(h * C * V) * es, o, tmp); /* W_UV[h] o_lat */
     store_row((char *)job->out + (size_t)((b * job->H + h) * V) * es, tmp, V, bf16);
 }
 

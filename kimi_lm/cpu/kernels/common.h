@@ -206,7 +206,8 @@ INTERNAL fp8_prepared *fp8_prepare(long M, long I, const float *x, int exact_bf1
 INTERNAL void fp8_prepared_free(fp8_prepared *X);
 INTERNAL void fp8_weight_rows(const fp8_weight *W, const fp8_prepared *X, long r0, long r1, float *y);
 
-/* one input row x [I] fp32 through a weight in any layout (gemv.c): output rows [r0, r1) into y[r0 .. r1) fp32;
+/* one input row x [I] fp32 through a weight in any layout (gemv.c): output rows [r0, r1) (any, also mid-block of
+ * oneDNN's blocked layout) into y[r0 .. r1) fp32;
  * `input` what row_input prepared for the layout (none for oneDNN's: NULL). row_input returns 1 when out of memory;
  * same_row_input: whether two weights take the same prepared input. */
 INTERNAL int row_input(int layout, const void *w, const float *x, int bf16, void **input);

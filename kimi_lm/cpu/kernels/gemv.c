@@ -226,7 +226,19 @@ int same_row_input(int layout_a, const void *a, int layout_b, const void *b) {
 
 void weight_rows(int layout, int bf16, const void *w, const void *input, long I, const float *x, long r0, long r1,
                  float *y) {
-    if (layout == LAYOUT_QUANT) quant_rows((const qweight *)w, (const qinput *)input, r0, r1, y);
-    else if (layout == LAYOUT_FP8) fp8_weight_rows((const fp8_weight *)w, (const fp8_prepared *)input, r0, r1, y);
-    else packed_rows_range(layout, bf16, I, w, r0, r1, 1, x, y + r0);
+    if (layout == LAYOUT_QUANT) {
+        quant_rows((const qweight *)w, (const qinput *)input, r0, r1, y);
+    } else if (layout == LAYOUT_FP8) {
+        fp8_weight_rows((const fp8_weight *)w, (const fp8_prepared *)input, r0, r1, y);
+    } else if (layout == 1 && (r0 % 64 || r1 % 64)) { /* rows mid-block: each whole block around them (the layout
+                                                        * is padded to whole blocks), then the rows wanted */
+        for (long a = r0 / 64 * 64; a < r1; a += 64) {
+            float block[64];
+            packed_rows_range(layout, bf16, I, w, a, a + 64, 1, x, block);
+            const long from = a > r0 ? a : r0, to = a + 64 < r1 ? a + 64 : r1;
+            memcpy(y + from, block + (from - a), sizeof(float) * (size_t)(to - from));
+        }
+    } else {
+        packed_rows_range(layout, bf16, I, w, r0, r1, 1, x, y + r0);
+    }
 }

@@ -61,25 +61,10 @@ typedef struct {
 /* rows [r0, r1) of a gate product y = W x (W [D, K] read in place: oneDNN layout 0 / 1, or a qweight) for one input
  * row x [K] fp32 -> y [r1 - r0] fp32. Returns 0, or 1 when out of memory. */
 static int gate_rows(int layout, int bf16, long K, const void *w, long r0, long r1, const float *x, float *y) {
-    if (layout == 1 && (r0 % 64 || r1 % 64)) { /* rows mid-block (K not a multiple of 64): the whole blocks around
-                                                * them (layout 1 is padded to whole blocks), then the rows wanted */
-        const long a0 = r0 / 64 * 64, a1 = (r1 + 63) / 64 * 64;
-        float *tmp = malloc(sizeof(float) * (size_t)(a1 - a0));
-        if (!tmp) return 1;
-        packed_rows_range(layout, bf16, K, w, a0, a1, 1, x, tmp);
-        memcpy(y, tmp + (r0 - a0), sizeof(float) * (size_t)(r1 - r0));
-        free(tmp);
-        return 0;
-    }
-    if (layout != LAYOUT_QUANT) {
-        packed_rows_range(layout, bf16, K, w, r0, r1, 1, x, y);
-        return 0;
-    }
-    const qweight *W = (const qweight *)w;
-    qinput *X = quant_input(W, 1, x, bf16);
-    if (!X) return 1;
-    quant_rows(W, X, r0, r1, y - r0); /* quant_rows writes y[r] for the absolute row r */
-    quant_input_free(X);
+    void *input;
+    if (row_input(layout, w, x, bf16, &input)) return 1;
+    weight_rows(layout, bf16, w, input, K, x, r0, r1, y - r0); /* weight_rows writes y[r] for the absolute row r */
+    row_input_free(layout, input);
     return 0;
 }
 

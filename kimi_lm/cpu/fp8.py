@@ -30,7 +30,7 @@ from torch import nn
 
 from kimi_lm.cpu import native
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
-from kimi_lm.cpu.moe_kernels import DecodeParts
+from kimi_lm.cpu.moe_kernels import DecodeParts, described_experts
 from kimi_lm.cpu.native import _DTYPES, _I, _L, _P
 from kimi_lm.cpu.quant_kernels import expert_rows
 from kimi_lm.model.layers import MLP
@@ -138,20 +138,6 @@ class FP8Weight(ctypes.Structure):
     _fields_ = [("q", _P), ("s", _P), ("O", _L), ("I", _L)]
 
 
-def decode_parts(matrices: list[tuple[tuple[int, int, int, int], tuple[int, int, int, int], tuple[int, int, int, int]]],
-                 intermediate: int, sources: tuple) -> DecodeParts:
-    """Experts given as (gate, up, down) ``(codes address, scales address, O, I)`` each, as ``moe_decode`` reads them:
-    gate | up as the address of a (gate, up) pair of fp8_weight pointers, down as one fp8_weight's address."""
-    E = len(matrices)
-    structs = (FP8Weight * (3 * E))(*(FP8Weight(*m) for parts in matrices for m in parts))
-    base, size = ctypes.addressof(structs), ctypes.sizeof(FP8Weight)
-    pairs = (ctypes.c_void_p * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
-    step = 2 * ctypes.sizeof(ctypes.c_void_p)
-    return DecodeParts([(LAYOUT_FP8, ctypes.addressof(pairs) + e * step) for e in range(E)],
-                       [(LAYOUT_FP8, base + (3 * e + 2) * size) for e in range(E)], intermediate, None, 0,
-                       keep=(structs, pairs), sources=sources)
-
-
 class CpuFP8BlockLinear(FP8BlockLinear):
     """``FP8BlockLinear`` whose products read the e4m3 bytes in C (see the module docstring)."""
 
@@ -201,10 +187,11 @@ class CpuFP8StackedExperts(FewRowsInC, FP8StackedExperts):
         gu, gus, d, ds = self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
         hidden = d.shape[1]
         at = lambda t, e, row=0: t.data_ptr() + (e * t.stride(0) + row * t.stride(1)) * t.element_size()  # noqa: E731
-        matrices = [((at(gu, e), at(gus, e), I, hidden), (at(gu, e, I), at(gus, e, rb), I, hidden),
-                     (at(d, e), at(ds, e), hidden, I)) for e in range(d.shape[0])]
+        args = [a for e in range(d.shape[0]) for a in ((at(gu, e), at(gus, e), I, hidden),
+                                                         (at(gu, e, I), at(gus, e, rb), I, hidden),
+                                                         (at(d, e), at(ds, e), hidden, I))]
         names = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
-        return decode_parts(matrices, I, tuple((self, n) for n in names))
+        return described_experts(LAYOUT_FP8, FP8Weight, args, I, tuple((self, n) for n in names))
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Experts with up to 8 rows in one C call reading their codes in place (addresses computed from the stacks:
@@ -250,10 +237,9 @@ class CpuFP8MLP(MLP):
     def decode_parts(self) -> DecodeParts:
         """This MLP as ``moe_decode``'s shared expert: one expert of fp8_weights."""
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        matrices = [tuple((p.weight.data_ptr(), p.weight_scale_inv.data_ptr(), p.out_features, p.in_features)
-                          for p in (g, u, d))]
-        return decode_parts(matrices, g.out_features,
-                            tuple((p, n) for p in (g, u, d) for n in ("weight", "weight_scale_inv")))
+        args = [(p.weight.data_ptr(), p.weight_scale_inv.data_ptr(), p.out_features, p.in_features) for p in (g, u, d)]
+        return described_experts(LAYOUT_FP8, FP8Weight, args, g.out_features,
+                                 tuple((p, n) for p in (g, u, d) for n in ("weight", "weight_scale_inv")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

@@ -211,6 +211,20 @@ class DecodeRouter:
     sources: tuple = ()
 
 
+def described_experts(layout: int, struct: type, args: list[tuple], intermediate: int, sources: tuple) -> DecodeParts:
+    """Experts whose gate, up and down are each a ctypes descriptor (``kernels/common.h`` qweight, fp8_weight):
+    ``args[3e + k]`` builds expert e's gate (k = 0), up (1) and down (2) as ``struct(*args)``. As ``moe_decode``
+    reads them: gate | up as the address of a (gate, up) pair of descriptor pointers, down as one descriptor's."""
+    E = len(args) // 3
+    structs = (struct * (3 * E))(*(struct(*a) for a in args))
+    base, size = ctypes.addressof(structs), ctypes.sizeof(struct)
+    pairs = (_P * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
+    step = 2 * ctypes.sizeof(_P)
+    return DecodeParts([(layout, ctypes.addressof(pairs) + e * step) for e in range(E)],
+                       [(layout, base + (3 * e + 2) * size) for e in range(E)], intermediate, None, 0,
+                       keep=(structs, pairs), sources=sources)
+
+
 class MoEDecodePlan:
     """What ``moe_decode`` reads of an MoE block besides the token, as ctypes arrays made once: the router, the routed
     experts' ``DecodeParts`` and the shared expert's (or None)."""

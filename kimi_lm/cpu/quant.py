@@ -31,7 +31,7 @@ from torch import nn
 from kimi_lm.cpu import native, quant_kernels
 from kimi_lm.cpu.mla import CpuMultiheadLatentAttention
 from kimi_lm.cpu.moe import FewRowsInC, merge_expert_outputs
-from kimi_lm.cpu.moe_kernels import DecodeParts, DecodeRouter
+from kimi_lm.cpu.moe_kernels import DecodeParts, DecodeRouter, described_experts
 from kimi_lm.cpu.products import LAYOUT_QUANT, QWeight
 from kimi_lm.mapped import SplitPackedExperts
 from kimi_lm.quant.packed import (TILE_ELEMENTS, PackedEmbedding, PackedLinear, PackedRouter, PackedSiTUExperts,
@@ -237,20 +237,14 @@ class FewRowExperts(DerivedBiases, FewRowsInC):
         E, hidden, I = down[0].shape[0], down[1].shape[1], self.intermediate_size
         parts = ((gate, gate_row0, self.gate_up_spec, I, hidden), (up, up_row0, self.gate_up_spec, I, hidden),
                  (down, 0, self.down_spec, hidden, I))
-        structs = (QWeight * (3 * E))()
-        for k, (tensors, row0, spec, rows, width) in enumerate(parts):
+        per_part = []  # for each part, every expert's qweight arguments
+        for tensors, row0, spec, rows, width in parts:
             mode, scale_bf16 = quant_kernels.QUANT_MODES[spec.mode], int(tensors[1].dtype == torch.bfloat16)
             bases = quant_kernels.expert_addresses((tensors, row0))
-            for e in range(E):
-                w, scales, biases = (None if b is None else b[0] + e * b[1] for b in bases)
-                structs[3 * e + k] = QWeight(mode, spec.bits, spec.group_size, rows, width, w, scales, biases,
-                                             scale_bf16)
-        base, size = ctypes.addressof(structs), ctypes.sizeof(QWeight)
-        pairs = (ctypes.c_void_p * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
-        pairs_at = ctypes.addressof(pairs)
-        return DecodeParts([(LAYOUT_QUANT, pairs_at + 2 * e * ctypes.sizeof(ctypes.c_void_p)) for e in range(E)],
-                           [(LAYOUT_QUANT, base + (3 * e + 2) * size) for e in range(E)], I, None, 0,
-                           keep=(structs, pairs), sources=self._stored_names())
+            per_part.append([(mode, spec.bits, spec.group_size, rows, width,
+                              *(None if b is None else b[0] + e * b[1] for b in bases), scale_bf16) for e in range(E)])
+        args = [per_part[k][e] for e in range(E) for k in range(3)]
+        return described_experts(LAYOUT_QUANT, QWeight, args, I, self._stored_names())
 
     def grouped(self, xs: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         few = [e for e, n in enumerate(counts) if 0 < n <= DECODE_ROWS]

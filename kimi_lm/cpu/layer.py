@@ -105,7 +105,6 @@ class KDALayerPlan:
             shared = moe_plan.shared
             ffn |= dict(I_shared=shared[0], shared_gate_up_layout=shared[1], shared_gate_up=shared[2],
                         shared_down_layout=shared[3], shared_down=shared[4])
-            self.bias = gate.e_score_correction_bias
         else:
             ffn = dict(mlp_gate_up=parts["mlp_gate_up"].struct, mlp_down=parts["mlp_down"].struct,
                        I_mlp=layer.mlp.down_proj.in_features)
@@ -118,8 +117,10 @@ class KDALayerPlan:
             gate_norm_eps=attn.o_norm.eps, l2_eps=L2_EPS, f_layout=attn.f_b_reader.layout,
             g_layout=attn.g_b_reader.layout, f_b=attn.f_b_reader.pointer(), g_b=attn.g_b_reader.pointer(),
             o_proj=parts["o_proj"].struct, **ffn)
+        # what the addresses point into, kept alive with the plan
         self.tensors = (norm1.weight_fp32, norm2.weight_fp32, attn.taps, attn.neg_A, attn.dt_bias_fp32,
-                        attn.norm_weight, attn.f_b_reader, attn.g_b_reader)  # what the addresses point into
+                        attn.norm_weight, attn.f_b_reader, attn.g_b_reader,
+                        None if moe_plan is None else layer.block_sparse_moe.gate.e_score_correction_bias)
 
     def stale(self, layer: CpuDecoderLayer) -> bool:
         """Whether a quantized weight was replaced, or the MoE block's plan was made again."""

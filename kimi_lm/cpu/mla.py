@@ -31,6 +31,7 @@ from torch import nn
 
 from kimi_lm.cache import MLACache
 from kimi_lm.cpu import native
+from kimi_lm.cpu.native import _DTYPES
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import FusedProducts, fusable
 from kimi_lm.cpu.rope import CpuRotaryEmbedding
@@ -96,10 +97,10 @@ class CpuMultiheadLatentAttention(MultiheadLatentAttention):
             histories = None if past is None else [latent[b, : past + 1] for b in range(latent.shape[0])]
         else:
             histories = latent
-        if (q.shape[1] != 1 or histories is None or not native.supports(q.contiguous()) or native.library() is None
-                or not all(h.dtype == q.dtype and h.stride(-1) == 1 and h.stride(0) == h.shape[1]
+        if (q.shape[1] != 1 or histories is None or q.device.type != "cpu" or q.dtype not in _DTYPES
+                or native.library() is None or not all(h.dtype == q.dtype and h.stride(-1) == 1 and h.stride(0) == h.shape[1]
                            and h.numel() * h.element_size() <= C_DECODE_MAX_HISTORY for h in histories)):
-            return super().attend_absorbed(q, latent, past)
+            return super().attend_absorbed(q, latent, past)  # the C call copies a strided query once, below
         B, _, H, _ = q.shape
         w_uk, w_uv_t = (w.contiguous() for w in self.absorbed_weights(q.dtype))
         q = q.contiguous()

@@ -125,8 +125,6 @@ def library() -> ctypes.CDLL | None:
     lib.kda_decode.restype = _I
     lib.kda_decode_rows.argtypes = lib.kda_decode.argtypes
     lib.kda_decode_rows.restype = _I
-    lib.packed_gemv.argtypes = [_I, _I, _L, _L, _P, _P, _P, _I]
-    lib.packed_gemv.restype = _I
     lib.fused_products.argtypes = [_L, _P, _P, _P, _L, _I, _L, _P, _P, _I]
     lib.fused_products.restype = _I
     lib.kda_scan.argtypes = [_L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _P, _P, _I]
@@ -265,19 +263,14 @@ class PackedGemv:
         return self._pointer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] with up to ``ROWS`` rows -> [..., out]: the weight read once for all rows, output rows shared
-        among torch's threads."""
+        """x [..., in] with up to 8 rows (kernels/common.h ROWS_MAX) -> [..., out]: the weight read once for all rows
+        (``fused_products`` with this one part), output rows shared among torch's threads."""
         x = x.contiguous()
-        rows = x.numel() // self.in_features
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        lib, threads = library(), torch.get_num_threads()
-        if rows == 1:
-            status = lib.packed_gemv(self.layout, self.dtype_code, self.out_features, self.in_features,
-                                     self.pointer(), x.data_ptr(), y.data_ptr(), threads)
-        else:
-            status = lib.fused_products(1, ctypes.byref(_I(self.layout)), ctypes.byref(_P(self.pointer())),
-                                        ctypes.byref(_L(self.out_features)), self.in_features, self.dtype_code, rows,
-                                        x.data_ptr(), y.data_ptr(), threads)
+        status = library().fused_products(1, ctypes.byref(_I(self.layout)), ctypes.byref(_P(self.pointer())),
+                                          ctypes.byref(_L(self.out_features)), self.in_features, self.dtype_code,
+                                          x.numel() // self.in_features, x.data_ptr(), y.data_ptr(),
+                                          torch.get_num_threads())
         if status:
             raise MemoryError("packed products: could not allocate their scratch memory")
         return y

@@ -45,8 +45,8 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 # bf16 products with fewer than 4 input rows (decode steps) that do not run in C (a weight above the C products'
-# size limit) run on an input padded with zero rows to 4 when the weight is large enough for it to pay: oneDNN's 4-row bf16 kernel streams the weight faster than its 1-row one
-# (2 and 8 rows do not). Measured on a decode step of benchmarks/bench_kimi_linear.py --config real-layers
+# size limit) run on an input padded with zero rows to 4 when the weight is large enough for it to pay: oneDNN's
+# 4-row bf16 kernel streams the weight faster than its 1-row one (2 and 8 rows do not). Measured on a decode step of benchmarks/bench_kimi_linear.py --config real-layers
 # (947 MB of bf16 products per step), 12 alternating rounds: 46.7 -> 44.0 ms (min), 47.9 -> 44.8 ms (median); its
 # products replayed alone: 41.2 -> 37.9 ms. Below ~2 MiB of weight the extra ops cost what they save (bench preset:
 # unchanged). fp32 keeps 1 row: there the 1-row kernel is the fastest.

@@ -19,7 +19,7 @@
  *              and what the files share (the packed products, parallel_for, work-item sizes)
  *   threads.c  parallel_for on PyTorch's OpenMP team or on pthreads (use_openmp)
  *   gemv.c     products of packed weights (oneDNN's, or MLX's via quant.c): product_f32, product_rows_f32,
- *              packed_gemv, fused_products (several weights reading the same input, in one call)
+ *              fused_products (several weights reading the same input, in one call; one weight: PackedGemv)
  *   quant.c    products of MLX-quantized weights read in their packed bytes
  *   mla.c      Multi-head Latent Attention: one absorbed decode token per sequence (mla_decode)
  *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm

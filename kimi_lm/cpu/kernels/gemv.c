@@ -1,8 +1,8 @@
 /* Products of weights packed by oneDNN (torch.ops.mkldnn._reorder_linear_weight) or by MLX (LAYOUT_QUANT: quant.c),
  * read in place: product_f32 (one input row, fp32 in and out), product_rows_f32 (up to ROWS_MAX rows per pass over
- * the weight), packed_gemv (one row in the model dtype, output rows shared among threads) and fused_products (several weights that read the
- * same input, e.g. KDA's six input projections, in one call: one dispatch instead of six, output rows of all of
- * them shared among threads).
+ * the weight) and fused_products (several weights that read the same input, e.g. KDA's six input projections, in one
+ * call: one dispatch instead of six, output rows of all of them shared among threads; with one part, a product of
+ * up to 8 rows in the model dtype: native.PackedGemv).
  *
  * Reference: oneDNN's blocked memory formats (AB16b64a2b); kimi_lm/cpu/native.py (PackedGemv) checks each packed
  * weight against oneDNN's own product before it is used here.
@@ -184,12 +184,6 @@ int fused_products(long n, const int *layouts, const void *const *weights, const
     free(inputs);
     free(ys);
     return failed;
-}
-
-/* y[O] = W x for one input row x [I], both in the model dtype, W packed by oneDNN in ``layout`` (see product_f32);
- * fp32 accumulation, one rounding; output rows shared among `threads`. Returns 0, or 1 when out of memory. */
-int packed_gemv(int layout, int bf16, long O, long I, const void *w, const void *x, void *y, int threads) {
-    return fused_products(1, &layout, &w, &O, I, bf16, 1, x, y, threads);
 }
 
 /* rows [r0, r1) of y [M, O] = x W^T for M <= ROWS_MAX input rows x [M, I] fp32, W packed by oneDNN (layout 0: whole

@@ -48,6 +48,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def one_call_and_calls(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU backend MoE block's output for one token x through its one-call plan (moe_decode) and through the
+    multi-call path (the plan set aside for one call, then restored)."""
+    one_call = moe(x)
+    plan, moe._plan = moe._plan, None
+    calls = moe(x)
+    moe._plan = plan
+    return one_call, calls
+
+
 LOAD_RSS_SCRIPT = """
 import json, sys, torch, kimi_lm
 from kimi_lm.checkpoint import _model_class

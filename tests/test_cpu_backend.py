@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kimi_lm
-from conftest import rel_err
+from conftest import one_call_and_calls, rel_err
 from kimi_lm import cpu
 from kimi_lm.cpu import moe_kernels, native, onednn
 from kimi_lm.cpu.kda import CpuKimiDeltaAttention
@@ -191,10 +191,7 @@ def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, mon
     with torch.inference_mode():
         for _ in range(6):
             x = torch.randn(1, 1, 96, generator=g).to(dtype)
-            one_call = ours(x)
-            plan, ours._plan = ours._plan, None  # the multi-call path
-            calls_path = ours(x)
-            ours._plan = plan
+            one_call, calls_path = one_call_and_calls(ours, x)
             assert rel_err(one_call, calls_path) <= (1e-6 if dtype == torch.float32 else 0.0)
             assert rel_err(one_call, moe(x)) <= TOL[dtype]
     assert len(calls) == 6 and ours._plan is not None

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kimi_lm
-from conftest import rel_err
+from conftest import one_call_and_calls, rel_err
 from k2_checkpoints import write_random_fp8_checkpoint
 from kimi_lm.config import FP8_BLOCK_CONFIG, preset
 from kimi_lm import cpu
@@ -255,10 +255,7 @@ def test_fp8_moe_token_in_one_call_equals_the_calls(k2_fp8, dtype, path, monkeyp
         for reference, ours in blocks:
             for _ in range(4):
                 x = torch.randn(1, 1, reference.gate.weight.shape[1], generator=g).to(dtype)
-                one_call = ours(x)
-                plan, ours._plan = ours._plan, None  # the multi-call path
-                calls_path = ours(x)
-                ours._plan = plan
+                one_call, calls_path = one_call_and_calls(ours, x)
                 assert torch.equal(one_call, calls_path)
                 assert rel_err(one_call, reference(x)) <= (1e-5 if dtype == torch.float32 else 2e-2)
             assert ours._plan is not None and ours._plan.dtype is None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kimi_lm
-from conftest import rel_err
+from conftest import one_call_and_calls, rel_err
 from kimi_lm import cpu
 from kimi_lm.cli import main as cli
 from kimi_lm.cpu import moe_kernels, quant_kernels
@@ -168,10 +168,7 @@ def test_quantized_moe_token_in_one_call_equals_the_calls_and_plain(spec, dtype,
     def check():
         for _ in range(4):
             x = torch.randn(1, 1, 192, generator=g).to(dtype)
-            one_call = ours(x)
-            plan, ours._plan = ours._plan, None  # the multi-call path
-            calls_path = ours(x)
-            ours._plan = plan
+            one_call, calls_path = one_call_and_calls(ours, x)
             assert torch.equal(one_call, calls_path)
             assert rel_err(one_call, plain(x)) <= 2 * TOL[dtype]
 

@@ -290,10 +290,11 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
 
     ``dtype`` is the compute dtype; FP8 block weights stay fp8 and are dequantized inside the forward pass.
     ``mmap`` (default: on for CPU): tensors kept as stored are views of the memory-mapped files (``kimi_lm.mapped``).
-    ``split`` (``kimi_lm.distributed.load``'s ``--ep`` loader; no mmap): called on the meta model once its quantized
-    modules are in place, it splits the routed experts and returns {experts module: (first, count, total)}; of each
-    expert tensor only experts [first, first + count) are read (per-expert tensors of others skipped, stacked ones
-    read as that row range)."""
+    ``split`` (``kimi_lm.distributed.load``'s loader of one rank's part of a packed checkpoint; no mmap): called on
+    the meta model once its quantized modules are in place, it splits the model and returns a
+    ``kimi_lm.distributed.load.RankPart``: of each expert tensor only the rank's experts [first, first + count) are
+    read (``.experts``: per-expert tensors of others skipped, stacked ones read as that row range), of every other
+    split tensor only the rank's slice (``.cut``: read from a memory-mapped view, so only its pages are touched)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json and *.safetensors)")
@@ -322,7 +323,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
         if use_mmap:  # mlx-lm's gate / up expert halves kept apart, so that they stay mapped
             targets = mapped.split_targets(targets, mapped.split_experts(model, targets))
     full_shapes = {n: t.shape for n, t in model.state_dict().items()}
-    ranges = split(model) if split is not None else {}  # experts module -> (first, count, total) held here
+    rank = split(model) if split is not None else None  # this rank's part (kimi_lm.distributed.load.RankPart)
+    ranges = rank.experts if rank is not None else {}  # experts module -> (first, count, total) held here
     expected = model.state_dict()
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -341,8 +343,10 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
         if placement in names.PER_EXPERT and expert >= ref.shape[0]:
             raise CheckpointError(
                 f"{file}: tensor {name!r} names expert {expert}, but config.json has num_experts={ref.shape[0]}")
+        cut = rank.cut(target, placement) if rank is not None else None  # this rank's slice of the tensor read
         if placement in ("copy", "conv"):
-            t = read_into(None, want_dtype if placement == "copy" else None) if t is None else t
+            t = read_into(None, want_dtype if placement == "copy" else None, cut) if t is None else t
+            t = cut.take(t).contiguous() if cut is not None else t
             t = t.transpose(1, 2).contiguous() if placement == "conv" else t  # MLX Conv1d [D, W, 1]
             loaded[target] = t.to(device=device, dtype=want_dtype)
             if loaded[target] is not t:
@@ -352,11 +356,12 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
             loaded[target] = torch.empty(ref.shape, dtype=want_dtype, device=device)
             expert_slots[target] = set()
         dest = names.expert_slice(loaded[target], placement, expert)
-        if t is None and dest.device.type == "cpu" and dest.is_contiguous() and read_into(dest) is not None:
+        if t is None and cut is None and dest.device.type == "cpu" and dest.is_contiguous() and \
+                read_into(dest) is not None:
             pass  # read straight into the stacked tensor, no temporary
         else:
-            t = read_into(None) if t is None else t
-            dest.copy_(t)
+            t = read_into(None, None, cut) if t is None else t
+            dest.copy_(t if cut is None else cut.take(t))
             trim.freed(t.numel() * t.element_size())
         if placement in names.PER_EXPERT:
             expert_slots[target].add((placement, expert))
@@ -365,7 +370,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
 
     trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
     for file, in_file in by_file.items():
-        with SafetensorsFile(file, mmap=use_mmap) as f:
+        with SafetensorsFile(file, mmap=use_mmap or rank is not None) as f:
             compressed_tensors.reinterpret(f.header, ct_specs)
             mlx_load.split_fused(f.header, file)
             for name in in_file:
@@ -387,8 +392,9 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
                     got[part] = f.read(name, rows=rows)
                     spec, param = unpacked[key]
                     if len(got) == (3 if spec.has_biases else 2):
-                        t = mlx_load.dequantize_part(file, name, spec, got, checkpoint_shape=names.checkpoint_shape(
-                            expected[param].shape, placement), dtype=dtype)
+                        stored = names.checkpoint_shape(full_shapes[param], placement)  # rows: of a stack [E, ...]
+                        t = mlx_load.dequantize_part(file, name, spec, got, checkpoint_shape=stored if rows is None
+                                                     else [rows[1], *stored[1:]], dtype=dtype)
                         place(file, name, param, placement, expert, t=t)
                         del parts[(key, placement)]
                     continue
@@ -412,9 +418,11 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
                                           + _scale_hint(target, placement, expected))
                 _check_dtype(file, name, file_dtype, expected[target].dtype, config)
 
-                def read_into(dest, keep=None, f=f, name=name, file_dtype=file_dtype, rows=rows):
+                def read_into(dest, keep=None, cut=None, f=f, name=name, file_dtype=file_dtype, rows=rows):
+                    if dest is None and cut is not None:  # a view of the file, of which only the slice is read
+                        return mapped.random_access(f.read(name, mapped=True, rows=rows))
                     if dest is None:  # mapped (a view of the file) when kept as stored (``keep``: its dtype)
-                        return f.read(name, mapped=ST_DTYPES[file_dtype] == keep, rows=rows)
+                        return f.read(name, mapped=use_mmap and ST_DTYPES[file_dtype] == keep, rows=rows)
                     return f.read_into(name, dest, rows) if ST_DTYPES[file_dtype] == dest.dtype else None
 
                 place(file, name, target, placement, expert, read_into=read_into)

@@ -171,6 +171,13 @@ def _madvise(t: torch.Tensor, advice: int, start: int = 0, nbytes: int | None = 
     return _LIBC.madvise(begin, end - begin, advice)
 
 
+def random_access(t: torch.Tensor) -> torch.Tensor:
+    """``t``, advised ``MADV_RANDOM`` (where it is a view of a file): a slice copied out of it reads only the pages
+    holding the slice, not the kernel's read-around window around each fault (up to read_ahead_kb)."""
+    _madvise(t, mmap.MADV_RANDOM)
+    return t
+
+
 def _meminfo(key: str) -> int:
     """A /proc/meminfo value in bytes; 0 where unknown."""
     try:

@@ -7,8 +7,9 @@ they ask for more than one process, or when torchrun started several. What this 
 
 * bad input fails before any weight is read, with one line naming the flag: ``--tp`` / ``--ep`` below 1, both above
   1 but different, no torchrun (or a world size other than the split), a model whose heads / experts / intermediate
-  sizes the value does not divide (``parallel.check``), --tp on a packed checkpoint (``load.refuse_packed_tp``), and
-  torchrun around a command that runs in one process (``chat``, ``cache-prompt``);
+  sizes the value does not divide (``parallel.check``), a split that would cut FP8 blocks or packed quantization
+  groups (``parallel.check_blocks`` / ``check_groups``), and torchrun around a command that runs in one process
+  (``chat``, ``cache-prompt``);
 * every rank samples alike: rank 0's seed is broadcast and seeds every rank's generator, the logits are identical
   on every rank after the all-reduces, and the model broadcasts rank 0's tokens before each forward anyway;
 * ``serve`` runs its scheduler in lockstep on every rank and HTTP on rank 0 (``kimi_lm.distributed.serve``);

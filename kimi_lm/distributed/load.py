@@ -19,11 +19,12 @@ and attention being replicated), peak RSS = what it keeps; ``--tp 2 --ep 2`` rea
 Names, placements and checks are the single-process loader's (``kimi_lm.names``, ``kimi_lm.checkpoint``): the
 same tensors are required, with the same shapes, and a problem raises ``CheckpointError`` naming the file and tensor.
 Float (F32 / BF16 / F16) and FP8-block checkpoints (Kimi K2's release format: fp8 weights and their block scales are
-split together, at block boundaries) split under ``--tp`` and ``--ep``. Packed ones (MLX-quantized, mlx-lm's or
-``kimi-lm convert --quantize``'s stacked ``switch_mlp`` experts; compressed-tensors INT4 / MXFP4 per-expert tensors of
-K2-Thinking, K2.5 and K3's releases) split under ``--ep`` only (:func:`load_packed`): whole experts, codes, scales and
-biases together, everything else packed as in one process. ``--tp`` on them raises a ``UsageError`` naming ``--ep``
-(splitting packed rows is exact only at whole groups and would need every packed module split; not done).
+split together, at block boundaries) split under ``--tp`` and ``--ep``. So do packed ones (MLX-quantized, mlx-lm's
+or ``kimi-lm convert --quantize``'s stacked ``switch_mlp`` experts; compressed-tensors INT4 / MXFP4 per-expert tensors
+of K2-Thinking, K2.5 and K3's releases), through the one-process loader on the split meta model (:func:`load_packed`):
+whole experts under ``--ep``; under ``--tp`` each packed module's rows, or its input columns at whole quantization
+groups (``parallel.check_groups``), codes, scales and biases together, read from memory-mapped views advised
+``MADV_RANDOM`` so that only the slice's pages are read.
 
 Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the one-process loader it mirrors).
 """
@@ -31,7 +32,6 @@ Reference: safetensors format (header offsets); ``kimi_lm.checkpoint.load`` (the
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from kimi_lm.checkpoint import (FP32_SUFFIXES, ST_DTYPES, SafetensorsFile, _fp8_
                                 weight_files)
 from kimi_lm.config import load_config
 from kimi_lm.distributed.parallel import Plan, Shard, parallelize
-from kimi_lm.errors import CheckpointError, UsageError
+from kimi_lm.errors import CheckpointError
 from kimi_lm.model.moe import StackedExperts
 from kimi_lm.quant.fp8_block import FP8, quantize_modules
 
@@ -65,29 +65,44 @@ def packed_format(config, files: dict[str, Path]) -> str | None:
     return found
 
 
-def refuse_packed_tp(path: Path, plan: Plan, found: str | None) -> None:
-    """``--tp`` splits rows and columns of every product: refused for packed checkpoints (``--ep`` loads them)."""
-    if found and plan.tp > 1:
-        raise UsageError(f"{path}: --tp {plan.tp} splits float (F32, BF16, F16) and FP8-block checkpoints; this one is "
-                         f"packed ({found}): use --ep {plan.tp} alone, which splits packed experts whole, or write a "
-                         f"float copy for --tp with `kimi-lm convert --dequantize`")
+class RankPart:
+    """What the one-process loader (``kimi_lm.checkpoint.load``, its ``split`` hook) reads of a packed checkpoint for
+    one rank: ``experts`` {experts module: (first, count, total)}, the experts held here (whole, under ``--ep``), and
+    :meth:`cut`, this rank's slice of any other tensor the plan splits (``specs``: :func:`shard_specs` of the unsplit
+    model)."""
+
+    def __init__(self, specs: dict[str, Shard], experts: dict[str, tuple[int, int, int]]):
+        self.specs, self.experts = specs, experts
+
+    def cut(self, target: str, placement: str) -> Shard | None:
+        """The part of a checkpoint tensor stored for parameter ``target`` (``placement``: ``kimi_lm.names``) that
+        this rank keeps, along that tensor's dims; None: all of it (not split, or whole experts read by range)."""
+        spec = self.specs.get(target)
+        if spec is None or (spec.dim == 0 and target.rpartition(".")[0] in self.experts):
+            return None
+        if placement in names.PER_EXPERT:  # one expert's gate / up [I, h] or down [h, I]: no expert dim, one half
+            return Shard(spec.dim - 1, spec.parts, spec.index)
+        if placement in ("gate_all", "up_all"):  # every expert's gate (or up) [E, I, h]: one half
+            return Shard(spec.dim, spec.parts, spec.index)
+        return spec
 
 
 def load_packed(path: Path, plan: Plan, dtype, device) -> nn.Module:
-    """``--ep`` on a packed checkpoint (MLX, compressed-tensors INT4 / MXFP4): the one-process loader
+    """This rank's part of a packed checkpoint (MLX, compressed-tensors INT4 / MXFP4): the one-process loader
     (``kimi_lm.checkpoint.load``: its quantized-module swaps, names and checks) on this rank's split meta model,
-    reading of each expert tensor only this rank's experts (per-expert tensors of other ranks are skipped, stacked
-    mlx-lm ones are read as this rank's row range); everything else is read whole, packed as in one process."""
+    reading of each expert tensor only this rank's experts under ``--ep`` (per-expert tensors of other ranks are
+    skipped, stacked mlx-lm ones are read as this rank's row range) and of each tensor ``--tp`` splits only this
+    rank's rows or columns (packed codes with their scales and biases, at whole groups); the rest whole."""
     from kimi_lm.checkpoint import load
 
-    def split(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    def split(model: nn.Module) -> RankPart:
         full = {n: m.num_experts for n, m in model.named_modules() if isinstance(m, StackedExperts)}
-        parallelize(model, plan)
-        ranges = {}
+        specs = parallelize(model, plan)
+        experts = {}
         for name, total in full.items():
             count = model.get_submodule(name).num_experts
-            ranges[name] = (plan.rank * count if plan.ep > 1 else 0, count, total)
-        return ranges
+            experts[name] = (plan.rank * count if plan.ep > 1 else 0, count, total)
+        return RankPart(specs, experts)
 
     return load(path, dtype=dtype, device=device, split=split)
 
@@ -100,9 +115,7 @@ def load_sharded(path, plan: Plan, dtype=torch.bfloat16, device="cpu") -> nn.Mod
     config = load_config(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     files = {n: f for n, f in weight_files(path).items() if not names.skipped(n, config)}
-    found = packed_format(config, files)
-    refuse_packed_tp(path, plan, found)
-    if found:
+    if packed_format(config, files):
         return load_packed(path, plan, dtype, device)
     fam = names.family(config)
     fp8 = _fp8_modules(config, {n: names.to_parameter(n, fam) for n in files}, files)
@@ -180,8 +193,7 @@ class _Reader:
         view = self.m.view(self.offset, self.nbytes, self.dtype, shape, min_bytes=0)
         if view is None:  # not aligned for its dtype: read it whole
             return self.f.read(self.name).narrow(dim, start, length)
-        mapped._madvise(view, mmap.MADV_RANDOM)
-        return view.narrow(dim, start, length)
+        return mapped.random_access(view).narrow(dim, start, length)
 
     def part(self, spec: Shard, dim: int) -> torch.Tensor:
         """This rank's part of the tensor along ``dim`` as ``spec`` splits it (``spec.used`` first entries only)."""

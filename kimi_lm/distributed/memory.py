@@ -8,10 +8,11 @@ state and conv tails hold this rank's heads (1/tp); the MLA latent cache [ĉ | k
 rank keeps all of it (as in vLLM's MLA under tensor parallelism). Activations: the one-process estimate (an upper
 bound: split layers' intermediates shrink, the residual stream does not).
 
-Packed checkpoints (``--ep`` only): experts priced in their format (``kimi_lm.memory.tensor_bytes``), E/N of them
-per rank; compressed-tensors INT4 experts as a rank holds them, MLX affine 4-bit: the codes, and a scale and a bias
-(−8·scale) per group in the model dtype, no ``weight_shape`` (the split runs the plain modules, not the CPU backend
-that derives the biases).
+Packed checkpoints: every tensor priced in its format (``kimi_lm.memory.tensor_bytes``) at this rank's shape (E/N
+experts under ``--ep``; under ``--tp`` rows or input columns, the latter only at whole groups: a split that would cut
+one is refused as the run refuses it); compressed-tensors INT4 experts as a rank holds them, MLX affine 4-bit: the
+codes, and a scale and a bias (−8·scale) per group in the model dtype, no ``weight_shape`` (the split runs the plain
+modules, not the CPU backend that derives the biases).
 
 Every rank of a run holds the same bytes (equal parts), so "per rank" is any rank's.
 """
@@ -66,22 +67,27 @@ def per_rank(model, e, tp: int, ep: int, quant: str | None = None, group_size: i
         q = src.recorded_quant
     else:
         q = make_quant(quant or src.dtype, group_size, src.dtype_bytes)
-    if tp > 1 and q.group:  # as the loader (kimi_lm.distributed.load.refuse_packed_tp)
-        raise UsageError(f"--tp {tp}: split runs load packed weights ({q.label()}) with --ep only (whole experts); "
-                         f"--tp needs float or FP8-block weights")
     plan = Plan(tp, ep, 0)
     with torch.device("meta"):
         meta = _model_class(cfg)(cfg)
     check(meta, plan)  # the same UsageError as a run with these flags
     specs = shard_specs(meta, plan)
     split = replicated = 0
+    cut = []  # packed tensors whose input columns the split would cut mid-group (the loader refuses them)
     for t in tensors(cfg):
         local, is_split = split_tensor(t, specs, names.family(cfg))
+        if q.group and local.shape[-1] % q.group and tensor_bytes(t, q, src.dtype_bytes, src.router_quant) != \
+                t.numel * src.dtype_bytes and t.kind != "fp32":
+            cut.append(f"{t.name} ({t.shape[-1]} input columns, groups of {q.group})")
         nbytes = tensor_bytes(local, q, src.dtype_bytes, src.router_quant)
         if q.name == "int4-experts" and local.component == "experts":  # held as MLX affine 4-bit: codes, and a
             # scale and a bias (−8·scale) per group in the model dtype; no weight_shape
             nbytes = local.numel * q.bits // 8 + local.numel // q.group * 2 * src.dtype_bytes
         split, replicated = (split + nbytes, replicated) if is_split else (split, replicated + nbytes)
+    if cut:  # as kimi_lm.distributed.parallel.check_groups refuses the run
+        raise UsageError(f"--tp {tp}: packed weights ({q.label()}) split their input columns only at whole "
+                         f"quantization groups, and {', '.join(cut[:4])}{' ...' if len(cut) > 4 else ''} cannot be "
+                         f"split {tp} ways; choose a smaller --tp, or add --ep {tp} (whole experts)")
     weights = split + replicated
     kda = kda_state_bytes(cfg, src.dtype_bytes) // tp  # every KDA state and conv-tail size is proportional to H
     per_token = e.mla_cache_bytes_per_token  # the latent is shared by all heads: not split

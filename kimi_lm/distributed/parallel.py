@@ -20,8 +20,10 @@ only its slice of each split parameter. One rank per process, one process group 
 
 FP8-block weights (Kimi K2's release format, ``kimi_lm.quant.fp8_block``) split with their 128×128 block scales,
 at block boundaries only (:func:`check_blocks`): K2 splits 8 ways (a rank's q_b rows are 8 heads × 192 = 12 blocks).
-Packed experts (``kimi_lm.quant.packed.PackedStackedExperts``: MLX and compressed-tensors INT4 / MXFP4) split under
-``--ep`` only, whole experts with their codes, scales and biases; the loader refuses ``--tp`` on packed checkpoints.
+Packed weights (``kimi_lm.quant.packed``: MLX-quantized modules, compressed-tensors INT4 / MXFP4 experts) split with
+their scales [and biases]: rows freely (a row's groups stay together), input columns only at whole quantization
+groups (:func:`check_groups`: K2-Thinking's INT4 experts, 2048 down_proj columns in groups of 32, split up to 64
+ways); mlx-lm's split ``kv_b_proj`` (``embed_q`` / ``unembed_out``, [H, ...]) by head; under ``--ep`` whole experts.
 
 Rank r holds heads [r·H/N, (r+1)·H/N) of every split layer. ``--tp`` and ``--ep`` are each 1 or the world size;
 both at N split attention and dense products by head / column and routed experts by expert, over the same ranks.
@@ -49,6 +51,7 @@ from kimi_lm.errors import UsageError
 from kimi_lm.model.kda import KimiDeltaAttention
 from kimi_lm.model.mla import MultiheadLatentAttention
 from kimi_lm.model.moe import StackedExperts
+from kimi_lm.quant.packed import SplitKVB
 
 
 @dataclass(frozen=True)
@@ -165,19 +168,28 @@ def shard_specs(model: nn.Module, plan: Plan) -> dict[str, Shard]:
             add(p, ["gate_proj.weight", "up_proj.weight"], 0, tp)
             add(p, ["down_proj.weight"], 1, tp)
         elif isinstance(m, StackedExperts):
-            if plan.ep > 1:  # whole experts: float stacks, or packed codes with their scales [and biases]
-                # (mapped packed experts, kimi_lm.mapped.SplitPackedExperts, hold gate and up apart)
-                stacks = [f"{w}{part}" for w in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
-                          for part in ("", "_scales", "_biases")]
-                add(p, [n for n in stacks if n in m._parameters or n in m._buffers], 0, plan.ep)
-            elif tp > 1:
-                add(p, ["gate_up_proj"], 1, tp, halves=True)
+            # (mapped packed experts, kimi_lm.mapped.SplitPackedExperts, hold gate and up apart)
+            held = [n for n in ("gate_up_proj", "gate_proj", "up_proj", "down_proj") if n in m._parameters or
+                    n in m._buffers]
+            if plan.ep > 1:  # whole experts
+                add(p, held, 0, plan.ep)
+            elif tp > 1:  # each expert's intermediate rows (gate, up) and columns (down)
+                add(p, [n for n in held if n == "gate_up_proj"], 1, tp, halves=True)
+                add(p, [n for n in held if n in ("gate_proj", "up_proj")], 1, tp)
                 add(p, ["down_proj"], 2, tp)
-    buffers = {n for n, _ in model.named_buffers()}
-    for name in list(specs):  # FP8 blocks (kimi_lm.quant.fp8_block): a weight's block scales split with it
-        scale = f"{name}_scale_inv"
-        if scale in buffers:
-            specs[scale] = specs[name]
+    for name in list(specs):  # mlx-lm's split kv_b_proj (kimi_lm.quant.packed.SplitKVB): both halves by head
+        module_name = name.removesuffix(".weight")
+        if module_name != name and isinstance(model.get_submodule(module_name), SplitKVB):
+            spec = specs.pop(name)
+            add(f"{module_name}.", ["embed_q.weight", "unembed_out.weight"], 0, spec.parts)
+    held = {n for n, _ in model.named_buffers()} | {n for n, _ in model.named_parameters()}
+    for name in list(specs):  # a weight's companions split with it: packed scales [and biases] (whole groups along
+        # the input dim, as the codes are), FP8 block scales (kimi_lm.quant.fp8_block: whole blocks)
+        stem = name.removesuffix(".weight")
+        sep = "." if stem != name else "_"
+        for companion in (f"{stem}{sep}scales", f"{stem}{sep}biases", f"{name}_scale_inv"):
+            if companion in held:
+                specs[companion] = specs[name]
     return specs
 
 
@@ -200,6 +212,29 @@ def check_blocks(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> Non
         raise UsageError(f"{flag} {value}: FP8-block weights split only at {BLOCK}-row/column block boundaries; this "
                          f"rank's part would not be whole blocks for {shown}; choose a smaller {flag} or convert the "
                          f"checkpoint with `kimi-lm convert --dequantize`")
+
+
+def check_groups(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> None:
+    """A packed weight (``kimi_lm.quant.packed``: codes with a scale [and bias] per group of input columns) splits its
+    input columns (row-parallel products, experts' down_proj) only at whole groups: each rank's share of every row's
+    groups must be whole, or a group's scale would be cut."""
+    bad = []
+    for name, spec in specs.items():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf not in ("scales", "gate_up_proj_scales", "gate_proj_scales", "up_proj_scales", "down_proj_scales"):
+            continue
+        groups = getattr(model.get_submodule(module_name), leaf)
+        if spec.dim == groups.dim() - 1 and groups.shape[-1] % spec.parts:
+            module = model.get_submodule(module_name)
+            quant = getattr(module, "spec", None) or getattr(module, f"{leaf.split('_')[0]}_spec", module.gate_up_spec)
+            what = module_name if leaf == "scales" else f"{module_name}.{leaf.removesuffix('_scales')}"
+            bad.append(f"{what} ({groups.shape[-1]} groups of {quant.group_size} input columns per row)")
+    if bad:
+        flag, value = ("--ep", plan.ep) if plan.tp == 1 else ("--tp", plan.tp)
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise UsageError(f"{flag} {value}: packed weights split their input columns only at whole quantization groups, "
+                         f"and {shown} cannot be split {value} ways; choose a smaller {flag}, add --ep {value} (whole "
+                         f"experts), or convert the checkpoint with `kimi-lm convert --dequantize`")
 
 
 # ---- the modules that sum over ranks ------------------------------------------------------------------------------
@@ -262,6 +297,7 @@ def parallelize(model: nn.Module, plan: Plan) -> dict[str, Shard]:
     check(model, plan)
     specs = shard_specs(model, plan)
     check_blocks(model, specs, plan)
+    check_groups(model, specs, plan)
     for name, spec in specs.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -277,9 +313,11 @@ def parallelize(model: nn.Module, plan: Plan) -> dict[str, Shard]:
     for name, m in model.named_modules():
         if plan.tp > 1 and isinstance(m, (MultiheadLatentAttention, KimiDeltaAttention)):
             m.num_heads //= plan.tp
-            _as_row_parallel(m.o_proj)
+            _as_row_parallel(m.o_proj, plan.tp)
+            if isinstance(getattr(m, "kv_b_proj", None), SplitKVB):
+                m.kv_b_proj.heads //= plan.tp
         elif plan.tp > 1 and _is_mlp(m):
-            _as_row_parallel(m.down_proj)
+            _as_row_parallel(m.down_proj, plan.tp)
             for proj in (m.gate_proj, m.up_proj):
                 proj.out_features = proj.weight.shape[0]
         elif isinstance(m, StackedExperts):
@@ -298,6 +336,7 @@ def parallelize(model: nn.Module, plan: Plan) -> dict[str, Shard]:
     return specs
 
 
-def _as_row_parallel(linear: nn.Linear) -> None:
-    linear.in_features = linear.weight.shape[1]
+def _as_row_parallel(linear: nn.Module, parts: int) -> None:
+    """A Linear (float, FP8 blocks or packed) holding 1/parts of its input columns sums its output over ranks."""
+    linear.in_features //= parts
     _swap_class(linear, SumOverRanks)

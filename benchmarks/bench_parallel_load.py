@@ -1,8 +1,9 @@
 """What one rank of a ``--tp`` / ``--ep`` run reads and keeps, against one process loading the whole checkpoint.
 
-    python benchmarks/bench_parallel_load.py [--dir /tmp/kimi-split-bench] [--plans tp2,ep2,tp2ep2]
+    python benchmarks/bench_parallel_load.py [--dir /tmp/kimi-split-bench] [--plans tp2,ep2,tp2ep2] [--quantize mxfp4]
 
-Writes (once) a random bf16 Kimi Linear checkpoint of ~0.45 GB (4 layers, 64 experts of 512, 16 heads), then in
+Writes (once) a random bf16 Kimi Linear checkpoint of ~0.45 GB (4 layers, 64 experts of 512, 16 heads; with
+``--quantize MODE``: that checkpoint converted to mlx-lm's layout, every product packed, as ``kimi-lm convert`` does), then in
 fresh processes: one process (``kimi_lm.checkpoint.load``, mmap, plain modules) and each plan under torchrun with 2
 processes (``kimi_lm.distributed.load.load_sharded``). Before each process loads, the checkpoint's pages are
 dropped from the page cache (``posix_fadvise(DONTNEED)``) and the ranks load one after the other, so each one's
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default="/tmp/kimi-split-bench")
     p.add_argument("--plans", default="tp2,ep2,tp2ep2")
+    p.add_argument("--quantize", help="measure an MLX-quantized copy in this mode (mxfp4, affine4, ...)")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: run one measured process
     args = p.parse_args(argv)
     path = Path(args.dir)
@@ -141,6 +143,16 @@ def main(argv=None) -> int:
         return 0
     if not (path / "config.json").is_file():
         write_checkpoint(path)
+    if args.quantize:
+        from kimi_lm.quant.mlx_layout import quantize_to_mlx
+        from kimi_lm.quant.packed import FP_CODECS, QuantSpec
+
+        mode, bits = (args.quantize, None) if args.quantize in FP_CODECS else ("affine", int(args.quantize[6:]))
+        spec = QuantSpec(mode, FP_CODECS[mode].BITS, FP_CODECS[mode].GROUP) if bits is None else QuantSpec(mode, bits, 64)
+        src, path = path, path.with_name(f"{path.name}-{args.quantize}")
+        if not (path / "config.json").is_file():
+            quantize_to_mlx(src, path, spec, progress=False)
+        args.dir = str(path)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     results = []
@@ -153,7 +165,7 @@ def main(argv=None) -> int:
                        check=True)
         results += [json.loads(f.read_text()) for f in sorted(path.glob(f"result-{plan}-*.json"))]
     mb = lambda n: f"{n / 1e6:8.1f}"
-    print(f"checkpoint {size / 1e6:.1f} MB (bf16). MB per process: after load | after one 64-token forward")
+    print(f"checkpoint {size / 1e6:.1f} MB ({args.quantize or 'bf16'}). MB per process: after load | after one 64-token forward")
     print(f"{'plan':<8}{'rank':>5} {'read':>8} {'anon':>8} {'file':>8} {'peak':>8} | {'read':>8} {'anon':>8} "
           f"{'file':>8} {'peak':>8}")
     for r in sorted(results, key=lambda r: (r["plan"] != "one", r["plan"], r["rank"])):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -371,6 +372,8 @@ def load(path, dtype=torch.bfloat16, device="cpu", mmap: bool | None = None, spl
     trim = malloc.ReleaseEvery(16 << 20)  # read buffers freed after a dtype conversion: back to the OS as we go
     for file, in_file in by_file.items():
         with SafetensorsFile(file, mmap=use_mmap or rank is not None) as f:
+            if rank is not None:  # no read-ahead: the kernel would read past this rank's parts into other ranks'
+                os.posix_fadvise(f._fh.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
             compressed_tensors.reinterpret(f.header, ct_specs)
             mlx_load.split_fused(f.header, file)
             for name in in_file:

@@ -31,6 +31,26 @@ def test_packed_linear_equals_linear(dtype, tol, rows):
     assert torch.equal(packed.weight, linear.weight) and torch.equal(packed.state_dict()["weight"], linear.weight)
 
 
+@pytest.mark.parametrize("in_features", [96, 600, 1000])
+def test_batched_fp32_products_in_c_equal_linear(in_features):
+    """fp32 products of 2..8 rows in C (kernels/gemv.c: one weight row against all rows while they fit L1, else 4
+    weight rows by 4 input rows, a short last group repeating its last row; input widths off the 16-lane vectors, an
+    output count off the 4-row groups) against nn.Linear, and each row against the same product of that row alone."""
+    if native.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 70, bias=False)
+    packed = onednn.OneDNNLinear(linear)
+    assert packed.gemv is not None
+    with torch.no_grad():
+        for rows in range(2, 9):
+            x = torch.randn(rows, in_features)
+            got = packed.gemv(x)
+            assert rel_err(got, linear(x)) <= 1e-6, rows
+            alone = torch.cat([packed.gemv(x[m : m + 1]) for m in range(rows)])
+            assert rel_err(got, alone) <= 1e-6, rows
+
+
 def test_fused_linear_is_its_parts_side_by_side_and_saves_them_by_name():
     torch.manual_seed(0)
     owner = nn.Module()

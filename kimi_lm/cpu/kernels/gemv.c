@@ -9,6 +9,10 @@
  */
 #include "common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 /* acc[a] += W[a][2p] x0 + W[a][2p + 1] x1 for the 64 outputs of one AB16b64a2b row of input pairs */
 static inline void accumulate_pairs(float *acc, const uint32_t *row, float x0, float x1) {
 #pragma omp simd
@@ -62,6 +66,96 @@ int product_f32(int layout, int bf16, long O, long I, const void *w, const float
     return 0;
 }
 
+#if defined(__AVX512F__)
+/* The 16 horizontal sums of acc[0..15] in one vector: lane 4r + m holds the sum of acc[4m + r]'s lanes (a tree of
+ * 128-bit block shuffles, then in-block ones: 15 adds for 16 sums instead of 16 reductions of 4 steps each). */
+static inline __m512 sum16(const __m512 acc[16]) {
+    __m512 c[8], d[4];
+    for (int k = 0; k < 8; k++) /* halves: [acc 2k | acc 2k+1], each half the sum of its vector's two halves */
+        c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int k = 0; k < 4; k++) /* 128-bit blocks: acc 4k, 4k+1, 4k+2, 4k+3 */
+        d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 e0 = _mm512_add_ps(_mm512_unpacklo_ps(d[0], d[1]), _mm512_unpackhi_ps(d[0], d[1]));
+    const __m512 e1 = _mm512_add_ps(_mm512_unpacklo_ps(d[2], d[3]), _mm512_unpackhi_ps(d[2], d[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(e0, e1, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(e0, e1, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+/* Batched products of plain fp32 rows (the layout oneDNN keeps for fp32). A row-by-row dot loads the weight once
+ * per input row: 2 loads per FMA, which made 8 rows cost 3x one row's time, where the weight's bytes should bound
+ * it. Two shapes of shared loads, by whether the M input rows fit L1 (measured, 2 threads, weights streamed from
+ * DRAM, 1024x512 / 512x2304: 8 rows 184 -> 123 / 415 -> 266 us, one row 58 / 126 us):
+ *   plain_row_M    one weight row, read in order, against all M input rows (1 + M loads per M FMAs): the weight
+ *                  streams as one sequence, as in a one-row product; the M rows must stay in L1;
+ *   plain_dots_4x4 4 weight rows against 4 input rows (8 loads per 16 FMAs) when they do not: fewer input loads,
+ *                  but 4 interleaved weight streams, which the prefetchers serve worse (2 rows: 1.6x the time of
+ *                  plain_row). */
+#define PLAIN_ROW(MT)                                                                                                 \
+    static void plain_row_##MT(long I, long O, const float *w, const float *x, float *y) {                            \
+        __m512 acc[MT];                                                                                               \
+        for (int m = 0; m < (MT); m++) acc[m] = _mm512_setzero_ps();                                                  \
+        for (long i = 0; i < I; i += 16) {                                                                            \
+            const __mmask16 k = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1u);                  \
+            const __m512 wv = _mm512_maskz_loadu_ps(k, w + i);                                                        \
+            _Pragma("GCC unroll 8") for (int m = 0; m < (MT); m++)                                                    \
+                acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(k, x + m * I + i), acc[m]);                        \
+        }                                                                                                             \
+        for (int m = 0; m < (MT); m++) y[m * O] = _mm512_reduce_add_ps(acc[m]);                                       \
+    }
+PLAIN_ROW(2)
+PLAIN_ROW(3)
+PLAIN_ROW(4)
+PLAIN_ROW(5)
+PLAIN_ROW(6)
+PLAIN_ROW(7)
+PLAIN_ROW(8)
+
+/* out[sum16 lane of 4m + r] = w_r . x_m for 4 weight rows (w, row stride I) and 4 input rows */
+static void plain_dots_4x4(long I, const float *w, const float *const x[4], float out[16]) {
+    __m512 acc[16];
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+    for (long i = 0; i < I; i += 16) {
+        const __mmask16 k = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1u);
+        __m512 wr[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) wr[r] = _mm512_maskz_loadu_ps(k, w + r * I + i);
+#pragma GCC unroll 4
+        for (int m = 0; m < 4; m++) {
+            const __m512 xm = _mm512_maskz_loadu_ps(k, x[m] + i);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) acc[4 * m + r] = _mm512_fmadd_ps(wr[r], xm, acc[4 * m + r]);
+        }
+    }
+    _mm512_storeu_ps(out, sum16(acc));
+}
+
+#define PLAIN_ROW_L1_FLOATS 4608 /* M x I inputs up to 18 KiB: plain_row (measured up to 8 x 512 and 2 x 2304) */
+
+/* y [M, O] = x W^T for plain fp32 rows W [O, I] and 2 <= M <= ROWS_MAX input rows */
+static void plain_rows_f32(long O, long I, const float *w, long M, const float *x, float *y) {
+    if (M * I <= PLAIN_ROW_L1_FLOATS) {
+        void (*const row[9])(long, long, const float *, const float *, float *) = {
+            NULL, NULL, plain_row_2, plain_row_3, plain_row_4, plain_row_5, plain_row_6, plain_row_7, plain_row_8};
+        for (long r = 0; r < O; r++) row[M](I, O, w + r * I, x, y + r);
+        return;
+    }
+    long r = 0;
+    for (; r + 4 <= O; r += 4)
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            const long mn = M - m0 < 4 ? M - m0 : 4;
+            const float *xs[4];
+            for (long k = 0; k < 4; k++) xs[k] = x + (m0 + (k < mn ? k : mn - 1)) * I; /* short of 4: repeat the last */
+            float out[16];
+            plain_dots_4x4(I, w + r * I, xs, out);
+            for (long k = 0; k < mn; k++)
+                for (long j = 0; j < 4; j++) y[(m0 + k) * O + r + j] = out[4 * j + k];
+        }
+    for (; r < O; r++)
+        for (long m = 0; m < M; m++) y[m * O + r] = plain_dot(0, I, w + r * I, x + m * I);
+}
+#endif
+
 /* product_f32 for M <= 8 input rows x [M, I] -> y [M, O] at once: each block of the weight is read once for all rows
  * (a second row would otherwise stream a weight larger than the caches again). LAYOUT_QUANT: w is a qweight
  * (its O and I are the ones used). */
@@ -77,6 +171,12 @@ int product_rows_f32(int layout, int bf16, long O, long I, const void *w, long M
     if (M == 1) /* one row: product_f32's loops (the accumulators in registers; GCC's clone of the loops below for a
                  * one-row caller measured 3x slower, its dot products unvectorised) */
         return product_f32(layout, bf16, O, I, w, x, y);
+#if defined(__AVX512F__)
+    if (layout == 0 && !bf16) {
+        plain_rows_f32(O, I, (const float *)w, M, x, y);
+        return 0;
+    }
+#endif
     if (layout == 0) {
         for (long r = 0; r < O; r++) /* the weight row stays in L1 for the M dots */
             for (long m = 0; m < M; m++)

@@ -261,6 +261,28 @@ def test_resume_errors_are_one_line(trained, tmp_path, corpus, capsys):
     assert "trainer_state.json is missing" in capsys.readouterr().err
 
 
+def test_resume_refuses_another_config_or_tokenizer(trained, tmp_path, corpus, capsys):
+    """--resume continues with the checkpoint's config.json and tokenizer: the first command line re-run (same
+    --config, --tokenizer; --attn-res-block-size omitted or the same) resumes; a different --config,
+    --attn-res-block-size or --tokenizer is refused naming what would change, before any training."""
+    again = tmp_path / "again"
+    shutil.copytree(trained, again)
+    assert run(corpus, again, "--steps", "31", "--eval-every", "0", "--attn-res-block-size", "1", "--resume") == 0
+    capsys.readouterr()
+    for flags, named in ((["--config", "tiny-k3"], "hidden_act 'silu' -> 'situ'"),
+                         (["--attn-res-block-size", "2"], "attn_res_block_size 1.0 -> 2.0")):
+        argv = ["--data", str(corpus / "text"), "--out", str(trained), "--steps", "40", "--quiet", "--resume", *flags]
+        assert trainer.main(argv) == 2
+        err = capsys.readouterr().err
+        assert named in err and "drop those flags" in err and err.count("\n") == 1, err
+    other = tmp_path / "tok"
+    shutil.copytree(corpus / "tok", other)
+    (other / "tokenizer_config.json").write_text((other / "tokenizer_config.json").read_text().replace("{", "{ ", 1))
+    assert run(corpus, trained, "--steps", "40", "--tokenizer", str(other), "--resume") == 2
+    assert "differs from the tokenizer" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.glob("step-*")) == ["step-000015", "step-000030"]  # nothing trained
+
+
 def test_bad_data_path_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kimi_lm.cli", "train", "--data", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "run")], capture_output=True, text=True)

@@ -11,7 +11,9 @@ Checkpoints ``RUN_DIR/step-NNNNNN/`` are the layout ``kimi_lm.load`` reads (conf
 tokenizer files), in fp32, plus ``optimizer.safetensors`` (Muon momenta, AdamW moments) and
 ``trainer_state.json``; each is written atomically (``save.py``) and the last ``KEEP`` are kept. ``--resume``
 continues from the newest: weights, optimizer state and router biases are restored exactly and batches are a
-function of the step (``data.py``), so the loss trajectory equals that of an uninterrupted run.
+function of the step (``data.py``), so the loss trajectory equals that of an uninterrupted run. The run keeps its
+own config.json and tokenizer: ``--config`` / ``--attn-res-block-size`` / ``--tokenizer`` given again must mean the
+same (the first command line re-run with ``--resume`` does), else a UsageError names what would change.
 
 The architecture comes from ``--config`` (a preset name or a config.json; ``tiny-k3`` or a ``kimi_k3`` wrapper
 config trains K3's layers: SiTU, latent MoE, gated KDA / MLA, AttnRes); the vocabulary size and special ids
@@ -116,6 +118,34 @@ def steps_done(ckpt: Path, fsdp: bool = False) -> int:
         raise CheckpointError(f"{ckpt / STATE}: unreadable trainer state ({exc})") from None
 
 
+def check_same_run(args, ckpt: Path, tok_files: dict[str, bytes], tokenizer) -> None:
+    """``--resume`` continues the run with its checkpoint's config.json and tokenizer: a ``--config``,
+    ``--attn-res-block-size`` or ``--tokenizer`` given again must mean the same (the usual case: the first command
+    line re-run with ``--resume``), or the run would silently go on as something other than asked."""
+    from kimi_lm.save import TOKENIZER_FILES
+
+    if args.config or args.attn_res_block_size is not None:
+        saved = load_config(ckpt / "config.json")
+        # an omitted --attn-res-block-size means the run's own (it may have been set when the run started)
+        block = saved.attn_res_block_size if args.attn_res_block_size is None else args.attn_res_block_size or None
+        asked = (build_config(args.config, tokenizer, block or 0) if args.config
+                 else dataclasses.replace(saved, attn_res_block_size=block))
+        flat = lambda cfg: {"model_type": cfg.model_type, **cfg.to_dict().get("text_config", cfg.to_dict())}  # noqa: E731
+        asked, saved = flat(asked), flat(saved)  # (Kimi K3's wrapper nests the text model's keys)
+        changed = sorted((k for k in set(asked) | set(saved) if asked.get(k) != saved.get(k)), key=lambda k: (k != "model_type", k))
+        if changed:
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {asked.get(k)!r}" for k in changed[:4])
+            raise UsageError(f"--resume: {ckpt} was trained with another config than --config / "
+                             f"--attn-res-block-size ask for ({shown}{' ...' if len(changed) > 4 else ''}); drop "
+                             f"those flags to continue the run as it was, or choose a new --out")
+    if args.tokenizer:
+        given = {n: (Path(args.tokenizer) / n).read_bytes() for n in TOKENIZER_FILES
+                 if (Path(args.tokenizer) / n).is_file()}
+        if given != tok_files:
+            raise UsageError(f"--resume: --tokenizer {args.tokenizer} differs from the tokenizer {ckpt} was trained "
+                             f"with; drop --tokenizer to continue the run with its own, or choose a new --out")
+
+
 def load_run(ckpt: Path):
     """(model in train mode, steps done, optimizer tensors) from a checkpoint directory."""
     from kimi_lm.checkpoint import SafetensorsFile, load
@@ -208,16 +238,18 @@ def train(args) -> dict:
         raise UsageError(f"--out {out}: no checkpoint to resume from (expected step-* directories from kimi-lm train)")
     if existing and not args.resume:
         raise UsageError(f"--out {out}: already holds checkpoints; pass --resume to continue or choose a new --out")
-    if not args.resume:  # ORG/NAME[@REVISION] that is no local path: from the Hugging Face Hub (kimi_lm.hub)
-        args.config = str(resolve(args.config, ("config",)))
-        args.tokenizer = args.tokenizer and str(resolve(args.tokenizer, ("config", "tokenizer")))
-    if args.tokenizer and not args.resume and not Path(args.tokenizer).is_dir():
+    # ORG/NAME[@REVISION] that is no local path: from the Hugging Face Hub (kimi_lm.hub)
+    args.config = args.config and str(resolve(args.config, ("config",)))
+    args.tokenizer = args.tokenizer and str(resolve(args.tokenizer, ("config", "tokenizer")))
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such directory")
     # a resumed run keeps the tokenizer it started with: the one saved in its checkpoint
     tok_dir = existing[-1] if args.resume else Path(args.tokenizer) if args.tokenizer else DEFAULT_MODEL
     tokenizer = load_tokenizer(tok_dir)
     tok_files = {n: (tok_dir / n).read_bytes() for n in TOKENIZER_FILES if (tok_dir / n).is_file()}
-    cfg = None if args.resume else build_config(args.config, tokenizer, args.attn_res_block_size)
+    if args.resume:
+        check_same_run(args, existing[-1], tok_files, tokenizer)
+    cfg = None if args.resume else build_config(args.config or "tiny", tokenizer, args.attn_res_block_size)
     data = PackedData.from_paths(args.data, tokenizer, args.seq_len, args.eval_fraction, args.seed)
     if args.fsdp:  # built on the meta device and sharded: each rank allocates only its own rows
         start = steps_done(existing[-1], fsdp=True) if args.resume else 0
@@ -340,7 +372,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kimi-lm train", description="Pre-train a Kimi Linear model on text files.")
-    p.add_argument("--config", default="tiny", help=f"preset ({', '.join(PRESETS + K3_PRESETS)}), a config.json "
+    p.add_argument("--config", help=f"preset ({', '.join(PRESETS + K3_PRESETS)}), a config.json "
                                                     "(Kimi Linear, or Kimi K3's kimi_k3 wrapper) or a Hub id "
                                                     "ORG/NAME (its config.json; default tiny)")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",

@@ -99,7 +99,7 @@ def test_mla_layer_equals_plain_layer(models, dtype):
 def test_mla_decode_in_c_equals_the_absorbed_form(models, dtype, monkeypatch):
     """One query per sequence (a decode step) in one C call (kernels/mla.c) against the plain absorbed form on the
     same layer: batch 1 and 3, histories with spare padding rows, on 1-3 threads (batch 1 on several: the phases, a
-    long history split into 2 or 3 row ranges)."""
+    long history split into 2 or 3 row ranges); on one thread a batch equals its sequences one by one, bit for bit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOps(TorchDispatchMode):
@@ -124,6 +124,9 @@ def test_mla_decode_in_c_equals_the_absorbed_form(models, dtype, monkeypatch):
             assert CountOps.ops < 10  # the C call, not the ~45 ops of the plain path
             assert got.shape == want.shape and got.dtype == dtype
             assert rel_err(got, want) <= TOL[dtype], (B, threads)
+            if threads == 1:  # batching changes no sum: each sequence gets its own, as alone
+                alone = torch.cat([ours.attend_absorbed(q[b : b + 1], history[b : b + 1], past) for b in range(B)])
+                assert torch.equal(got, alone), B
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -167,6 +167,30 @@ def test_routing_in_c_chooses_and_weighs_like_the_plain_router(n_group, topk_gro
     torch.testing.assert_close(weights.gather(1, order), want_weights.gather(1, want_order), rtol=1e-5, atol=0)
 
 
+def test_bf16_bias_is_read_as_fp32_by_the_c_router():
+    """A balancing bias stored in bf16 (a module converted before the model kept it fp32) is made fp32 when the block
+    is prepared, and the C routers refuse a bf16 one by name: read as fp32 it ran past its end, and a bf16 model's
+    routing changed from process to process with the bytes behind it."""
+    torch.manual_seed(0)
+    moe = SparseMoE(64, 32, 6, 16, 1).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.3)
+        moe.gate.e_score_correction_bias.normal_(std=0.5)
+    plain = copy.deepcopy(moe)
+    moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.to(torch.bfloat16)
+    plain.gate.e_score_correction_bias.copy_(moe.gate.e_score_correction_bias.float())
+    ours = CpuSparseMoE(moe)
+    assert ours.gate.e_score_correction_bias.dtype == torch.float32
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        assert rel_err(ours(x), plain(x)) <= 1e-5
+        assert rel_err(ours(x[:1]), plain(x[:1])) <= 1e-5
+        with pytest.raises(ValueError, match="e_score_correction_bias.*fp32"):
+            moe_kernels.moe_route_logits(plain.gate.logits(x), plain.gate.e_score_correction_bias.bfloat16(), 6, 1, 1,
+                                         True, 1.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shared", [0, 2])
 def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, monkeypatch):

@@ -340,9 +340,9 @@ def test_prepared_quantized_model_equals_plain(spec, token_ids, monkeypatch):
 
 
 def test_prepared_bf16_quantized_model_is_as_close_to_fp32_as_plain(token_ids):
-    """bf16: prepared and plain MXFP4 models, each compared with the fp32 plain model. The tiny random model flips
-    expert choices on single bf16 roundings, and the prepared float parts alone (no packed module swapped) measured
-    1-2.2x the plain model's distance from run to run, so the bound is loose: same order as bf16 itself."""
+    """bf16: prepared and plain MXFP4 models, each compared with the fp32 plain model: as close (measured equal
+    medians; the bound allows a few expert choices flipped by single bf16 roundings). Run to run the same: the C
+    router once read a bf16 balancing bias as fp32, past its end, and landed 1-3x the plain model's distance."""
     exact = _quantized_tiny(QuantSpec("mxfp4", 4, 32), torch.float32)
     plain = _quantized_tiny(QuantSpec("mxfp4", 4, 32), torch.bfloat16)
     prepared = cpu.prepare(copy.deepcopy(plain))
@@ -352,7 +352,7 @@ def test_prepared_bf16_quantized_model_is_as_close_to_fp32_as_plain(token_ids):
         cache = prepared.make_cache(1)
         prepared(token_ids[:1, :10], cache=cache)
         step = prepared(token_ids[:1, 10:11], cache=cache)
-    assert ours <= 3 * reference
+    assert ours <= 1.25 * reference
     assert torch.isfinite(step).all()
 
 

@@ -1,5 +1,7 @@
 """The plain model's primitives (kimi_lm/model/layers.py): what they compute, in which precision."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,22 @@ def test_mlp_is_swiglu():
     with torch.no_grad():
         want = mlp.down_proj.weight @ (F.silu(mlp.gate_proj.weight @ x.T) * (mlp.up_proj.weight @ x.T))
         assert rel_err(mlp(x), want.T) <= 1e-6
+
+
+def test_router_bias_stays_fp32_through_dtype_conversion():
+    """.to(bf16) / .half() convert the router's weight but keep its balancing bias fp32 (as the loader does), with
+    its values; a device move still moves it."""
+    router = TopkRouter(32, 8, 2)
+    with torch.no_grad():
+        router.e_score_correction_bias.normal_(std=1e-3)
+    want = router.e_score_correction_bias.clone()
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("meta")):
+        moved = convert(copy.deepcopy(router))
+        assert moved.weight.dtype != torch.float32 or moved.weight.device.type == "meta"
+        assert moved.e_score_correction_bias.dtype == torch.float32
+        assert moved.e_score_correction_bias.device == moved.weight.device
+        if moved.weight.device.type == "cpu":
+            assert torch.equal(moved.e_score_correction_bias, want)
 
 
 def test_bf16_router_computes_logits_in_fp32():

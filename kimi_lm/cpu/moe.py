@@ -160,6 +160,9 @@ class CpuSparseMoE(SparseMoE):
     def __init__(self, moe: SparseMoE):
         nn.Module.__init__(self)
         self.gate, self.experts, self.shared_experts = moe.gate, moe.experts, moe.shared_experts
+        bias = self.gate.e_score_correction_bias
+        if bias.dtype != torch.float32 or not bias.is_contiguous():  # the C router reads it as fp32 [E]
+            self.gate.e_score_correction_bias = bias.float().contiguous()
         # a plain router's weight in fp32 for the one-token C router (a bf16 model's router is bf16); a quantized
         # router (kimi_lm.quant) computes its own logits and only the selection runs in C
         plain_router = type(moe.gate) is TopkRouter

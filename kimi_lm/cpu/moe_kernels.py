@@ -46,11 +46,19 @@ def moe_library() -> ctypes.CDLL:
     return lib
 
 
+def _check_bias(bias: torch.Tensor, experts: int) -> None:
+    """The kernels read the balancing bias as E contiguous fp32 values (a bf16 one would be read past its end)."""
+    if bias.dtype != torch.float32 or bias.numel() != experts or not bias.is_contiguous():
+        raise ValueError(f"e_score_correction_bias: expected {experts} contiguous fp32 values, "
+                         f"found {tuple(bias.shape)} {bias.dtype}")
+
+
 def moe_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
               renormalize: bool, scaling: float) -> tuple[list[int], torch.Tensor]:
     """The router of one token (``moe.TopkRouter.forward``): x [1, hidden] model dtype, weight [E, hidden] and bias [E]
     fp32 -> (the k chosen experts, their weights [1, k] fp32)."""
     E, hidden = weight.shape
+    _check_bias(bias, E)
     idx = (ctypes.c_int64 * top_k)()
     weights = torch.empty(1, top_k)
     status = moe_library().moe_route(E, hidden, top_k, n_group, topk_group, int(renormalize), scaling, _DTYPES[x.dtype],
@@ -111,6 +119,7 @@ def moe_route_logits(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_gro
     """``moe.TopkRouter.forward`` after its product: logits [N, E] fp32, bias [E] fp32
     -> (weights [N, k] fp32, expert indices [N, k] int64)."""
     N, E = logits.shape
+    _check_bias(bias, E)
     idx = torch.empty(N, top_k, dtype=torch.int64)
     weights = torch.empty(N, top_k)
     if moe_library().moe_route_logits(N, E, top_k, n_group, topk_group, int(renormalize), scaling, logits.data_ptr(),
@@ -256,6 +265,7 @@ def moe_decode(x: torch.Tensor, plan: MoEDecodePlan, bias: torch.Tensor, top_k: 
     fp32 -> [1, hidden]: what the router (``moe_route``), the experts, the shared expert and ``weighted_sum_rows``
     compute in turn."""
     r = plan.router
+    _check_bias(bias, r.num_experts)
     out = torch.empty_like(x)
     idx, weights = (ctypes.c_int64 * top_k)(), (ctypes.c_float * top_k)()
     if moe_library().moe_decode(r.num_experts, r.hidden, plan.intermediate, top_k, n_group, topk_group,

@@ -34,6 +34,15 @@ class TopkRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.renormalize, self.scaling = renormalize, scaling
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .bfloat16() move the bias but leave it fp32, as the loader keeps it (checkpoint.FP32_SUFFIXES):
+        # the balancer's nudges are below bf16's resolution near 1, and the CPU kernels read it as fp32
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and bias.dtype == torch.float32 and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] -> [N, E] fp32 (a quantized router, ``quant.packed.PackedRouter``, replaces only this)."""
         return F.linear(x.float(), self.weight.float())

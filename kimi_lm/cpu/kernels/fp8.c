@@ -236,6 +236,7 @@ static inline __attribute__((always_inline)) void row_avx512(const fp8w *W, long
         if (n == FP8_BLOCK) { /* a whole block: a constant trip count, unrolled */
             for (long j = 0; j < FP8_BLOCK; j += 32) {
                 __m512 w0, w1;
+                if (!(j & 32)) prefetch_stream(q + c0 + j); /* one per 64-byte line */
                 decode32(q + c0 + j, 0xffffffffu, &w0, &w1);
                 for (long m = 0; m < M; m++) {
                     const float *xm = x + m * I + c0 + j;
@@ -292,6 +293,7 @@ static inline __attribute__((always_inline)) void row_bf16(const fp8w *W, const 
         __m512 ta[ROWS_MAX], tb[ROWS_MAX];
         for (long m = 0; m < M; m++) ta[m] = tb[m] = _mm512_setzero_ps();
         for (long j = 0; j < whole; j += 64) {
+            prefetch_stream(q + c0 + j);
             const __m512i raw = _mm512_loadu_si512(q + c0 + j);
             const __m512i lo = _mm512_permutex2var_epi8(lut[0], raw, lut[1]);
             const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(lut[2], raw, lut[3]), raw, sign,

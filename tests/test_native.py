@@ -48,10 +48,23 @@ def test_packed_gemv_reads_onednn_layouts(dtype, shape):
     assert rel_err(gemv(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
-def test_packed_gemv_leaves_large_weights_to_onednn(monkeypatch):
+def test_one_row_runs_in_c_at_any_size_and_several_rows_up_to_the_limit(monkeypatch):
+    """One-row products of a weight above the limit still run in C (they measured faster than oneDNN at every size);
+    products of several rows of it go to oneDNN, whose many-row kernels compute faster on large weights."""
     monkeypatch.setattr(native, "GEMV_MAX_BYTES", 1000)
-    assert native.for_packed(onednn.pack(torch.randn(16, 16)), 16, 16) is None  # 1024 bytes
-    assert native.for_packed(onednn.pack(torch.randn(15, 16)), 15, 16) is not None
+    linear = torch.nn.Linear(16, 16, bias=False)  # 1024 bytes of fp32
+    packed = onednn.OneDNNLinear(linear)
+    assert packed.gemv is not None
+    assert native.gemv_takes(packed.gemv.nbytes, 1) and not native.gemv_takes(packed.gemv.nbytes, 2)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
+    with torch.no_grad():
+        x = torch.randn(2, 16)
+        assert rel_err(packed(x[:1]), linear(x[:1])) <= 1e-6
+        assert calls == []  # the C kernel
+        assert rel_err(packed(x), linear(x)) <= 1e-6
+    assert calls == [(2, 16)]
 
 
 def test_gemv_limit_shrinks_with_threads_and_is_followed(monkeypatch):
@@ -63,14 +76,16 @@ def test_gemv_limit_shrinks_with_threads_and_is_followed(monkeypatch):
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda a, *rest: calls.append(a.shape) or real(a, *rest))
-    x = torch.randn(1, 512)
+    x = torch.randn(2, 512)  # a batched step's two rows: the limit applies
     with torch.no_grad():
         monkeypatch.setattr(native, "gemv_max_bytes", lambda threads=None: 16 << 20)  # as with 2 threads
         packed(x)
         assert calls == []  # the C kernel
         monkeypatch.setattr(native, "gemv_max_bytes", lambda threads=None: 1 << 20)  # as with 32 threads
         assert rel_err(packed(x), linear(x)) <= 1e-6
-    assert calls == [(1, 512)]
+        assert calls == [(2, 512)]
+        packed(x[:1])  # one row: C at any size
+    assert calls == [(2, 512)]
 
 
 def test_packed_gemv_refuses_a_layout_it_cannot_confirm(monkeypatch):

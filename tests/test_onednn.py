@@ -114,7 +114,8 @@ def test_packing_at_load_does_not_double_resident_memory(tmp_path, dtype, bytes_
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("out_features", [64, 4096, 20480])  # 64 KiB / 4 MiB / 20 MiB of bf16 weight
 def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
-    """A product of up to 8 rows runs in C where the weight has a C reader (up to the C products' size limit); other
+    """A product of up to 8 rows runs in C where the weight has a C reader (one row at any size, more up to the C
+    products' size limit); other
     bf16 products with < 4 rows and a weight ≥ 2 MiB on a zero-padded 4-row input (a faster oneDNN kernel); whatever
     the path, the result is the plain product in the input's shape."""
     if not onednn.available(torch.bfloat16, "cpu"):
@@ -131,8 +132,8 @@ def test_bf16_decode_products_on_padded_rows_equal_linear(rows, out_features):
     assert got.shape == (rows, 1, out_features)
     padded = rows < 4 and out_features * 512 * 2 >= 2 << 20
     limit = onednn.GEMV_ROWS[torch.bfloat16]
-    in_c = packed.gemv is not None and rows <= limit and packed.gemv.nbytes <= native.gemv_max_bytes()
-    assert in_c == (out_features <= 4096 and rows <= limit) or packed.gemv is None
+    in_c = packed.gemv is not None and rows <= limit and native.gemv_takes(packed.gemv.nbytes, rows)
+    assert in_c == ((out_features <= 4096 or rows == 1) and rows <= limit) or packed.gemv is None
     if in_c:
         assert calls == []
     else:

@@ -90,7 +90,6 @@ class KDALayerPlan:
     def __init__(self, layer: CpuDecoderLayer, parts: dict[str, _Parts], moe_plan):
         attn, (norm1, norm2) = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
         self.dtype = norm1.weight.dtype  # the model dtype: the input the kernels take, whatever packed the weights
-        self.nbytes = max(p.nbytes for p in parts.values())
         self.parts, self.moe_plan = parts, moe_plan
         self.watch = TensorWatch([(m, "weight") for p in parts.values() for m in p.sources])
         ffn = {}
@@ -131,7 +130,7 @@ class KDALayerPlan:
     def takes(self, h: torch.Tensor, cache) -> bool:
         """Whether kda_layer_decode runs this plan on h [1, 1, hidden] with ``cache`` (the module path's checks)."""
         return (h.dtype == self.dtype and h.dtype in _DTYPES and h.is_contiguous()
-                and self.nbytes <= native.gemv_max_bytes() and native.supports(h, cache.conv_state, cache.state)
+                and native.supports(h, cache.conv_state, cache.state)
                 and (self.moe_plan is None or self.moe_plan.takes(h.view(1, -1))))
 
 

@@ -78,7 +78,7 @@ class OneDNNStackedExperts(FewRowsInC, StackedExperts):
         call that reads their packed weights in place (``moe_kernels.moe_experts_rows``) instead of two oneDNN calls
         each (mostly set-up at 1–4 rows); experts with more rows, and weights without a reader, go to oneDNN."""
         few = [e for e, n in enumerate(counts) if n and self.gate_up_gemv[e] is not None
-               and self.down_gemv[e] is not None and self.gate_up_gemv[e].nbytes <= native.gemv_max_bytes()
+               and self.down_gemv[e] is not None and native.gemv_takes(self.gate_up_gemv[e].nbytes, n)
                and n <= (SMALL_EXPERT_ROWS if self.gate_up_gemv[e].nbytes <= SMALL_EXPERT_BYTES else EXPERT_ROWS_IN_C)]
         if not few or not native.supports(xs):
             return super().grouped(xs, counts)

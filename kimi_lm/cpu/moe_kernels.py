@@ -193,7 +193,7 @@ class DecodeParts:
     ``(layout, address)`` (``kernels/moe.c``: oneDNN layouts 0 / 1 and the packed memory, or ``LAYOUT_QUANT`` and the
     address of two qweight pointers, gate's and up's, for gate | up and of one qweight for down), the intermediate
     size, ``dtype``: the input dtype oneDNN parts need (None: quantized parts only, which take fp32 and bf16),
-    ``nbytes``: the largest oneDNN part (the C products stream those only up to ``native.gemv_max_bytes()``), ``keep``:
+    ``nbytes``: the largest oneDNN part, ``keep``:
     what the addresses point into (ctypes structs, readers), ``sources``: (module, attribute) of the tensors they were
     made from (a tensor replaced there makes the parts stale)."""
 
@@ -242,7 +242,6 @@ class MoEDecodePlan:
         E = len(routed.gate_up)
         self.router, self.intermediate, self.parts = router, routed.intermediate, (router, routed, shared)
         self.dtype = shared.dtype if shared is not None and shared.dtype is not None else routed.dtype
-        self.nbytes = max(routed.nbytes, 0 if shared is None else shared.nbytes)
         self.gate_up_layouts = (_I * E)(*(l for l, _ in routed.gate_up))
         self.gate_up = (_P * E)(*(a for _, a in routed.gate_up))
         self.down_layouts, self.down = (_I * E)(*(l for l, _ in routed.down)), (_P * E)(*(a for _, a in routed.down))
@@ -256,7 +255,7 @@ class MoEDecodePlan:
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether ``moe_decode`` runs this plan on x [1, hidden]."""
-        return self.dtype in (None, x.dtype) and self.nbytes <= native.gemv_max_bytes() and native.supports(x)
+        return self.dtype in (None, x.dtype) and native.supports(x)
 
 
 def moe_decode(x: torch.Tensor, plan: MoEDecodePlan, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,

@@ -210,23 +210,29 @@ def kda_decode(proj: torch.Tensor, conv_state, state, taps: torch.Tensor, neg_A:
     return out
 
 
-# One-row products on packed weights up to this size run in C (output rows shared among torch's threads, ≈ 1 µs of
-# set-up on its OpenMP team) instead of oneDNN (≈ 15–20 µs of set-up per call). Measured on a 2-core AVX-512 VM,
-# each weight streamed from memory (hundreds of distinct weights called in turn): C on 2 threads ≥ oneDNN at every
-# size up to 16 MiB (fp32 1024×512: 106 vs 113 µs, 2048×2304: 663 vs 775 µs; bf16 1024×512: 50 vs 64 µs,
-# 2304×1024: 197 vs 210 µs), level above (bf16 4096×2304: 781 vs 749 µs: oneDNN's padded 4-row kernel).
-# Before the C products were threaded (one core's bandwidth), a bench-preset decode step: 2.4 vs 3.8 ms (bf16).
+# One-row products (a decode step of one sequence) on packed weights run in C at every size, output rows shared among
+# torch's threads (≈ 1 µs of set-up on its OpenMP team, where oneDNN takes ≈ 15–20 µs). Measured on a 2-core AVX-512
+# VM, each weight streamed from memory, C vs oneDNN (bf16: its input padded to 4 rows, its fastest): fp32 1024×512
+# 55 vs 143 µs, 6144×2304 669 vs 992, 32768×2304 4404 vs 5727; bf16 2304×1024 85 vs 219, 6144×2304 350 vs 595,
+# 32768×2304 1868 vs 2367. A real-layers decode step (Kimi-Linear-48B's layer sizes), alternating in one process:
+# fp32 49.4 -> 39.5 ms, bf16 15.6 -> 13.9 ms (its large weights had gone to oneDNN under a 16 MiB limit).
+# Products of several rows (a batched step) run in C up to GEMV_MAX_BYTES per weight: there oneDNN's many-row kernels
+# compute faster on large weights (onednn.GEMV_ROWS). Measured at 2 threads: C ≥ oneDNN up to 16 MiB (fp32 2048×2304
+# at 8 rows); with more threads the limit shrinks in proportion (not measured beyond 2 cores: a cautious guess), but
+# never below the size where oneDNN's set-up alone costs what one core needs to read the weight (≈ 384 KiB).
 GEMV_MAX_BYTES = 16 << 20
-# With more threads oneDNN's many-row kernels may stream large weights faster, so the limit shrinks in proportion to
-# the thread count (not measured beyond 2 cores: a cautious guess), but never below the size where oneDNN's set-up
-# alone costs what one core needs to read the weight (≈ 15 µs at ≈ 25 GB/s ≈ 384 KiB).
 GEMV_MIN_BYTES = 512 << 10
 
 
 def gemv_max_bytes(threads: int | None = None) -> int:
-    """Largest weight whose one-row products go to the C kernel at this many threads (default: torch's)."""
+    """Largest weight whose products of several rows go to the C kernel at this many threads (default: torch's)."""
     threads = threads or torch.get_num_threads()
     return GEMV_MAX_BYTES if threads <= 2 else max(GEMV_MIN_BYTES, GEMV_MAX_BYTES * 2 // threads)
+
+
+def gemv_takes(nbytes: int, rows: int, threads: int | None = None) -> bool:
+    """Whether a product of ``rows`` input rows on a C-readable weight of ``nbytes`` runs in C: one row always."""
+    return rows == 1 or nbytes <= gemv_max_bytes(threads)
 
 
 _PLAIN, _AB16B64A2B = 0, 1
@@ -277,14 +283,12 @@ class PackedGemv:
 
 
 def for_packed(packed: torch.Tensor, out_features: int, in_features: int) -> PackedGemv | None:
-    """A ``PackedGemv`` for this packed weight, or None (no kernels, too large at any thread count, unknown or
-    unconfirmed layout). Whether a call uses it also depends on the thread count then (``gemv_max_bytes``)."""
+    """A ``PackedGemv`` for this packed weight, or None (no kernels, unknown or unconfirmed layout). Whether a call
+    of several rows uses it also depends on the weight's size and the thread count then (``gemv_takes``)."""
     if packed.dtype not in _DTYPES or library() is None:
         return None
     if not (hasattr(torch.ops.mkldnn, "data_ptr") and hasattr(torch.ops.mkldnn, "_nbytes")):
         return None  # a torch without the accessors of packed memory
-    if out_features * in_features * packed.element_size() > GEMV_MAX_BYTES:
-        return None
     layout = _guess_layout(packed, out_features, in_features)
     if layout is None:
         return None

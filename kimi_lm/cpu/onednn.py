@@ -63,7 +63,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, gemv: native.PackedGemv
     sequence or a few; per dtype) go to ``gemv``, the C kernel on the same packed memory, where the weight has one
     (``native.for_packed``)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= GEMV_ROWS.get(x.dtype, 1) and gemv is not None and gemv.nbytes <= native.gemv_max_bytes()
+    if (0 < rows <= GEMV_ROWS.get(x.dtype, 1) and gemv is not None and native.gemv_takes(gemv.nbytes, rows)
             and x.dtype == packed.dtype and not (torch.is_grad_enabled() and x.requires_grad)):
         return gemv(x)
     if 0 < rows < _BF16_ROWS and x.dtype == torch.bfloat16 and packed.numel() * 2 >= _BF16_PAD_MIN_BYTES:

@@ -37,6 +37,28 @@ static inline float plain_dot(int bf16, long I, const void *row, const float *x)
     return t;
 }
 
+#if defined(__AVX512F__)
+/* one plain fp32 row's dot with x [I]: 4 accumulators (an FMA's latency is 4 of its issue slots), the weight stream
+ * fetched ahead (prefetch_stream). Against the `omp simd` dot (one accumulator, no prefetch), weights streamed from
+ * memory on 2 threads: 1024x512 71 -> 55 us, 2048x2304 272 -> 232, 6144x2304 781 -> 669 */
+static float plain_row_one(long I, const float *w, const float *x) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    long i = 0;
+    for (; i + 64 <= I; i += 64) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            prefetch_stream(w + i + 16 * k);
+            acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16 * k), _mm512_loadu_ps(x + i + 16 * k), acc[k]);
+        }
+    }
+    for (; i < I; i += 16) {
+        const __mmask16 k = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1u);
+        acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, w + i), _mm512_maskz_loadu_ps(k, x + i), acc[0]);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+#endif
+
 /* y[O] = W x in fp32 for one input row x [I] (fp32), W as ``torch.ops.mkldnn._reorder_linear_weight`` stores it.
  * layout 0: plain row-major [O, I] in the model dtype (what oneDNN keeps for fp32 here); layout 1: bf16 "AB16b64a2b"
  * ([O/64][I/32] blocks of [16][64][2]: 64 outputs by 32 inputs, input pairs adjacent, padded to whole blocks).
@@ -44,6 +66,12 @@ static inline float plain_dot(int bf16, long I, const void *row, const float *x)
 int product_f32(int layout, int bf16, long O, long I, const void *w, const float *x, float *y) {
     if (layout == LAYOUT_QUANT) return product_rows_f32(layout, bf16, O, I, w, 1, x, y);
     if (layout == 0) {
+#if defined(__AVX512F__)
+        if (!bf16) {
+            for (long r = 0; r < O; r++) y[r] = plain_row_one(I, (const float *)w + r * I, x);
+            return 0;
+        }
+#endif
         for (long r = 0; r < O; r++) y[r] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * (bf16 ? 2 : 4), x);
         return 0;
     }

@@ -48,6 +48,24 @@ def test_packed_gemv_reads_onednn_layouts(dtype, shape):
     assert rel_err(gemv(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("shape", [(64, 32), (100, 70), (513, 131), (2304, 1024)])
+def test_bf16_one_row_product_is_the_exact_sum_rounded_once(shape):
+    """A bf16 one-row product in C on oneDNN's AB16b64a2b pairs: each output is the exact sum of exact products up to
+    fp32 summation order, rounded once to bf16; odd widths (a last block ending mid-pair) and partial 64-output blocks
+    included."""
+    out_features, in_features = shape
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    gemv = native.for_packed(onednn.pack(w), out_features, in_features)
+    assert gemv is not None
+    x = torch.randn(1, in_features, generator=g).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(x.double(), w.double())  # products and sums exact in float64
+    got = gemv(x).double()
+    order = in_features * 2.0**-24 * (x.double().abs() @ w.double().abs().T)  # fp32 summation-order bound
+    assert ((got - exact).abs() <= 2.0**-8 * exact.abs() + order).all()
+
+
 def test_one_row_runs_in_c_at_any_size_and_several_rows_up_to_the_limit(monkeypatch):
     """One-row products of a weight above the limit still run in C (they measured faster than oneDNN at every size);
     products of several rows of it go to oneDNN, whose many-row kernels compute faster on large weights."""

@@ -168,3 +168,19 @@ def test_cli_refuses_a_corrupt_cache_in_one_line(ckpt, tmp_path, capsys):
     assert cli_main(["generate", "--model", str(ckpt), "--prompt-cache-file", str(tmp_path / "bad.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.safetensors" in err
+
+
+def test_fingerprint_is_read_once_per_model(model, monkeypatch):
+    """Each prompt cache (the server makes one per request) takes its model's fingerprint, which reads state_dict()
+    (dense copies of every packed weight under the CPU backend): once per model object, not per cache."""
+    from kimi_lm import prompt_cache
+
+    monkeypatch.setattr(prompt_cache, "_fingerprints", type(prompt_cache._fingerprints)())
+    reads = []
+    real = prompt_cache._fingerprint
+    monkeypatch.setattr(prompt_cache, "_fingerprint", lambda m: reads.append(m) or real(m))
+    first, second = PromptCache(model), PromptCache(model)
+    assert first.fingerprint == second.fingerprint == real(model)
+    assert reads == [model]
+    first.check_model(model)
+    assert reads == [model]

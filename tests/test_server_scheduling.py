@@ -188,3 +188,37 @@ def _up(url) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_mailbox_delivers_a_threads_events_in_order_with_few_wakeups():
+    """Events put from another thread (the scheduler's) reach their queues in order; the loop is woken once per
+    burst rather than once per event."""
+    import asyncio
+
+    from kimi_lm.server.responses import Mailbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        box, queues = Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(1) or real(*a)
+
+        def burst():
+            for n in range(100):
+                box.put(queues[n % 2], n)
+
+        worker = threading.Thread(target=burst)
+        worker.start()
+        got = [[], []]
+        while len(got[0]) + len(got[1]) < 100:
+            for k, q in enumerate(queues):
+                while not q.empty():
+                    got[k].append(q.get_nowait())
+            await asyncio.sleep(0.001)
+        worker.join()
+        return got, len(wakeups)
+
+    (evens, odds), wakeups = asyncio.run(run())
+    assert evens == list(range(0, 100, 2)) and odds == list(range(1, 100, 2))
+    assert 1 <= wakeups < 100

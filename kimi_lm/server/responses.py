@@ -1,6 +1,7 @@
 """Engine events -> OpenAI responses: one JSON body, or Server-Sent Events ending in ``data: [DONE]``.
 
-Tokens come back on the engine's thread and cross to the event loop through an ``asyncio.Queue`` (:func:`submit`).
+Tokens come back on the engine's thread and cross to the event loop through a :class:`Mailbox` (one wake-up for
+all the events of a step) into each request's ``asyncio.Queue`` (:func:`submit`).
 :func:`events` yields them until every choice has finished and, in its ``finally``, cancels whatever is left: a
 streaming client that disconnects makes Starlette cancel the response generator; a non-streaming one is noticed by
 polling ``request.is_disconnected()`` while waiting. Either way the scheduler drops the request at its next chunk
@@ -21,10 +22,13 @@ References: OpenAI API reference (chat.completion(.chunk), text_completion, usag
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import threading
 import time
 import uuid
+import weakref
 
 from fastapi.responses import StreamingResponse
 
@@ -35,17 +39,47 @@ log = logging.getLogger("kimi_lm.server")
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
 
+class Mailbox:
+    """Events from the scheduler thread to one event loop. Each is queued here and the loop woken only when no
+    wake-up is pending (``call_soon_threadsafe`` writes to the loop's self-pipe): a decode step of 8 requests wakes it
+    once rather than 8 times (those writes were 6.5 % of the scheduler thread's samples at 8 clients). Events keep
+    their order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.pending, self.lock = loop, collections.deque(), False, threading.Lock()
+
+    def put(self, q: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.items.append((q, item))
+            if self.pending:
+                return
+            self.pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.pending = self.items, collections.deque(), False
+        for q, item in items:
+            q.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its Mailbox
+
+
 async def submit(engine, make_sequences) -> tuple[asyncio.Queue, list[Sequence]]:
     """``make_sequences(emit_for)`` builds the sequences (``emit_for(i)``: choice i's callback); they are submitted
     and their events arrive on the returned queue as (choice index, Event)."""
     loop, q = asyncio.get_running_loop(), asyncio.Queue()
+    if loop not in _mailboxes:
+        _mailboxes[loop] = Mailbox(loop)
+    mailbox = _mailboxes[loop]
 
     def emit_for(i):
         def emit(ev: Event):
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (i, ev))
-            except RuntimeError:  # the loop is closed: the server is shutting down
-                pass
+            mailbox.put(q, (i, ev))
         return emit
 
     seqs = make_sequences(emit_for)

@@ -98,10 +98,10 @@ _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def model_fingerprint(model) -> str:
-    """Hash of the config, every weight's name/shape/dtype and the first values of the first weight. Computed once
-    per model object: it reads ``state_dict()``, which the CPU backend's packed modules answer with dense copies of
-    every weight, and the server makes a prompt cache per request (8 requests of the bench model spent 3 % of the
-    scheduler's time there)."""
+    """Hash of the config, every weight's name/shape/dtype (by name) and the first values of the first by name.
+    Computed once per model object, and by ``kimi_lm.load`` before the CPU backend swaps its modules: it reads
+    ``state_dict()``, which the backend's packed modules answer with dense copies of every weight (the same names,
+    shapes and dtypes), and the server makes a prompt cache per request."""
     if model not in _fingerprints:
         _fingerprints[model] = _fingerprint(model)
     return _fingerprints[model]
@@ -109,11 +109,10 @@ def model_fingerprint(model) -> str:
 
 def _fingerprint(model) -> str:
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    state = model.state_dict()
-    for name, t in state.items():
+    state = sorted(model.state_dict().items())  # by name: the backend's modules list theirs in another order
+    for name, t in state:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    first = next(iter(state.values()))
-    h.update(first.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    h.update(state[0][1].detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

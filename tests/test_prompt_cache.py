@@ -184,3 +184,32 @@ def test_fingerprint_is_read_once_per_model(model, monkeypatch):
     assert reads == [model]
     first.check_model(model)
     assert reads == [model]
+
+
+def test_fingerprint_of_a_prepared_model_is_the_plain_models(tmp_path):
+    """The CPU backend's modules give the same state_dict names, shapes and dtypes in another order, each packed
+    weight as a dense copy: the fingerprint (taken by name) is the plain model's, and kimi_lm.load takes it before
+    the swap, so no prompt cache densifies the weights."""
+    import copy
+
+    from kimi_lm import cpu, prompt_cache
+    from kimi_lm.config import preset
+    from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    plain = KimiLinearForCausalLM(preset("tiny")).eval().requires_grad_(False)
+    prepared = cpu.prepare(copy.deepcopy(plain))
+    assert list(plain.state_dict()) != list(prepared.state_dict())  # the order the fingerprint must not depend on
+    assert prompt_cache._fingerprint(prepared) == prompt_cache._fingerprint(plain)
+
+
+def test_load_takes_the_fingerprint_before_the_backend(ckpt, monkeypatch):
+    from kimi_lm import prompt_cache
+
+    seen = []
+    real = prompt_cache._fingerprint
+    monkeypatch.setattr(prompt_cache, "_fingerprint", lambda m: seen.append(type(m.lm_head).__name__) or real(m))
+    loaded = kimi_lm.load(ckpt, dtype=torch.float32)
+    assert seen == ["Linear"]  # the plain module, before the backend packed it
+    assert prompt_cache.model_fingerprint(loaded) == real(kimi_lm.load(ckpt, dtype=torch.float32, backend=None))
+    assert len(seen) == 1  # once: the model's prompt caches reuse it

@@ -206,12 +206,19 @@ def check_blocks(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> Non
             local = (full // 2 if spec.halves else full) // spec.parts
             if local % BLOCK:
                 bad.append(f"{name.removesuffix('_scale_inv')} ({local} of {full // 2 if spec.halves else full})")
+    _refuse(plan, bad, lambda flag, value, shown: (
+        f"{flag} {value}: FP8-block weights split only at {BLOCK}-row/column block boundaries; this rank's part would "
+        f"not be whole blocks for {shown}; choose a smaller {flag} or convert the checkpoint with "
+        f"`kimi-lm convert --dequantize`"))
+
+
+def _refuse(plan: Plan, bad: list[str], message) -> None:
+    """One UsageError for the parts a split cannot make (``bad``, up to four named): ``message(flag, value, shown)``
+    with the flag that splits them (--tp where tensors split, else --ep)."""
     if bad:
         flag, value = ("--ep", plan.ep) if plan.tp == 1 else ("--tp", plan.tp)
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        raise UsageError(f"{flag} {value}: FP8-block weights split only at {BLOCK}-row/column block boundaries; this "
-                         f"rank's part would not be whole blocks for {shown}; choose a smaller {flag} or convert the "
-                         f"checkpoint with `kimi-lm convert --dequantize`")
+        raise UsageError(message(flag, value, shown))
 
 
 def check_groups(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> None:
@@ -229,12 +236,10 @@ def check_groups(model: nn.Module, specs: dict[str, "Shard"], plan: Plan) -> Non
             quant = getattr(module, "spec", None) or getattr(module, f"{leaf.split('_')[0]}_spec", module.gate_up_spec)
             what = module_name if leaf == "scales" else f"{module_name}.{leaf.removesuffix('_scales')}"
             bad.append(f"{what} ({groups.shape[-1]} groups of {quant.group_size} input columns per row)")
-    if bad:
-        flag, value = ("--ep", plan.ep) if plan.tp == 1 else ("--tp", plan.tp)
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-        raise UsageError(f"{flag} {value}: packed weights split their input columns only at whole quantization groups, "
-                         f"and {shown} cannot be split {value} ways; choose a smaller {flag}, add --ep {value} (whole "
-                         f"experts), or convert the checkpoint with `kimi-lm convert --dequantize`")
+    _refuse(plan, bad, lambda flag, value, shown: (
+        f"{flag} {value}: packed weights split their input columns only at whole quantization groups, and {shown} "
+        f"cannot be split {value} ways; choose a smaller {flag}, add --ep {value} (whole experts), or convert the "
+        f"checkpoint with `kimi-lm convert --dequantize`"))
 
 
 # ---- the modules that sum over ranks ------------------------------------------------------------------------------

@@ -79,14 +79,18 @@ static void absorbed_query(const mla_job *job, long b, long h, float *qf, float 
 
 /* p[k, s] = round(qf[k] . c_s) scale for history rows [s0, s1) of sequence b and its H queries qf [H, D] (rows up to
  * a multiple of HEAD_BLOCK, the extra ones zero): each row read once for all heads, four heads' dot products at a
- * time in 16-lane partial sums (one head's alone is a chain of dependent multiply-adds: 2-3x slower); row [D]
- * scratch */
-static void scores(const mla_job *job, long b, long s0, long s1, const float *qf, float *p, long S, float *row) {
+ * time in 16-lane partial sums (one head's alone is a chain of dependent multiply-adds: 2-3x slower); scratch [D]:
+ * a bf16 row widened (an fp32 row is read where it lies: copying it was 8 % of a batch-8 step of the bench model) */
+static void scores(const mla_job *job, long b, long s0, long s1, const float *qf, float *p, long S, float *scratch) {
     const long H = job->H, D = job->C + job->pe, full = D / 16 * 16;
     const int bf16 = job->bf16;
     const char *hist = (const char *)job->histories[b];
     for (long s = s0; s < s1; s++) {
-        load_row(row, hist + (size_t)(s * D) * (bf16 ? 2 : 4), D, bf16);
+        const float *row = (const float *)(hist + (size_t)(s * D) * (bf16 ? 2 : 4)); /* fp32: read in place */
+        if (bf16) {
+            load_row(scratch, row, D, 1);
+            row = scratch;
+        }
         for (long k0 = 0; k0 < H; k0 += HEAD_BLOCK) {
             const float *q = qf + k0 * D;
 #if MLA_AVX512 /* GCC keeps the portable loop's partial sums on the stack */

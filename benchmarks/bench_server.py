@@ -1,11 +1,13 @@
 """Serving throughput: one streaming client vs 8 concurrent ones, through HTTP and the real ``openai`` client.
 
-    python benchmarks/bench_server.py [--model DIR] [--tokens 64] [--clients 8]
+    python benchmarks/bench_server.py [--model DIR] [--tokens 64] [--clients 8] [--repeats 3]
 
-The server runs as ``kimi-lm serve`` in its own process, the clients in this one. Without ``--model`` it serves a random model of the ``bench`` preset (~66M parameters, fp32) with the tiny test
-tokenizer. Stop tokens get a -100 logit bias so every request generates exactly ``--tokens`` tokens. Continuous
-batching should make the 8-client aggregate several times one client's rate (the issue asks for >= 3x). Prints a
-table, then one JSON line.
+The server runs as ``kimi-lm serve`` in its own process, the clients in this one. Without ``--model`` it serves a
+random model of the ``bench`` preset (~66M parameters, fp32) with the tiny test tokenizer. Stop tokens get a -100
+logit bias so every request generates exactly ``--tokens`` tokens. Continuous batching should make the 8-client
+aggregate several times one client's rate (the issue asks for >= 3x). The two measurements alternate for
+``--repeats`` rounds and the best of each is kept (this shared box moves single runs by 30 %; the clients share its
+cores with the server). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server process")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (1 client, N clients); the best of each kept")
     args = p.parse_args()
 
     from openai import OpenAI
@@ -95,13 +98,16 @@ def main() -> None:
 
     try:
         one(-1)  # warm-up
-        rows = []
-        for clients in (1, args.clients):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                total = sum(pool.map(one, range(clients)))
-            dt = time.perf_counter() - t0
-            rows.append((clients, total, dt, total / dt))
+        best = {}
+        for _ in range(args.repeats):  # alternating, so that other load on the box hits both alike; best of each
+            for clients in (1, args.clients):
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    total = sum(pool.map(one, range(clients)))
+                dt = time.perf_counter() - t0
+                if clients not in best or total / dt > best[clients][3]:
+                    best[clients] = (clients, total, dt, total / dt)
+        rows = [best[1], best[args.clients]]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -111,7 +117,8 @@ def main() -> None:
         print(f"{c:>8} {n:>8} {dt:>8.2f} {tps:>8.1f}")
     single, multi = rows[0][3], rows[1][3]
     print(json.dumps({"model": str(args.model or "random bench preset"), "threads": args.threads,
-                      "tokens_per_request": args.tokens, "single_client_tok_s": round(single, 1),
+                      "tokens_per_request": args.tokens, "repeats": args.repeats,
+                      "single_client_tok_s": round(single, 1),
                       f"{args.clients}_client_aggregate_tok_s": round(multi, 1), "ratio": round(multi / single, 2)}))
 
 

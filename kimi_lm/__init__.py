@@ -51,9 +51,7 @@ def load(path, dtype=torch.bfloat16, device="cpu", backend: str | None = "auto",
     model = _load(path, dtype=dtype, device=device)
     if backend is not None and torch.device(device).type == "cpu":
         from kimi_lm import cpu
-        from kimi_lm.prompt_cache import model_fingerprint
 
-        model_fingerprint(model)  # kept for the model's prompt caches: afterwards state_dict() copies every weight
         cpu.prepare(model)
     if torch.device(device).type == "cpu":  # larger than RAM: experts read exactly and ahead (kimi_lm.mapped)
         from kimi_lm.mapped import page_experts

@@ -99,7 +99,7 @@ _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def model_fingerprint(model) -> str:
     """Hash of the config, every weight's name/shape/dtype (by name) and the first values of the first by name.
-    Computed once per model object, and by ``kimi_lm.load`` before the CPU backend swaps its modules: it reads
+    Computed once per model object, and by ``kimi_lm.cpu.prepare`` before it swaps the modules: it reads
     ``state_dict()``, which the backend's packed modules answer with dense copies of every weight (the same names,
     shapes and dtypes), and the server makes a prompt cache per request."""
     if model not in _fingerprints:

@@ -188,8 +188,8 @@ def test_fingerprint_is_read_once_per_model(model, monkeypatch):
 
 def test_fingerprint_of_a_prepared_model_is_the_plain_models(tmp_path):
     """The CPU backend's modules give the same state_dict names, shapes and dtypes in another order, each packed
-    weight as a dense copy: the fingerprint (taken by name) is the plain model's, and kimi_lm.load takes it before
-    the swap, so no prompt cache densifies the weights."""
+    weight as a dense copy: the fingerprint (taken by name) is the plain model's, and kimi_lm.cpu.prepare takes it
+    before the swap, so no prompt cache densifies the weights."""
     import copy
 
     from kimi_lm import cpu, prompt_cache
@@ -203,7 +203,7 @@ def test_fingerprint_of_a_prepared_model_is_the_plain_models(tmp_path):
     assert prompt_cache._fingerprint(prepared) == prompt_cache._fingerprint(plain)
 
 
-def test_load_takes_the_fingerprint_before_the_backend(ckpt, monkeypatch):
+def test_the_backend_takes_the_fingerprint_before_its_swaps(ckpt, monkeypatch):
     from kimi_lm import prompt_cache
 
     seen = []

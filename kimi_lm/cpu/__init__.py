@@ -96,6 +96,9 @@ def _layer_swap(module: nn.Module, kernels: bool, dtype: torch.dtype) -> nn.Modu
 def prepare(model: nn.Module) -> nn.Module:
     """Swap ``model``'s modules for the CPU backend's (see the module docstring), in place; returns the model.
     Expects an inference model (``eval()``, no grads) on the CPU, as ``kimi_lm.checkpoint.load`` returns it."""
+    from kimi_lm.prompt_cache import model_fingerprint
+
+    model_fingerprint(model)  # kept for its prompt caches: once prepared, state_dict() densifies every packed weight
     if INT4_KERNEL:
         use_int4_kernels(model)  # affine 4-bit modules on PyTorch's CPU int4 kernel (same bytes)
     malloc.keep_freed_memory()  # activations reuse freed pages instead of faulting fresh ones in each forward

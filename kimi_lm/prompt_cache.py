@@ -37,7 +37,7 @@ from kimi_lm.cache import KDACache, MLACache, ModelCache
 from kimi_lm.files import atomic_path
 
 FORMAT = "kimi-lm prompt cache"
-VERSION = "1"
+VERSION = "2"  # 2: the model fingerprint hashes the weights by name (1: in state_dict order)
 MAX_SNAPSHOTS = 4  # KDA snapshots kept in memory (each is a few tens of MB for the 48B model)
 
 
@@ -249,7 +249,8 @@ def load_prompt_cache(path: str | Path, model) -> PromptCache:
     if meta.get("format") != FORMAT:
         raise PromptCacheError(f"{path}: not a kimi-lm prompt cache (metadata 'format' is {meta.get('format')!r})")
     if meta.get("version") != VERSION:
-        raise PromptCacheError(f"{path}: prompt cache version {meta.get('version')!r}, this kimi-lm reads {VERSION!r}")
+        raise PromptCacheError(f"{path}: prompt cache version {meta.get('version')!r}, this kimi-lm reads {VERSION!r}; "
+                               f"make it again with `kimi-lm cache-prompt`")
     if meta.get("fingerprint") != model_fingerprint(model):
         raise PromptCacheError(f"{path}: this prompt cache was made with a different model (config, weights or dtype "
                                f"differ); make it again with `kimi-lm cache-prompt` for this model")

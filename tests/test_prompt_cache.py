@@ -136,6 +136,19 @@ def test_cache_from_another_model_is_refused(saved, ckpt, tmp_path_factory):
             load_prompt_cache(saved, other)
 
 
+def test_cache_of_an_earlier_version_is_refused_with_what_to_do(saved, model, tmp_path):
+    """Version 1 files hashed the model in state_dict order: refused by version, not as another model's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(saved, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "old.safetensors", metadata={**meta, "version": "1"})
+    with pytest.raises(PromptCacheError, match=r"old.safetensors: prompt cache version '1', this kimi-lm reads '2'; "
+                                               r"make it again with `kimi-lm cache-prompt`"):
+        load_prompt_cache(tmp_path / "old.safetensors", model)
+
+
 def test_corrupt_and_truncated_files_are_refused(saved, model, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
     with pytest.raises(PromptCacheError, match="junk.safetensors: not a readable safetensors file"):

@@ -56,16 +56,15 @@ class KDALayer(ctypes.Structure):
 
 class _Parts:
     """One product module (or several fused) as ``Products``, with what its addresses point into (``keep``), the
-    input dtype its oneDNN parts need (``dtype``; None: quantized only), their largest size (``nbytes``) and the
-    quantized modules whose weights it read (``sources``)."""
+    input dtype its oneDNN parts need (``dtype``; None: quantized only) and the quantized modules whose weights it read
+    (``sources``)."""
 
-    def __init__(self, layouts: list[int], weights: list[int], outs: list[int], dtype, nbytes: int, sources=(),
-                 keep=()):
+    def __init__(self, layouts: list[int], weights: list[int], outs: list[int], dtype, sources=(), keep=()):
         n = len(layouts)
         self.keep = keep  # the readers whose QWeight structs the addresses point at
         self.arrays = ((_I * n)(*layouts), (_P * n)(*weights), (_L * n)(*outs))
         self.struct = Products(n, *(ctypes.addressof(a) for a in self.arrays))
-        self.dtype, self.nbytes, self.sources = dtype, nbytes, tuple(sources)
+        self.dtype, self.sources = dtype, tuple(sources)
 
 
 def _parts(module: nn.Module) -> _Parts | None:
@@ -74,13 +73,12 @@ def _parts(module: nn.Module) -> _Parts | None:
         g = module.gemv
         if g is None:
             return None
-        return _Parts([g.layout], [g.pointer()], [g.out_features], module.packed.dtype, g.nbytes)
+        return _Parts([g.layout], [g.pointer()], [g.out_features], module.packed.dtype)
     readers = module.readers if isinstance(module, FusedProducts) else [reader(module)]
     if None in readers:
         return None
-    onednn = [r for r in readers if r.layout != LAYOUT_QUANT]
     return _Parts([r.layout for r in readers], [r.pointer() for r in readers], [r.out_features for r in readers],
-                  next((r.dtype for r in onednn), None), max((r.module.gemv.nbytes for r in onednn), default=0),
+                  next((r.dtype for r in readers if r.layout != LAYOUT_QUANT), None),
                   [r.module for r in readers if r.layout == LAYOUT_QUANT], keep=readers)
 
 

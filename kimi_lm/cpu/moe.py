@@ -91,7 +91,7 @@ class OneDNNStackedExperts(FewRowsInC, StackedExperts):
             return None
         return DecodeParts([(g.layout, g.pointer()) for g in self.gate_up_gemv],
                            [(g.layout, g.pointer()) for g in self.down_gemv], self.intermediate_size,
-                           self.gate_up_packed[0].dtype, max(g.nbytes for g in [*self.gate_up_gemv, *self.down_gemv]))
+                           self.gate_up_packed[0].dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "gate_up_proj"] = torch.stack([p.to_dense() for p in self.gate_up_packed])
@@ -136,7 +136,7 @@ def shared_expert_parts(mlp: nn.Module) -> DecodeParts | None:
         pair = (ctypes.c_void_p * 2)(*(r.pointer() for r in halves))
         sources = tuple((r.module, "weight") for r in (*halves, down) if r.layout == LAYOUT_QUANT)
         return DecodeParts([(LAYOUT_QUANT, ctypes.addressof(pair))], [(down.layout, down.pointer())],
-                           mlp.down_proj.in_features, down.dtype, _onednn_bytes(down), (pair, halves, down), sources)
+                           mlp.down_proj.in_features, down.dtype, (pair, halves, down), sources)
     gemv = getattr(gate_up, "gemv", None)
     if gemv is None or down is None:
         return None
@@ -145,12 +145,7 @@ def shared_expert_parts(mlp: nn.Module) -> DecodeParts | None:
     if len(dtypes) > 1:
         return None
     return DecodeParts([(gemv.layout, gemv.pointer())], [(down.layout, down.pointer())], mlp.down_proj.in_features,
-                       gate_up.packed.dtype, max(gemv.nbytes, _onednn_bytes(down)), (down,), sources)
-
-
-def _onednn_bytes(r) -> int:
-    """A reader's weight bytes where the oneDNN limit applies (quantized products always run in C)."""
-    return 0 if r.dtype is None else r.module.gemv.nbytes
+                       gate_up.packed.dtype, (down,), sources)
 
 
 class CpuSparseMoE(SparseMoE):

@@ -192,8 +192,7 @@ class DecodeParts:
     """Experts (routed, or the shared one) as ``moe_decode`` reads them: per expert its gate | up and down
     ``(layout, address)`` (``kernels/moe.c``: oneDNN layouts 0 / 1 and the packed memory, or ``LAYOUT_QUANT`` and the
     address of two qweight pointers, gate's and up's, for gate | up and of one qweight for down), the intermediate
-    size, ``dtype``: the input dtype oneDNN parts need (None: quantized parts only, which take fp32 and bf16),
-    ``nbytes``: the largest oneDNN part, ``keep``:
+    size, ``dtype``: the input dtype oneDNN parts need (None: quantized parts only, which take fp32 and bf16), ``keep``:
     what the addresses point into (ctypes structs, readers), ``sources``: (module, attribute) of the tensors they were
     made from (a tensor replaced there makes the parts stale)."""
 
@@ -201,7 +200,6 @@ class DecodeParts:
     down: list[tuple[int, int]]
     intermediate: int
     dtype: torch.dtype | None
-    nbytes: int
     keep: tuple = ()
     sources: tuple = ()
 
@@ -230,7 +228,7 @@ def described_experts(layout: int, struct: type, args: list[tuple], intermediate
     pairs = (_P * (2 * E))(*(base + (3 * e + k) * size for e in range(E) for k in (0, 1)))
     step = 2 * ctypes.sizeof(_P)
     return DecodeParts([(layout, ctypes.addressof(pairs) + e * step) for e in range(E)],
-                       [(layout, base + (3 * e + 2) * size) for e in range(E)], intermediate, None, 0,
+                       [(layout, base + (3 * e + 2) * size) for e in range(E)], intermediate, None,
                        keep=(structs, pairs), sources=sources)
 
 

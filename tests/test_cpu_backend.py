@@ -225,6 +225,41 @@ def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, mon
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [3, 8])
+def test_batched_step_moe_in_one_call_equals_the_calls_and_plain(dtype, tokens, monkeypatch):
+    """The few tokens of a batched decode step (one per sequence) through the MoE block in one C call
+    (moe_kernels.moe_decode on [N, hidden]: the router's product for all of them, each chosen expert's weights read
+    once for the tokens routed to it, the shared expert on all) against the multi-call path (router logits, dispatch,
+    grouped experts, combine) and the plain block; as many tokens as the C products take in the dtype (bf16: 4)."""
+    torch.manual_seed(0)
+    moe = SparseMoE(96, 16, 5, 40, 2, 4, 2, True, 2.5).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.2)
+        moe.gate.e_score_correction_bias.normal_(std=0.5)
+    moe = moe.to(dtype)
+    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    holder = torch.nn.Module()
+    holder.moe = copy.deepcopy(moe)
+    onednn.pack_linears(holder, OneDNNStackedExperts)
+    holder.moe.shared_experts = CpuMLP(holder.moe.shared_experts)
+    ours = CpuSparseMoE(holder.moe)
+    calls = []
+    real = moe_kernels.moe_decode
+    monkeypatch.setattr(moe_kernels, "moe_decode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    in_one_call = tokens <= ours.rows_in_one_call(dtype)
+    assert in_one_call == (dtype == torch.float32 or tokens <= 4)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for _ in range(4):
+            x = torch.randn(tokens, 1, 96, generator=g).to(dtype)
+            one_call, calls_path = one_call_and_calls(ours, x)
+            assert rel_err(one_call, calls_path) <= (1e-6 if dtype == torch.float32 else TOL[dtype])
+            assert rel_err(one_call, moe(x)) <= TOL[dtype]
+    assert calls == ([tokens] * 4 if in_one_call else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_packed_experts_equal_stacked_experts(dtype, tokens):
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """The CPU backend's whole-layer decode step (kimi_lm/cpu/layer.py, kernels/layer.c): a KDA decoder layer's token in
-one C call against the same layer's module path (bit for bit: the same kernels in the same order) and the plain model,
-for float and MLX-quantized weights, MoE and dense feed-forward layers; and where it must not apply."""
+one C call, for one sequence and for a batched step of several (each with its own cache), against the same layer's
+module path (bit for bit: the same kernels in the same order) and the plain model, for float and MLX-quantized
+weights, MoE and dense feed-forward layers; and where it must not apply."""
 
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler:
 
 @pytest.fixture
 def layer_calls(monkeypatch):
-    """Counts kda_layer_decode calls."""
+    """The kda_layer_decode_rows calls, by their number of sequences."""
     calls = []
     lib = cpu_layer._layer_library()
 
     class Counting:
-        def kda_layer_decode(self, *args):
-            calls.append(1)
-            return lib.kda_layer_decode(*args)
+        def kda_layer_decode_rows(self, plan, B, *args):
+            calls.append(B)
+            return lib.kda_layer_decode_rows(plan, B, *args)
 
     monkeypatch.setattr(cpu_layer, "_layer_library", lambda: Counting())
     return calls
@@ -111,7 +112,7 @@ def test_quantized_kda_layer_in_one_call_equals_its_modules(spec, dtype, token_i
 
 
 def test_several_sequences_or_tokens_take_the_modules(token_ids, layer_calls):
-    """Batched decode (the server's), prefill and a model without a cache never reach the one-sequence call."""
+    """A batch in one cache, prefill and a model without a cache never reach the one-call layer."""
     prepared = cpu.prepare(_plain(torch.float32))
     with torch.inference_mode():
         cache = prepared.make_cache(2)
@@ -119,3 +120,70 @@ def test_several_sequences_or_tokens_take_the_modules(token_ids, layer_calls):
         prepared(token_ids[:, 10:11], cache)
         prepared(token_ids[:1, :5])
     assert not layer_calls
+
+
+def _batched_steps_both_ways(prepared, prompts: list[torch.Tensor], steps: int):
+    """Logits [B, V] of `steps` batched decode steps (kimi_lm.batching.decode_step) over sequences with caches of their
+    own and prompts of different lengths, through the layer calls and through the modules, side by side; and each
+    sequence's logits decoded alone (the one-sequence layer call)."""
+    from kimi_lm.batching import decode_step
+
+    layers = [m for m in prepared.modules() if isinstance(m, CpuDecoderLayer)]
+    caches = [[prepared.make_cache(1) for _ in prompts] for _ in range(3)]
+    for way in caches:
+        for cache, prompt in zip(way, prompts):
+            prepared(prompt[None], cache)
+    g = torch.Generator().manual_seed(5)
+    pairs, alone = [], []
+    for _ in range(steps):
+        tokens = torch.randint(0, prepared.config.vocab_size, (len(prompts),), generator=g).tolist()
+        one_call = decode_step(prepared, caches[0], tokens)
+        plans = [layer._plan for layer in layers]
+        for layer in layers:
+            layer._plan = None  # the module path
+        modules = decode_step(prepared, caches[1], tokens)
+        for layer, plan in zip(layers, plans):
+            layer._plan = plan
+        pairs.append((one_call, modules))
+        alone.append(torch.cat([decode_step(prepared, [c], [t]) for c, t in zip(caches[2], tokens)]))
+    return pairs, alone
+
+
+@pytest.mark.parametrize("dtype, B", [(torch.float32, 2), (torch.float32, 8), (torch.bfloat16, 3)])
+def test_batched_step_layer_in_one_call_equals_its_modules_and_each_sequence_alone(dtype, B, token_ids, layer_calls):
+    """A batched decode step (the server's: each sequence with its own cache, prompts of different lengths) through
+    one C call per KDA layer for all B sequences: the same as its modules bit for bit, and each row as the sequence
+    decoded alone (up to the batched products' rounding)."""
+    prepared = cpu.prepare(_plain(dtype))
+    layers = [m for m in prepared.modules() if isinstance(m, CpuDecoderLayer)]
+    prompts = [token_ids[b % token_ids.shape[0], : 5 + 3 * b] for b in range(B)]
+    with torch.inference_mode():
+        pairs, alone = _batched_steps_both_ways(prepared, prompts, 3)
+    assert layer_calls.count(B) == 3 * len(layers)
+    for (one_call, modules), single in zip(pairs, alone):
+        assert torch.equal(one_call, modules)
+        assert rel_err(one_call, single) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("mxfp4", 4, 32), QuantSpec("affine", 8, 32)],
+                         ids=lambda s: f"{s.mode}{s.bits}")
+def test_quantized_batched_step_layer_in_one_call(spec, token_ids, layer_calls, monkeypatch):
+    monkeypatch.setattr(cpu, "INT4_KERNEL", False)
+    prepared = cpu.prepare(_quantized_tiny(spec, torch.float32))
+    prompts = [token_ids[0, :7], token_ids[1, :4], token_ids[0, 3:15]]
+    with torch.inference_mode():
+        pairs, alone = _batched_steps_both_ways(prepared, prompts, 2)
+    assert 3 in layer_calls
+    for (one_call, modules), single in zip(pairs, alone):
+        assert torch.equal(one_call, modules)
+        assert rel_err(one_call, single) <= 1e-5
+
+
+def test_batched_step_past_the_rows_the_modules_take_in_c_runs_as_modules(token_ids, layer_calls):
+    """bf16 products of more than 4 rows go to oneDNN in the modules (onednn.GEMV_ROWS): a batched step of 5 bf16
+    sequences runs as its modules, not as a C call that would compute something else."""
+    prepared = cpu.prepare(_plain(torch.bfloat16))
+    prompts = [token_ids[b % 2, : 4 + b] for b in range(5)]
+    with torch.inference_mode():
+        _batched_steps_both_ways(prepared, prompts, 1)
+    assert 5 not in layer_calls and 1 in layer_calls

@@ -149,6 +149,27 @@ def _quantized_moe(spec: QuantSpec, dtype, shared: int) -> tuple[torch.nn.Module
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", [QuantSpec("mxfp4", 4, 32), QuantSpec("affine", 4, 32), QuantSpec("mxfp8", 8, 32)],
+                         ids=lambda s: f"{s.mode}{s.bits}g{s.group_size}")
+def test_quantized_moe_batched_step_in_one_call(spec, dtype, path, monkeypatch):
+    """The 3 tokens of a batched decode step through the quantized MoE block in one C call (each expert's packed bytes
+    read once for its tokens, the quantized router's product for all three) against the multi-call path and the
+    plain quantized block."""
+    plain, ours = _quantized_moe(spec, dtype, 1)
+    calls = []
+    real = moe_kernels.moe_decode
+    monkeypatch.setattr(moe_kernels, "moe_decode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.randn(3, 1, 192, generator=g).to(dtype)
+            one_call, calls_path = one_call_and_calls(ours, x)
+            assert rel_err(one_call, calls_path) <= (1e-6 if dtype == torch.float32 else TOL[dtype])
+            assert rel_err(one_call, plain(x)) <= 2 * TOL[dtype]
+    assert calls == [3, 3, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shared", [0, 1])
 @pytest.mark.parametrize("spec", [QuantSpec("mxfp4", 4, 32), QuantSpec("affine", 4, 32), QuantSpec("nvfp4", 4, 16),
                                   QuantSpec("mxfp8", 8, 32), QuantSpec("affine", 8, 32), QuantSpec("affine", 3, 32)],

@@ -1,16 +1,19 @@
-"""The CPU backend's Kimi Linear decoder layer: a KDA layer's decode step for one sequence in one C call
-(``kernels/layer.c`` kda_layer_decode), swapped in for ``kimi_lm.model.kimi_linear.DecoderLayer`` by
-``kimi_lm.cpu.prepare``.
+"""The CPU backend's Kimi Linear decoder layer: a KDA layer's decode step in one C call, for one sequence or the few
+of a batched step (``kernels/layer.c`` kda_layer_decode_rows), swapped in for
+``kimi_lm.model.kimi_linear.DecoderLayer`` by ``kimi_lm.cpu.prepare``.
 
 The call strings together the kernels the layer's (backend) modules call one by one: input RMSNorm, the fused input
 products, ``kda_decode``, o_proj, the residual add, the post-attention RMSNorm, the MoE block (``moe_decode``) or the
 SwiGLU MLP, the second residual add. Same kernels, same order, same roundings: the output is the module path's bit for
 bit (tests compare), without the Python between them: module calls, output allocations and the residual adds cost
-~150 µs per layer of a bench-model decode step, more than the layer's products.
+~150 µs per layer of a bench-model decode step, more than the layer's products. A batched step (B sequences, each
+with its own cache: ``kimi_lm.batching``) reads every weight once for its B rows, and each sequence's KDA state where
+it lies; it applies up to the rows each module would itself take in C (``KDALayerPlan.rows_in_one_call``: 8 in fp32,
+4 in bf16), so that it computes what they would.
 
 It applies where every part has a C reader (oneDNN-packed within the one-row products' size limit, or MLX-quantized)
-and the feed-forward block is an MoE with a one-call plan or a fused SwiGLU MLP; elsewhere, for several tokens or
-sequences, for MLA layers and with Block AttnRes, the layer runs as its modules.
+and the feed-forward block is an MoE with a one-call plan or a fused SwiGLU MLP; elsewhere, for several tokens of one
+sequence, for MLA layers and with Block AttnRes, the layer runs as its modules.
 
 Reference: ``kimi_lm/model/kimi_linear.py`` DecoderLayer.forward (the oracle).
 """
@@ -29,7 +32,7 @@ from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
 from kimi_lm.cpu.moe import CpuSparseMoE
 from kimi_lm.cpu.moe_kernels import TensorWatch
 from kimi_lm.cpu.native import _DTYPES, _I, _L, _P
-from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
+from kimi_lm.cpu.onednn import GEMV_ROWS, OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import LAYOUT_QUANT, FusedProducts, reader
 from kimi_lm.model.kimi_linear import DecoderLayer
 
@@ -56,15 +59,17 @@ class KDALayer(ctypes.Structure):
 
 class _Parts:
     """One product module (or several fused) as ``Products``, with what its addresses point into (``keep``), the
-    input dtype its oneDNN parts need (``dtype``; None: quantized only) and the quantized modules whose weights it read
-    (``sources``)."""
+    input dtype its oneDNN parts need (``dtype``; None: quantized only), the quantized modules whose weights it read
+    (``sources``) and the bytes of its one oneDNN-packed weight (``onednn_nbytes``; 0: none), which decide whether the
+    module itself takes several rows in C (``onednn.packed_linear``)."""
 
-    def __init__(self, layouts: list[int], weights: list[int], outs: list[int], dtype, sources=(), keep=()):
+    def __init__(self, layouts: list[int], weights: list[int], outs: list[int], dtype, sources=(), keep=(),
+                 onednn_nbytes: int = 0):
         n = len(layouts)
         self.keep = keep  # the readers whose QWeight structs the addresses point at
         self.arrays = ((_I * n)(*layouts), (_P * n)(*weights), (_L * n)(*outs))
         self.struct = Products(n, *(ctypes.addressof(a) for a in self.arrays))
-        self.dtype, self.sources = dtype, tuple(sources)
+        self.dtype, self.sources, self.onednn_nbytes = dtype, tuple(sources), onednn_nbytes
 
 
 def _parts(module: nn.Module) -> _Parts | None:
@@ -73,7 +78,7 @@ def _parts(module: nn.Module) -> _Parts | None:
         g = module.gemv
         if g is None:
             return None
-        return _Parts([g.layout], [g.pointer()], [g.out_features], module.packed.dtype)
+        return _Parts([g.layout], [g.pointer()], [g.out_features], module.packed.dtype, onednn_nbytes=g.nbytes)
     readers = module.readers if isinstance(module, FusedProducts) else [reader(module)]
     if None in readers:
         return None
@@ -89,6 +94,7 @@ class KDALayerPlan:
         attn, (norm1, norm2) = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
         self.dtype = norm1.weight.dtype  # the model dtype: the input the kernels take, whatever packed the weights
         self.parts, self.moe_plan = parts, moe_plan
+        self.moe_rows = layer.block_sparse_moe.rows_in_one_call(self.dtype) if moe_plan is not None else 0
         self.watch = TensorWatch([(m, "weight") for p in parts.values() for m in p.sources])
         ffn = {}
         if moe_plan is not None:
@@ -125,18 +131,33 @@ class KDALayerPlan:
             return True
         return self.moe_plan is not None and layer.block_sparse_moe.decode_plan() is not self.moe_plan
 
-    def takes(self, h: torch.Tensor, cache) -> bool:
-        """Whether kda_layer_decode runs this plan on h [1, 1, hidden] with ``cache`` (the module path's checks)."""
-        return (h.dtype == self.dtype and h.dtype in _DTYPES and h.is_contiguous()
-                and native.supports(h, cache.conv_state, cache.state)
-                and (self.moe_plan is None or self.moe_plan.takes(h.view(1, -1))))
+    def takes(self, h: torch.Tensor, caches: list) -> bool:
+        """Whether kda_layer_decode runs this plan on h [B, 1, hidden] with each sequence's KDA cache: the module
+        path's checks, and for B > 1 that each of the layer's modules would take its B rows in C too (so that the
+        call computes what they would: ``rows_in_one_call``)."""
+        B = h.shape[0]
+        return (h.dtype == self.dtype and h.dtype in _DTYPES and h.is_contiguous() and B <= self.rows_in_one_call(B)
+                and native.supports(h, *(t for c in caches for t in (c.conv_state, c.state)))
+                and (self.moe_plan is None or self.moe_plan.takes(h.view(B, -1), self.moe_rows)))
+
+    def rows_in_one_call(self, B: int) -> int:
+        """Rows up to which every product of the layer runs in C as its module would run it (``packed_linear``:
+        ``GEMV_ROWS`` per dtype, within the C products' size limit for several rows)."""
+        if B == 1:
+            return 1
+        rows = GEMV_ROWS.get(self.dtype, 1)
+        if self.moe_plan is not None:
+            rows = min(rows, self.moe_rows)
+        if any(not native.gemv_takes(p.onednn_nbytes, B) for p in self.parts.values() if p.onednn_nbytes):
+            return 1
+        return rows
 
 
 @functools.cache
 def _layer_library() -> ctypes.CDLL:
     lib = native.library()
-    lib.kda_layer_decode.argtypes = [_P, _P, _P, _P, _P, _I]
-    lib.kda_layer_decode.restype = _I
+    lib.kda_layer_decode_rows.argtypes = [_P, _L, _P, _P, _P, _P, _I]
+    lib.kda_layer_decode_rows.restype = _I
     return lib
 
 
@@ -181,13 +202,17 @@ class CpuDecoderLayer(DecoderLayer):
         return self._plan
 
     def forward(self, h: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is not None and self.is_kda and h.shape[0] == 1 and h.shape[1] == 1:
-            plan = self.decode_plan()
-            if plan is not None and plan.takes(h, cache):
+        if cache is not None and self.is_kda and h.shape[1] == 1:
+            # one sequence's cache, or a batched step's per-sequence caches where they lie (kimi_lm.batching)
+            caches = getattr(cache, "rows", None) or [cache]
+            plan = self.decode_plan() if len(caches) == h.shape[0] else None
+            if plan is not None and plan.takes(h, caches):
+                B = h.shape[0]
                 out = torch.empty_like(h)
-                if _layer_library().kda_layer_decode(ctypes.addressof(plan.struct), h.data_ptr(),
-                                                     cache.conv_state.data_ptr(), cache.state.data_ptr(),
-                                                     out.data_ptr(), torch.get_num_threads()):
-                    raise MemoryError("kda_layer_decode: could not allocate its scratch memory")
+                conv_rows = (_P * B)(*(c.conv_state.data_ptr() for c in caches))
+                state_rows = (_P * B)(*(c.state.data_ptr() for c in caches))
+                if _layer_library().kda_layer_decode_rows(ctypes.addressof(plan.struct), B, h.data_ptr(), conv_rows,
+                                                          state_rows, out.data_ptr(), torch.get_num_threads()):
+                    raise MemoryError("kda_layer_decode_rows: could not allocate its scratch memory")
                 return out
         return super().forward(h, cache, positions)

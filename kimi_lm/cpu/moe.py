@@ -3,8 +3,9 @@ in C (``cpu/native.py``), swapped in for ``kimi_lm.model.moe``'s modules by ``ki
 
 ``CpuSparseMoE`` computes what ``SparseMoE`` computes (the oracle in the tests) for inference:
 
-* one token (a decode step): the whole block in one C call (``moe_decode``: router, the k experts and the shared
-  expert read where they lie, oneDNN-packed or MLX-quantized, the weighted sum) wherever every part has a C reader;
+* a decode step (one token, or up to 8 of a batched step; ``rows_in_one_call``): the whole block in one C call
+  (``moe_decode``: router, the chosen experts and the shared expert read where they lie, oneDNN-packed, MLX-quantized
+  or FP8, each once for the tokens routed to it, the weighted sums) wherever every part has a C reader; for one token
   elsewhere the router in one C call (``moe_route``: product, sigmoid, group-limited top-k, weights), the k experts'
   products (few-row experts in one C call that reads their packed weights in place), the SwiGLU and the weighted sum
   plus shared expert in one call each;
@@ -28,7 +29,7 @@ from torch import nn
 from kimi_lm.cpu import moe_kernels, native
 from kimi_lm.cpu.layers import swiglu
 from kimi_lm.cpu.moe_kernels import DecodeParts, DecodeRouter
-from kimi_lm.cpu.onednn import pack, packed_linear, refuse_conversion
+from kimi_lm.cpu.onednn import GEMV_ROWS, pack, packed_linear, refuse_conversion
 from kimi_lm.model.moe import SparseMoE, StackedExperts, TopkRouter
 
 # Rows per expert up to which it runs in C rather than oneDNN (the C kernel reads each weight once for up to 8 rows,
@@ -184,14 +185,28 @@ class CpuSparseMoE(SparseMoE):
                 self._plan = moe_kernels.MoEDecodePlan(router, routed, shared)
         return self._plan
 
+    def rows_in_one_call(self, dtype: torch.dtype) -> int:
+        """Tokens up to which the block runs as one ``moe_decode`` call (its plan permitting): as many rows as the C
+        products take in this dtype (``onednn.GEMV_ROWS``), and as ``grouped`` gives an expert: up to 8 rows for small
+        experts, 4 for larger ones, 1 for weights past the C products' size limit for several rows."""
+        plan = self.decode_plan()
+        if plan is None:
+            return 0
+        expert_bytes = 2 * plan.intermediate * plan.router.hidden * dtype.itemsize  # gate | up, dense
+        shared_bytes = 2 * plan.shared[0] * plan.router.hidden * dtype.itemsize
+        if not native.gemv_takes(max(expert_bytes, shared_bytes), 2):
+            return 1
+        return min(GEMV_ROWS.get(dtype, 1), SMALL_EXPERT_ROWS if expert_bytes <= SMALL_EXPERT_BYTES else EXPERT_ROWS_IN_C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         gate = self.gate
-        if flat.shape[0] == 1:
+        if flat.shape[0] <= SMALL_EXPERT_ROWS:  # a decode step: the whole block in one call
             plan = self.decode_plan()
-            if plan is not None and plan.takes(flat):
+            if plan is not None and plan.takes(flat, self.rows_in_one_call(flat.dtype)):
                 return moe_kernels.moe_decode(flat, plan, gate.e_score_correction_bias, gate.top_k, gate.n_group,
                                               gate.topk_group, gate.renormalize, gate.scaling).view(x.shape)
+        if flat.shape[0] == 1:
             if self.router_fp32 is not None:
                 experts, weights = moe_kernels.moe_route(flat, self.router_fp32, gate.e_score_correction_bias,
                                                          gate.top_k, gate.n_group, gate.topk_group, gate.renormalize,

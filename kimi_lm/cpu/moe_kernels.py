@@ -2,8 +2,8 @@
 used by the backend's MoE block (``cpu/moe.py``) and quantized experts (``cpu/quant.py``).
 
 One token (a decode step): the router (``moe_route``), SwiGLU of a few gate | up rows, the weighted sum with the
-shared expert, and ``moe_decode``: the whole block in one call, reading every expert where it lies (oneDNN-packed or
-MLX-quantized, ``MoEDecodePlan``). Many tokens: selection from router logits, grouping by expert (a counting sort),
+shared expert, and ``moe_decode``: the whole block of a decode step's few tokens in one call, reading every expert
+where it lies (oneDNN-packed, MLX-quantized or FP8 blocks, ``MoEDecodePlan``) once for its tokens. Many tokens: selection from router logits, grouping by expert (a counting sort),
 the combine back to tokens, and experts on a few rows each read in place.
 
 Reference: ``ctypes``; DeepSeek-V3 ``inference/model.py`` (Gate, MoE); the PyTorch path in ``kimi_lm/model/moe.py``
@@ -40,9 +40,9 @@ def moe_library() -> ctypes.CDLL:
     lib.moe_dispatch.restype = _I
     lib.moe_experts_rows.argtypes = [_L, _L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I]
     lib.moe_experts_rows.restype = _I
-    lib.moe_decode.argtypes = [_L, _L, _L, _L, _L, _L, _I, _F, _I, _P, _I, _P, _P, _P, _P, _P, _P, _L, _I, _P, _I,
-                               _P, _P, _P, _P, _I]
-    lib.moe_decode.restype = _I
+    lib.moe_decode_rows.argtypes = [_L, _L, _L, _L, _L, _L, _L, _I, _F, _I, _P, _I, _P, _P, _P, _P, _P, _P, _L, _I,
+                                    _P, _I, _P, _P, _P, _P, _I]
+    lib.moe_decode_rows.restype = _I
     return lib
 
 
@@ -251,23 +251,25 @@ class MoEDecodePlan:
         """Whether a tensor the plan reads was replaced since (a module's weights loaded anew)."""
         return self.watch.stale()
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether ``moe_decode`` runs this plan on x [1, hidden]."""
-        return self.dtype in (None, x.dtype) and native.supports(x)
+    def takes(self, x: torch.Tensor, max_rows: int = 1) -> bool:
+        """Whether ``moe_decode`` runs this plan on x [N, hidden], N <= ``max_rows`` (the caller's rule for how many
+        tokens the C products take: ``CpuSparseMoE.rows_in_one_call``)."""
+        return 0 < x.shape[0] <= max_rows and self.dtype in (None, x.dtype) and native.supports(x)
 
 
 def moe_decode(x: torch.Tensor, plan: MoEDecodePlan, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                renormalize: bool, scaling: float) -> torch.Tensor:
-    """A whole MoE block for one token in one call (``kernels/moe.c`` moe_decode): x [1, hidden] model dtype, bias [E]
-    fp32 -> [1, hidden]: what the router (``moe_route``), the experts, the shared expert and ``weighted_sum_rows``
-    compute in turn."""
+    """A whole MoE block for the N <= 8 tokens of a decode step in one call (``kernels/moe.c`` moe_decode_rows):
+    x [N, hidden] model dtype, bias [E] fp32 -> [N, hidden]: what the router (``moe_route``), the experts, the shared
+    expert and ``weighted_sum_rows`` compute in turn, each expert's weights read once for the tokens routed to it."""
     r = plan.router
     _check_bias(bias, r.num_experts)
+    N = x.shape[0]
     out = torch.empty_like(x)
-    idx, weights = (ctypes.c_int64 * top_k)(), (ctypes.c_float * top_k)()
-    if moe_library().moe_decode(r.num_experts, r.hidden, plan.intermediate, top_k, n_group, topk_group,
-                                int(renormalize), scaling, _DTYPES[x.dtype], x.data_ptr(), r.layout, r.address,
-                                bias.data_ptr(), plan.gate_up_layouts, plan.gate_up, plan.down_layouts, plan.down,
-                                *plan.shared, idx, weights, out.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("moe_decode: could not allocate its scratch memory")
+    idx, weights = (ctypes.c_int64 * (N * top_k))(), (ctypes.c_float * (N * top_k))()
+    if moe_library().moe_decode_rows(N, r.num_experts, r.hidden, plan.intermediate, top_k, n_group, topk_group,
+                                     int(renormalize), scaling, _DTYPES[x.dtype], x.data_ptr(), r.layout, r.address,
+                                     bias.data_ptr(), plan.gate_up_layouts, plan.gate_up, plan.down_layouts,
+                                     plan.down, *plan.shared, idx, weights, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("moe_decode_rows: could not allocate its scratch memory")
     return out

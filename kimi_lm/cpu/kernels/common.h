@@ -24,8 +24,8 @@
  *   mla.c      Multi-head Latent Attention: one absorbed decode token per sequence (mla_decode)
  *   kda.c      Kimi Delta Attention: kda_decode, kda_scan, kda_prefill_inputs, gated_rms_norm
  *   moe.c      mixture of experts: routers, SwiGLU, weighted sums, dispatch, combine, experts on a few rows,
- *              a decode token's whole block (moe_decode)
- *   layer.c    a KDA decoder layer's decode step for one sequence, the kernels above in one call
+ *              a decode step's whole block (moe_decode_rows)
+ *   layer.c    a KDA decoder layer's decode step (one sequence or a few), the kernels above in one call
  *   rope.c     rotary position embedding of a decode step's queries and keys (Kimi K2's MLA)
  *   norm.c     rms_norm over many rows
  *   math.c     elementwise: the vector math below, exported for the tests
@@ -207,7 +207,7 @@ INTERNAL qinput *quant_input(const qweight *W, long M, const float *x, int exact
 INTERNAL void quant_input_free(qinput *X);
 INTERNAL void quant_rows(const qweight *W, const qinput *X, long r0, long r1, float *y);
 
-/* FP8 128x128 blocks (fp8.c): codes [O, I] e4m3 and scales [ceil(O/128), ceil(I/128)] fp32. moe_decode takes one as
+/* FP8 128x128 blocks (fp8.c): codes [O, I] e4m3 and scales [ceil(O/128), ceil(I/128)] fp32. moe_decode_rows takes one as
  * layout LAYOUT_FP8, `w` pointing at this descriptor (kimi_lm/cpu/fp8.py FP8Weight mirrors it). */
 typedef struct {
     const void *q, *s;
@@ -224,10 +224,15 @@ INTERNAL void fp8_weight_rows(const fp8_weight *W, const fp8_prepared *X, long r
  * `input` what row_input prepared for the layout (none for oneDNN's: NULL). row_input returns 1 when out of memory;
  * same_row_input: whether two weights take the same prepared input. */
 INTERNAL int row_input(int layout, const void *w, const float *x, int bf16, void **input);
+INTERNAL int rows_input(int layout, const void *w, long M, const float *x, int bf16, void **input);
 INTERNAL void row_input_free(int layout, void *input);
 INTERNAL int same_row_input(int layout_a, const void *a, int layout_b, const void *b);
 INTERNAL void weight_rows(int layout, int bf16, const void *w, const void *input, long I, const float *x, long r0,
                           long r1, float *y);
+/* the same for M <= ROWS_MAX input rows x [M, I] (rows_input prepares them): rows [r0, r1) of y [M, O]; on oneDNN's
+ * blocked layout with M > 1, r0 a multiple of 64 */
+INTERNAL void weight_rows_m(int layout, int bf16, const void *w, const void *input, long I, long O, long M,
+                            const float *x, long r0, long r1, float *y);
 
 /* products of packed weights (gemv.c): oneDNN's layouts 0 and 1, or LAYOUT_QUANT; one input row, or up to ROWS_MAX
  * rows at once (fp32 in and out; `bf16`: the model dtype, whose values the inputs hold). 0, or 1 when out of memory */

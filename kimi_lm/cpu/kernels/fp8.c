@@ -357,7 +357,7 @@ static void fp8_rows(const fp8w *W, const fp8in *X, long r0, long r1, float *y) 
     rows_scalar(W, M, x, r0, r1, y);
 }
 
-/* ---- one input prepared for moe_decode's parts (common.h) -------------------------------------------------- */
+/* ---- one input prepared for moe_decode_rows' parts (common.h) -------------------------------------------------- */
 
 struct fp8_prepared {
     fp8in X;

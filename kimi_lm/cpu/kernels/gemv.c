@@ -326,14 +326,18 @@ INTERNAL void packed_rows_range(int layout, int bf16, long I, const void *w, lon
     product_rows_f32(layout, bf16, r1 - r0, I, (const char *)w + offset, M, x, y); /* oneDNN layouts: cannot fail */
 }
 
-/* ---- one input row through a weight in any layout (moe_decode's parts) ------------------------------------------ */
+/* ---- one input row through a weight in any layout (moe_decode_rows' parts) ------------------------------------------ */
 
-int row_input(int layout, const void *w, const float *x, int bf16, void **input) {
+int rows_input(int layout, const void *w, long M, const float *x, int bf16, void **input) {
     *input = NULL;
-    if (layout == LAYOUT_QUANT) *input = quant_input((const qweight *)w, 1, x, bf16);
-    else if (layout == LAYOUT_FP8) *input = fp8_prepare(1, ((const fp8_weight *)w)->I, x, bf16);
+    if (layout == LAYOUT_QUANT) *input = quant_input((const qweight *)w, M, x, bf16);
+    else if (layout == LAYOUT_FP8) *input = fp8_prepare(M, ((const fp8_weight *)w)->I, x, bf16);
     else return 0;
     return *input == NULL;
+}
+
+int row_input(int layout, const void *w, const float *x, int bf16, void **input) {
+    return rows_input(layout, w, 1, x, bf16, input);
 }
 
 void row_input_free(int layout, void *input) {
@@ -365,5 +369,26 @@ void weight_rows(int layout, int bf16, const void *w, const void *input, long I,
         }
     } else {
         packed_rows_range(layout, bf16, I, w, r0, r1, 1, x, y + r0);
+    }
+}
+
+/* weight_rows for M <= ROWS_MAX input rows x [M, I] fp32 (`input` as rows_input prepared it): output rows [r0, r1)
+ * of y [M, O] fp32 (row stride O). One row: weight_rows (any r0); several on oneDNN's blocked layout: r0 a multiple of
+ * 64 (whole blocks). */
+void weight_rows_m(int layout, int bf16, const void *w, const void *input, long I, long O, long M, const float *x,
+                   long r0, long r1, float *y) {
+    if (M == 1) {
+        weight_rows(layout, bf16, w, input, I, x, r0, r1, y);
+    } else if (layout == LAYOUT_QUANT) {
+        quant_rows((const qweight *)w, (const qinput *)input, r0, r1, y);
+    } else if (layout == LAYOUT_FP8) {
+        fp8_weight_rows((const fp8_weight *)w, (const fp8_prepared *)input, r0, r1, y);
+    } else {
+        float part[ROWS_MAX * 64];
+        for (long a = r0; a < r1; a += 64) { /* the rows as a weight of their own, 64 at a time */
+            const long b = a + 64 < r1 ? a + 64 : r1;
+            packed_rows_range(layout, bf16, I, w, a, b, M, x, part);
+            for (long m = 0; m < M; m++) memcpy(y + m * O + a, part + m * (b - a), sizeof(float) * (size_t)(b - a));
+        }
     }
 }

@@ -1,6 +1,7 @@
-/* A Kimi Delta Attention decoder layer's decode step for one token in one call (kda_layer_decode), strung together
+/* A Kimi Delta Attention decoder layer's decode step in one call, for one sequence (kda_layer_decode) or a few
+ * decoded together (kda_layer_decode_rows: each product reads its weight once for all of them), strung together
  * from the kernels the layer's modules call one by one (kimi_lm/cpu/layer.py CpuDecoderLayer): input RMSNorm, the
- * fused input products, kda_decode, o_proj, the residual add, the post-attention RMSNorm, the MoE block (moe_decode)
+ * fused input products, kda_decode, o_proj, the residual add, the post-attention RMSNorm, the MoE block (moe_decode_rows)
  * or the SwiGLU MLP, and the second residual add. The same kernels in the same order, so the same roundings: the
  * output equals the module path's bit for bit. What it saves is the Python between them (module calls, output
  * allocations, residual adds: ~150 us per layer of a decode step of the bench model, more than its products).
@@ -12,15 +13,16 @@
 /* the exported kernels strung together here (gemv.c, kda.c, moe.c, norm.c) */
 int fused_products(long n, const int *layouts, const void *const *weights, const long *outs, long I, int bf16, long M,
                    const void *x, void *y, int threads);
-int kda_decode(long B, long H, long K, long W, int bf16, const void *proj, void *conv_state, float *state,
-               const float *taps, const float *neg_A, const float *dt_bias, int f_layout, const void *f_b,
-               int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps, void *out,
-               int threads);
-int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize, float scaling,
-               int bf16, const void *x, int router_layout, const void *router, const float *bias,
-               const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts,
-               const void *const *down, long I_shared, int shared_gate_up_layout, const void *shared_gate_up,
-               int shared_down_layout, const void *shared_down, int64_t *idx, float *weights, void *out, int threads);
+int kda_decode_rows(long B, long H, long K, long W, int bf16, const void *proj, void *const *conv_rows,
+                    float *const *state_rows, const float *taps, const float *neg_A, const float *dt_bias, int f_layout,
+                    const void *f_b, int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps,
+                    void *out, int threads);
+int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize,
+                    float scaling, int bf16, const void *x, int router_layout, const void *router, const float *bias,
+                    const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts,
+                    const void *const *down, long I_shared, int shared_gate_up_layout, const void *shared_gate_up,
+                    int shared_down_layout, const void *shared_down, int64_t *idx, float *weights, void *out,
+                    int threads);
 void rms_norm(long rows, long D, int bf16, const void *x, const float *weight, float eps, void *out, int threads);
 void swiglu(long n, long I, int bf16, const void *in, void *out, int threads);
 
@@ -46,7 +48,7 @@ typedef struct {
     int f_layout, g_layout;
     const void *f_b, *g_b;
     products o_proj; /* [D] -> [hidden] */
-    /* the feed-forward block: MoE (E > 0: arguments of moe_decode) or the SwiGLU MLP */
+    /* the feed-forward block: MoE (E > 0: arguments of moe_decode_rows) or the SwiGLU MLP */
     long E, I, top_k, n_group, topk_group;
     int renormalize;
     float scaling;
@@ -67,50 +69,61 @@ static void residual_add(long n, int bf16, const void *h, const void *delta, voi
     for (long i = 0; i < n; i++) store_one(out, i, load_one(h, i, bf16) + load_one(delta, i, bf16), bf16);
 }
 
-/* One token through the layer: h, out [hidden] model dtype; conv_state [W - 1, 3D] (model dtype) and state
- * [H, K, K] fp32, this sequence's KDA cache, advanced in place. Returns 0, or 1 when scratch memory could not be
- * allocated. */
-int kda_layer_decode(const kda_layer *L, const void *h, void *conv_state, float *state, void *out, int threads) {
+/* One token of each of B <= ROWS_MAX sequences through the layer: h, out [B, hidden] model dtype; conv_rows[b]
+ * [W - 1, 3D] (model dtype) and state_rows[b] [H, K, K] fp32, sequence b's KDA cache where it lies, advanced in place.
+ * Each product reads its weight once for all B rows. Returns 0, or 1 when scratch memory could not be allocated. */
+int kda_layer_decode_rows(const kda_layer *L, long B, const void *h, void *const *conv_rows, float *const *state_rows,
+                          void *out, int threads) {
     const long hidden = L->hidden, D = L->H * L->K, P = 3 * D + 2 * L->K + L->H;
     const long I_ffn = L->E ? 0 : L->I_mlp;
     const size_t es = L->bf16 ? 2 : 4;
-    /* model-dtype buffers: normed input, projections, KDA output, mixer output, normed FFN input, FFN output,
-     * MLP gate | up and its SwiGLU */
-    char *buf = malloc(es * (size_t)(4 * hidden + P + D + 3 * I_ffn));
+    if (B < 1 || B > ROWS_MAX || (L->E && L->top_k > 64)) return 1;
+    /* model-dtype buffers, B rows each: normed input, projections, KDA output, mixer output, normed FFN input, FFN
+     * output, MLP gate | up and its SwiGLU */
+    char *buf = malloc(es * (size_t)(B * (4 * hidden + P + D + 3 * I_ffn)));
     if (!buf) return 1;
-    char *x1 = buf, *proj = x1 + es * hidden, *o = proj + es * P, *a = o + es * D, *x2 = a + es * hidden;
-    char *f = x2 + es * hidden, *gate_up = f + es * hidden, *act = gate_up + es * 2 * I_ffn;
+    char *x1 = buf, *proj = x1 + es * B * hidden, *o = proj + es * B * P, *a = o + es * B * D;
+    char *x2 = a + es * B * hidden, *f = x2 + es * B * hidden, *gate_up = f + es * B * hidden;
+    char *act = gate_up + es * B * 2 * I_ffn;
     const products *in = &L->in_proj, *op = &L->o_proj;
     int failed = 0;
-    rms_norm(1, hidden, L->bf16, h, L->norm1, L->eps1, x1, threads);
-    failed = fused_products(in->n, in->layouts, in->weights, in->outs, hidden, L->bf16, 1, x1, proj, threads) ||
-             kda_decode(1, L->H, L->K, L->W, L->bf16, proj, conv_state, state, L->taps, L->neg_A, L->dt_bias,
-                        L->f_layout, L->f_b, L->g_layout, L->g_b, L->gate_norm, L->gate_norm_eps, L->l2_eps, o,
-                        threads) ||
-             fused_products(op->n, op->layouts, op->weights, op->outs, D, L->bf16, 1, o, a, threads);
+    rms_norm(B, hidden, L->bf16, h, L->norm1, L->eps1, x1, threads);
+    failed = fused_products(in->n, in->layouts, in->weights, in->outs, hidden, L->bf16, B, x1, proj, threads) ||
+             kda_decode_rows(B, L->H, L->K, L->W, L->bf16, proj, conv_rows, state_rows, L->taps, L->neg_A,
+                             L->dt_bias, L->f_layout, L->f_b, L->g_layout, L->g_b, L->gate_norm, L->gate_norm_eps,
+                             L->l2_eps, o, threads) ||
+             fused_products(op->n, op->layouts, op->weights, op->outs, D, L->bf16, B, o, a, threads);
     if (!failed) {
-        residual_add(hidden, L->bf16, h, a, out);
-        rms_norm(1, hidden, L->bf16, out, L->norm2, L->eps2, x2, threads);
+        residual_add(B * hidden, L->bf16, h, a, out);
+        rms_norm(B, hidden, L->bf16, out, L->norm2, L->eps2, x2, threads);
         if (L->E) {
-            int64_t idx[64];
-            float weights[64];
-            failed = L->top_k > 64 ||
-                     moe_decode(L->E, hidden, L->I, L->top_k, L->n_group, L->topk_group, L->renormalize, L->scaling,
-                                L->bf16, x2, L->router_layout, L->router, L->bias, L->gate_up_layouts, L->gate_up,
-                                L->down_layouts, L->down, L->I_shared, L->shared_gate_up_layout, L->shared_gate_up,
-                                L->shared_down_layout, L->shared_down, idx, weights, f, threads);
+            int64_t idx[ROWS_MAX * 64];
+            float weights[ROWS_MAX * 64];
+            failed = moe_decode_rows(B, L->E, hidden, L->I, L->top_k, L->n_group, L->topk_group, L->renormalize,
+                                     L->scaling, L->bf16, x2, L->router_layout, L->router, L->bias,
+                                     L->gate_up_layouts, L->gate_up, L->down_layouts, L->down, L->I_shared,
+                                     L->shared_gate_up_layout, L->shared_gate_up, L->shared_down_layout,
+                                     L->shared_down, idx, weights, f, threads);
         } else {
             const products *gu = &L->mlp_gate_up, *dn = &L->mlp_down;
-            failed = fused_products(gu->n, gu->layouts, gu->weights, gu->outs, hidden, L->bf16, 1, x2, gate_up,
+            failed = fused_products(gu->n, gu->layouts, gu->weights, gu->outs, hidden, L->bf16, B, x2, gate_up,
                                     threads);
             if (!failed) {
-                swiglu(1, I_ffn, L->bf16, gate_up, act, threads);
-                failed = fused_products(dn->n, dn->layouts, dn->weights, dn->outs, I_ffn, L->bf16, 1, act, f,
+                swiglu(B, I_ffn, L->bf16, gate_up, act, threads);
+                failed = fused_products(dn->n, dn->layouts, dn->weights, dn->outs, I_ffn, L->bf16, B, act, f,
                                         threads);
             }
         }
     }
-    if (!failed) residual_add(hidden, L->bf16, out, f, out);
+    if (!failed) residual_add(B * hidden, L->bf16, out, f, out);
     free(buf);
     return failed;
+}
+
+/* One token of one sequence (kda_layer_decode_rows with B = 1): h, out [hidden]; conv_state [W - 1, 3D] and state
+ * [H, K, K], its cache */
+int kda_layer_decode(const kda_layer *L, const void *h, void *conv_state, float *state, void *out, int threads) {
+    void *conv_rows[1] = {conv_state};
+    float *state_rows[1] = {state};
+    return kda_layer_decode_rows(L, 1, h, conv_rows, state_rows, out, threads);
 }

@@ -1,7 +1,8 @@
 /* Mixture of experts: the sigmoid router (moe_route for one token, moe_route_logits for many), SwiGLU (swiglu_rows,
  * and swiglu for contiguous rows, which the dense MLP uses too), the weighted sum of the experts' outputs
- * (weighted_sum_rows, moe_combine), grouping tokens by expert (moe_dispatch) and SwiGLU experts on a few rows each
- * straight from their packed weights (moe_experts_rows). The PyTorch path they replace: kimi_lm/model/moe.py.
+ * (weighted_sum_rows, moe_combine), grouping tokens by expert (moe_dispatch), SwiGLU experts on a few rows each
+ * straight from their packed weights (moe_experts_rows) and the whole block for the few tokens of a decode step in one
+ * call (moe_decode_rows). The PyTorch path they replace: kimi_lm/model/moe.py.
  *
  * Reference: DeepSeek-V3 inference/model.py (Gate, noaux_tc routing).
  */
@@ -282,11 +283,11 @@ int moe_dispatch(long N, long k, long E, long hidden, int bf16, const int64_t *i
     return 0;
 }
 
-/* h [I] = silu(gate) * up of one fp32 gate | up row [2 I], with the roundings of the model dtype the PyTorch path
- * makes: the product's output, silu's and the gated product each rounded */
-static void swiglu_rounded(long I, int bf16, const float *gate_up, float *h) {
+/* h [I] = silu(gate) * up of one row's fp32 gate [I] and up [I] products, with the roundings of the model dtype the
+ * PyTorch path makes: the product's output, silu's and the gated product each rounded */
+static void swiglu_rounded(long I, int bf16, const float *gate_in, const float *up_in, float *h) {
     for (long j = 0; j < I; j++) {
-        const float gate = as_model_dtype(gate_up[j], bf16), up = as_model_dtype(gate_up[I + j], bf16);
+        const float gate = as_model_dtype(gate_in[j], bf16), up = as_model_dtype(up_in[j], bf16);
         h[j] = as_model_dtype(as_model_dtype(silu(gate), bf16) * up, bf16);
     }
 }
@@ -322,7 +323,7 @@ static void experts_item(const void *ctx, long item) {
             job->failed = 1;
             break;
         }
-        for (long m = 0; m < M; m++) swiglu_rounded(I, job->bf16, gate_up + m * 2 * I, h + m * I);
+        for (long m = 0; m < M; m++) swiglu_rounded(I, job->bf16, gate_up + m * 2 * I, gate_up + m * 2 * I + I, h + m * I);
         if (product_rows_f32(job->down_layout[e], job->bf16, hidden, I, job->down[e], M, h, y)) {
             job->failed = 1;
             break;
@@ -345,149 +346,247 @@ int moe_experts_rows(long items, long hidden, long I, int bf16, const int64_t *s
     return job.failed;
 }
 
-/* ---- a whole MoE block for one token: route, k experts and the shared expert, weighted sum ---------------------- */
+/* ---- a whole MoE block for a few tokens: route, their experts and the shared expert, weighted sums -------------- */
 
-/* A part's weights (a routed expert's or the shared expert's) as moe_decode reads them: gate | up [2 I, hidden] and
+/* A part's weights (a routed expert's or the shared expert's) as moe_decode_rows reads them: gate | up [2 I, hidden] and
  * down [hidden, I] packed by oneDNN (layouts 0 / 1: the packed memory), quantized by MLX (LAYOUT_QUANT) or in FP8
  * blocks (LAYOUT_FP8): gate | up then points at two descriptor pointers, gate's and up's [I, hidden] each, down at
- * one descriptor (qweight, fp8_weight). */
+ * one descriptor (qweight, fp8_weight). A part runs on M rows: the tokens routed to it (the shared expert: all). */
 typedef struct {
-    long n, hidden; /* n parts: the k routed experts, then the shared expert if any */
+    long n, hidden; /* n parts: the routed experts chosen (ascending), then the shared expert if any */
     int bf16;
     const int *gate_up_layout, *down_layout; /* per part */
     const void *const *gate_up, *const *down;
-    const long *I, *first_item;           /* per part: intermediate size, first gate|up work item */
-    void *const *x_in, *const *h_in;       /* per part: x and h prepared for its products (row_input) */
-    const float *x;                        /* [hidden] fp32 */
-    float *const *gate_up_out, *const *h;  /* per part: [2 I] and [I] fp32 */
-    float *const *down_f32;                /* per part: [hidden] fp32 */
-    void *const *down_out;                 /* per part: [hidden] model dtype */
-} moe_token_job;
+    const long *I, *M, *first_item;        /* per part: intermediate size, rows, first gate|up work item */
+    void *const *x_in, *const *h_in;       /* per part: x and h prepared for its products (rows_input) */
+    float *const *x;                       /* per part: its rows' inputs [M, hidden] fp32 */
+    float *const *gate_up_out, *const *h;  /* per part: [M, 2 I] (a pair: gate [M, I] then up [M, I]), [M, I] fp32 */
+    float *const *down_f32;                /* per part: [M, hidden] fp32 */
+    void *const *down_out;                 /* per part: [M, hidden] model dtype */
+} moe_rows_job;
 
 /* gate | up as two descriptors (quantized or FP8 parts) rather than one packed weight */
 static inline int is_pair(int layout) { return layout == LAYOUT_QUANT || layout == LAYOUT_FP8; }
 
-/* phase 1: 64 rows of one part's gate | up product */
-static void moe_token_gate_up(const void *ctx, long item) {
-    const moe_token_job *job = (const moe_token_job *)ctx;
+/* phase 1: 64 rows of one part's gate | up product, for the part's M input rows */
+static void moe_rows_gate_up(const void *ctx, long item) {
+    const moe_rows_job *job = (const moe_rows_job *)ctx;
     long p = 0;
     while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
-    const long I = job->I[p], r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < 2 * I ? r0 + 64 : 2 * I;
+    const long I = job->I[p], M = job->M[p], hidden = job->hidden;
+    const long r0 = (item - job->first_item[p]) * 64, r1 = r0 + 64 < 2 * I ? r0 + 64 : 2 * I;
     const int layout = job->gate_up_layout[p];
     float *out = job->gate_up_out[p];
     if (is_pair(layout)) { /* rows below I from gate's weight, the rest from up's */
         const void *const *halves = (const void *const *)job->gate_up[p];
-        const long hidden = job->hidden;
-        if (r0 < I) weight_rows(layout, job->bf16, halves[0], job->x_in[p], hidden, job->x, r0, r1 < I ? r1 : I, out);
+        if (r0 < I)
+            weight_rows_m(layout, job->bf16, halves[0], job->x_in[p], hidden, I, M, job->x[p], r0, r1 < I ? r1 : I,
+                          out);
         if (r1 > I)
-            weight_rows(layout, job->bf16, halves[1], job->x_in[p], hidden, job->x, (r0 > I ? r0 : I) - I, r1 - I,
-                        out + I);
+            weight_rows_m(layout, job->bf16, halves[1], job->x_in[p], hidden, I, M, job->x[p], (r0 > I ? r0 : I) - I,
+                          r1 - I, out + M * I);
         return;
     }
-    weight_rows(layout, job->bf16, job->gate_up[p], NULL, job->hidden, job->x, r0, r1, out);
+    weight_rows_m(layout, job->bf16, job->gate_up[p], NULL, hidden, 2 * I, M, job->x[p], r0, r1, out);
 }
 
 /* phase 2: 64 output columns of one part's down product (items ordered part by part, so that each thread streams
  * whole stretches of one weight: interleaving the parts' weights 64 rows at a time measured 1.5x slower) */
-static void moe_token_down(const void *ctx, long item) {
-    const moe_token_job *job = (const moe_token_job *)ctx;
+static void moe_rows_down(const void *ctx, long item) {
+    const moe_rows_job *job = (const moe_rows_job *)ctx;
     const long hidden = job->hidden, chunks = (hidden + 63) / 64, p = item / chunks, r0 = item % chunks * 64;
-    const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden;
+    const long r1 = r0 + 64 < hidden ? r0 + 64 : hidden, M = job->M[p];
+    const size_t es = job->bf16 ? 2 : 4;
     float *y = job->down_f32[p];
-    weight_rows(job->down_layout[p], job->bf16, job->down[p], job->h_in[p], job->I[p], job->h[p], r0, r1, y);
-    store_row((char *)job->down_out[p] + (size_t)r0 * (job->bf16 ? 2 : 4), y + r0, r1 - r0, job->bf16); /* rounded */
+    weight_rows_m(job->down_layout[p], job->bf16, job->down[p], job->h_in[p], job->I[p], hidden, M, job->h[p], r0, r1,
+                  y);
+    for (long m = 0; m < M; m++) /* rounded to the model dtype */
+        store_row((char *)job->down_out[p] + (size_t)(m * hidden + r0) * es, y + m * hidden + r0, r1 - r0, job->bf16);
 }
 
-/* x (fp32) prepared for part p's gate | up, shared with an earlier part that takes the same (*shared set) */
-static int gate_up_input(long p, const int *layout, const void *const *gate_up, void *const *prepared, const float *x,
-                         int bf16, void **input, int *shared) {
+/* x (fp32) prepared for part p's gate | up, shared with an earlier part that takes the same rows (*shared set) */
+static int gate_up_input(long p, const moe_rows_job *job, void **input, int *shared) {
     *shared = 0;
-    if (!is_pair(layout[p])) {
-        *input = NULL;
-        return 0;
-    }
-    const void *W = ((const void *const *)gate_up[p])[0];
+    *input = NULL;
+    const int *layout = job->gate_up_layout;
+    if (!is_pair(layout[p])) return 0;
+    const void *W = ((const void *const *)job->gate_up[p])[0];
     for (long q = 0; q < p; q++)
-        if (is_pair(layout[q]) && same_row_input(layout[q], ((const void *const *)gate_up[q])[0], layout[p], W)) {
-            *input = prepared[q];
+        if (is_pair(layout[q]) && job->x[q] == job->x[p] &&
+            same_row_input(layout[q], ((const void *const *)job->gate_up[q])[0], layout[p], W)) {
+            *input = job->x_in[q];
             *shared = 1;
             return 0;
         }
-    return row_input(layout[p], W, x, bf16, input);
+    return rows_input(layout[p], W, job->M[p], job->x[p], job->bf16, input);
 }
 
-#define MOE_PARTS_MAX 65 /* top_k <= 64 routed experts and a shared one */
+/* phase 0: 64 experts' router logits for every token (the router read once for all of them) */
+typedef struct {
+    int layout;
+    const void *W;
+    const void *input;
+    long E, hidden, N;
+    const float *x;
+    float *logits; /* [N, E] */
+} router_rows_job;
 
-/* The MoE block of one token in one call, as CpuSparseMoE computes it in several (kimi_lm/cpu/moe.py): the router
- * (route_token: W_r [E, hidden] in a layout of router_logits), the k chosen experts' SwiGLU (their gate | up and down
- * weights read in place, per expert arrays of E layouts and pointers as moe_token_job describes: oneDNN-packed or
- * MLX-quantized), and the shared expert's (I_shared > 0: its gate | up and down likewise), summed with the routing
- * weights. Roundings as the multi-call path: each product's output, silu's and the gated product in the model dtype,
- * the sum as weighted_sum_rows.
- * Both phases (gate | up rows of every part, then output columns of every down product) are shared among threads.
- * x, out [hidden] model dtype; idx [top_k] int64 and weights [top_k] fp32 receive the routing.
- * Returns 0, or 1 when scratch memory could not be allocated. */
-int moe_decode(long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize, float scaling,
-               int bf16, const void *x, int router_layout, const void *router, const float *bias,
-               const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts, const void *const *down,
-               long I_shared,
-               int shared_gate_up_layout, const void *shared_gate_up, int shared_down_layout, const void *shared_down,
-               int64_t *idx, float *weights, void *out, int threads) {
-    const long n = top_k + (I_shared > 0);
-    if (n > MOE_PARTS_MAX) return 1;
-    /* x, then per part gate | up, h, its down output in fp32 and in the model dtype (in room for fp32) */
-    const long scratch = hidden + 3 * (top_k * I + I_shared) + 2 * n * hidden;
-    float *buf = malloc(sizeof(float) * (size_t)scratch);
-    int part_layout[2][MOE_PARTS_MAX];
-    const void *part_w[2][MOE_PARTS_MAX];
-    long part_I[MOE_PARTS_MAX], first_item[MOE_PARTS_MAX];
-    float *gu[MOE_PARTS_MAX], *h[MOE_PARTS_MAX], *yf[MOE_PARTS_MAX];
-    void *y[MOE_PARTS_MAX];
-    void *x_in[MOE_PARTS_MAX] = {0}, *h_in[MOE_PARTS_MAX] = {0};
-    int x_shared[MOE_PARTS_MAX] = {0};
-    int failed = !buf;
-    if (!failed)
-        failed = route_token(E, hidden, top_k, n_group, topk_group, renormalize, scaling, bf16, x, router_layout,
-                             router, bias, idx, weights);
+static void router_rows_item(const void *ctx, long item) {
+    const router_rows_job *job = (const router_rows_job *)ctx;
+    const long r0 = item * 64, r1 = r0 + 64 < job->E ? r0 + 64 : job->E;
+    weight_rows_m(job->layout, 0, job->W, job->input, job->hidden, job->E, job->N, job->x, r0, r1, job->logits);
+}
+
+/* The MoE block of N <= ROWS_MAX tokens (a decode step of one sequence or a few) in one call, as CpuSparseMoE computes
+ * it in several (kimi_lm/cpu/moe.py): the router (W_r [E, hidden], fp32 plain rows or a qweight as router_logits
+ * reads it; its product for all tokens at once), each chosen expert's SwiGLU on the tokens routed to it (gate | up and
+ * down read in place, once per step, per expert arrays of E layouts and pointers as moe_rows_job describes), the shared
+ * expert's on all tokens (I_shared > 0), and each token's sum with its routing weights. Roundings as the multi-call
+ * path: each product's output, silu's and the gated product in the model dtype, the sum as weighted_sum_rows.
+ * The router's rows, then every part's gate | up rows, then every part's down output columns are shared among threads.
+ * x, out [N, hidden] model dtype; idx [N, top_k] int64 and weights [N, top_k] fp32 receive the routing.
+ * Returns 0, or 1 when scratch memory could not be allocated (or N is out of range). */
+int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize,
+                    float scaling, int bf16, const void *x, int router_layout, const void *router, const float *bias,
+                    const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts,
+                    const void *const *down, long I_shared, int shared_gate_up_layout, const void *shared_gate_up,
+                    int shared_down_layout, const void *shared_down, int64_t *idx, float *weights, void *out,
+                    int threads) {
+    if (N < 1 || N > ROWS_MAX) return 1;
+    const size_t es = bf16 ? 2 : 4;
+    /* per token: fp32 x [N, hidden], logits [N, E], routing scratch; per part (at most N top_k + 1): what moe_rows_job
+     * points at */
+    const long max_parts = N * top_k < E ? N * top_k + 1 : E + 1;
+    float *xf = malloc(sizeof(float) * (size_t)(N * (hidden + E) + 2 * E + n_group));
+    unsigned char *taken = malloc((size_t)(E + n_group));
+    int *ints = calloc((size_t)(3 * max_parts), sizeof(int));
+    long *longs = malloc(sizeof(long) * (size_t)(3 * max_parts + E));
+    void **ptrs = calloc((size_t)(9 * max_parts + N * top_k), sizeof(void *));
+    int failed = !xf || !taken || !ints || !longs || !ptrs;
+    float *buf = NULL;
+    long n = 0;
+    int *part_layout[2] = {NULL, NULL}, *x_shared = NULL;
+    void **x_in = NULL, **h_in = NULL;
     if (!failed) {
-        float *xf = buf, *at = xf + hidden;
-        load_row(xf, x, hidden, bf16);
-        long items = 0;
-        for (long p = 0; p < n && !failed; p++) {
-            const int shared = p == top_k;
-            const long e = shared ? 0 : idx[p];
-            part_layout[0][p] = shared ? shared_gate_up_layout : gate_up_layouts[e];
-            part_layout[1][p] = shared ? shared_down_layout : down_layouts[e];
-            part_w[0][p] = shared ? shared_gate_up : gate_up[e];
-            part_w[1][p] = shared ? shared_down : down[e];
-            part_I[p] = shared ? I_shared : I;
-            first_item[p] = items;
-            items += (2 * part_I[p] + 63) / 64;
-            gu[p] = at;
-            h[p] = at + 2 * part_I[p];
-            yf[p] = at + 3 * part_I[p];
-            y[p] = yf[p] + hidden;
-            at += 3 * part_I[p] + 2 * hidden;
-            failed = gate_up_input(p, part_layout[0], part_w[0], x_in, xf, bf16, &x_in[p], &x_shared[p]);
-        }
-        moe_token_job job = {n, hidden, bf16, part_layout[0], part_layout[1], part_w[0], part_w[1], part_I,
-                             first_item, x_in, h_in, xf, gu, h, yf, y};
+        float *logits = xf + N * hidden, *scratch = logits + N * E;
+        load_row(xf, x, N * hidden, bf16);
+        void *router_in;
+        failed = rows_input(router_layout, router, N, xf, 0, &router_in);
         if (!failed) {
-            parallel_for(moe_token_gate_up, &job, items, threads);
+            const router_rows_job rj = {router_layout, router, router_in, E, hidden, N, xf, logits};
+            parallel_for(router_rows_item, &rj, (E + 63) / 64, threads);
+            row_input_free(router_layout, router_in);
+            for (long t = 0; t < N; t++)
+                route_logits(E, top_k, n_group, topk_group, renormalize, scaling, logits + t * E, bias, scratch, taken,
+                             idx + t * top_k, weights + t * top_k);
+        }
+    }
+    if (!failed) {
+        /* parts: the chosen experts in ascending order (counts[e] tokens each), then the shared expert */
+        long *counts = longs + 3 * max_parts; /* [E]: tokens routed to e; then e's part index */
+        memset(counts, 0, sizeof(long) * (size_t)E);
+        for (long i = 0; i < N * top_k; i++) {
+            if (idx[i] < 0 || idx[i] >= E) {
+                failed = 1;
+                break;
+            }
+            counts[idx[i]]++;
+        }
+        long *part_I = longs, *part_M = part_I + max_parts, *first_item = part_M + max_parts;
+        part_layout[0] = ints;
+        part_layout[1] = ints + max_parts;
+        x_shared = ints + 2 * max_parts;
+        const void **part_w[2] = {(const void **)ptrs, (const void **)ptrs + max_parts};
+        float **xs = (float **)(ptrs + 2 * max_parts), **gu = xs + max_parts, **h = gu + max_parts;
+        float **yf = h + max_parts;
+        void **y = (void **)(yf + max_parts);
+        x_in = (void **)(y + max_parts);
+        h_in = x_in + max_parts;
+        const void **slot_rows = (const void **)(h_in + max_parts); /* [N top_k]: each slot's output row */
+        long rows = 0, floats = 0;
+        for (long e = 0; e < E && !failed; e++)
+            if (counts[e]) {
+                part_layout[0][n] = gate_up_layouts[e];
+                part_layout[1][n] = down_layouts[e];
+                part_w[0][n] = gate_up[e];
+                part_w[1][n] = down[e];
+                part_I[n] = I;
+                part_M[n] = counts[e];
+                counts[e] = n++;
+            }
+        const long routed = n;
+        if (I_shared > 0) {
+            part_layout[0][n] = shared_gate_up_layout;
+            part_layout[1][n] = shared_down_layout;
+            part_w[0][n] = shared_gate_up;
+            part_w[1][n] = shared_down;
+            part_I[n] = I_shared;
+            part_M[n++] = N;
+        }
+        for (long p = 0; p < n; p++) { /* gathered inputs (N > 1, routed parts), gate | up, h, down fp32 and rounded */
+            rows += part_M[p];
+            floats += part_M[p] * (3 * part_I[p] + 2 * hidden + (N > 1 && p < routed ? hidden : 0));
+        }
+        buf = failed ? NULL : malloc(sizeof(float) * (size_t)floats);
+        failed = failed || !buf;
+        long items = 0;
+        float *at = buf;
+        for (long p = 0; p < n && !failed; p++) {
+            const long M = part_M[p], Ip = part_I[p];
+            if (N > 1 && p < routed) { /* this expert's tokens, in token order */
+                xs[p] = at;
+                at += M * hidden;
+            } else {
+                xs[p] = xf;
+            }
+            gu[p] = at;
+            h[p] = at + M * 2 * Ip;
+            yf[p] = h[p] + M * Ip;
+            y[p] = yf[p] + M * hidden;
+            at = (float *)y[p] + M * hidden;
+            first_item[p] = items;
+            items += (2 * Ip + 63) / 64;
+            part_M[p] = 0; /* counted again below as the rows are placed */
+            if (p >= routed) part_M[p] = N;
+        }
+        for (long t = 0; t < N && !failed; t++)
+            for (long j = 0; j < top_k; j++) {
+                const long p = counts[idx[t * top_k + j]], m = part_M[p]++;
+                if (xs[p] != xf) memcpy(xs[p] + m * hidden, xf + t * hidden, sizeof(float) * (size_t)hidden);
+                slot_rows[t * top_k + j] = (const char *)y[p] + (size_t)(m * hidden) * es;
+            }
+        moe_rows_job job = {n, hidden, bf16, part_layout[0], part_layout[1], (const void *const *)part_w[0],
+                            (const void *const *)part_w[1], part_I, part_M, first_item, x_in, h_in, xs, gu, h, yf, y};
+        for (long p = 0; p < n && !failed; p++) failed = gate_up_input(p, &job, &x_in[p], &x_shared[p]);
+        if (!failed) {
+            parallel_for(moe_rows_gate_up, &job, items, threads);
             for (long p = 0; p < n && !failed; p++) {
-                swiglu_rounded(part_I[p], bf16, gu[p], h[p]);
-                failed = row_input(part_layout[1][p], part_w[1][p], h[p], bf16, &h_in[p]);
+                const long Ip = part_I[p], M = part_M[p];
+                const int pair = is_pair(part_layout[0][p]);
+                for (long m = 0; m < M; m++)
+                    swiglu_rounded(Ip, bf16, gu[p] + (pair ? m * Ip : m * 2 * Ip),
+                                   gu[p] + (pair ? (M + m) * Ip : m * 2 * Ip + Ip), h[p] + m * Ip);
+                failed = rows_input(part_layout[1][p], part_w[1][p], M, h[p], bf16, &h_in[p]);
             }
         }
         if (!failed) {
-            parallel_for(moe_token_down, &job, n * ((hidden + 63) / 64), threads);
-            weighted_sum_rows(top_k, hidden, bf16, (const void *const *)y, weights, n > top_k ? y[top_k] : NULL, out);
+            parallel_for(moe_rows_down, &job, n * ((hidden + 63) / 64), threads);
+            for (long t = 0; t < N; t++)
+                weighted_sum_rows(top_k, hidden, bf16, (const void *const *)slot_rows + t * top_k,
+                                  weights + t * top_k, I_shared > 0 ? (const char *)y[n - 1] + (size_t)(t * hidden) * es
+                                                                     : NULL,
+                                  (char *)out + (size_t)(t * hidden) * es);
         }
     }
-    for (long p = 0; p < n; p++) { /* each prepared input once, though parts may share one */
+    for (long p = 0; p < n && x_in && h_in; p++) { /* each prepared input once, though parts may share one */
         if (!x_shared[p]) row_input_free(part_layout[0][p], x_in[p]);
         row_input_free(part_layout[1][p], h_in[p]);
     }
     free(buf);
+    free(xf);
+    free(taken);
+    free(ints);
+    free(longs);
+    free(ptrs);
     return failed;
 }

@@ -190,6 +190,47 @@ def _up(url) -> bool:
         return False
 
 
+def test_a_scheduler_iterations_events_reach_the_loop_at_its_end():
+    """Inside engine.deliver_at_end (the scheduler wraps each iteration in it) a Mailbox queues events and wakes the
+    event loop once, when the block ends, not at the first event (which would set the loop's thread contending with
+    the rest of the step's sampling); outside it, at once."""
+    import asyncio
+
+    from kimi_lm.server.engine import deliver_at_end
+    from kimi_lm.server.responses import Mailbox
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        box, q = Mailbox(loop), asyncio.Queue()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(q.qsize()) or real(*a)
+        seen = []
+
+        def iteration():
+            with deliver_at_end():
+                for n in range(5):
+                    box.put(q, n)
+                    with deliver_at_end():  # nested: still delivered at the outer block's end
+                        box.put(q, 10 + n)
+                seen.append(len(wakeups))
+            seen.append(len(wakeups))
+            box.put(q, 99)  # no block open: woken at once (if no wake-up is pending)
+
+        worker = threading.Thread(target=iteration)
+        worker.start()
+        worker.join()
+        got = []
+        while len(got) < 11:
+            got.append(await asyncio.wait_for(q.get(), 5))
+        return seen, got, len(wakeups)
+
+    seen, got, wakeups = asyncio.run(run())
+    assert seen == [0, 1]
+    assert got == [0, 10, 1, 11, 2, 12, 3, 13, 4, 14, 99]
+    assert wakeups <= 2
+
+
 def test_mailbox_delivers_a_threads_events_in_order_with_few_wakeups():
     """Events put from another thread (the scheduler's) reach their queues in order; the loop is woken once per
     burst rather than once per event."""

@@ -35,6 +35,7 @@ rank takes rank 0's decisions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -53,6 +54,37 @@ log = logging.getLogger("kimi_lm.server")
 DECODE_CHUNK = 256  # prefill tokens per iteration while other requests decode (bounds their time per token)
 POOL_CONTEXT = 4096  # tokens per pooled cache assumed when the pool is sized from the model
 MAX_POOL_BYTES = 2 << 30
+
+
+_deferred = threading.local()  # the scheduler iteration's pending deliveries (deliver_at_end), per thread
+
+
+@contextlib.contextmanager
+def deliver_at_end():
+    """Within it, an emit target that calls :func:`defer` hands its delivery to the end of the block: each once, in
+    order. The scheduler wraps an iteration in it, so that a step's events reach the HTTP event loop in one hand-over
+    after all of the step's sampling, rather than waking the loop's thread in the middle of it to contend with the
+    sampling for the interpreter (measured at 8 clients: the step's sampling took 1.7 ms with the loop woken at the
+    first event, 0.25 ms without HTTP)."""
+    outer = getattr(_deferred, "pending", None)
+    _deferred.pending = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        if outer is None:
+            pending, _deferred.pending = _deferred.pending, None
+            for deliver in pending:
+                deliver()
+
+
+def defer(deliver: Callable[[], None]) -> bool:
+    """Schedule ``deliver`` for the end of the enclosing :func:`deliver_at_end` block on this thread (once however
+    often it is asked); False where no block is open (the caller delivers now)."""
+    pending = getattr(_deferred, "pending", None)
+    if pending is None:
+        return False
+    pending[deliver] = None
+    return True
 
 
 @dataclass
@@ -194,12 +226,13 @@ class Engine:
         torch.set_grad_enabled(False)  # per thread: this thread only runs inference
         try:
             while self._sync():
-                self._admit()
-                self._drop_cancelled()
-                if self.prefilling:
-                    self._prefill_chunk()
-                if self.active:
-                    self._step()
+                with deliver_at_end():  # the iteration's events leave together, after its sampling
+                    self._admit()
+                    self._drop_cancelled()
+                    if self.prefilling:
+                        self._prefill_chunk()
+                    if self.active:
+                        self._step()
         finally:
             self._abort_all()
 

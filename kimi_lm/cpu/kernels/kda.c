@@ -55,6 +55,8 @@ typedef struct {
     void *out;
     const float *taps, *neg_A, *dt_bias, *norm_w;
     float norm_eps, l2_eps;
+    const float *f_out, *g_out; /* [B, D] fp32: the gate products f_b(f_a), g_b(g_a) of all rows, made beforehand
+                                 * (B > 1: each weight read once for all rows); NULL: each head makes its own rows */
     int failed; /* set when a row could not allocate its scratch memory */
 } kda_decode_job;
 
@@ -115,15 +117,20 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     const float b_h = load_one(row + (size_t)(C + 2 * K) * esize, h, bf16);
 
     /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b); this head's rows */
-    if (gate_rows(job->f_layout, bf16, K, job->f_b, h * K, (h + 1) * K, fa, g) ||
-        gate_rows(job->g_layout, bf16, K, job->g_b, h * K, (h + 1) * K, ga, z)) {
+    if (job->f_out) {
+        memcpy(g, job->f_out + bi * D + h * K, sizeof(float) * (size_t)K);
+        memcpy(z, job->g_out + bi * D + h * K, sizeof(float) * (size_t)K);
+    } else if (gate_rows(job->f_layout, bf16, K, job->f_b, h * K, (h + 1) * K, fa, g) ||
+               gate_rows(job->g_layout, bf16, K, job->g_b, h * K, (h + 1) * K, ga, z)) {
         job->failed = 1;
         free(buf);
         return;
     }
-    for (long i = 0; i < K; i++) { /* both products' outputs rounded to the model dtype, as in PyTorch */
+    const float neg_A = job->neg_A[h], *dt_bias = job->dt_bias + h * K;
+#pragma omp simd /* both products' outputs rounded to the model dtype, as in PyTorch; g becomes the decay exp(g) */
+    for (long i = 0; i < K; i++) {
         z[i] = as_model_dtype(z[i], bf16);
-        g[i] = job->neg_A[h] * softplus(as_model_dtype(g[i], bf16) + job->dt_bias[h * K + i]);
+        g[i] = exp_f32(neg_A * softplus(as_model_dtype(g[i], bf16) + dt_bias[i]));
     }
 
     float *q = qkv, *k = qkv + K, *v = qkv + 2 * K;
@@ -134,7 +141,7 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     /* S <- diag(exp(g)) S and pred = k^T S in one pass */
     memset(pr, 0, sizeof(float) * (size_t)K);
     for (long i = 0; i < K; i++) {
-        const float decay = exp_f32(g[i]), ki = k[i] * k_scale;
+        const float decay = g[i], ki = k[i] * k_scale;
         float *Si = S + i * K;
 #pragma omp simd
         for (long j = 0; j < K; j++) {
@@ -167,15 +174,64 @@ static void kda_decode_item(const void *ctx, long item) {
     kda_decode_head(job, item / job->H, item % job->H);
 }
 
+/* the gate products of a batched step's rows, before its heads: f_b(f_a) and g_b(g_a) [B, D] for B <= ROWS_MAX */
+typedef struct {
+    long B, D, K;
+    int f_layout, g_layout, bf16;
+    const void *f_b, *g_b, *f_in, *g_in; /* the weights and their prepared inputs (rows_input) */
+    const float *fa, *ga;                /* [B, K] fp32 */
+    float *f_out, *g_out;                /* [B, D] fp32 */
+} gate_products_job;
+
+/* 64 output rows of f_b or g_b (items: f_b's chunks, then g_b's) for all B rows */
+static void gate_products_item(const void *ctx, long item) {
+    const gate_products_job *job = (const gate_products_job *)ctx;
+    const long chunks = (job->D + 63) / 64, second = item >= chunks, r0 = (item % chunks) * 64;
+    const long r1 = r0 + 64 < job->D ? r0 + 64 : job->D;
+    weight_rows_m(second ? job->g_layout : job->f_layout, job->bf16, second ? job->g_b : job->f_b,
+                  second ? job->g_in : job->f_in, job->K, job->D, job->B, second ? job->ga : job->fa, r0, r1,
+                  second ? job->g_out : job->f_out);
+}
+
 /* kda_decode with each sequence's caches where they lie: conv_rows[b] [W - 1, 3D] and state_rows[b] [H, K, K] (a
- * batched decode step of sequences with caches of their own: nothing stacked, nothing copied back) */
+ * batched decode step of sequences with caches of their own: nothing stacked, nothing copied back). Several sequences
+ * (up to ROWS_MAX): the gate products of all of them first, each weight read once for all (a head making its own rows
+ * of both read 128 KiB per head and sequence at the bench model's sizes). */
 int kda_decode_rows(long B, long H, long K, long W, int bf16, const void *proj, void *const *conv_rows,
                     float *const *state_rows, const float *taps, const float *neg_A, const float *dt_bias, int f_layout,
                     const void *f_b, int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps,
                     void *out, int threads) {
     kda_decode_job job = {H, K, W, bf16, f_layout, g_layout, proj, f_b, g_b, conv_rows, state_rows, out, taps, neg_A,
-                          dt_bias, norm_w, norm_eps, l2_eps, 0};
+                          dt_bias, norm_w, norm_eps, l2_eps, NULL, NULL, 0};
+    float *gates = NULL;
+    if (B > 1 && B <= ROWS_MAX) { /* the gate products of all rows first, each weight read once for them */
+        const long D = H * K, P = 3 * D + 2 * K + H;
+        const size_t es = bf16 ? 2 : 4;
+        gates = malloc(sizeof(float) * (size_t)(2 * B * K + 2 * B * D));
+        if (!gates) return 1;
+        float *fa = gates, *ga = fa + B * K, *f_out = ga + B * K, *g_out = f_out + B * D;
+        for (long b = 0; b < B; b++) {
+            const char *row = (const char *)proj + (size_t)(b * P) * es;
+            load_row(fa + b * K, row + (size_t)(3 * D) * es, K, bf16);
+            load_row(ga + b * K, row + (size_t)(3 * D + K) * es, K, bf16);
+        }
+        void *f_in = NULL, *g_in = NULL;
+        int failed = rows_input(f_layout, f_b, B, fa, bf16, &f_in) || rows_input(g_layout, g_b, B, ga, bf16, &g_in);
+        if (!failed) {
+            const gate_products_job gj = {B, D, K, f_layout, g_layout, bf16, f_b, g_b, f_in, g_in, fa, ga, f_out, g_out};
+            parallel_for(gate_products_item, &gj, 2 * ((D + 63) / 64), threads);
+        }
+        row_input_free(f_layout, f_in);
+        row_input_free(g_layout, g_in);
+        if (failed) {
+            free(gates);
+            return 1;
+        }
+        job.f_out = f_out;
+        job.g_out = g_out;
+    }
     parallel_for(kda_decode_item, &job, B * H, threads);
+    free(gates);
     return job.failed;
 }
 

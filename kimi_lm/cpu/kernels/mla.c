@@ -9,10 +9,11 @@
  *     o_lat = sum_s p_s ĉ_s                      [512]   rounded
  *     o = W_UV[h] o_lat                          [v]     rounded, stored
  * The history is read once per pass for all heads (rows outer, heads inner), as the plain path's [H, 576] x [576, S]
- * product reads it once. Work items: whole sequences when there are at least as many as threads; otherwise
- * (a decode step of one sequence) five phases, each shared among threads: the absorbed queries by head, the scores
- * by ranges of history rows, the softmax by head, the weighted latents by row range, their sums and W_UV by head,
- * so that each thread reads its share of the history rather than all of it.
+ * product reads it once. Five phases, each shared among threads: the absorbed queries by head and block of columns
+ * (for all sequences: W_UK read once per step, not once per sequence), the scores by sequence and range of history
+ * rows (a decode step of one sequence splits its history, so that each thread reads its share rather than all of
+ * it), the softmax by sequence and head, the weighted latents by sequence and row range, their sums and W_UV by head
+ * and block of columns (W_UV read once).
  *
  * Reference: kimi_lm/model/mla.py (the oracle); DeepSeek-V3 inference/model.py (absorb).
  */
@@ -37,44 +38,31 @@ typedef struct {
     const void *w_uv_t;     /* [H, C, V] */
     float scale;
     void *out;              /* [B, H, V] */
-    /* the phases' shared scratch (fewer sequences than threads): */
+    /* the phases' shared scratch: */
     float *qf;              /* [B, Hq, D] full queries (Hq: H padded to a multiple of HEAD_BLOCK with zero rows) */
     long Hq;
     float *p;               /* [B, Hq, S_max] scores, then probabilities (padding rows zero) */
     float *ol;              /* [B, splits, Hq, C] Σ p ĉ over each split's rows */
     long S_max;
-    int failed;
 } mla_job;
 
-/* y [n_out] = x W for x [n_in] fp32 and W [n_in, n_out] in the model dtype: W's rows scaled and summed (each row
- * read once, in order), fp32 */
-static void vector_matrix(int bf16, long n_in, long n_out, const void *W, const float *x, float *y) {
-    memset(y, 0, sizeof(float) * (size_t)n_out);
+/* columns [c0, c1) of y [n_out] = x W for x [n_in] fp32 and W [n_in, n_out] in the model dtype: W's rows scaled and
+ * summed (each row's stretch read once, in order), fp32; y holds just those columns (y[0] is column c0) */
+static void vector_matrix(int bf16, long n_in, long n_out, const void *W, const float *x, long c0, long c1, float *y) {
+    const long n = c1 - c0;
+    memset(y, 0, sizeof(float) * (size_t)n);
     for (long d = 0; d < n_in; d++) {
         const float xd = x[d];
         if (bf16) {
-            const uint16_t *row = (const uint16_t *)W + d * n_out;
+            const uint16_t *row = (const uint16_t *)W + d * n_out + c0;
 #pragma omp simd
-            for (long c = 0; c < n_out; c++) y[c] += xd * bf16_to_f32(row[c]);
+            for (long c = 0; c < n; c++) y[c] += xd * bf16_to_f32(row[c]);
         } else {
-            const float *row = (const float *)W + d * n_out;
+            const float *row = (const float *)W + d * n_out + c0;
 #pragma omp simd
-            for (long c = 0; c < n_out; c++) y[c] += xd * row[c];
+            for (long c = 0; c < n; c++) y[c] += xd * row[c];
         }
     }
-}
-
-/* qf [D] = [round(W_UK[h]^T q_nope) | q_pe] for sequence b, head h; scratch [nope + C] */
-static void absorbed_query(const mla_job *job, long b, long h, float *qf, float *scratch) {
-    const long nope = job->nope, pe = job->pe, C = job->C;
-    const int bf16 = job->bf16;
-    const size_t es = bf16 ? 2 : 4;
-    float *qn = scratch, *tmp = qn + nope;
-    const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
-    load_row(qn, qh, nope, bf16);
-    load_row(qf + C, qh + (size_t)nope * es, pe, bf16);
-    vector_matrix(bf16, nope, C, (const char *)job->w_uk + (size_t)(h * nope * C) * es, qn, tmp); /* W_UK[h]^T q */
-    for (long c = 0; c < C; c++) qf[c] = as_model_dtype(tmp[c], bf16);
 }
 
 /* p[k, s] = round(qf[k] . c_s) scale for history rows [s0, s1) of sequence b and its H queries qf [H, D] (rows up to
@@ -193,51 +181,35 @@ static void weighted_latents(const mla_job *job, long b, long s0, long s1, const
     }
 }
 
-/* out[b, h] = round(W_UV[h] round(o_lat)) for the head's latent output o [C] (rounded in place); scratch [V] */
-static void value_out(const mla_job *job, long b, long h, float *o, float *tmp) {
-    const long C = job->C, V = job->V;
-    const int bf16 = job->bf16;
-    const size_t es = bf16 ? 2 : 4;
-    for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
-    vector_matrix(bf16, C, V, (const char *)job->w_uv_t + (size_t)(h * C * V) * es, o, tmp); /* W_UV[h] o_lat */
-    store_row((char *)job->out + (size_t)((b * job->H + h) * V) * es, tmp, V, bf16);
-}
-
-/* one whole sequence per work item (as many sequences as threads, or more) */
-static void mla_sequence(const void *ctx, long b) {
-    mla_job *job = (mla_job *)ctx;
-    const long H = job->H, C = job->C, D = C + job->pe, S = job->lengths[b];
-    const long scratch = job->nope + C + (C > job->V ? C : job->V);
-    const long Hq = (H + HEAD_BLOCK - 1) / HEAD_BLOCK * HEAD_BLOCK; /* queries padded with zero rows */
-    float *buf = malloc(sizeof(float) * (size_t)(Hq * (D + S + C) + D + scratch));
-    if (!buf) {
-        job->failed = 1;
-        return;
-    }
-    float *qf = buf, *p = qf + Hq * D, *ol = p + Hq * S, *row = ol + Hq * C, *tmp = row + D;
-    memset(qf + H * D, 0, sizeof(float) * (size_t)((Hq - H) * D));
-    memset(p + H * S, 0, sizeof(float) * (size_t)((Hq - H) * S));
-    for (long h = 0; h < H; h++) absorbed_query(job, b, h, qf + h * D, tmp);
-    scores(job, b, 0, S, qf, p, S, row);
-    for (long h = 0; h < H; h++) softmax_rounded(p + h * S, S, job->bf16);
-    weighted_latents(job, b, 0, S, p, S, ol);
-    for (long h = 0; h < H; h++) value_out(job, b, h, ol + h * C, tmp);
-    free(buf);
-}
-
-/* fewer sequences than threads: each phase a parallel_for of its own, the history split into `splits`
- * row ranges per sequence (each read by one thread, twice) and heads shared among threads for the per-head work */
+/* the history of sequence b split into `splits` row ranges (each read by one thread, twice): several when there are
+ * fewer sequences than threads */
 static inline void split_rows(const mla_job *job, long b, long i, long *s0, long *s1) {
     const long S = job->lengths[b];
     *s0 = S * i / job->splits;
     *s1 = S * (i + 1) / job->splits;
 }
 
-static void phase_queries(const void *ctx, long item) { /* item = (b, h) */
+#define COLUMN_BLOCK 64 /* output columns per work item of the per-head products */
+
+/* item = (h, block of COLUMN_BLOCK latent columns): qf[b, h] = [round(W_UK[h]^T q_nope[b, h]) | q_pe[b, h]] for every
+ * sequence b, W_UK[h]'s block of columns read from memory once for all of them (per sequence: 1 MiB of W_UK per
+ * layer and step at 4 heads in fp32, what a batched step's MLA spent most of its time on) */
+static void phase_queries(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
-    float scratch[job->nope + job->C];
-    const long b = item / job->H, h = item % job->H;
-    absorbed_query(job, b, h, job->qf + (b * job->Hq + h) * (job->C + job->pe), scratch);
+    const long nope = job->nope, pe = job->pe, C = job->C, D = C + pe, blocks = (C + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    const long h = item / blocks, c0 = item % blocks * COLUMN_BLOCK, c1 = c0 + COLUMN_BLOCK < C ? c0 + COLUMN_BLOCK : C;
+    const int bf16 = job->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    const void *w = (const char *)job->w_uk + (size_t)(h * nope * C) * es;
+    float qn[nope], tmp[COLUMN_BLOCK];
+    for (long b = 0; b < job->B; b++) {
+        const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
+        float *qf = job->qf + (b * job->Hq + h) * D;
+        load_row(qn, qh, nope, bf16);
+        if (c0 == 0) load_row(qf + C, qh + (size_t)nope * es, pe, bf16);
+        vector_matrix(bf16, nope, C, w, qn, c0, c1, tmp); /* W_UK[h]^T q, these columns */
+        for (long c = c0; c < c1; c++) qf[c] = as_model_dtype(tmp[c - c0], bf16);
+    }
 }
 
 static void phase_scores(const void *ctx, long item) { /* item = (b, split) */
@@ -263,50 +235,58 @@ static void phase_latents(const void *ctx, long item) { /* item = (b, split) */
     weighted_latents(job, b, s0, s1, job->p + b * job->Hq * job->S_max, job->S_max, job->ol + item * job->Hq * job->C);
 }
 
-static void phase_values(const void *ctx, long item) { /* item = (b, h): the splits' sums, then W_UV */
+/* item = (h, block of COLUMN_BLOCK value columns): out[b, h] = round(W_UV[h] round(o_lat[b, h])) for every sequence b,
+ * o_lat the sum of its splits' weighted latents; W_UV[h]'s block of columns read from memory once for all of them */
+static void phase_values(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
-    const long b = item / job->H, h = item % job->H, C = job->C;
-    float o[C], tmp[job->V];
-    memset(o, 0, sizeof(float) * (size_t)C);
-    for (long i = 0; i < job->splits; i++) {
-        const float *part = job->ol + ((b * job->splits + i) * job->Hq + h) * C;
+    const long C = job->C, V = job->V, blocks = (V + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    const long h = item / blocks, v0 = item % blocks * COLUMN_BLOCK, v1 = v0 + COLUMN_BLOCK < V ? v0 + COLUMN_BLOCK : V;
+    const int bf16 = job->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    const void *w = (const char *)job->w_uv_t + (size_t)(h * C * V) * es;
+    float o[C], tmp[COLUMN_BLOCK];
+    for (long b = 0; b < job->B; b++) {
+        memset(o, 0, sizeof(float) * (size_t)C);
+        for (long i = 0; i < job->splits; i++) {
+            const float *part = job->ol + ((b * job->splits + i) * job->Hq + h) * C;
 #pragma omp simd
-        for (long c = 0; c < C; c++) o[c] += part[c];
+            for (long c = 0; c < C; c++) o[c] += part[c];
+        }
+        for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
+        vector_matrix(bf16, C, V, w, o, v0, v1, tmp); /* W_UV[h] o_lat, these columns */
+        store_row((char *)job->out + (size_t)((b * job->H + h) * V + v0) * es, tmp, v1 - v0, bf16);
     }
-    value_out(job, b, h, o, tmp);
 }
 
 /* One absorbed MLA decode token for B sequences (see the top of this file): q [B, H, nope + pe], histories at
  * histories[b] ([lengths[b], C + pe] each, model dtype, each its own buffer: the rows of a batched step's caches
  * where they lie), w_uk [H, nope, C], w_uv_t [H, C, V] ->
- * out [B, H, V] (model dtype). At least as many sequences as threads: a sequence per work item; fewer: the phases,
- * each history read in `splits` row ranges (a decode step of one sequence on several threads). Items shared among
- * `threads`.
+ * out [B, H, V] (model dtype). The phases' items shared among `threads`; each history read in `splits` row ranges
+ * (several: a decode step of fewer sequences than threads).
  * Returns 0, or 1 when scratch memory could not be allocated. */
 int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, const void *q,
                const void *const *histories, const int64_t *lengths, const void *w_uk, const void *w_uv_t, float scale, void *out,
                long splits, int threads) {
     mla_job job = {B, H, nope, pe, C, V, splits < 1 ? 1 : splits, bf16, q, histories, lengths, w_uk, w_uv_t,
-                   scale, out, NULL, 0, NULL, NULL, 0, 0};
-    if (B >= threads) {
-        parallel_for(mla_sequence, &job, B, threads);
-        return job.failed;
-    }
+                   scale, out, NULL, 0, NULL, NULL, 0};
     for (long b = 0; b < B; b++) job.S_max = lengths[b] > job.S_max ? lengths[b] : job.S_max;
     const long Hq = (H + HEAD_BLOCK - 1) / HEAD_BLOCK * HEAD_BLOCK; /* each sequence's queries padded with zero rows */
     const size_t queries = (size_t)(B * Hq * (C + pe)), probabilities = (size_t)(B * Hq * job.S_max);
     float *buf = malloc(sizeof(float) * (queries + probabilities + (size_t)(B * job.splits * Hq * C)));
     if (!buf) return 1;
-    memset(buf, 0, sizeof(float) * (queries + probabilities)); /* the padding rows stay zero */
     job.qf = buf;
     job.Hq = Hq;
     job.p = job.qf + queries;
     job.ol = job.p + probabilities;
-    parallel_for(phase_queries, &job, B * H, threads);
+    for (long b = 0; b < B; b++) { /* the padding rows stay zero (the phases write every other one they read) */
+        memset(job.qf + (b * Hq + H) * (C + pe), 0, sizeof(float) * (size_t)((Hq - H) * (C + pe)));
+        memset(job.p + (b * Hq + H) * job.S_max, 0, sizeof(float) * (size_t)((Hq - H) * job.S_max));
+    }
+    parallel_for(phase_queries, &job, H * ((C + COLUMN_BLOCK - 1) / COLUMN_BLOCK), threads);
     parallel_for(phase_scores, &job, B * job.splits, threads);
     parallel_for(phase_softmax, &job, B * H, threads);
     parallel_for(phase_latents, &job, B * job.splits, threads);
-    parallel_for(phase_values, &job, B * H, threads);
+    parallel_for(phase_values, &job, H * ((V + COLUMN_BLOCK - 1) / COLUMN_BLOCK), threads);
     free(buf);
     return 0;
 }

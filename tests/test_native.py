@@ -48,6 +48,27 @@ def test_packed_gemv_reads_onednn_layouts(dtype, shape):
     assert rel_err(gemv(x), want) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 3, 5, 8])
+@pytest.mark.parametrize("shape", [(41, 96), (100, 70), (513, 130), (7, 2304)])
+def test_packed_gemv_of_several_rows_equals_the_product(dtype, rows, shape):
+    """Several input rows through one pass over the weight (a batched decode step's): two weight rows at a time with
+    an odd last one, input widths that are no multiple of 16, and rows too wide to stay in L1 together (the 4 x 4
+    tile)."""
+    out_features, in_features = shape
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    gemv = native.for_packed(onednn.pack(w), out_features, in_features)
+    assert gemv is not None
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float())
+    got = gemv(x)
+    assert got.shape == (rows, out_features)
+    assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    for r in range(rows):  # each row as its own product would give it, up to fp32 summation order
+        assert rel_err(got[r], want[r]) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no oneDNN bf16 here")
 @pytest.mark.parametrize("shape", [(64, 32), (100, 70), (513, 131), (2304, 1024)])
 def test_bf16_one_row_product_is_the_exact_sum_rounded_once(shape):

@@ -114,8 +114,8 @@ static inline __m512 sum16(const __m512 acc[16]) {
  * per input row: 2 loads per FMA, which made 8 rows cost 3x one row's time, where the weight's bytes should bound
  * it. Two shapes of shared loads, by whether the M input rows fit L1 (measured, 2 threads, weights streamed from
  * DRAM, 1024x512 / 512x2304: 8 rows 184 -> 123 / 415 -> 266 us, one row 58 / 126 us):
- *   plain_row_M    one weight row, read in order, against all M input rows (1 + M loads per M FMAs): the weight
- *                  streams as one sequence, as in a one-row product; the M rows must stay in L1;
+ *   plain_rows_2xM two weight rows against all M input rows (2 + M loads per 2M FMAs), each weight row read in
+ *                  order; the M rows must stay in L1 (plain_row_M, one weight row, for an odd last one);
  *   plain_dots_4x4 4 weight rows against 4 input rows (8 loads per 16 FMAs) when they do not: fewer input loads,
  *                  but 4 interleaved weight streams, which the prefetchers serve worse (2 rows: 1.6x the time of
  *                  plain_row). */
@@ -141,6 +141,48 @@ PLAIN_ROW(5)
 PLAIN_ROW(6)
 PLAIN_ROW(7)
 PLAIN_ROW(8)
+
+/* Two weight rows at a time against M input rows: y[m O] and y[m O + 1] = w_0 . x_m and w_1 . x_m (w: the two rows,
+ * stride I), each input vector loaded once for both rows and the 2M sums reduced together (sum16), the rows' weight
+ * fetched 6 KiB ahead (prefetch_stream). Against plain_row_M one weight row at a time, whose accumulator array GCC
+ * kept in memory (a store per FMA) and which fetched 2 KiB ahead: 1796x512 with the weight in L2, 2 threads, 8 / 4 /
+ * 2 rows 96 -> 54 / 53 -> 36 / 33 -> 28 us; a batched decode step of the bench model (8 sequences, weights streamed
+ * from memory, alternating rounds in one process) 6.10 -> 5.31 ms (median of 6). The same tile with an accumulator
+ * array and the 2 KiB distance had measured no faster than plain_row_8 in that step. */
+/* one input row m of plain_rows_2x: its vector at i, times both weight rows (named accumulators: GCC kept an array of
+ * them in memory, a store per FMA) */
+#define ROWS_2X_STEP(m)                                                                                               \
+    if ((m) < rows) {                                                                                                 \
+        const __m512 xm = _mm512_maskz_loadu_ps(k, x + (m) * I + i);                                                  \
+        a##m##0 = _mm512_fmadd_ps(w0, xm, a##m##0);                                                                   \
+        a##m##1 = _mm512_fmadd_ps(w1, xm, a##m##1);                                                                   \
+    }
+#define PLAIN_ROWS_2X(MT)                                                                                             \
+    static void plain_rows_2x##MT(long I, long O, const float *w, const float *x, float *y) {                        \
+        const int rows = (MT);                                                                                        \
+        const __m512 z = _mm512_setzero_ps();                                                                         \
+        __m512 a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;                                \
+        __m512 a40 = z, a41 = z, a50 = z, a51 = z, a60 = z, a61 = z, a70 = z, a71 = z;                                \
+        for (long i = 0; i < I; i += 16) {                                                                            \
+            const __mmask16 k = I - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (I - i)) - 1u);                  \
+            const __m512 w0 = _mm512_maskz_loadu_ps(k, w + i), w1 = _mm512_maskz_loadu_ps(k, w + I + i);              \
+            prefetch_stream(w + i);                                                                                   \
+            prefetch_stream(w + I + i);                                                                               \
+            ROWS_2X_STEP(0) ROWS_2X_STEP(1) ROWS_2X_STEP(2) ROWS_2X_STEP(3)                                           \
+            ROWS_2X_STEP(4) ROWS_2X_STEP(5) ROWS_2X_STEP(6) ROWS_2X_STEP(7)                                           \
+        }                                                                                                             \
+        const __m512 sums[16] = {a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71};     \
+        float out[16];                                                                                                \
+        _mm512_storeu_ps(out, sum16(sums)); /* lane 4r + q: the sum of sums[4q + r] */                               \
+        for (int a = 0; a < 2 * (MT); a++) y[(a >> 1) * O + (a & 1)] = out[4 * (a & 3) + (a >> 2)];                  \
+    }
+PLAIN_ROWS_2X(2)
+PLAIN_ROWS_2X(3)
+PLAIN_ROWS_2X(4)
+PLAIN_ROWS_2X(5)
+PLAIN_ROWS_2X(6)
+PLAIN_ROWS_2X(7)
+PLAIN_ROWS_2X(8)
 
 /* out[sum16 lane of 4m + r] = w_r . x_m for 4 weight rows (w, row stride I) and 4 input rows */
 static void plain_dots_4x4(long I, const float *w, const float *const x[4], float out[16]) {
@@ -168,7 +210,12 @@ static void plain_rows_f32(long O, long I, const float *w, long M, const float *
     if (M * I <= PLAIN_ROW_L1_FLOATS) {
         void (*const row[9])(long, long, const float *, const float *, float *) = {
             NULL, NULL, plain_row_2, plain_row_3, plain_row_4, plain_row_5, plain_row_6, plain_row_7, plain_row_8};
-        for (long r = 0; r < O; r++) row[M](I, O, w + r * I, x, y + r);
+        void (*const pair[9])(long, long, const float *, const float *, float *) = {
+            NULL, NULL, plain_rows_2x2, plain_rows_2x3, plain_rows_2x4, plain_rows_2x5, plain_rows_2x6, plain_rows_2x7,
+            plain_rows_2x8};
+        long r = 0;
+        for (; r + 2 <= O; r += 2) pair[M](I, O, w + r * I, x, y + r);
+        for (; r < O; r++) row[M](I, O, w + r * I, x, y + r);
         return;
     }
     long r = 0;

@@ -59,6 +59,58 @@ static float plain_row_one(long I, const float *w, const float *x) {
 }
 #endif
 
+#if defined(__AVX512F__)
+/* the 64 outputs of one AB16b64a2b block row += its weight pairs p0 .. p1 times x's pairs (x [2 p1] at least), as fused
+ * multiply-adds into named accumulators (accumulate_pairs' array stayed in memory: a load and a store per step), the
+ * weight stream fetched ahead (prefetch_stream). A bf16 decode step of the bench model (alternating rounds in one
+ * process, median of 6): 1.38 -> 1.25 ms. */
+static inline void pair_block_steps(const uint32_t *blk, long p0, long p1, const float *x, long I, __m512 *a0,
+                                    __m512 *a1, __m512 *a2, __m512 *a3) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 s0 = *a0, s1 = *a1, s2 = *a2, s3 = *a3;
+    for (long p = p0; p < p1; p++) {
+        const uint32_t *row = blk + p * 64;
+        for (int k = 0; k < 64; k += 16) prefetch_stream(row + k);
+        const __m512 x0 = _mm512_set1_ps(x[2 * p]), x1 = _mm512_set1_ps(2 * p + 1 < I ? x[2 * p + 1] : 0.0f);
+        const __m512i w0 = _mm512_loadu_si512(row), w1 = _mm512_loadu_si512(row + 16);
+        const __m512i w2 = _mm512_loadu_si512(row + 32), w3 = _mm512_loadu_si512(row + 48);
+        s0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), x0, s0);
+        s1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), x0, s1);
+        s2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w2, 16)), x0, s2);
+        s3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w3, 16)), x0, s3);
+        s0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w0, high)), x1, s0);
+        s1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w1, high)), x1, s1);
+        s2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w2, high)), x1, s2);
+        s3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w3, high)), x1, s3);
+    }
+    *a0 = s0, *a1 = s1, *a2 = s2, *a3 = s3;
+}
+
+/* product_f32 on AB16b64a2b blocks (one input row): each block row of 64 outputs in four vector accumulators, its
+ * weight stream fetched ahead (prefetch_stream); the partial last block's padding past I is never read */
+static void pair_blocks_one(long O, long I, const uint32_t *w, const float *x, float *y) {
+    const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32;
+    for (long ob = 0; ob < nOB; ob++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const uint32_t *blocks = w + ob * nIB * 1024;
+        for (long ib = 0; ib < full; ib++) {
+            const uint32_t *blk = blocks + ib * 1024;
+            pair_block_steps(blk, 0, 16, x + ib * 32, 32, &a0, &a1, &a2, &a3);
+        }
+        if (I > full * 32) /* the partial block: its pairs within I */
+            pair_block_steps(blocks + full * 1024, 0, (I - full * 32 + 1) / 2, x + full * 32, I - full * 32, &a0, &a1,
+                             &a2, &a3);
+        float acc[64];
+        _mm512_storeu_ps(acc, a0);
+        _mm512_storeu_ps(acc + 16, a1);
+        _mm512_storeu_ps(acc + 32, a2);
+        _mm512_storeu_ps(acc + 48, a3);
+        const long n = O - ob * 64 < 64 ? O - ob * 64 : 64;
+        memcpy(y + ob * 64, acc, sizeof(float) * (size_t)n);
+    }
+}
+#endif
+
 /* y[O] = W x in fp32 for one input row x [I] (fp32), W as ``torch.ops.mkldnn._reorder_linear_weight`` stores it.
  * layout 0: plain row-major [O, I] in the model dtype (what oneDNN keeps for fp32 here); layout 1: bf16 "AB16b64a2b"
  * ([O/64][I/32] blocks of [16][64][2]: 64 outputs by 32 inputs, input pairs adjacent, padded to whole blocks).
@@ -75,6 +127,10 @@ int product_f32(int layout, int bf16, long O, long I, const void *w, const float
         for (long r = 0; r < O; r++) y[r] = plain_dot(bf16, I, (const char *)w + (size_t)(r * I) * (bf16 ? 2 : 4), x);
         return 0;
     }
+#if defined(__AVX512F__)
+    pair_blocks_one(O, I, (const uint32_t *)w, x, y);
+    return 0;
+#endif
     const long nOB = (O + 63) / 64, nIB = (I + 31) / 32, full = I / 32, tail = I % 32;
     const uint32_t *pairs = (const uint32_t *)w; /* one uint32 = the bf16 weights of inputs 2p and 2p + 1 */
     for (long ob = 0; ob < nOB; ob++) {

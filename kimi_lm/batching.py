@@ -1,4 +1,5 @@
-"""One decode step for many independent sequences: B batch-1 caches of different lengths -> one [B, 1] forward.
+"""One decode step for many independent sequences: B batch-1 caches of different lengths -> one [B, 1] forward; and a
+packed prefill of several sequences' chunks in one forward (:func:`prefill_packed`).
 
 Continuous batching (the server's scheduler) keeps one :class:`~kimi_lm.cache.ModelCache` per request, so requests
 can join and leave between steps and keep their own prefix-cache state. To decode them together, a step builds a
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_lm.cache import KDACache, ModelCache
+from kimi_lm.cache import KDACache, ModelCache, PackedLayerCache
 
 
 class BatchedKDACache:
@@ -105,4 +106,41 @@ def decode_step(model, caches: list[ModelCache], tokens: list[int]) -> torch.Ten
     batched = BatchedModelCache(caches)
     logits = model(ids, cache=batched)[:, -1].float()
     batched.scatter()
+    return logits
+
+
+class PackedModelCache(ModelCache):
+    """A :class:`ModelCache` over B batch-1 caches whose next tokens lie side by side in one row (a packed prefill):
+    each layer a :class:`~kimi_lm.cache.PackedLayerCache`."""
+
+    def __init__(self, rows: list[ModelCache], lengths: list[int]):
+        super().__init__([PackedLayerCache([r[i] for r in rows], lengths) for i in range(len(rows[0]))], 1)
+
+
+@torch.no_grad()
+def prefill_packed(model, caches: list[ModelCache], chunks: list[list[int]]) -> torch.Tensor:
+    """Feed ``chunks[b]`` to sequence ``caches[b]`` for every b in one forward; returns the logits of each chunk's last
+    token, [B, V] fp32.
+
+    The chunks lie side by side in one row of Σ len tokens: the per-token parts of every layer (products, MoE, norms)
+    run once over all of them, reading each weight once rather than once per prompt, while each sequence mixer (KDA,
+    MLA) runs every sequence's conv, recurrence and attention with that sequence's own cache
+    (``cache.PackedLayerCache``), so nothing attends across sequences. Each cache advances as ``generate.forward_chunk(model, caches[b], chunks[b])`` would (up to the
+    rounding of products over more rows). Several short prompts that arrive together (a burst of chat requests) are
+    prefilled in about the time of their total length rather than once per prompt: 8 prompts of 22 tokens on the
+    bench model (fp32, CPU backend, 2 threads) 80 ms one by one, 35 ms in one forward (one prompt of 176 tokens: 37).
+    The CPU backend's KDA and every MLA run their products over all tokens at once too; the plain KDA layer runs
+    each sequence's tokens as a forward of their own (``cache.per_sequence``).
+    """
+    device = model.device
+    lengths = [len(c) for c in chunks]
+    if min(lengths, default=0) < 1:
+        raise ValueError("prefill_packed: every chunk needs at least one token")
+    ids = torch.tensor([[t for chunk in chunks for t in chunk]], device=device)
+    positions = torch.cat([c.positions(n, device) for c, n in zip(caches, lengths)], dim=1)  # [1, Σ len]
+    h = model.decoder_stack(model.model.embed_tokens(ids), PackedModelCache(caches, lengths), positions)
+    last = torch.tensor(lengths).cumsum(0) - 1
+    logits = model.lm_head(model.model.norm(h[:, last.to(device)]))[0].float()  # [B, V]
+    for cache, n in zip(caches, lengths):
+        cache.offset += n
     return logits

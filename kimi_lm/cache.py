@@ -16,6 +16,8 @@ memory estimator predicts.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _GROW_STEP = 256  # smallest MLA buffer allocation, in tokens; it doubles when full
@@ -86,6 +88,40 @@ class ModelCache:
 
     def __getitem__(self, i: int):
         return self.layers[i]
+
+
+class PackedLayerCache:
+    """One layer's caches of several sequences whose next tokens lie side by side in one row: a packed prefill
+    (``kimi_lm.batching.prefill_packed``), sequence b's tokens at ``bounds[b]`` = [start, end) of [1, Σ lengths].
+    A sequence mixer takes it through :func:`per_sequence`; every other part of a layer is per token and never sees
+    it."""
+
+    def __init__(self, caches: list, lengths: list[int]):
+        self.caches = caches
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        self.bounds = [(end - n, end) for end, n in zip(ends, lengths)]
+
+
+def per_sequence(forward):
+    """Decorator for a sequence mixer's ``forward(x, cache, *args)`` (KDA, MLA): given a :class:`PackedLayerCache`, it
+    runs each sequence's tokens x[:, start:end] through ``forward`` with that sequence's own cache (and its slice of a
+    [B or 1, T] positions argument) and returns the outputs side by side; anything else goes straight through. The
+    tokens of different sequences never mix: each sees its own history, as if prefilled alone."""
+
+    @functools.wraps(forward)
+    def run(self, x: torch.Tensor, cache=None, *args, **kwargs):
+        if not isinstance(cache, PackedLayerCache):
+            return forward(self, x, cache, *args, **kwargs)
+        T = x.shape[1]
+
+        def cut(a, s0, s1):  # a positions tensor [B or 1, T]: this sequence's slice
+            return a[:, s0:s1] if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[1] == T else a
+
+        return torch.cat([forward(self, x[:, s0:s1], c, *(cut(a, s0, s1) for a in args),
+                                  **{k: cut(v, s0, s1) for k, v in kwargs.items()})
+                          for c, (s0, s1) in zip(cache.caches, cache.bounds)], dim=1)
+
+    return run
 
 
 def check_forward_inputs(input_ids: torch.Tensor, cache: ModelCache | None, logits_to_keep: int | None) -> None:

@@ -1,10 +1,11 @@
-"""A batched decode step over caches of different lengths equals each sequence decoded alone (kimi_lm.batching)."""
+"""A batched decode step over caches of different lengths equals each sequence decoded alone, and a packed prefill
+(several sequences' chunks side by side in one forward) equals each chunk prefilled alone (kimi_lm.batching)."""
 
 import pytest
 import torch
 
 from kimi_lm import cpu
-from kimi_lm.batching import decode_step
+from kimi_lm.batching import decode_step, prefill_packed
 from kimi_lm.config import preset
 from kimi_lm.model.kimi_k2 import KimiK2ForCausalLM
 from kimi_lm.model.kimi_linear import KimiLinearForCausalLM
@@ -74,6 +75,68 @@ def test_rows_of_different_lengths_stay_independent(model):
         ref = model(torch.tensor([[7]]), cache=ref_cache)[0, -1]
     torch.testing.assert_close(logits[0], ref, rtol=0, atol=1e-5)
     assert (logits[0] - logits[1]).abs().max() > 1e-3  # the rows really are different sequences
+
+
+def _assert_caches_close(got, want):
+    for g, w in zip(got, want):
+        assert g.offset == w.offset
+        for lg, lw in zip(g.layers, w.layers):
+            if hasattr(lg, "state"):
+                torch.testing.assert_close(lg.state, lw.state, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(lg.conv_state, lw.conv_state, rtol=1e-4, atol=1e-4)
+            else:
+                assert lg.length == lw.length
+                torch.testing.assert_close(lg.buffer[:, : lg.length], lw.buffer[:, : lw.length], rtol=1e-4, atol=1e-4)
+
+
+def _packed_equals_alone(model, max_kv_size=None, vocab=200):
+    """Two rounds of packed chunks (a chunked prefill; one-token chunks among them) against the same chunks fed to
+    each cache alone, then a decode step of all of them."""
+    torch.manual_seed(2)
+    rounds = [[torch.randint(0, vocab, (n,)).tolist() for n in lengths] for lengths in ((3, 11, 1, 7), (2, 1, 5, 4))]
+    packed = [make_cache(model, 1, max_kv_size) for _ in rounds[0]]
+    alone = [make_cache(model, 1, max_kv_size) for _ in rounds[0]]
+    for chunks in rounds:
+        got = prefill_packed(model, packed, chunks)
+        with torch.no_grad():
+            want = torch.stack([model(torch.tensor([c]), cache=a)[0, -1] for a, c in zip(alone, chunks)])
+        assert got.shape == want.shape and got.dtype == torch.float32
+        # the rounding of products over more rows (a mix-up of sequences would differ by O(1)), relative to the logits
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5 * scale)
+        _assert_caches_close(packed, alone)
+    tokens = [int(t) for t in got.argmax(-1)]
+    # the states carry the packed products' rounding (as test_batched_steps_equal_single_sequence_steps' later steps)
+    torch.testing.assert_close(decode_step(model, packed, tokens), decode_step(model, alone, tokens), rtol=0,
+                               atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("max_kv_size", [None, 6])
+def test_packed_prefill_equals_each_chunk_prefilled_alone(model, max_kv_size):
+    """Several sequences' chunks in one forward: each chunk's last logits and each cache (KDA state and conv tail,
+    MLA latents, offsets; rotary positions per sequence for K2; a sliding window) as if prefilled alone, and the
+    decoding after it; nothing attends across sequences."""
+    _packed_equals_alone(model, max_kv_size)
+
+
+def test_packed_prefill_of_k3_and_block_attnres_models():
+    """Kimi K3's mixers (lower-bounded decay, output gates) and Block AttnRes (depth attention between sublayers: per
+    token, so packing leaves it alone) take a packed prefill too."""
+    import dataclasses
+
+    from k3_checkpoints import random_model, tiny_config
+
+    _packed_equals_alone(random_model(tiny_config()))
+    torch.manual_seed(0)
+    attn_res = KimiLinearForCausalLM(dataclasses.replace(preset("tiny"), attn_res_block_size=2)).eval()
+    _packed_equals_alone(attn_res)
+
+
+def test_packed_prefill_refuses_an_empty_chunk(model):
+    caches = [make_cache(model, 1) for _ in range(2)]
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill_packed(model, caches, [[1, 2], []])
+    assert [c.offset for c in caches] == [0, 0]
 
 
 def test_k2_sliding_window_keeps_absolute_positions():

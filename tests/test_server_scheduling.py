@@ -133,6 +133,44 @@ def test_engine_stop_mid_prefill_answers_503_and_returns_at_once(bundled, long_i
         engine.pool.entries.clear()
 
 
+def test_a_burst_of_short_prompts_is_prefilled_in_one_forward_and_decodes_as_alone(bundled, monkeypatch):
+    """Requests waiting together share one prefill chunk (batching.prefill_packed: the first request's tokens, then
+    the next ones' while the chunk's budget lasts), start decoding together, and each generates what it generates
+    alone; a prompt longer than what is left of the budget is cut there and finishes in a later chunk."""
+    from kimi_lm.batching import prefill_packed
+    from kimi_lm.generate import stream_generate
+    from kimi_lm.sample import Sampler, SamplingParams
+    from kimi_lm.server import engine as engine_module
+    from kimi_lm.server.engine import Sequence
+
+    model, tok = bundled
+    prompts = [tok.encode(f"burst {i}: " + "word " * (3 + 5 * i)) for i in range(5)]
+    budget = sum(len(p) for p in prompts[:4]) + 2  # the fifth prompt is cut after 2 tokens
+    packed = []
+    monkeypatch.setattr(engine_module, "prefill_packed",
+                        lambda m, caches, chunks: packed.append([len(c) for c in chunks]) or prefill_packed(m, caches,
+                                                                                                            chunks))
+    engine = Engine(model, tok, max_batch_size=8, prefill_step_size=budget, prompt_cache_bytes=0)
+    engine.close()  # no scheduler thread: the test runs its iterations itself
+    outputs = {i: [] for i in range(len(prompts))}
+    seqs = [Sequence(p, Sampler(SamplingParams(temperature=0)), 6,
+                     lambda ev, i=i: ev.token >= 0 and outputs[i].append(ev.token)) for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine._start(seq)
+    engine._prefill_chunk()
+    assert packed == [[len(p) for p in prompts[:4]] + [2]]
+    assert [s.prefilled for s in seqs] == [len(p) for p in prompts[:4]] + [2]
+    assert engine.prefilling == [seqs[4]] and len(engine.active) == 4
+    while engine.prefilling or engine.active:
+        if engine.prefilling:
+            engine._prefill_chunk()
+        if engine.active:
+            engine._step()
+    for i, p in enumerate(prompts):
+        alone = [r.token for r in stream_generate(model, tok, p, max_tokens=6, temperature=0)]
+        assert outputs[i] == alone, i
+
+
 def test_pool_is_sized_from_the_model(bundled):
     model, tok = bundled
     size = pool_bytes_for(model, 32)

@@ -11,7 +11,9 @@ gate products f_b and g_b are read in place by the decode kernel either way (``p
   the output gate's g_b product and the gated norm: ~40 fewer tensor ops per token than the PyTorch step.
 * Prefill: three calls: conv/norms/gates for all tokens (``kda_prefill_inputs``), the recurrence as a scan with a
   [K, 64] slice of the state in L1 for all T tokens (``kda_scan``: ≈ 3 ms per layer at T = 1024, 4 heads of 128, on 2
-  cores, against 15–18 ms for the chunked PyTorch form, which stays for training), and the gated norm.
+  cores, against 15–18 ms for the chunked PyTorch form, which stays for training), and the gated norm. A packed
+  prefill (several sequences' tokens in one row, ``PackedLayerCache``) runs its products over all of them at once and
+  the conv and scan per sequence, each with its own cache.
 
 Reference: spec ``shared/specs/kimi_linear.md`` §5; fla ``ops/kda`` (naive recurrence, fused gated norm).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import KDACache
+from kimi_lm.cache import KDACache, PackedLayerCache
 from kimi_lm.cpu import native
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import FusedProducts, fusable, reader
@@ -77,14 +79,18 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
         self.register_buffer("norm_weight", self.o_norm.weight.detach().float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KDACache | None = None, positions=None) -> torch.Tensor:
-        """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` if given (as the plain layer)."""
+        """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` if given (as the plain layer), or each sequence's
+        cache of a packed prefill (``PackedLayerCache``)."""
         x = x.contiguous()
         rows = getattr(cache, "rows", None)  # a batched step's per-sequence caches (kimi_lm.batching)
         if rows is not None and x.shape[1] == 1 and all(native.supports(r.conv_state, r.state) for r in rows):
             return self._decode(x, cache, [r.conv_state for r in rows], [r.state for r in rows])
-        if cache is not None and not native.supports(cache.conv_state, cache.state):
+        caches = cache.caches if isinstance(cache, PackedLayerCache) else [cache]
+        if any(c is not None and not native.supports(c.conv_state, c.state) for c in caches):
             raise ValueError("a KDA cache for the CPU kernels must be contiguous CPU tensors of the model's dtype "
                              "(conv) and fp32 (state); make it with model.make_cache")
+        if isinstance(cache, PackedLayerCache):
+            return self._prefill(x, None, cache)
         if cache is not None and x.shape[1] == 1:
             return self._decode(x, cache)
         return self._prefill(x, cache)
@@ -100,18 +106,24 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
                               self.o_norm.eps, L2_EPS)  # [B, D]
         return self.o_proj(o.unsqueeze(1))
 
-    def _prefill(self, x: torch.Tensor, cache: KDACache | None) -> torch.Tensor:
-        """T tokens: x [B, T, hidden] -> [B, T, hidden]."""
+    def _prefill(self, x: torch.Tensor, cache: KDACache | None, packed: PackedLayerCache | None = None
+                 ) -> torch.Tensor:
+        """T tokens: x [B, T, hidden] -> [B, T, hidden]. ``packed``: a packed prefill's [1, T] row of several
+        sequences: the products run over all T tokens at once, the conv and the scan per sequence with its cache."""
         B, T, _ = x.shape
         H, K = self.num_heads, self.head_dim
         D = H * K
         proj = self.in_proj(x)  # [B, T, 3D + 2K + H]: q | k | v | f_a | g_a | b
         f_a, g_a = proj[..., 3 * D : 3 * D + K], proj[..., 3 * D + K : 3 * D + 2 * K]
-        q, k, v, decay, beta = native.kda_prefill_inputs(proj, None if cache is None else cache.conv_state,
-                                                         self.f_b_proj(f_a.contiguous()).contiguous(), self.taps, self.neg_A, self.dt_bias_fp32,
-                                                         L2_EPS)
-        state = x.new_zeros(B, H, K, K, dtype=torch.float32) if cache is None else cache.state
-        o = native.kda_scan(q, k, v, decay, beta, state)  # [B, T, H, K] fp32, state advanced in place
-        return self.o_proj(native.gated_rms_norm(o, self.g_b_proj(g_a.contiguous()).contiguous(), self.norm_weight, self.o_norm.eps))
-
-
+        f_b = self.f_b_proj(f_a.contiguous()).contiguous()
+        pieces = [(cache, 0, T)] if packed is None else [(c, s0, s1) for c, (s0, s1) in zip(packed.caches, packed.bounds)]
+        outs = []
+        for c, s0, s1 in pieces:  # a [1, T] row's slice along T stays contiguous
+            q, k, v, decay, beta = native.kda_prefill_inputs(proj[:, s0:s1], None if c is None else c.conv_state,
+                                                             f_b[:, s0:s1], self.taps, self.neg_A, self.dt_bias_fp32,
+                                                             L2_EPS)
+            state = x.new_zeros(B, H, K, K, dtype=torch.float32) if c is None else c.state
+            outs.append(native.kda_scan(q, k, v, decay, beta, state))  # [B, T_c, H, K] fp32, state advanced in place
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.o_proj(native.gated_rms_norm(o, self.g_b_proj(g_a.contiguous()).contiguous(), self.norm_weight,
+                                                 self.o_norm.eps))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.cache import KDACache
+from kimi_lm.cache import KDACache, per_sequence
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.layers import GatedRMSNorm
 from kimi_lm.ops.kda import kda_forward, kda_gate, l2_normalize
@@ -81,6 +81,7 @@ class KimiDeltaAttention(nn.Module):
             y.addcmul_(window[:, i : i + T], taps[i])
         return F.silu(y)
 
+    @per_sequence
     def forward(self, x: torch.Tensor, cache: KDACache | None = None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]; advances ``cache`` (conv tail and recurrent state) if given."""
         B, T, _ = x.shape

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.cache import MLACache
+from kimi_lm.cache import MLACache, PackedLayerCache
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.layers import RMSNorm
 from kimi_lm.model.rope import RotaryEmbedding
@@ -93,25 +93,36 @@ class MultiheadLatentAttention(nn.Module):
                 ) -> torch.Tensor:
         """x [B, T, hidden] at absolute ``positions`` [B or 1, T] -> [B, T, hidden]. With a cache, the T new tokens
         attend to all cached ones too. ``positions`` default to the tokens following the cached ones (the model passes
-        them explicitly: a sliding window stops its cache's length at the window, not the position)."""
+        them explicitly: a sliding window stops its cache's length at the window, not the position). A packed
+        prefill's cache (``PackedLayerCache``: several sequences side by side in a [1, T] row): the products run over
+        all T tokens, the attention per sequence over its own cache."""
         B, T, _ = x.shape
-        past = 0 if cache is None else cache.length
-        if positions is None:
-            positions = torch.arange(past, past + T, device=x.device)[None]
+        packed = cache if isinstance(cache, PackedLayerCache) else None
+        pieces = [(cache, 0, T)] if packed is None else [(c, s0, s1) for c, (s0, s1) in zip(packed.caches, packed.bounds)]
+        if positions is None:  # each sequence's tokens follow its cached ones
+            positions = torch.cat([torch.arange(0 if c is None else c.length, (0 if c is None else c.length) + s1 - s0,
+                                                device=x.device) for c, s0, s1 in pieces])[None]
         q_in, kv_in = self.project(x)
         q = self._queries(q_in, positions)
         latent = self.latent(kv_in, positions)
+        o = [self._attend(q[:, s0:s1], latent[:, s0:s1], c) for c, s0, s1 in pieces]
+        o = o[0] if packed is None else torch.cat(o, dim=1)
+        return self.o_proj(self.output_gate(x, o.reshape(B, T, self.num_heads * self.v_dim)))
+
+    def _attend(self, q: torch.Tensor, latent: torch.Tensor, cache) -> torch.Tensor:
+        """q [B, T, H, 192] and the new tokens' latents [B, T, 576] -> o [B, T, H, v], attending over ``cache``'s
+        tokens too (and appending these)."""
+        T = q.shape[1]
+        past = 0 if cache is None else cache.length
         if cache is not None:
             latent = cache.append(latent)  # [B, past + T, 576]
         if isinstance(latent, list):
             # sequences of different lengths decoded together (kimi_lm.batching): each row attends over its own
             # history [S_b, 576], so nothing is padded or copied
-            o = self.attend_absorbed(q, latent)
-        elif cache is not None and T <= ABSORB_MAX_QUERY:
-            o = self.attend_absorbed(q, self.decode_history(cache, latent), past)
-        else:
-            o = self.attend_naive(q, latent, past)
-        return self.o_proj(self.output_gate(x, o.reshape(B, T, self.num_heads * self.v_dim)))
+            return self.attend_absorbed(q, latent)
+        if cache is not None and T <= ABSORB_MAX_QUERY:
+            return self.attend_absorbed(q, self.decode_history(cache, latent), past)
+        return self.attend_naive(q, latent, past)
 
     def output_gate(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The heads' output o [B, T, H·v] before o_proj, given the layer input x: unchanged here; Kimi K3's variant

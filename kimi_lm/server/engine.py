@@ -8,12 +8,14 @@ Continuous batching with chunked prefill (iteration-level scheduling, as Orca / 
 Each iteration of the scheduler loop:
 
 1. admits waiting requests (up to ``max_batch_size`` admitted) and drops cancelled ones, prefilling or decoding;
-2. runs *one* prefill chunk of one prefilling request, taking them in turn, so a 100k-token prompt is spread over
-   many iterations instead of one forward that stalls everyone (vLLM's chunked prefill, with a budget of one chunk
-   per iteration; our requests keep separate caches, so the chunk and the decode step are two forwards rather than
-   one fused batch). The chunk is ``prefill_step_size`` tokens when nothing decodes, and at most
-   ``decode_chunk_size`` (256) while something does: each decode step waits for one chunk, and on the bundled
-   model a 2048-token chunk takes ~1 s of CPU, a 256-token one ~0.15 s, for ~25 % less prefill throughput;
+2. runs *one* prefill chunk, taking the prefilling requests in turn, so a 100k-token prompt is spread over many
+   iterations instead of one forward that stalls everyone (vLLM's chunked prefill, with a budget of one chunk per
+   iteration; our requests keep separate caches, so the chunk and the decode step are two forwards rather than one
+   fused batch). The chunk is ``prefill_step_size`` tokens when nothing decodes, and at most ``decode_chunk_size``
+   (256) while something does: each decode step waits for one chunk, and on the bundled model a 2048-token chunk
+   takes ~1 s of CPU, a 256-token one ~0.15 s, for ~25 % less prefill throughput. Short prompts share a chunk: the
+   first request's next tokens, then the next requests' while the budget lasts, in one packed forward
+   (:func:`kimi_lm.batching.prefill_packed`), so a burst of chat requests starts decoding together;
 3. feeds every decoding sequence's last token through one batched forward (:func:`kimi_lm.batching.decode_step`)
    and lets each sequence's :class:`~kimi_lm.generate.Decoder` sample, detokenise and stop, exactly as
    ``stream_generate`` does, so greedy output is the single-request output.
@@ -44,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from kimi_lm.batching import decode_step
+from kimi_lm.batching import decode_step, prefill_packed
 from kimi_lm.cpu import native
 from kimi_lm.generate import DEFAULT_PREFILL_STEP, Decoder, forward_chunk
 from kimi_lm.prompt_cache import MAX_SNAPSHOTS, PromptCache
@@ -274,24 +276,39 @@ class Engine:
             self._begin_decoding(seq)
 
     def _prefill_chunk(self) -> None:
-        """One chunk of the first prefilling request, which then goes to the back of the turn order."""
-        seq, rest = self.prefilling[0], self.prefilling[1:]
-        size = self.decode_chunk_size if self.active else self.prefill_step_size
-        chunk = seq.ids[seq.prefilled : seq.prefilled + size]
+        """One chunk of prefill: the next chunk of the first prefilling request, and, within the same budget of tokens,
+        the next chunks of the requests after it in turn order, all in one forward (``batching.prefill_packed``: a
+        burst of short prompts is prefilled in about the time of their total length). The requests it took go to
+        the back of the turn order, or start decoding when their prompt is done."""
+        budget = self.decode_chunk_size if self.active else self.prefill_step_size
+        taken, chunks = [], []
+        for seq in self.prefilling:
+            chunk = seq.ids[seq.prefilled : seq.prefilled + budget]
+            taken.append(seq)
+            chunks.append(chunk)
+            budget -= len(chunk)
+            if budget <= 0:
+                break
+        rest = self.prefilling[len(taken):]
         try:
-            seq.pc.advance(chunk, forward_chunk(self.model, seq.pc.cache, chunk))
-            seq.prefilled += len(chunk)
+            if len(taken) == 1:
+                logits = [forward_chunk(self.model, taken[0].pc.cache, chunks[0])]
+            else:
+                logits = prefill_packed(self.model, [seq.pc.cache for seq in taken], chunks)
+            for seq, chunk, row in zip(taken, chunks, logits):
+                seq.pc.advance(chunk, row)
+                seq.prefilled += len(chunk)
         except Exception as exc:
             self._log_failure("prefill failed")
             self.prefilling = rest
-            self._fail(seq, exc)
+            self._fail_all(taken, exc)
             return
-        if seq.prefilled < len(seq.ids):
-            self.prefilling = rest + [seq]
-            return
-        self.prefilling = rest
-        seq.pc.snapshot()  # the request's next turn can resume exactly from the end of this prompt
-        self._begin_decoding(seq)
+        unfinished = [seq for seq in taken if seq.prefilled < len(seq.ids)]
+        self.prefilling = rest + unfinished
+        for seq in taken:
+            if seq.prefilled == len(seq.ids):
+                seq.pc.snapshot()  # the request's next turn can resume exactly from the end of this prompt
+                self._begin_decoding(seq)
 
     def _begin_decoding(self, seq: Sequence) -> None:
         if self._accept([seq], [seq.pc.logits])[0]:

@@ -44,8 +44,10 @@ typedef struct {
     float *p;               /* [B, Hq, S_max] scores, then probabilities (padding rows zero) */
     float *ol;              /* [B, splits, Hq, C] Σ p ĉ over each split's rows */
     long S_max;
+    int failed; /* a phase could not allocate its scratch memory */
 } mla_job;
 
+#if !MLA_AVX512
 /* columns [c0, c1) of y [n_out] = x W for x [n_in] fp32 and W [n_in, n_out] in the model dtype: W's rows scaled and
  * summed (each row's stretch read once, in order), fp32; y holds just those columns (y[0] is column c0) */
 static void vector_matrix(int bf16, long n_in, long n_out, const void *W, const float *x, long c0, long c1, float *y) {
@@ -64,6 +66,7 @@ static void vector_matrix(int bf16, long n_in, long n_out, const void *W, const 
         }
     }
 }
+#endif
 
 /* p[k, s] = round(qf[k] . c_s) scale for history rows [s0, s1) of sequence b and its H queries qf [H, D] (rows up to
  * a multiple of HEAD_BLOCK, the extra ones zero): each row read once for all heads, four heads' dot products at a
@@ -189,6 +192,67 @@ static inline void split_rows(const mla_job *job, long b, long i, long *s0, long
     *s1 = S * (i + 1) / job->splits;
 }
 
+#if MLA_AVX512
+/* one tile of Y [B, n_out] = X W (X [B, n_in] fp32, row stride x_stride; W [n_in, n_out] in the model dtype): rows
+ * b0 .. b0 + rows (rows <= 4) and columns c .. c + n (n <= 64), 16 named accumulators (an array of them stayed in
+ * memory), fused multiply-adds in order of d; y row b at y + b y_stride, column c at y[c - y_c0] */
+#define TILE_ROW(r)                                                                                                   \
+    if ((r) < rows) {                                                                                                 \
+        const __m512 xb = _mm512_set1_ps(x[(b0 + (r)) * x_stride + d]);                                               \
+        a##r##0 = _mm512_fmadd_ps(w0, xb, a##r##0);                                                                   \
+        a##r##1 = _mm512_fmadd_ps(w1, xb, a##r##1);                                                                   \
+        a##r##2 = _mm512_fmadd_ps(w2, xb, a##r##2);                                                                   \
+        a##r##3 = _mm512_fmadd_ps(w3, xb, a##r##3);                                                                   \
+    }
+#define TILE_STORE(r)                                                                                                 \
+    if ((r) < rows) {                                                                                                 \
+        float *yr = y + (b0 + (r)) * y_stride + (c - y_c0);                                                           \
+        _mm512_mask_storeu_ps(yr, k[0], a##r##0);                                                                     \
+        _mm512_mask_storeu_ps(yr + 16, k[1], a##r##1);                                                                \
+        _mm512_mask_storeu_ps(yr + 32, k[2], a##r##2);                                                                \
+        _mm512_mask_storeu_ps(yr + 48, k[3], a##r##3);                                                                \
+    }
+static inline __m512 load_weights(int bf16, const void *W, long at, __mmask16 k) {
+    if (bf16) /* bf16 -> fp32: the 16 bits as the high half */
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, (const uint16_t *)W + at)), 16));
+    return _mm512_maskz_loadu_ps(k, (const float *)W + at);
+}
+static void matrix_tile(int bf16, long n_in, long n_out, const void *W, long c, long n, long b0, long rows,
+                        const float *x, long x_stride, float *y, long y_stride, long y_c0) {
+    const __m512 z = _mm512_setzero_ps();
+    __m512 a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+    __m512 a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
+    __mmask16 k[4];
+    for (int v = 0; v < 4; v++) {
+        const long left = n - 16 * v;
+        k[v] = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+    }
+    for (long d = 0; d < n_in; d++) {
+        const long at = d * n_out + c;
+        const __m512 w0 = load_weights(bf16, W, at, k[0]), w1 = load_weights(bf16, W, at + 16, k[1]);
+        const __m512 w2 = load_weights(bf16, W, at + 32, k[2]), w3 = load_weights(bf16, W, at + 48, k[3]);
+        TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3)
+    }
+    TILE_STORE(0) TILE_STORE(1) TILE_STORE(2) TILE_STORE(3)
+}
+#endif
+
+/* Y [B, c1 - c0] = columns [c0, c1) of X W for the B rows of X [B, n_in] fp32 (row stride x_stride) and W [n_in,
+ * n_out] in the model dtype, each row's sums in order of d: the per-head products of all sequences at once (W's
+ * columns read from memory once for all rows) */
+static void rows_matrix(int bf16, long n_in, long n_out, const void *W, long B, const float *x, long x_stride,
+                        long c0, long c1, float *y) {
+#if MLA_AVX512
+    for (long b0 = 0; b0 < B; b0 += 4)
+        for (long c = c0; c < c1; c += 64)
+            matrix_tile(bf16, n_in, n_out, W, c, c1 - c < 64 ? c1 - c : 64, b0, B - b0 < 4 ? B - b0 : 4, x, x_stride, y,
+                        c1 - c0, c0);
+#else
+    for (long b = 0; b < B; b++) vector_matrix(bf16, n_in, n_out, W, x + b * x_stride, c0, c1, y + b * (c1 - c0));
+#endif
+}
+
 #define COLUMN_BLOCK 256 /* output columns per work item of the per-head products (64: a one-sequence step 34 -> 42 us) */
 
 /* item = (h, block of COLUMN_BLOCK latent columns): qf[b, h] = [round(W_UK[h]^T q_nope[b, h]) | q_pe[b, h]] for every
@@ -198,18 +262,27 @@ static void phase_queries(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
     const long nope = job->nope, pe = job->pe, C = job->C, D = C + pe, blocks = (C + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
     const long h = item / blocks, c0 = item % blocks * COLUMN_BLOCK, c1 = c0 + COLUMN_BLOCK < C ? c0 + COLUMN_BLOCK : C;
+    const long B = job->B;
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
     const void *w = (const char *)job->w_uk + (size_t)(h * nope * C) * es;
-    float qn[nope], tmp[COLUMN_BLOCK];
-    for (long b = 0; b < job->B; b++) {
-        const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
-        float *qf = job->qf + (b * job->Hq + h) * D;
-        load_row(qn, qh, nope, bf16);
-        if (c0 == 0) load_row(qf + C, qh + (size_t)nope * es, pe, bf16);
-        vector_matrix(bf16, nope, C, w, qn, c0, c1, tmp); /* W_UK[h]^T q, these columns */
-        for (long c = c0; c < c1; c++) qf[c] = as_model_dtype(tmp[c - c0], bf16);
+    float *qn = calloc((size_t)(B * (nope + COLUMN_BLOCK)), sizeof(float));
+    if (!qn) {
+        job->failed = 1;
+        return;
     }
+    float *tmp = qn + B * nope;
+    for (long b = 0; b < B; b++) {
+        const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
+        load_row(qn + b * nope, qh, nope, bf16);
+        if (c0 == 0) load_row(job->qf + (b * job->Hq + h) * D + C, qh + (size_t)nope * es, pe, bf16);
+    }
+    rows_matrix(bf16, nope, C, w, B, qn, nope, c0, c1, tmp); /* W_UK[h]^T q of every sequence, these columns */
+    for (long b = 0; b < B; b++) {
+        float *qf = job->qf + (b * job->Hq + h) * D;
+        for (long c = c0; c < c1; c++) qf[c] = as_model_dtype(tmp[b * (c1 - c0) + c - c0], bf16);
+    }
+    free(qn);
 }
 
 static void phase_scores(const void *ctx, long item) { /* item = (b, split) */
@@ -241,21 +314,30 @@ static void phase_values(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
     const long C = job->C, V = job->V, blocks = (V + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
     const long h = item / blocks, v0 = item % blocks * COLUMN_BLOCK, v1 = v0 + COLUMN_BLOCK < V ? v0 + COLUMN_BLOCK : V;
+    const long B = job->B;
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
     const void *w = (const char *)job->w_uv_t + (size_t)(h * C * V) * es;
-    float o[C], tmp[COLUMN_BLOCK];
-    for (long b = 0; b < job->B; b++) {
-        memset(o, 0, sizeof(float) * (size_t)C);
+    float *o = calloc((size_t)(B * (C + COLUMN_BLOCK)), sizeof(float));
+    if (!o) {
+        job->failed = 1;
+        return;
+    }
+    float *tmp = o + B * C;
+    for (long b = 0; b < B; b++) { /* the splits' sums, rounded */
+        float *ob = o + b * C;
+        memset(ob, 0, sizeof(float) * (size_t)C);
         for (long i = 0; i < job->splits; i++) {
             const float *part = job->ol + ((b * job->splits + i) * job->Hq + h) * C;
 #pragma omp simd
-            for (long c = 0; c < C; c++) o[c] += part[c];
+            for (long c = 0; c < C; c++) ob[c] += part[c];
         }
-        for (long c = 0; c < C; c++) o[c] = as_model_dtype(o[c], bf16);
-        vector_matrix(bf16, C, V, w, o, v0, v1, tmp); /* W_UV[h] o_lat, these columns */
-        store_row((char *)job->out + (size_t)((b * job->H + h) * V + v0) * es, tmp, v1 - v0, bf16);
+        for (long c = 0; c < C; c++) ob[c] = as_model_dtype(ob[c], bf16);
     }
+    rows_matrix(bf16, C, V, w, B, o, C, v0, v1, tmp); /* W_UV[h] o_lat of every sequence, these columns */
+    for (long b = 0; b < B; b++)
+        store_row((char *)job->out + (size_t)((b * job->H + h) * V + v0) * es, tmp + b * (v1 - v0), v1 - v0, bf16);
+    free(o);
 }
 
 /* One absorbed MLA decode token for B sequences (see the top of this file): q [B, H, nope + pe], histories at
@@ -268,7 +350,7 @@ int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, con
                const void *const *histories, const int64_t *lengths, const void *w_uk, const void *w_uv_t, float scale, void *out,
                long splits, int threads) {
     mla_job job = {B, H, nope, pe, C, V, splits < 1 ? 1 : splits, bf16, q, histories, lengths, w_uk, w_uv_t,
-                   scale, out, NULL, 0, NULL, NULL, 0};
+                   scale, out, NULL, 0, NULL, NULL, 0, 0};
     for (long b = 0; b < B; b++) job.S_max = lengths[b] > job.S_max ? lengths[b] : job.S_max;
     const long Hq = (H + HEAD_BLOCK - 1) / HEAD_BLOCK * HEAD_BLOCK; /* each sequence's queries padded with zero rows */
     const size_t queries = (size_t)(B * Hq * (C + pe)), probabilities = (size_t)(B * Hq * job.S_max);
@@ -288,5 +370,5 @@ int mla_decode(long B, long H, long nope, long pe, long C, long V, int bf16, con
     parallel_for(phase_latents, &job, B * job.splits, threads);
     parallel_for(phase_values, &job, H * ((V + COLUMN_BLOCK - 1) / COLUMN_BLOCK), threads);
     free(buf);
-    return 0;
+    return job.failed;
 }

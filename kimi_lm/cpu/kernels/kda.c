@@ -70,6 +70,51 @@ static int gate_rows(int layout, int bf16, long K, const void *w, long r0, long 
     return 0;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define STATE_STEP_K 128 /* the key and value width of every Kimi Linear / K3 head */
+#define SV(m) _mm512_loadu_ps(Si + 16 * (m))
+/* The delta-rule step of one head (K = V = 128) with the state read twice, not four times, and the partial sums in
+ * registers:
+ *     pred = (k d)^T S,  qs = (q d)^T S          one read-only pass (d = exp(g), the decay; k, q scaled)
+ *     delta = beta (v - pred);  o = qs + (q . k) delta        (= q^T S_new, S_new = diag(d) S + k delta^T)
+ *     S <- diag(d) S + k delta^T                 one read-write pass
+ * The two-pass form (decay and predict, then update and read out) stored the state twice and kept its sums in memory:
+ * kda_decode of the bench model's heads 20 -> 16 us for one sequence, 78 -> 54 us for 8 (state in L2). */
+static void state_step(float *S, const float *decay, const float *q, const float *k, const float *v, float q_scale,
+                       float k_scale, float beta, float *o) {
+    const __m512 z = _mm512_setzero_ps();
+    __m512 p0 = z, p1 = z, p2 = z, p3 = z, p4 = z, p5 = z, p6 = z, p7 = z;
+    __m512 s0 = z, s1 = z, s2 = z, s3 = z, s4 = z, s5 = z, s6 = z, s7 = z;
+    float qk = 0.0f;
+    for (long i = 0; i < STATE_STEP_K; i++) {
+        const float ki = k[i] * k_scale, qi = q[i] * q_scale;
+        qk += qi * ki;
+        const __m512 kd = _mm512_set1_ps(ki * decay[i]), qd = _mm512_set1_ps(qi * decay[i]);
+        const float *Si = S + i * STATE_STEP_K;
+        __m512 r;
+#define PREDICT(m) r = SV(m); p##m = _mm512_fmadd_ps(kd, r, p##m); s##m = _mm512_fmadd_ps(qd, r, s##m);
+        PREDICT(0) PREDICT(1) PREDICT(2) PREDICT(3) PREDICT(4) PREDICT(5) PREDICT(6) PREDICT(7)
+#undef PREDICT
+    }
+    const __m512 b = _mm512_set1_ps(beta), qkv = _mm512_set1_ps(qk);
+    __m512 d0, d1, d2, d3, d4, d5, d6, d7;
+#define DELTA(m)                                                                                                     \
+    d##m = _mm512_mul_ps(b, _mm512_sub_ps(_mm512_loadu_ps(v + 16 * (m)), p##m));                                     \
+    _mm512_storeu_ps(o + 16 * (m), _mm512_fmadd_ps(qkv, d##m, s##m));
+    DELTA(0) DELTA(1) DELTA(2) DELTA(3) DELTA(4) DELTA(5) DELTA(6) DELTA(7)
+#undef DELTA
+    for (long i = 0; i < STATE_STEP_K; i++) {
+        const __m512 di = _mm512_set1_ps(decay[i]), ki = _mm512_set1_ps(k[i] * k_scale);
+        float *Si = S + i * STATE_STEP_K;
+#define UPDATE(m) _mm512_storeu_ps(Si + 16 * (m), _mm512_fmadd_ps(ki, d##m, _mm512_mul_ps(di, SV(m))));
+        UPDATE(0) UPDATE(1) UPDATE(2) UPDATE(3) UPDATE(4) UPDATE(5) UPDATE(6) UPDATE(7)
+#undef UPDATE
+    }
+}
+#undef SV
+#endif
+
 /* One head h of sequence bi: its q, k, v channels' conv and SiLU (and their slide of the conv window), its rows of
  * the gate products, the delta-rule step on its state and its gated norm; heads are independent. */
 static void kda_decode_head(kda_decode_job *job, long bi, long h) {
@@ -138,6 +183,15 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
     qk_l2_scales(q, k, K, job->l2_eps, &q_scale, &k_scale);
     const float beta = sigmoid(b_h);
     float *S = job->state_rows[bi] + h * K * K;
+#if defined(__AVX512F__)
+    if (K == STATE_STEP_K) {
+        state_step(S, g, q, k, v, q_scale, k_scale, beta, o);
+        gated_norm_head(o, z, job->norm_w, K, job->norm_eps, z);
+        store_row((char *)job->out + (size_t)(bi * D + h * K) * esize, z, K, bf16);
+        free(buf);
+        return;
+    }
+#endif
     /* S <- diag(exp(g)) S and pred = k^T S in one pass */
     memset(pr, 0, sizeof(float) * (size_t)K);
     for (long i = 0; i < K; i++) {

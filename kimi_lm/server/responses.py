@@ -106,12 +106,15 @@ async def events(q: asyncio.Queue, seqs: list[Sequence], request=None):
     left = len(seqs)
     try:
         while left:
-            try:
-                i, ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
+            if request is None:  # streaming: a disconnect cancels this generator; no timer per event
+                i, ev = await q.get()
+            else:
+                try:
+                    i, ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
             if ev.finish_reason == "error":
                 code, kind = ("server_shutting_down", "server_error") if ev.status == 503 else ("internal_error",
                                                                                               "server_error")

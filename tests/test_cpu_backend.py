@@ -191,12 +191,9 @@ def test_bf16_bias_is_read_as_fp32_by_the_c_router():
                                          True, 1.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shared", [0, 2])
-def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, monkeypatch):
-    """A decode step's MoE block in one C call (moe_kernels.moe_decode: router, k experts, shared expert, weighted sum)
-    against the same module's multi-call path and the plain block; widths that are no multiple of 64 or 32 (the
-    packed layouts' tails), group-limited routing, 1 or 2 shared experts' worth of intermediate width."""
+def _packed_moe(dtype, shared: int):
+    """A plain MoE block (16 experts of width 40 on hidden 96, top 5 in 2 of 4 groups, ``shared`` shared experts'
+    width) and its CPU backend copy (experts packed for oneDNN)."""
     torch.manual_seed(0)
     moe = SparseMoE(96, 16, 5, 40, shared, 4, 2, True, 2.5).eval()
     with torch.no_grad():
@@ -210,7 +207,16 @@ def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, mon
     onednn.pack_linears(holder, OneDNNStackedExperts)
     if shared:
         holder.moe.shared_experts = CpuMLP(holder.moe.shared_experts)
-    ours = CpuSparseMoE(holder.moe)
+    return moe, CpuSparseMoE(holder.moe)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [0, 2])
+def test_one_token_moe_in_one_call_equals_the_calls_and_plain(dtype, shared, monkeypatch):
+    """A decode step's MoE block in one C call (moe_kernels.moe_decode: router, k experts, shared expert, weighted sum)
+    against the same module's multi-call path and the plain block; widths that are no multiple of 64 or 32 (the
+    packed layouts' tails), group-limited routing, 1 or 2 shared experts' worth of intermediate width."""
+    moe, ours = _packed_moe(dtype, shared)
     calls = []
     real = moe_kernels.moe_decode
     monkeypatch.setattr(moe_kernels, "moe_decode", lambda *a: calls.append(1) or real(*a))
@@ -231,19 +237,7 @@ def test_batched_step_moe_in_one_call_equals_the_calls_and_plain(dtype, tokens, 
     (moe_kernels.moe_decode on [N, hidden]: the router's product for all of them, each chosen expert's weights read
     once for the tokens routed to it, the shared expert on all) against the multi-call path (router logits, dispatch,
     grouped experts, combine) and the plain block; as many tokens as the C products take in the dtype (bf16: 4)."""
-    torch.manual_seed(0)
-    moe = SparseMoE(96, 16, 5, 40, 2, 4, 2, True, 2.5).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(std=0.2)
-        moe.gate.e_score_correction_bias.normal_(std=0.5)
-    moe = moe.to(dtype)
-    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
-    holder = torch.nn.Module()
-    holder.moe = copy.deepcopy(moe)
-    onednn.pack_linears(holder, OneDNNStackedExperts)
-    holder.moe.shared_experts = CpuMLP(holder.moe.shared_experts)
-    ours = CpuSparseMoE(holder.moe)
+    moe, ours = _packed_moe(dtype, 2)
     calls = []
     real = moe_kernels.moe_decode
     monkeypatch.setattr(moe_kernels, "moe_decode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))

@@ -255,22 +255,34 @@ static void rows_matrix(int bf16, long n_in, long n_out, const void *W, long B, 
 
 #define COLUMN_BLOCK 256 /* output columns per work item of the per-head products (64: a one-sequence step 34 -> 42 us) */
 
+/* a per-head item's head and its block of columns [c0, c1) of an n-wide output; and its zeroed scratch (NULL, and
+ * the job marked failed, when out of memory) */
+static inline long head_columns(long item, long n, long *c0, long *c1) {
+    const long blocks = (n + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+    *c0 = item % blocks * COLUMN_BLOCK;
+    *c1 = *c0 + COLUMN_BLOCK < n ? *c0 + COLUMN_BLOCK : n;
+    return item / blocks;
+}
+
+static float *phase_scratch(mla_job *job, long floats) {
+    float *buf = calloc((size_t)floats, sizeof(float));
+    if (!buf) job->failed = 1;
+    return buf;
+}
+
 /* item = (h, block of COLUMN_BLOCK latent columns): qf[b, h] = [round(W_UK[h]^T q_nope[b, h]) | q_pe[b, h]] for every
  * sequence b, W_UK[h]'s block of columns read from memory once for all of them (per sequence: 1 MiB of W_UK per
  * layer and step at 4 heads in fp32, what a batched step's MLA spent most of its time on) */
 static void phase_queries(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
-    const long nope = job->nope, pe = job->pe, C = job->C, D = C + pe, blocks = (C + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
-    const long h = item / blocks, c0 = item % blocks * COLUMN_BLOCK, c1 = c0 + COLUMN_BLOCK < C ? c0 + COLUMN_BLOCK : C;
-    const long B = job->B;
+    const long nope = job->nope, pe = job->pe, C = job->C, D = C + pe, B = job->B;
+    long c0, c1;
+    const long h = head_columns(item, C, &c0, &c1);
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
     const void *w = (const char *)job->w_uk + (size_t)(h * nope * C) * es;
-    float *qn = calloc((size_t)(B * (nope + COLUMN_BLOCK)), sizeof(float));
-    if (!qn) {
-        job->failed = 1;
-        return;
-    }
+    float *qn = phase_scratch(job, B * (nope + COLUMN_BLOCK));
+    if (!qn) return;
     float *tmp = qn + B * nope;
     for (long b = 0; b < B; b++) {
         const char *qh = (const char *)job->q + (size_t)((b * job->H + h) * (nope + pe)) * es;
@@ -312,17 +324,14 @@ static void phase_latents(const void *ctx, long item) { /* item = (b, split) */
  * o_lat the sum of its splits' weighted latents; W_UV[h]'s block of columns read from memory once for all of them */
 static void phase_values(const void *ctx, long item) {
     mla_job *job = (mla_job *)ctx;
-    const long C = job->C, V = job->V, blocks = (V + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
-    const long h = item / blocks, v0 = item % blocks * COLUMN_BLOCK, v1 = v0 + COLUMN_BLOCK < V ? v0 + COLUMN_BLOCK : V;
-    const long B = job->B;
+    const long C = job->C, V = job->V, B = job->B;
+    long v0, v1;
+    const long h = head_columns(item, V, &v0, &v1);
     const int bf16 = job->bf16;
     const size_t es = bf16 ? 2 : 4;
     const void *w = (const char *)job->w_uv_t + (size_t)(h * C * V) * es;
-    float *o = calloc((size_t)(B * (C + COLUMN_BLOCK)), sizeof(float));
-    if (!o) {
-        job->failed = 1;
-        return;
-    }
+    float *o = phase_scratch(job, B * (C + COLUMN_BLOCK));
+    if (!o) return;
     float *tmp = o + B * C;
     for (long b = 0; b < B; b++) { /* the splits' sums, rounded */
         float *ob = o + b * C;

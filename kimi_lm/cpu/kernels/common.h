@@ -249,4 +249,21 @@ INTERNAL void parallel_for(item_fn fn, const void *ctx, long items, int threads)
 
 #define INPUT_ROWS 16 /* tokens per work item of the many-token kernels */
 
+/* exported kernels that layer.c strings together (gemv.c, kda.c, moe.c, norm.c): declared once here, so that each
+ * definition is checked against the declaration its callers use */
+int fused_products(long n, const int *layouts, const void *const *weights, const long *outs, long I, int bf16, long M,
+                   const void *x, void *y, int threads);
+int kda_decode_rows(long B, long H, long K, long W, int bf16, const void *proj, void *const *conv_rows,
+                    float *const *state_rows, const float *taps, const float *neg_A, const float *dt_bias, int f_layout,
+                    const void *f_b, int g_layout, const void *g_b, const float *norm_w, float norm_eps, float l2_eps,
+                    void *out, int threads);
+int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_group, long topk_group, int renormalize,
+                    float scaling, int bf16, const void *x, int router_layout, const void *router, const float *bias,
+                    const int *gate_up_layouts, const void *const *gate_up, const int *down_layouts,
+                    const void *const *down, long I_shared, int shared_gate_up_layout, const void *shared_gate_up,
+                    int shared_down_layout, const void *shared_down, int64_t *idx, float *weights, void *out,
+                    int threads);
+void rms_norm(long rows, long D, int bf16, const void *x, const float *weight, float eps, void *out, int threads);
+void swiglu(long n, long I, int bf16, const void *in, void *out, int threads);
+
 #endif

@@ -180,7 +180,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: CPU, contiguous, fp32/bf16, no autograd, library built."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if not all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES for t in tensors):
+    if not all(t.is_cpu and t.dtype in _DTYPES and t.is_contiguous() for t in tensors):  # is_cpu: no device object
         return False
     return library() is not None
 

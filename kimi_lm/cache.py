@@ -93,8 +93,8 @@ class ModelCache:
 class PackedLayerCache:
     """One layer's caches of several sequences whose next tokens lie side by side in one row: a packed prefill
     (``kimi_lm.batching.prefill_packed``), sequence b's tokens at ``bounds[b]`` = [start, end) of [1, Σ lengths].
-    A sequence mixer takes it through :func:`per_sequence`; every other part of a layer is per token and never sees
-    it."""
+    A sequence mixer takes it itself (MLA, the CPU backend's KDA: products over all tokens, attention or recurrence per
+    sequence) or through :func:`per_sequence` (the plain KDA layer); every other part of a layer is per token."""
 
     def __init__(self, caches: list, lengths: list[int]):
         self.caches = caches

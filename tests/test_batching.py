@@ -132,6 +132,16 @@ def test_packed_prefill_of_k3_and_block_attnres_models():
     _packed_equals_alone(attn_res)
 
 
+def test_packed_prefill_of_one_chunk_of_one_token(model):
+    """The smallest pack: one sequence, one token (a [1, 1] row, which the one-token decode paths must leave alone)."""
+    packed, alone = make_cache(model, 1), make_cache(model, 1)
+    got = prefill_packed(model, [packed], [[5]])
+    with torch.no_grad():
+        want = model(torch.tensor([[5]]), cache=alone)[0, -1]
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-5)
+    _assert_caches_close([packed], [alone])
+
+
 def test_packed_prefill_refuses_an_empty_chunk(model):
     caches = [make_cache(model, 1) for _ in range(2)]
     with pytest.raises(ValueError, match="at least one token"):

@@ -26,6 +26,7 @@ import functools
 import torch
 from torch import nn
 
+from kimi_lm.cache import PackedLayerCache
 from kimi_lm.cpu import native
 from kimi_lm.cpu.kda import L2_EPS, CpuKimiDeltaAttention
 from kimi_lm.cpu.layers import CpuMLP, CpuRMSNorm
@@ -202,7 +203,7 @@ class CpuDecoderLayer(DecoderLayer):
         return self._plan
 
     def forward(self, h: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is not None and self.is_kda and h.shape[1] == 1:
+        if cache is not None and self.is_kda and h.shape[1] == 1 and not isinstance(cache, PackedLayerCache):
             # one sequence's cache, or a batched step's per-sequence caches where they lie (kimi_lm.batching)
             caches = getattr(cache, "rows", None) or [cache]
             plan = self.decode_plan() if len(caches) == h.shape[0] else None

@@ -96,10 +96,16 @@ class PackedLayerCache:
     A sequence mixer takes it itself (MLA, the CPU backend's KDA: products over all tokens, attention or recurrence per
     sequence) or through :func:`per_sequence` (the plain KDA layer); every other part of a layer is per token."""
 
-    def __init__(self, caches: list, lengths: list[int]):
-        self.caches = caches
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        self.bounds = [(end - n, end) for end, n in zip(ends, lengths)]
+    def __init__(self, caches: list, bounds: list[tuple[int, int]]):
+        self.caches, self.bounds = caches, bounds
+
+
+def sequence_pieces(cache, T: int) -> list[tuple]:
+    """(cache, start, end) of each sequence in an input of T tokens: the whole input with ``cache`` (a layer's own,
+    or None), or each sequence's tokens with its cache for a :class:`PackedLayerCache`."""
+    if isinstance(cache, PackedLayerCache):
+        return [(c, s0, s1) for c, (s0, s1) in zip(cache.caches, cache.bounds)]
+    return [(cache, 0, T)]
 
 
 def per_sequence(forward):
@@ -119,7 +125,7 @@ def per_sequence(forward):
 
         return torch.cat([forward(self, x[:, s0:s1], c, *(cut(a, s0, s1) for a in args),
                                   **{k: cut(v, s0, s1) for k, v in kwargs.items()})
-                          for c, (s0, s1) in zip(cache.caches, cache.bounds)], dim=1)
+                          for c, s0, s1 in sequence_pieces(cache, T)], dim=1)
 
     return run
 

@@ -241,7 +241,7 @@ def test_batched_step_moe_in_one_call_equals_the_calls_and_plain(dtype, tokens, 
     calls = []
     real = moe_kernels.moe_decode
     monkeypatch.setattr(moe_kernels, "moe_decode", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
-    in_one_call = tokens <= ours.rows_in_one_call(dtype)
+    in_one_call = tokens <= ours.rows_in_one_call(ours.decode_plan(), dtype)
     assert in_one_call == (dtype == torch.float32 or tokens <= 4)
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lm.cache import KDACache, PackedLayerCache
+from kimi_lm.cache import KDACache, PackedLayerCache, sequence_pieces
 from kimi_lm.cpu import native
 from kimi_lm.cpu.onednn import OneDNNFusedLinear, OneDNNLinear
 from kimi_lm.cpu.products import FusedProducts, fusable, reader
@@ -116,9 +116,8 @@ class CpuKimiDeltaAttention(KimiDeltaAttention):
         proj = self.in_proj(x)  # [B, T, 3D + 2K + H]: q | k | v | f_a | g_a | b
         f_a, g_a = proj[..., 3 * D : 3 * D + K], proj[..., 3 * D + K : 3 * D + 2 * K]
         f_b = self.f_b_proj(f_a.contiguous()).contiguous()
-        pieces = [(cache, 0, T)] if packed is None else [(c, s0, s1) for c, (s0, s1) in zip(packed.caches, packed.bounds)]
         outs = []
-        for c, s0, s1 in pieces:  # a [1, T] row's slice along T stays contiguous
+        for c, s0, s1 in sequence_pieces(cache if packed is None else packed, T):  # a [1, T] row's slice along T stays contiguous
             q, k, v, decay, beta = native.kda_prefill_inputs(proj[:, s0:s1], None if c is None else c.conv_state,
                                                              f_b[:, s0:s1], self.taps, self.neg_A, self.dt_bias_fp32,
                                                              L2_EPS)

@@ -46,7 +46,7 @@ class Products(ctypes.Structure):
 
 
 class KDALayer(ctypes.Structure):
-    """``kernels/layer.c`` kda_layer: everything kda_layer_decode reads besides the token and the cache."""
+    """``kernels/layer.c`` kda_layer: everything kda_layer_decode_rows reads besides the tokens and the caches."""
     _fields_ = [("hidden", _L), ("bf16", _I), ("norm1", _P), ("norm2", _P), ("eps1", _F), ("eps2", _F),
                 ("in_proj", Products), ("H", _L), ("K", _L), ("W", _L), ("taps", _P), ("neg_A", _P),
                 ("dt_bias", _P), ("gate_norm", _P), ("gate_norm_eps", _F), ("l2_eps", _F), ("f_layout", _I),
@@ -74,7 +74,7 @@ class _Parts:
 
 
 def _parts(module: nn.Module) -> _Parts | None:
-    """A product module as ``kda_layer_decode`` reads it, or None where it has no C reader."""
+    """A product module as ``kda_layer_decode_rows`` reads it, or None where it has no C reader."""
     if type(module) in (OneDNNFusedLinear, OneDNNLinear):
         g = module.gemv
         if g is None:
@@ -95,7 +95,7 @@ class KDALayerPlan:
         attn, (norm1, norm2) = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
         self.dtype = norm1.weight.dtype  # the model dtype: the input the kernels take, whatever packed the weights
         self.parts, self.moe_plan = parts, moe_plan
-        self.moe_rows = layer.block_sparse_moe.rows_in_one_call(self.dtype) if moe_plan is not None else 0
+        self.moe_rows = CpuSparseMoE.rows_in_one_call(moe_plan, self.dtype) if moe_plan is not None else 0
         self.watch = TensorWatch([(m, "weight") for p in parts.values() for m in p.sources])
         ffn = {}
         if moe_plan is not None:
@@ -133,7 +133,7 @@ class KDALayerPlan:
         return self.moe_plan is not None and layer.block_sparse_moe.decode_plan() is not self.moe_plan
 
     def takes(self, h: torch.Tensor, caches: list) -> bool:
-        """Whether kda_layer_decode runs this plan on h [B, 1, hidden] with each sequence's KDA cache: the module
+        """Whether kda_layer_decode_rows runs this plan on h [B, 1, hidden] with each sequence's KDA cache: the module
         path's checks, and for B > 1 that each of the layer's modules would take its B rows in C too (so that the
         call computes what they would: ``rows_in_one_call``)."""
         B = h.shape[0]

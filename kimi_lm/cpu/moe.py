@@ -185,13 +185,11 @@ class CpuSparseMoE(SparseMoE):
                 self._plan = moe_kernels.MoEDecodePlan(router, routed, shared)
         return self._plan
 
-    def rows_in_one_call(self, dtype: torch.dtype) -> int:
-        """Tokens up to which the block runs as one ``moe_decode`` call (its plan permitting): as many rows as the C
-        products take in this dtype (``onednn.GEMV_ROWS``), and as ``grouped`` gives an expert: up to 8 rows for small
-        experts, 4 for larger ones, 1 for weights past the C products' size limit for several rows."""
-        plan = self.decode_plan()
-        if plan is None:
-            return 0
+    @staticmethod
+    def rows_in_one_call(plan: moe_kernels.MoEDecodePlan, dtype: torch.dtype) -> int:
+        """Tokens up to which a block runs as one ``moe_decode`` call of its ``plan``: as many rows as the C products
+        take in this dtype (``onednn.GEMV_ROWS``), and as ``grouped`` gives an expert: up to 8 rows for small experts,
+        4 for larger ones, 1 for weights past the C products' size limit for several rows."""
         expert_bytes = 2 * plan.intermediate * plan.router.hidden * dtype.itemsize  # gate | up, dense
         shared_bytes = 2 * plan.shared[0] * plan.router.hidden * dtype.itemsize
         if not native.gemv_takes(max(expert_bytes, shared_bytes), 2):
@@ -203,7 +201,7 @@ class CpuSparseMoE(SparseMoE):
         gate = self.gate
         if flat.shape[0] <= SMALL_EXPERT_ROWS:  # a decode step: the whole block in one call
             plan = self.decode_plan()
-            if plan is not None and plan.takes(flat, self.rows_in_one_call(flat.dtype)):
+            if plan is not None and plan.takes(flat, self.rows_in_one_call(plan, flat.dtype)):
                 return moe_kernels.moe_decode(flat, plan, gate.e_score_correction_bias, gate.top_k, gate.n_group,
                                               gate.topk_group, gate.renormalize, gate.scaling).view(x.shape)
         if flat.shape[0] == 1:

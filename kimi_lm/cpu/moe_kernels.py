@@ -3,8 +3,9 @@ used by the backend's MoE block (``cpu/moe.py``) and quantized experts (``cpu/qu
 
 One token (a decode step): the router (``moe_route``), SwiGLU of a few gate | up rows, the weighted sum with the
 shared expert, and ``moe_decode``: the whole block of a decode step's few tokens in one call, reading every expert
-where it lies (oneDNN-packed, MLX-quantized or FP8 blocks, ``MoEDecodePlan``) once for its tokens. Many tokens: selection from router logits, grouping by expert (a counting sort),
-the combine back to tokens, and experts on a few rows each read in place.
+where it lies (oneDNN-packed, MLX-quantized or FP8 blocks, ``MoEDecodePlan``) once for its tokens. Many tokens:
+selection from router logits, grouping by expert (a counting sort), the combine back to tokens, and experts on a few
+rows each read in place.
 
 Reference: ``ctypes``; DeepSeek-V3 ``inference/model.py`` (Gate, MoE); the PyTorch path in ``kimi_lm/model/moe.py``
 (tests compare).

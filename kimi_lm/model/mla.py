@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lm.cache import MLACache, PackedLayerCache
+from kimi_lm.cache import MLACache, sequence_pieces
 from kimi_lm.config import KimiLinearConfig
 from kimi_lm.model.layers import RMSNorm
 from kimi_lm.model.rope import RotaryEmbedding
@@ -97,16 +97,16 @@ class MultiheadLatentAttention(nn.Module):
         prefill's cache (``PackedLayerCache``: several sequences side by side in a [1, T] row): the products run over
         all T tokens, the attention per sequence over its own cache."""
         B, T, _ = x.shape
-        packed = cache if isinstance(cache, PackedLayerCache) else None
-        pieces = [(cache, 0, T)] if packed is None else [(c, s0, s1) for c, (s0, s1) in zip(packed.caches, packed.bounds)]
+        pieces = sequence_pieces(cache, T)
         if positions is None:  # each sequence's tokens follow its cached ones
-            positions = torch.cat([torch.arange(0 if c is None else c.length, (0 if c is None else c.length) + s1 - s0,
-                                                device=x.device) for c, s0, s1 in pieces])[None]
+            past = [0 if c is None else c.length for c, _, _ in pieces]
+            positions = torch.cat([torch.arange(p, p + s1 - s0, device=x.device)
+                                   for p, (_, s0, s1) in zip(past, pieces)])[None]
         q_in, kv_in = self.project(x)
         q = self._queries(q_in, positions)
         latent = self.latent(kv_in, positions)
         o = [self._attend(q[:, s0:s1], latent[:, s0:s1], c) for c, s0, s1 in pieces]
-        o = o[0] if packed is None else torch.cat(o, dim=1)
+        o = o[0] if len(o) == 1 else torch.cat(o, dim=1)
         return self.o_proj(self.output_gate(x, o.reshape(B, T, self.num_heads * self.v_dim)))
 
     def _attend(self, q: torch.Tensor, latent: torch.Tensor, cache) -> torch.Tensor:

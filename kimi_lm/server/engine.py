@@ -48,7 +48,7 @@ import torch
 
 from kimi_lm.batching import decode_step, prefill_packed
 from kimi_lm.cpu import native
-from kimi_lm.generate import DEFAULT_PREFILL_STEP, Decoder, forward_chunk
+from kimi_lm.generate import DEFAULT_PREFILL_STEP, Decoder
 from kimi_lm.prompt_cache import MAX_SNAPSHOTS, PromptCache
 from kimi_lm.sample import Sampler
 
@@ -291,10 +291,7 @@ class Engine:
                 break
         rest = self.prefilling[len(taken):]
         try:
-            if len(taken) == 1:
-                logits = [forward_chunk(self.model, taken[0].pc.cache, chunks[0])]
-            else:
-                logits = prefill_packed(self.model, [seq.pc.cache for seq in taken], chunks)
+            logits = prefill_packed(self.model, [seq.pc.cache for seq in taken], chunks)
             for seq, chunk, row in zip(taken, chunks, logits):
                 seq.pc.advance(chunk, row)
                 seq.prefilled += len(chunk)

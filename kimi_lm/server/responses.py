@@ -52,10 +52,8 @@ class Mailbox:
     def put(self, q: asyncio.Queue, item) -> None:
         with self.lock:
             self.items.append((q, item))
-            if self.pending or defer(self.wake):
-                return
-            self.pending = True
-        self._call()
+        if not defer(self.wake):
+            self.wake()
 
     def wake(self) -> None:
         """Wake the loop for what is queued (unless a wake-up is pending already)."""
@@ -63,9 +61,6 @@ class Mailbox:
             if self.pending or not self.items:
                 return
             self.pending = True
-        self._call()
-
-    def _call(self) -> None:
         try:
             self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: the server is shutting down

@@ -361,13 +361,7 @@ static void fused_item(const void *ctx, long item) {
     while (p + 1 < job->n && job->first_item[p + 1] <= item) p++;
     const long O = job->outs[p], r0 = (item - job->first_item[p]) * FUSED_ROWS;
     const long r1 = r0 + FUSED_ROWS < O ? r0 + FUSED_ROWS : O, I = job->I, M = job->M;
-    if (job->layouts[p] == LAYOUT_QUANT) {
-        quant_rows((const qweight *)job->weights[p], job->inputs[p], r0, r1, job->y[p]);
-        return;
-    }
-    float part[ROWS_MAX * FUSED_ROWS]; /* oneDNN's layouts: rows r0 .. r1 as a weight of their own */
-    packed_rows_range(job->layouts[p], job->bf16, I, job->weights[p], r0, r1, M, job->x, part);
-    for (long m = 0; m < M; m++) memcpy(job->y[p] + m * O + r0, part + m * (r1 - r0), sizeof(float) * (size_t)(r1 - r0));
+    weight_rows_m(job->layouts[p], job->bf16, job->weights[p], job->inputs[p], I, O, M, job->x, r0, r1, job->y[p]);
 }
 
 /* y [M, Σ outs] = x [M, I] [W_0 | W_1 | …]^T for M <= ROWS_MAX rows, x and y in the model dtype: n weights reading

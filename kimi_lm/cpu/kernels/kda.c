@@ -157,19 +157,21 @@ static void kda_decode_head(kda_decode_job *job, long bi, long h) {
 #pragma omp simd
         for (long c = 0; c < K; c++) ys[c] = silu(ys[c]);
     }
-    load_row(fa, row + (size_t)C * esize, K, bf16);
-    load_row(ga, row + (size_t)(C + K) * esize, K, bf16);
     const float b_h = load_one(row + (size_t)(C + 2 * K) * esize, h, bf16);
 
     /* gates: g = -exp(A_log) softplus(f_b(f_a) + dt_bias), z = g_b(g_a), beta = sigmoid(b); this head's rows */
     if (job->f_out) {
         memcpy(g, job->f_out + bi * D + h * K, sizeof(float) * (size_t)K);
         memcpy(z, job->g_out + bi * D + h * K, sizeof(float) * (size_t)K);
-    } else if (gate_rows(job->f_layout, bf16, K, job->f_b, h * K, (h + 1) * K, fa, g) ||
-               gate_rows(job->g_layout, bf16, K, job->g_b, h * K, (h + 1) * K, ga, z)) {
-        job->failed = 1;
-        free(buf);
-        return;
+    } else {
+        load_row(fa, row + (size_t)C * esize, K, bf16);
+        load_row(ga, row + (size_t)(C + K) * esize, K, bf16);
+        if (gate_rows(job->f_layout, bf16, K, job->f_b, h * K, (h + 1) * K, fa, g) ||
+            gate_rows(job->g_layout, bf16, K, job->g_b, h * K, (h + 1) * K, ga, z)) {
+            job->failed = 1;
+            free(buf);
+            return;
+        }
     }
     const float neg_A = job->neg_A[h], *dt_bias = job->dt_bias + h * K;
 #pragma omp simd /* both products' outputs rounded to the model dtype, as in PyTorch; g becomes the decay exp(g) */

@@ -1,5 +1,5 @@
-/* A Kimi Delta Attention decoder layer's decode step in one call, for one sequence (kda_layer_decode) or a few
- * decoded together (kda_layer_decode_rows: each product reads its weight once for all of them), strung together
+/* A Kimi Delta Attention decoder layer's decode step in one call, for one sequence or a few decoded together
+ * (kda_layer_decode_rows: each product reads its weight once for all of them), strung together
  * from the kernels the layer's modules call one by one (kimi_lm/cpu/layer.py CpuDecoderLayer): input RMSNorm, the
  * fused input products, kda_decode, o_proj, the residual add, the post-attention RMSNorm, the MoE block (moe_decode_rows)
  * or the SwiGLU MLP, and the second residual add. The same kernels in the same order, so the same roundings: the
@@ -18,7 +18,7 @@ typedef struct {
     const long *outs;
 } products;
 
-/* what kda_layer_decode reads besides the token and the layer's cache (kimi_lm/cpu/layer.py KDALayerPlan mirrors it) */
+/* what kda_layer_decode_rows reads besides the tokens and the layer's caches (kimi_lm/cpu/layer.py KDALayerPlan mirrors it) */
 typedef struct {
     long hidden;
     int bf16;
@@ -102,12 +102,4 @@ int kda_layer_decode_rows(const kda_layer *L, long B, const void *h, void *const
     if (!failed) residual_add(B * hidden, L->bf16, out, f, out);
     free(buf);
     return failed;
-}
-
-/* One token of one sequence (kda_layer_decode_rows with B = 1): h, out [hidden]; conv_state [W - 1, 3D] and state
- * [H, K, K], its cache */
-int kda_layer_decode(const kda_layer *L, const void *h, void *conv_state, float *state, void *out, int threads) {
-    void *conv_rows[1] = {conv_state};
-    float *state_rows[1] = {state};
-    return kda_layer_decode_rows(L, 1, h, conv_rows, state_rows, out, threads);
 }

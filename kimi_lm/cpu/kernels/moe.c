@@ -503,7 +503,7 @@ int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_grou
         x_in = (void **)(y + max_parts);
         h_in = x_in + max_parts;
         const void **slot_rows = (const void **)(h_in + max_parts); /* [N top_k]: each slot's output row */
-        long rows = 0, floats = 0;
+        long floats = 0;
         for (long e = 0; e < E && !failed; e++)
             if (counts[e]) {
                 part_layout[0][n] = gate_up_layouts[e];
@@ -523,10 +523,8 @@ int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_grou
             part_I[n] = I_shared;
             part_M[n++] = N;
         }
-        for (long p = 0; p < n; p++) { /* gathered inputs (N > 1, routed parts), gate | up, h, down fp32 and rounded */
-            rows += part_M[p];
+        for (long p = 0; p < n; p++) /* gathered inputs (N > 1, routed parts), gate | up, h, down fp32 and rounded */
             floats += part_M[p] * (3 * part_I[p] + 2 * hidden + (N > 1 && p < routed ? hidden : 0));
-        }
         buf = failed ? NULL : malloc(sizeof(float) * (size_t)floats);
         failed = failed || !buf;
         long items = 0;
@@ -546,8 +544,7 @@ int moe_decode_rows(long N, long E, long hidden, long I, long top_k, long n_grou
             at = (float *)y[p] + M * hidden;
             first_item[p] = items;
             items += (2 * Ip + 63) / 64;
-            part_M[p] = 0; /* counted again below as the rows are placed */
-            if (p >= routed) part_M[p] = N;
+            if (p < routed) part_M[p] = 0; /* an expert's rows are counted again below as they are placed */
         }
         for (long t = 0; t < N && !failed; t++)
             for (long j = 0; j < top_k; j++) {
